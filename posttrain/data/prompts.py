@@ -1,0 +1,259 @@
+"""Prompt datasets: JSONL, Parquet, `datasets` folders and hub datasets, plus the dispatcher
+``load_prompt_data`` that the trainer calls for every task."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from posttrain.config.schema import DataConfig
+from posttrain.data.example import DEFAULT_MATH_INSTRUCTION, PromptExample
+from posttrain.errors import PosttrainError
+
+Row = dict[str, Any]
+
+JSON_EXTENSIONS = (".jsonl", ".json")
+PARQUET_EXTENSIONS = (".parquet",)
+
+
+def read_jsonl(path: str) -> list[Row]:
+    """Read a JSON-lines file (one object per line; blank lines are skipped).
+
+    A ``.json`` file holding one JSON array of objects is accepted too, because that is what
+    ``json.dump(rows)`` and many exports produce.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PosttrainError(
+                f"{path}:{e.lineno}: not valid JSON ({e.msg}). Fix the file, or write one JSON object per line."
+            ) from None
+        lines = list(enumerate(rows, start=1))
+    else:
+        lines = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise PosttrainError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a JSONL file must be one "
+                    "complete JSON object; fix or remove that line."
+                ) from None
+    for lineno, row in lines:
+        if not isinstance(row, dict):
+            raise PosttrainError(
+                f"{path}:{lineno}: expected a JSON object with named columns, got {type(row).__name__}. "
+                "Write each row as {\"prompt\": ..., ...}."
+            )
+    return [row for _, row in lines]
+
+
+def read_rows(source: str, *, split: str = "train", config_key: str = "data.train_path") -> list[Row]:
+    """Read raw rows from a JSONL/JSON/Parquet file, a ``save_to_disk`` folder or ``hf:NAME``.
+
+    ``config_key`` names the config entry the source came from, so errors point at it.
+    """
+    if source.startswith("hf:"):
+        return _read_hub(source[3:], split)
+    if not os.path.exists(source):
+        raise PosttrainError(
+            f"{config_key}: no such file or folder: {source!r}. Set {config_key} to an existing "
+            "JSONL/Parquet file, a datasets save_to_disk folder, or 'hf:NAME'."
+        )
+    if os.path.isdir(source):
+        return _read_saved_dataset(source, split, config_key)
+    lower = source.lower()
+    if lower.endswith(JSON_EXTENSIONS):
+        return read_jsonl(source)
+    if lower.endswith(PARQUET_EXTENSIONS):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(source).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise PosttrainError(f"{source}: could not read Parquet file ({e}). Check that it is a valid Parquet file.") from None
+    raise PosttrainError(
+        f"{config_key}: unsupported file extension {os.path.splitext(source)[1]!r} in {source!r}. "
+        "Use .jsonl/.json (JSON lines), .parquet, a datasets save_to_disk folder, or 'hf:NAME'."
+    )
+
+
+def _read_saved_dataset(path: str, split: str, config_key: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise PosttrainError(
+            f"{config_key}: {path!r} is a folder but not one written by datasets' save_to_disk. "
+            "Point it at such a folder or at a .jsonl/.parquet file."
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PosttrainError(
+                f"{path!r} holds splits {sorted(ds)} but not {split!r}. Set data.split to one of them."
+            )
+        ds = ds[split]
+    return ds.to_list()
+
+
+def _read_hub(name: str, split: str) -> list[Row]:
+    import datasets
+
+    if not name:
+        raise PosttrainError("'hf:' needs a dataset name, e.g. data.train_path='hf:openai/gsm8k'.")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many unrelated types; all mean "could not load"
+        raise PosttrainError(
+            f"could not load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. Check the "
+            "name, data.split, and network access (HF_HUB_OFFLINE=1 allows only cached datasets)."
+        ) from None
+    return ds.to_list()
+
+
+def _parse_messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
+    ok = isinstance(value, list) and len(value) > 0
+    if ok:
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                ok = False
+                break
+    if not ok:
+        raise PosttrainError(
+            f"{where}: column {column!r} must be a non-empty list of {{\"role\": str, \"content\": str}} "
+            f"dicts, got {_preview(value)}. Fix the row, or set data.messages_column to the right column."
+        )
+    # Copy so that appending an instruction never edits the caller's rows.
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _answer_to_str(value: Any) -> str:
+    # Parquet and pandas often store integer answers as floats; "18.0" would not match "18".
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def rows_to_examples(rows: list[Row], cfg: DataConfig, source: str) -> list[PromptExample]:
+    """Turn raw rows into prompts: ``messages_column`` (a chat list) wins over ``prompt_column``
+    (a string, becoming one user message); every other column goes to metadata, and
+    ``answer_column`` is also copied to ``metadata["expected_answer"]`` as a string."""
+    if not rows:
+        raise PosttrainError(f"{source}: the dataset is empty. Point the data path at a file with at least one row.")
+    examples = []
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i + 1}"
+        if row.get(cfg.messages_column) is not None:
+            messages = _parse_messages(row[cfg.messages_column], where, cfg.messages_column)
+        elif row.get(cfg.prompt_column) is not None:
+            prompt = row[cfg.prompt_column]
+            if not isinstance(prompt, str):
+                raise PosttrainError(
+                    f"{where}: column {cfg.prompt_column!r} must be a string, got {_preview(prompt)}. "
+                    "Use data.messages_column for chat lists."
+                )
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            raise PosttrainError(
+                f"{where}: has neither a {cfg.prompt_column!r} nor a {cfg.messages_column!r} column; "
+                f"columns found: {sorted(row)}. Set data.prompt_column (a text column) or "
+                "data.messages_column (a chat message list) to one of them."
+            )
+        metadata = {k: v for k, v in row.items() if k not in (cfg.prompt_column, cfg.messages_column)}
+        if row.get(cfg.answer_column) is not None:
+            metadata["expected_answer"] = _answer_to_str(row[cfg.answer_column])
+        examples.append(PromptExample(messages=messages, metadata=metadata))
+    return examples
+
+
+def append_instruction(example: PromptExample, instruction: str) -> PromptExample:
+    """Return a copy of ``example`` with ``instruction`` appended (after a space) to its last
+    user message; an empty instruction returns the example unchanged."""
+    if not instruction:
+        return example
+    messages = [dict(m) for m in example.messages]
+    for m in reversed(messages):
+        if m["role"] == "user":
+            m["content"] = f"{m['content']} {instruction}" if m["content"] else instruction
+            return PromptExample(messages=messages, metadata=example.metadata)
+    raise PosttrainError(
+        f"cannot append data.instruction: the prompt has no user message (roles: "
+        f"{[m['role'] for m in messages]}). Add a user message to the row or set data.instruction=''."
+    )
+
+
+def split_validation(
+    examples: list[PromptExample], validation_size: int, seed: int
+) -> tuple[list[PromptExample], list[PromptExample]]:
+    """Carve ``validation_size`` examples off ``examples`` at random (seeded, deterministic).
+
+    Returns (train, validation); they are disjoint by position and train keeps the file order.
+    """
+    if validation_size < 0:
+        raise PosttrainError(f"data.validation_size must be >= 0, got {validation_size}.")
+    if validation_size >= len(examples):
+        raise PosttrainError(
+            f"data.validation_size={validation_size} leaves no training rows: the data has only "
+            f"{len(examples)} rows. Lower data.validation_size or set data.validation_path."
+        )
+    # A stream separate from the sampler's ([seed, epoch]) so the two never share draws.
+    rng = np.random.default_rng([seed % 2**64, 0x5EED_0F_7A1D])
+    held_out = set(rng.permutation(len(examples))[:validation_size].tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in held_out]
+    validation = [ex for i, ex in enumerate(examples) if i in held_out]
+    return train, validation
+
+
+def _load_source(cfg: DataConfig, path: str, config_key: str) -> list[PromptExample]:
+    if cfg.task == "gsm8k":
+        # Imported here because the adapter itself builds on this module's readers.
+        from posttrain.data.gsm8k import load_gsm8k
+
+        return load_gsm8k(path, config_key=config_key)
+    return rows_to_examples(read_rows(path, split=cfg.split, config_key=config_key), cfg, path)
+
+
+def load_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], list[PromptExample]]:
+    """Load (train, validation) prompts for ``cfg.task`` with the instruction applied.
+
+    ``seed`` only drives the validation carve-out; the arithmetic task uses its own
+    ``cfg.arithmetic.seed`` so the problems stay fixed when the training seed changes.
+    """
+    if cfg.task == "arithmetic":
+        from posttrain.data.arithmetic import make_arithmetic_splits
+
+        train, validation = make_arithmetic_splits(cfg.arithmetic)
+        instruction = cfg.instruction or DEFAULT_MATH_INSTRUCTION
+    elif cfg.task in ("gsm8k", "prompts"):
+        if not cfg.train_path:
+            example = "/path/to/gsm8k/train.jsonl" if cfg.task == "gsm8k" else "prompts.jsonl"
+            raise PosttrainError(
+                f"data.train_path is empty but data.task={cfg.task!r} reads its prompts from a file. "
+                f"Set data.train_path (e.g. data.train_path={example}) or use data.task=arithmetic."
+            )
+        train = _load_source(cfg, cfg.train_path, "data.train_path")
+        if cfg.validation_path:
+            validation = _load_source(cfg, cfg.validation_path, "data.validation_path")
+        else:
+            train, validation = split_validation(train, cfg.validation_size, seed)
+        instruction = cfg.instruction or (DEFAULT_MATH_INSTRUCTION if cfg.task == "gsm8k" else "")
+    else:
+        raise PosttrainError(f"unknown data.task {cfg.task!r}. Use one of: arithmetic, gsm8k, prompts.")
+    train = [append_instruction(ex, instruction) for ex in train]
+    validation = [append_instruction(ex, instruction) for ex in validation]
+    return train, validation

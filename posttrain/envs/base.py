@@ -1,0 +1,50 @@
+"""The environment interface (as in NeMo RL): environments only compute rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# One conversation: [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]
+MessageLog = list[dict[str, Any]]
+
+
+@dataclass
+class EnvironmentReturn:
+    """What ``Environment.step`` returns for a batch of B conversations.
+
+    observations: B messages to append to each conversation (e.g. ``{"role": "environment",
+        "content": "correct"}``); ignored for terminated conversations.
+    metadata: B per-sample metadata dicts carried to the next turn (or None).
+    next_stop_strings: B lists of stop strings for the next turn (or None: defaults).
+    rewards: (B,) float tensor.
+    terminateds: (B,) bool tensor; True ends the episode.
+    answers: B extracted answers (or None), for logging.
+    """
+
+    observations: list[dict[str, Any]]
+    metadata: list[dict[str, Any] | None]
+    next_stop_strings: list[list[str] | None]
+    rewards: torch.Tensor
+    terminateds: torch.Tensor
+    answers: list[str | None]
+
+
+class Environment:
+    """Base class of reward environments.
+
+    Subclasses implement ``step``; the constructor takes only keyword arguments from
+    ``env.kwargs`` in the config. Instances live in worker processes, so they must not rely on
+    state shared with the trainer.
+    """
+
+    def step(self, message_log_batch: list[MessageLog], metadata: list[dict[str, Any]]) -> EnvironmentReturn:
+        raise NotImplementedError
+
+    def global_post_process_and_metrics(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        """Called once per step in the trainer process with the whole scored batch
+        (keys: ``rewards`` (N,) tensor, ``message_logs``, ``metadata``, ``answers``, ...).
+        Returns the (possibly modified) batch and extra metrics to log."""
+        return batch, {}

@@ -1,0 +1,10 @@
+"""posttrain.logging: metric sinks (console, JSONL, TensorBoard, W&B) and the progress bar.
+
+The folder shares its name with the standard library's ``logging``; modules here import
+``logging`` absolutely, which gives the standard library.
+"""
+
+from posttrain.logging.metrics import MetricsLogger, format_console_line
+from posttrain.logging.progress import ProgressBar
+
+__all__ = ["MetricsLogger", "ProgressBar", "format_console_line"]

@@ -1,0 +1,25 @@
+"""Models: loading, prompt formatting, per-token logprobs."""
+
+from posttrain.models.chat import TokenizedPrompt, encode_prompts, format_prompt
+from posttrain.models.loading import (
+    load_model_and_tokenizer,
+    make_reference_model,
+    model_source,
+    resolve_compute_dtype,
+    resolve_device,
+)
+from posttrain.models.logprobs import TokenBatch, make_token_batch, response_logprobs
+
+__all__ = [
+    "TokenBatch",
+    "TokenizedPrompt",
+    "encode_prompts",
+    "format_prompt",
+    "load_model_and_tokenizer",
+    "make_reference_model",
+    "make_token_batch",
+    "model_source",
+    "resolve_compute_dtype",
+    "resolve_device",
+    "response_logprobs",
+]

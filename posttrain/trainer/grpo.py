@@ -1,0 +1,313 @@
+"""The GRPO recipe. Read ``train`` top to bottom: build the parts, then per step
+sample prompts -> generate a group per prompt -> score -> advantages -> reference logprobs ->
+policy update -> log, validate, checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.algorithms import aggregate_loss, get_advantage_estimator, get_policy_loss, kl_penalty
+from posttrain.checkpoint.manager import CheckpointManager
+from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.schema import GRPOConfig
+from posttrain.data.prompts import load_prompt_data
+from posttrain.data.sampler import EpochSampler
+from posttrain.envs.registry import check_env_kwargs, resolve_env_class
+from posttrain.envs.reward_pool import RewardPool
+from posttrain.logging.metrics import MetricsLogger, format_console_line
+from posttrain.logging.progress import ProgressBar
+from posttrain.models import (
+    encode_prompts,
+    load_model_and_tokenizer,
+    make_reference_model,
+    resolve_compute_dtype,
+    resolve_device,
+    response_logprobs,
+)
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf_engine import HFEngine
+from posttrain.trainer.interrupt import InterruptGuard
+from posttrain.trainer.optim import build_optimizer, build_scheduler
+from posttrain.trainer.samples import Sample, chunks, collate
+from posttrain.trainer.validation import validate
+
+logger = logging.getLogger("posttrain.trainer")
+
+
+def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
+    """Run GRPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
+    # Cheap checks first, so a bad environment fails before anything is loaded or written.
+    check_env_kwargs(resolve_env_class(cfg.env.cls), cfg.env.kwargs)
+    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
+    output_dir = _output_dir(cfg, resume_ckpt)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(output_dir / "train.log")
+    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    logger.info("Run folder: %s", output_dir)
+    _seed_everything(cfg.seed)
+
+    # ---- build the parts
+    device = resolve_device(cfg.model.device)
+    compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
+    reference = None
+    if cfg.algorithm.kl_coef > 0:
+        # The reference is always the starting model, also when resuming from a later checkpoint.
+        reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
+    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
+    encode = dict(
+        tokenizer=tokenizer,
+        use_chat_template=cfg.model.use_chat_template,
+        system_prompt=cfg.model.system_prompt,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+    )
+    train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
+    if cfg.validation.max_prompts:
+        val_examples = val_examples[: cfg.validation.max_prompts]
+    val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
+    engine = HFEngine(
+        model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, compute_dtype=compute_dtype
+    )
+    group_size = cfg.rollout.group_size
+    sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
+    optimizer_steps_per_step = cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
+    optimizer = build_optimizer(model, cfg.trainer)
+    scheduler = build_scheduler(optimizer, cfg.trainer, cfg.trainer.max_steps * optimizer_steps_per_step)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last)
+    start_step = 0
+    if resume_ckpt is not None:
+        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        start_step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+    sampling = SamplingParams(
+        n=group_size,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        max_tokens=cfg.rollout.max_new_tokens,
+        stop=list(cfg.rollout.stop),
+    )
+    estimator = get_advantage_estimator(cfg.algorithm.advantage)
+    val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
+
+    with contextlib.ExitStack() as stack:
+        rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s))
+        metrics_log = stack.enter_context(
+            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
+        )
+        progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
+        stack.callback(progress.close)
+        guard = stack.enter_context(InterruptGuard())
+
+        def run_validation(step: int) -> None:
+            progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
+            val = validate(
+                engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
+                print_samples=cfg.validation.print_samples, write=progress.write,
+            )
+            metrics_log.log(step, val)
+            progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
+
+        completed = start_step
+        sampler_state = sampler.state_dict()
+
+        def save_checkpoint() -> None:
+            path = checkpoints.save(
+                completed, model, tokenizer,
+                {"sampler": sampler_state, "seed": cfg.seed},
+                optimizer if cfg.checkpoint.save_optimizer else None,
+                scheduler if cfg.checkpoint.save_optimizer else None,
+            )
+            progress.write(f"saved checkpoint {path}")
+
+        try:
+            if cfg.validation.at_start and start_step == 0 and val_prompts:
+                run_validation(0)
+            for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+                step_start = time.perf_counter()
+                # Seeding per step makes sampling independent of anything before: resume is exact.
+                _seed_everything(cfg.seed * 1_000_003 + step)
+
+                # ---- rollouts: a group of completions per prompt
+                batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
+                groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
+                completions = [c for group in groups for c in group]
+                prompts = [p for p in batch_prompts for _ in range(group_size)]
+                t_generated = time.perf_counter()
+
+                # ---- rewards (worker processes) and advantages
+                message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
+                scored = rewards.score(message_logs, [p.metadata for p in prompts])
+                _, env_metrics = rewards.post_process(
+                    {"rewards": scored.rewards, "metadata": scored.metadata, "message_logs": message_logs, "answers": scored.answers}
+                )
+                advantages = estimator(scored.rewards, group_size=group_size, scale_by_std=cfg.algorithm.scale_by_std)
+                samples = [
+                    Sample(p.token_ids, c.token_ids, c.logprobs, a, r)
+                    for p, c, a, r in zip(prompts, completions, advantages.tolist(), scored.rewards.tolist())
+                ]
+                t_scored = time.perf_counter()
+
+                # ---- policy update (Ctrl-C waits for it, so checkpoints hold whole steps)
+                with guard.deferred():
+                    if reference is not None:
+                        _fill_reference_logprobs(reference, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                    update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                    completed, sampler_state = step, sampler.state_dict()
+                t_trained = time.perf_counter()
+
+                # ---- metrics
+                num_response_tokens = sum(len(c.token_ids) for c in completions)
+                rewards_t = scored.rewards
+                step_metrics = {
+                    "reward/mean": rewards_t.mean().item(),
+                    "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
+                    **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
+                    "reward/errors": float(sum(e is not None for e in scored.errors)),
+                    "reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item(),
+                    "response/length_mean": num_response_tokens / len(completions),
+                    "response/length_max": float(max(len(c.token_ids) for c in completions)),
+                    "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                    **update_metrics,
+                    "lr": scheduler.get_last_lr()[0],
+                    "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
+                    "perf/gen_tokens_per_s": num_response_tokens / (t_generated - step_start),
+                    "time/generate": t_generated - step_start,
+                    "time/score": t_scored - t_generated,
+                    "time/train": t_trained - t_scored,
+                    "time/step": t_trained - step_start,
+                    "data/epoch": float(sampler.epoch),
+                }
+                metrics_log.log(step, step_metrics)
+                progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
+                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                    progress.write(format_console_line(step, cfg.trainer.max_steps, step_metrics))
+
+                if cfg.validation.every and step % cfg.validation.every == 0 and step != cfg.trainer.max_steps:
+                    run_validation(step)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.trainer.max_steps:
+                    save_checkpoint()
+
+            if cfg.validation.at_end and val_prompts and completed > start_step:
+                run_validation(completed)
+            save_checkpoint()
+        except KeyboardInterrupt:
+            progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
+            if completed > start_step:
+                save_checkpoint()
+            raise
+    return output_dir
+
+
+def policy_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    samples: list[Sample],
+    cfg: GRPOConfig,
+    pad_token_id: int,
+    device: torch.device,
+    autocast,
+) -> dict[str, float]:
+    """``ppo_epochs`` x mini-batches x micro-batches. Each micro-batch loss is normalised by its
+    mini-batch's global token/sequence count, so accumulated gradients equal the mini-batch's."""
+    algo, trainer = cfg.algorithm, cfg.trainer
+    policy_loss = get_policy_loss(algo.policy_loss)
+    sums: dict[str, float] = {}
+    num_tokens_total = 0.0
+    grad_norms, losses = [], []
+    model.train()
+    for _ in range(algo.ppo_epochs):
+        for mini_batch in chunks(samples, trainer.mini_batch_size):
+            num_tokens = float(sum(len(s.response_ids) for s in mini_batch))
+            loss_total = 0.0
+            optimizer.zero_grad(set_to_none=True)
+            for micro_batch in chunks(mini_batch, trainer.micro_batch_size):
+                batch = collate(micro_batch, pad_token_id, device)
+                mask = batch.tokens.response_mask
+                with autocast():
+                    logprobs, entropy = response_logprobs(
+                        model, batch.tokens, temperature=cfg.rollout.temperature,
+                        with_entropy=True, entropy_grad=algo.entropy_coef > 0,
+                    )
+                per_token, pg_metrics = policy_loss(
+                    logprobs, batch.old_logprobs, batch.advantages, mask,
+                    clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
+                )
+                token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
+                if batch.ref_logprobs is not None:
+                    kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
+                    per_token = per_token + algo.kl_coef * kl
+                    token_terms["kl"] = kl
+                if algo.entropy_coef > 0:
+                    per_token = per_token - algo.entropy_coef * entropy
+                loss = aggregate_loss(
+                    per_token, mask, algo.loss_agg_mode,
+                    num_tokens=num_tokens, num_sequences=float(len(mini_batch)), norm_length=float(cfg.rollout.max_new_tokens),
+                )
+                loss.backward()
+                loss_total += loss.item()
+                # Token-weighted sums, so logged means do not depend on the micro-batch split.
+                micro_tokens = mask.sum().item()
+                num_tokens_total += micro_tokens
+                for name, value in {**pg_metrics, **{k: _masked_mean(v, mask) for k, v in token_terms.items()}}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
+            max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+            losses.append(loss_total)
+            optimizer.step()
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    denom = max(num_tokens_total, 1.0)
+    out = {f"actor/{k}": v / denom for k, v in sums.items()}
+    out["loss/policy"] = sum(losses) / len(losses)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    if "actor/kl" in out:
+        out["kl"] = out.pop("actor/kl")
+    out["entropy"] = out.pop("actor/entropy")
+    return out
+
+
+@torch.no_grad()
+def _fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
+    for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
+        batch = collate(micro_batch, pad_token_id, device)
+        with autocast():
+            logprobs, _ = response_logprobs(reference, batch.tokens, temperature=cfg.rollout.temperature)
+        logprobs = logprobs.float().cpu()
+        for i, s in enumerate(micro_batch):
+            s.ref_logprobs = logprobs[i, : len(s.response_ids)].tolist()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values.detach().float() * mask).sum() / mask.sum().clamp(min=1))
+
+
+def _seed_everything(seed: int) -> None:
+    seed %= 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _output_dir(cfg: GRPOConfig, resume_ckpt: Path | None) -> Path:
+    if cfg.trainer.output_dir:
+        return Path(cfg.trainer.output_dir)
+    if resume_ckpt is not None:
+        return resume_ckpt.parent.parent  # <run>/checkpoints/step_N
+    return Path("runs") / f"grpo-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("posttrain").addHandler(handler)

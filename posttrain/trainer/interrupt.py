@@ -1,0 +1,45 @@
+"""Ctrl-C handling that never leaves a half-applied optimizer step behind."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+
+class InterruptGuard:
+    """Ctrl-C raises KeyboardInterrupt as usual, except inside ``deferred()``: there the request
+    is remembered and raised when the block ends. The training loop wraps the weight update in
+    ``deferred()`` so a checkpoint saved after an interrupt always holds whole steps."""
+
+    def __init__(self) -> None:
+        self._deferring = False
+        self._pending = False
+        self._previous = None
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self._deferring:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt

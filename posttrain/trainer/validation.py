@@ -1,0 +1,41 @@
+"""Greedy validation on held-out prompts."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from posttrain.envs.reward_pool import RewardPool
+from posttrain.models.chat import TokenizedPrompt
+from posttrain.rollout.base import RolloutEngine, SamplingParams
+
+
+def validate(
+    engine: RolloutEngine,
+    rewards: RewardPool,
+    prompts: list[TokenizedPrompt],
+    *,
+    max_tokens: int,
+    stop: list[str],
+    print_samples: int = 0,
+    write: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Greedy-decode every prompt once, score it, and return ``val/*`` metrics."""
+    params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, stop=list(stop), logprobs=False)
+    completions = [group[0] for group in engine.generate([p.token_ids for p in prompts], params)]
+    message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
+    scored = rewards.score(message_logs, [p.metadata for p in prompts])
+    _, env_metrics = rewards.post_process(
+        {"rewards": scored.rewards, "metadata": scored.metadata, "message_logs": message_logs, "answers": scored.answers}
+    )
+    lengths = [len(c.token_ids) for c in completions]
+    metrics = {
+        "val/reward_mean": scored.rewards.mean().item(),
+        "val/response_length_mean": sum(lengths) / len(lengths),
+        "val/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        **{f"val/{k}": float(v) for k, v in env_metrics.items()},
+    }
+    for p, c, r, answer in list(zip(prompts, completions, scored.rewards.tolist(), scored.answers))[:print_samples]:
+        question = p.messages[-1]["content"]
+        expected = p.metadata.get("expected_answer", "?")
+        write(f"  [val] Q: {question}\n        A: {c.text.strip()!r}\n        extracted={answer!r} expected={expected!r} reward={r:.2f}")
+    return metrics
