@@ -134,7 +134,7 @@ class RolloutConfig:
     backend: str = opt("hf", "Generation engine. 'hf': batched transformers generate on the policy's own modules.", ("hf",))
     batch_size: int = opt(128, "Completions generated per training step (prompts per step x group_size).")
     group_size: int = opt(8, "Completions sampled per prompt (the GRPO group).")
-    max_new_tokens: int = opt(200, "Maximum tokens generated per completion; longer ones are truncated.")
+    max_new_tokens: int = opt(128, "Maximum tokens generated per completion; longer ones are truncated.")
     temperature: float = opt(1.0, "Sampling temperature (also applied to the trainer's logprobs).")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1.0: off).")
     top_k: int = opt(0, "Sample only from the k most likely tokens (0: off).")
@@ -179,7 +179,7 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = opt(100, "Training steps (one step = one rollout batch).")
+    max_steps: int = opt(40, "Training steps (one step = one rollout batch).")
     mini_batch_size: int = opt(
         128, "Completions per optimizer step; rollout.batch_size / mini_batch_size optimizer steps per PPO epoch."
     )
@@ -207,7 +207,7 @@ class ValidationConfig:
     every: int = opt(20, "Run greedy validation every N steps (0: never during training).")
     at_start: bool = opt(True, "Validate before the first step, to have a baseline.")
     at_end: bool = opt(True, "Validate after the last step.")
-    max_prompts: int = opt(200, "Validation prompts used (0: all).")
+    max_prompts: int = opt(128, "Validation prompts used (0: all).")
     max_new_tokens: int = opt(0, "Tokens per validation answer (0: same as rollout.max_new_tokens).")
     print_samples: int = opt(2, "Validation samples printed (prompt, answer, reward).")
 
@@ -225,7 +225,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(50, "Save a checkpoint every N steps (0: only at the end and on Ctrl-C).")
+    every: int = opt(20, "Save a checkpoint every N steps (0: only at the end and on Ctrl-C).")
     keep_last: int = opt(2, "Keep the newest K checkpoints and delete older ones (0: keep all).")
     save_optimizer: bool = opt(True, "Save optimizer and scheduler state too (needed for exact resume).")
 

@@ -22,7 +22,9 @@ EXTRACTION_MODES = ("boxed", "lenient", "strict")
 
 _BOXED_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASH_ANSWER = re.compile(r"####\s*([^\n]+)")
-_ANSWER_PHRASE = re.compile(r"answer\s*(?:is\s*:?|:)\s*([^\n]+)", re.IGNORECASE)
+# The phrase must be followed by something number-like: "the answer is \boxed" (a truncated or
+# unfilled box) is no answer, and the last-number fallback should get its chance.
+_ANSWER_PHRASE = re.compile(r"answer\s*(?:is\s*:?|:)\s*((?:\$|-\s?)?(?:\d|\\d?frac)[^\n]*)", re.IGNORECASE)
 # A number not glued to a preceding word/digit (so '10-3' yields '3', 'x=-3' yields '-3').
 _NUMBER = re.compile(r"(?<![\w.])(?:-\s?)?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _NUMBER_WITH_WORDS = re.compile(r"(-?\d+(?:\.\d+)?(?:/\d+)?)\s+[A-Za-z]{2,}[A-Za-z .]*")

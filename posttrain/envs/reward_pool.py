@@ -28,7 +28,7 @@ import torch
 
 from posttrain.envs.base import Environment, EnvironmentReturn, MessageLog
 from posttrain.envs.registry import check_env_kwargs, resolve_env_class
-from posttrain.errors import PosttrainError
+from posttrain.errors import ConfigError, PosttrainError
 
 logger = logging.getLogger("posttrain.envs")
 
@@ -152,16 +152,11 @@ class _Worker:
         self.job_started_at = 0.0
 
     def stop(self, kill: bool = False) -> None:
-        """Stop the process (SIGKILL when kill, else SIGTERM then SIGKILL) and reap it."""
-        if self.process.is_alive():
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
-            self.process.join(timeout=2.0)
+        """Stop the process (SIGKILL when kill, else SIGTERM, then SIGKILL if needed) and reap it."""
+        for signal_it in ((self.process.kill,) if kill else (self.process.terminate, self.process.kill)):
             if self.process.is_alive():
-                self.process.kill()
-        self.process.join(timeout=5.0)
+                signal_it()
+                self.process.join(timeout=2.0)
         self.conn.close()
 
 
@@ -181,6 +176,10 @@ class RewardPool:
     ``num_workers=0`` is a debugging mode: the environment runs in this process (breakpoints and
     tracebacks work), without timeouts or crash isolation. Use it as a context manager, or call
     close(). Not thread-safe: call score() from one thread.
+
+    env_cls / env_kwargs: as ``env.cls`` / ``env.kwargs`` (checked here, before any worker starts).
+    timeout_s: per-sample limit, counted from when the sample is handed to a worker.
+    startup_timeout_s: limit for the workers to build their environments.
     """
 
     def __init__(
@@ -192,7 +191,7 @@ class RewardPool:
         startup_timeout_s: float = 120.0,
     ) -> None:
         if num_workers < 0 or timeout_s <= 0:
-            raise PosttrainError(
+            raise ConfigError(
                 f"reward pool needs env.num_workers >= 0 and env.timeout_s > 0 "
                 f"(got {num_workers} and {timeout_s})."
             )
@@ -220,7 +219,6 @@ class RewardPool:
             self.close()
             raise
 
-    # ------------------------------------------------------------------ lifecycle
     def _build_local_env(self) -> Environment:
         return resolve_env_class(self.env_cls)(**self.env_kwargs)
 
@@ -271,14 +269,16 @@ class RewardPool:
             return
         self._closed = True
         _live_pools.discard(self)
+        asked = []
         for w in self._workers:
-            if w.process.is_alive() and w.ready and w.job is None:
-                try:
-                    w.conn.send(None)  # polite stop for idle workers
-                except (OSError, ValueError):
-                    pass
+            try:
+                if w.process.is_alive() and w.ready and w.job is None:
+                    w.conn.send(None)  # idle workers exit at once; the others are terminated below
+                    asked.append(w)
+            except (OSError, ValueError):
+                pass
         deadline = time.monotonic() + 1.0
-        for w in self._workers:
+        for w in asked:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
         for w in self._workers:
             w.stop()
@@ -290,7 +290,6 @@ class RewardPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ scoring
     def score(self, message_logs: list[MessageLog], metadata: list[dict[str, Any]]) -> ScoredBatch:
         """Score N conversations (one job per sample); results keep the input order."""
         if self._closed:
@@ -312,71 +311,68 @@ class RewardPool:
             return _failed(metadata, _exception_text(e))
 
     def _score_remote(self, message_logs: list[MessageLog], metadata: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        n = len(message_logs)
-        results: list[dict[str, Any] | None] = [None] * n
-        todo = list(range(n - 1, -1, -1))  # a stack popped from the end: sample 0 goes first
-
-        def finish(w: _Worker, result: dict[str, Any]) -> None:
-            results[w.job[1]] = result  # type: ignore[index]
-            w.job = None
-
-        remaining = n
-        while remaining > 0:
-            for w in self._workers:  # hand out work to idle workers
-                if w.ready and w.job is None and todo and w.process.is_alive():
-                    i = todo.pop()
-                    job_id = self._next_job_id
-                    self._next_job_id += 1
-                    try:
-                        w.conn.send((job_id, message_logs[i], metadata[i]))
-                    except (OSError, ValueError):
-                        todo.append(i)  # the worker died just now: handled as a death below
-                        continue
-                    except Exception as e:  # the sample itself cannot be pickled
-                        results[i] = _failed(metadata[i], f"sample cannot be sent to a reward worker: {e}")
-                        remaining -= 1
-                        continue
-                    w.job, w.job_started_at = (job_id, i), time.monotonic()
-            now = time.monotonic()
+        for w in [w for w in self._workers if w.job is not None]:
+            self._replace(w, None)  # still busy from a batch interrupted by an exception (Ctrl-C)
+        results: list[dict[str, Any] | None] = [None] * len(message_logs)
+        todo = list(range(len(message_logs)))[::-1]  # popped from the end: sample 0 goes first
+        while todo or any(w.job is not None for w in self._workers):
+            self._dispatch(todo, message_logs, metadata, results)
+            # Sleep until a message, a death, or the earliest job deadline (bounded: never hangs).
             deadlines = [w.job_started_at + self.timeout_s for w in self._workers if w.job is not None]
-            wait_s = min([0.5] + [max(0.0, d - now) for d in deadlines])
+            wait_s = min([0.5] + [max(0.0, d - time.monotonic()) for d in deadlines])
             wait([w.conn for w in self._workers] + [w.process.sentinel for w in self._workers], timeout=wait_s)
-
             for w in list(self._workers):
-                message = self._poll(w)
-                while message is not None:
-                    kind = message[0]
-                    if kind == "ready":
-                        w.ready, self._start_failures = True, 0
-                    elif kind == "init_error":
-                        self._replace(w, f"replacement reward worker failed to start:\n{message[1]}")
-                        break
-                    elif kind in ("result", "error") and w.job is not None and message[1] == w.job[0]:
-                        i = w.job[1]
-                        if kind == "result":
-                            finish(w, message[2])
-                        else:
-                            logger.debug("reward raised in a worker:\n%s", message[3])
-                            finish(w, _failed(metadata[i], message[2], "error"))
-                        remaining -= 1
-                    message = self._poll(w)
-                if w not in self._workers:
-                    continue
-                if not w.process.is_alive():
-                    w.process.join(timeout=1.0)
-                    if w.job is not None:
-                        i = w.job[1]
-                        finish(w, _failed(metadata[i], f"reward worker crashed (exit code {w.process.exitcode})", "crash"))
-                        remaining -= 1
-                    self._replace(w, None if w.ready else f"reward worker died while starting (exit code {w.process.exitcode})")
-                elif w.job is not None and time.monotonic() - w.job_started_at > self.timeout_s:
-                    i = w.job[1]
-                    finish(w, _failed(metadata[i], f"reward timed out after {self.timeout_s:g} s", "timeout"))
-                    remaining -= 1
-                    self._replace(w, None)
-                elif not w.ready and time.monotonic() - w.started_at > self.startup_timeout_s:
-                    self._replace(w, f"replacement reward worker did not start within {self.startup_timeout_s:g} s")
+                self._check(w, metadata, results)
         return results  # type: ignore[return-value]
+
+    def _dispatch(self, todo: list[int], message_logs: list[MessageLog], metadata: list[dict[str, Any]],
+                  results: list[dict[str, Any] | None]) -> None:
+        """Send the next samples to idle, ready workers; the job's clock starts now."""
+        for w in self._workers:
+            if not (todo and w.ready and w.job is None and w.process.is_alive()):
+                continue
+            i = todo.pop()
+            self._next_job_id += 1
+            try:
+                w.conn.send((self._next_job_id, message_logs[i], metadata[i]))
+            except (OSError, ValueError):
+                todo.append(i)  # the worker died just now: _check replaces it
+                continue
+            except Exception as e:  # the sample itself cannot be pickled
+                results[i] = _failed(metadata[i], f"sample cannot be sent to a reward worker: {e}")
+                continue
+            w.job, w.job_started_at = (self._next_job_id, i), time.monotonic()
+
+    def _check(self, w: _Worker, metadata: list[dict[str, Any]], results: list[dict[str, Any] | None]) -> None:
+        """Read a worker's messages, then handle its death, its job's timeout, or a slow start."""
+
+        def fail(message: str, kind: str) -> None:
+            i = w.job[1]  # type: ignore[index]
+            results[i], w.job = _failed(metadata[i], message, kind), None
+
+        while (message := self._poll(w)) is not None:
+            if message[0] == "ready":
+                w.ready, self._start_failures = True, 0
+            elif message[0] == "init_error":
+                return self._replace(w, f"a replacement reward worker failed to start:\n{message[1]}")
+            elif w.job is not None and message[1] == w.job[0]:  # "result" / "error" of its job
+                if message[0] == "result":
+                    results[w.job[1]], w.job = message[2], None
+                else:
+                    logger.debug("reward raised in a worker:\n%s", message[3])
+                    fail(message[2], "error")
+        if not w.process.is_alive():
+            w.process.join(timeout=1.0)
+            code = w.process.exitcode
+            if w.job is not None:
+                fail(f"reward worker crashed (exit code {code})", "crash")
+            self._replace(w, None if w.ready else f"a replacement reward worker exited with code {code} while starting")
+        elif w.job is not None and time.monotonic() - w.job_started_at > self.timeout_s:
+            fail(f"reward timed out after {self.timeout_s:g} s", "timeout")
+            self._replace(w, None)
+        elif not w.ready and time.monotonic() - w.started_at > self.startup_timeout_s:
+            self._replace(w, f"a replacement reward worker did not start within {self.startup_timeout_s:g} s")
+        return None
 
     def _replace(self, w: _Worker, start_failure: str | None) -> None:
         """Kill a worker and start a new one; give up after repeated start-up failures."""
@@ -416,7 +412,6 @@ class RewardPool:
             )
         return batch
 
-    # ------------------------------------------------------------------ metrics
     def post_process(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """The environment's global_post_process_and_metrics, run in this process."""
         if self._local_env is None:

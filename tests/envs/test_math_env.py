@@ -121,3 +121,12 @@ def test_last_boxed_nested_and_extract():
     assert last_boxed("\\boxed{1} and \\boxed{2}") == "2"
     assert last_boxed("\\boxed{1} and \\boxed{2") == "1"
     assert extract_answer("no answer here") is None
+
+
+def test_unfilled_box_falls_back_to_last_number_in_lenient_mode():
+    from posttrain.envs.math_env import extract_answer
+
+    text = "6 * 7 = 42 cookies.\n\nThe answer is \\boxed"
+    assert extract_answer(text, "lenient") == "42"
+    assert extract_answer(text, "boxed") is None
+    assert extract_answer("The answer is: 12.", "lenient") == "12"

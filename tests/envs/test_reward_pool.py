@@ -111,7 +111,7 @@ def test_post_process_runs_in_parent(pool):
 def test_math_environment_in_workers():
     logs = [[{"role": "assistant", "content": r}] for r in ["\\boxed{4}", "5", "\\boxed{\\frac{1}{2}}", "no", "#### 1,000"]]
     metadata = [{"expected_answer": a} for a in ["4", "4", "0.5", "3", "1000"]]
-    with RewardPool("math", {"format_reward": 0.1}, num_workers=2, timeout_s=5.0) as pool:
+    with RewardPool("math", {"format_reward": 0.1}, num_workers=1, timeout_s=5.0) as pool:
         scored = pool.score(logs, metadata)
         _, metrics = pool.post_process({"rewards": scored.rewards, "metadata": scored.metadata})
     assert scored.rewards.tolist() == pytest.approx([1.1, 0.0, 1.1, 0.0, 1.0])
@@ -145,9 +145,19 @@ def test_in_process_debug_mode():
         assert {m.get("worker_pid") for m in (scored.metadata[0], scored.metadata[2])} == {os.getpid()}
 
 
+def test_worker_left_busy_by_an_interrupted_batch_is_replaced(pool):
+    pool.score(*batch(0, 0))  # both workers ready
+    stale = pool._workers[0]
+    stale.conn.send((-1, [], {"mode": "sleep"}))  # as if Ctrl-C interrupted score() mid-batch
+    stale.job, stale.job_started_at = (-1, 0), time.monotonic()
+    scored = pool.score(*batch(5, 6))
+    assert scored.rewards.tolist() == [5.0, 6.0] and scored.errors == [None, None]
+    assert stale not in pool._workers and not stale.process.is_alive()
+
+
 # Last in the file on purpose: it closes the module's shared pool (saves a 2 s worker start).
 def test_close_leaves_no_live_children(pool):
-    pool.score(*batch("sleep", 1))  # leaves a replacement worker starting up: close() must stop it too
+    pool.score(*batch("crash", 1))  # leaves a replacement worker starting up: close() must stop it too
     pids = worker_pids(pool)
     assert len(pids) == 2
     pool.close()

@@ -1,0 +1,29 @@
+"""Toy reward environments for trainer tests (importable by spawned reward workers via sys.path)."""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.envs.base import Environment, EnvironmentReturn
+
+
+class DigitFractionEnv(Environment):
+    """Reward = fraction of the response's characters that are digits: trivially learnable."""
+
+    def __init__(self, bonus: float = 0.0) -> None:
+        self.bonus = bonus
+
+    def step(self, message_log_batch, metadata):
+        rewards = []
+        for log in message_log_batch:
+            text = log[-1]["content"]
+            rewards.append(sum(ch.isdigit() for ch in text) / max(len(text), 1) + self.bonus)
+        n = len(message_log_batch)
+        return EnvironmentReturn(
+            observations=[{"role": "environment", "content": ""}] * n,
+            metadata=[dict(m) for m in metadata],
+            next_stop_strings=[None] * n,
+            rewards=torch.tensor(rewards, dtype=torch.float32),
+            terminateds=torch.ones(n, dtype=torch.bool),
+            answers=[None] * n,
+        )
