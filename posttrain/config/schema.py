@@ -179,14 +179,14 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = opt(40, "Training steps (one step = one rollout batch).")
+    max_steps: int = opt(50, "Training steps (one step = one rollout batch).")
     mini_batch_size: int = opt(
         128, "Completions per optimizer step; rollout.batch_size / mini_batch_size optimizer steps per PPO epoch."
     )
     micro_batch_size: int = opt(
         16, "Completions per forward/backward; gradients accumulate to the mini-batch exactly."
     )
-    lr: float = opt(1e-5, "Peak learning rate of AdamW.")
+    lr: float = opt(2e-5, "Peak learning rate of AdamW.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.99, "AdamW beta2.")

@@ -1,8 +1,10 @@
 """Per-token logprobs (and entropy) of response tokens under a causal LM.
 
-Batches use the layout the engines produce: prompts left-padded to a common length P, responses
-right-padded to length R, so every response starts at column P and only the last R+1 positions'
-logits are ever computed (``logits_to_keep``), never the prompt's.
+Batches are right-padded: each row is its prompt followed directly by its response, then padding.
+Left padding would give the leading pad positions a fully masked attention row, whose softmax
+backward yields NaN gradients in some fused GPU kernels; with right padding every position sees
+at least one real token. Only the logits of positions that predict response tokens are computed
+(``logits_to_keep``), never those of most of the prompt.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from posttrain.algorithms import entropy_from_logits
 
 @dataclass
 class TokenBatch:
-    """input_ids/attention_mask/position_ids: (B, P+R); response_mask: (B, R)."""
+    """input_ids/attention_mask/position_ids: (B, L); prompt_lens: (B,); response_mask: (B, R)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    prompt_lens: torch.Tensor
     response_mask: torch.Tensor
 
     @property
@@ -31,21 +34,21 @@ class TokenBatch:
 def make_token_batch(
     prompts: list[list[int]], responses: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
 ) -> TokenBatch:
-    """Left-pad prompts, right-pad responses, and derive positions from the attention mask (so a
-    padded row sees the same positions as it would alone, as in ``generate``)."""
-    P = max(len(p) for p in prompts)
-    R = max(max((len(r) for r in responses), default=0), 1)
     B = len(prompts)
-    input_ids = torch.full((B, P + R), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    R = max(max((len(r) for r in responses), default=0), 1)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    response_mask = torch.zeros((B, R), dtype=torch.float32)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-        input_ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, P - len(p) : P + len(r)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    response_mask = attention_mask[:, P:].to(torch.float32)
+        input_ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention_mask[i, : len(p) + len(r)] = 1
+        response_mask[i, : len(r)] = 1
+    position_ids = torch.arange(L).expand(B, L).contiguous()
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     return TokenBatch(
-        input_ids.to(device), attention_mask.to(device), position_ids.to(device), response_mask.to(device)
+        input_ids.to(device), attention_mask.to(device), position_ids.to(device), prompt_lens.to(device),
+        response_mask.to(device),
     )
 
 
@@ -62,19 +65,23 @@ def response_logprobs(
 
     Computed as ``logit[token] - logsumexp(logits)`` so the full (B, R, V) log-softmax tensor is
     never materialised a second time. Padded positions hold arbitrary values: mask them."""
+    L = batch.input_ids.shape[1]
     R = batch.response_len
+    first = int(batch.prompt_lens.min()) - 1  # first position whose logits predict a response token
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        logits_to_keep=R + 1,
+        logits_to_keep=L - first,
         use_cache=False,
     )
-    # Position j's logits predict token j+1: the R+1 kept positions end one past the last token.
-    logits = out.logits[:, :-1, :].float()
+    # Row i's response token r sits at position prompt_len_i + r and is predicted at one before.
+    offsets = batch.prompt_lens.unsqueeze(1) - 1 - first + torch.arange(R, device=batch.input_ids.device)
+    offsets = offsets.clamp(max=L - first - 1)  # past-the-end entries are padding (masked)
+    logits = out.logits.gather(1, offsets.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1])).float()
     if temperature != 1.0 and temperature > 0:
         logits = logits / temperature
-    targets = batch.input_ids[:, -R:]
+    targets = batch.input_ids.gather(1, (offsets + first + 1).clamp(max=L - 1))
     token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     logprobs = token_logits - torch.logsumexp(logits, dim=-1)
     entropy = None

@@ -67,8 +67,10 @@ class HFEngine:
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         pad_id = self.tokenizer.pad_token_id
-        batch = make_token_batch(prompts, [[]] * len(prompts), pad_id, self.device)
+        # generate() wants prompts left-padded, so that every row's new tokens start together.
         prompt_len = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad_id] * (prompt_len - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (prompt_len - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         sampling = params.temperature > 0
         kwargs = dict(
             do_sample=sampling,
@@ -84,8 +86,8 @@ class HFEngine:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with self.autocast():
             output = self.model.generate(
-                input_ids=batch.input_ids[:, :prompt_len],
-                attention_mask=batch.attention_mask[:, :prompt_len],
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 **kwargs,
             )
         generated = output[:, prompt_len:].tolist()

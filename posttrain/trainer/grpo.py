@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from datetime import datetime
@@ -225,6 +226,7 @@ def policy_update(
     sums: dict[str, float] = {}
     num_tokens_total = 0.0
     grad_norms, losses = [], []
+    skipped = 0
     model.train()
     for _ in range(algo.ppo_epochs):
         for mini_batch in chunks(samples, trainer.mini_batch_size):
@@ -262,15 +264,22 @@ def policy_update(
                 for name, value in {**pg_metrics, **{k: _masked_mean(v, mask) for k, v in token_terms.items()}}.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
             max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             losses.append(loss_total)
-            optimizer.step()
+            if math.isfinite(grad_norm):
+                grad_norms.append(grad_norm)
+                optimizer.step()
+            else:
+                # A NaN/inf gradient would poison the weights for good: drop this update instead.
+                skipped += 1
+                logger.warning("non-finite gradient norm; optimizer step skipped")
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     denom = max(num_tokens_total, 1.0)
     out = {f"actor/{k}": v / denom for k, v in sums.items()}
     out["loss/policy"] = sum(losses) / len(losses)
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    out["actor/skipped_updates"] = float(skipped)
     if "actor/kl" in out:
         out["kl"] = out.pop("actor/kl")
     out["entropy"] = out.pop("actor/entropy")
