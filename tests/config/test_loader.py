@@ -134,7 +134,8 @@ def test_empty_file_and_empty_section_are_fine(tmp_path):
 
 
 def test_interpolation_errors_are_translated():
-    assert load_config(GRPOConfig, overrides=["validation.every=${checkpoint.every}"]).validation.every == 50
+    cfg = load_config(GRPOConfig, overrides=["checkpoint.every=7", "validation.every=${checkpoint.every}"])
+    assert cfg.validation.every == 7
     message = error_of(overrides=["trainer.lr=${nope.x}"])
     assert "'trainer.lr'" in message and "nope.x" in message
 

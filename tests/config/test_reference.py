@@ -11,7 +11,7 @@ from posttrain.config.reference import (
     iter_fields,
     main,
 )
-from posttrain.config.schema import SCHEMAS, GRPOConfig
+from posttrain.config.schema import SCHEMAS, GRPOConfig, TrainerConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -19,7 +19,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 def test_iter_fields_walks_nested_sections():
     fields = {f.key: f for f in iter_fields(GRPOConfig)}
     key, type_name, default, help, choices = fields["trainer.lr"]
-    assert (key, type_name, default) == ("trainer.lr", "float", 1e-5) and help
+    assert (key, type_name, default) == ("trainer.lr", "float", TrainerConfig().lr) and help
     assert choices is None
     assert fields["data.arithmetic.difficulty"].type_name == "int"
     assert fields["model.dtype"].choices[0] == "auto"
@@ -31,7 +31,7 @@ def test_options_help_mentions_every_key():
     text = format_options_help(GRPOConfig)
     for f in iter_fields(GRPOConfig):
         assert f"  {f.key} (" in text
-    assert "  trainer.lr (float, default 1e-05)\n      Peak learning rate of AdamW." in text
+    assert f"  trainer.lr (float, default {TrainerConfig().lr})\n      Peak learning rate of AdamW." in text
     assert "trainer: Optimisation." in text
     assert max(len(line) for line in text.splitlines() if line.startswith("      ")) <= 100
 
