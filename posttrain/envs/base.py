@@ -40,6 +40,13 @@ class Environment:
     state shared with the trainer.
     """
 
+    #: Metadata keys every prompt row must carry (e.g. ``("expected_answer",)``, the reference
+    #: answer). The trainer checks all training and validation rows right after loading the
+    #: data and stops with a ConfigError if a key is missing (or None), instead of scoring
+    #: every sample 0. A row's metadata is every column except the prompt/messages column,
+    #: plus ``expected_answer`` copied from ``data.answer_column``.
+    required_metadata: tuple[str, ...] = ()
+
     def step(self, message_log_batch: list[MessageLog], metadata: list[dict[str, Any]]) -> EnvironmentReturn:
         raise NotImplementedError
 

@@ -135,6 +135,8 @@ class MathEnvironment(Environment):
     its answer in ``\\boxed{}`` (the format the prompts ask for); at most 1 + format_reward.
     """
 
+    required_metadata = ("expected_answer",)
+
     def __init__(self, format_reward: float = 0.1, answer_extraction: str = "lenient") -> None:
         if answer_extraction not in EXTRACTION_MODES:
             raise ConfigError(

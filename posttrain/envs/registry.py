@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from posttrain.envs.base import Environment
@@ -126,3 +126,60 @@ def check_env_kwargs(cls: type, kwargs: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"{cls.__name__} requires the arguments {', '.join(missing)}; add them to env.kwargs."
         )
+
+
+_MAX_LISTED_COLUMNS = 20
+
+
+def check_required_metadata(env_cls: type, examples: Iterable[Any], what: str) -> None:
+    """Raise ConfigError unless every example's metadata has each of ``env_cls.required_metadata``.
+
+    examples: prompt examples (objects with a ``metadata`` dict, e.g. ``PromptExample``) or the
+        metadata dicts themselves. A key whose value is None counts as missing.
+    what: names the examples in the message, e.g. "training prompts".
+
+    The message names the environment class, the missing key, how many rows lack it, the
+    columns those rows do have, and the fix (for 'expected_answer': ``data.answer_column``).
+    """
+    required = getattr(env_cls, "required_metadata", ()) or ()
+    if isinstance(required, str):
+        required = (required,)  # a common slip for ("key",)
+    name = getattr(env_cls, "__name__", repr(env_cls))
+    if not all(isinstance(key, str) for key in required):
+        raise ConfigError(
+            f"{name}.required_metadata must be a tuple of metadata key names (strings), e.g. "
+            f'("expected_answer",); got {required!r}.'
+        )
+    if not required:
+        return
+    metadata = [getattr(ex, "metadata", ex) for ex in examples]
+    metadata = [m if isinstance(m, Mapping) else {} for m in metadata]
+    problems = []
+    for key in required:
+        lacking = [m for m in metadata if m.get(key) is None]
+        if not lacking:
+            continue
+        columns = sorted({str(c) for m in lacking for c in m})
+        listed = ", ".join(repr(c) for c in columns[:_MAX_LISTED_COLUMNS])
+        if len(columns) > _MAX_LISTED_COLUMNS:
+            listed += f", ... ({len(columns) - _MAX_LISTED_COLUMNS} more)"
+        have = f"columns of those rows besides the prompt: {listed}" if columns else "those rows have no column besides the prompt"
+        if key == "expected_answer":
+            example = next((c for c in columns if "answer" in c.lower() and c != key), "<column>")
+            fix = (
+                "Set data.answer_column to the column holding the reference answer (it reaches the "
+                f"environment as 'expected_answer'), e.g. data.answer_column={example}"
+            )
+        else:
+            fix = (
+                f"Add a {key!r} column to the data: every column except the prompt "
+                "(data.prompt_column / data.messages_column) reaches the environment as metadata"
+            )
+        if 0 < len(lacking) < len(metadata):
+            fix += "; or fill in or drop the rows without it"
+        problems.append(
+            f"{name} needs metadata {key!r} in every prompt row, but {len(lacking)} of "
+            f"{len(metadata)} {what} lack it ({have}). {fix}."
+        )
+    if problems:
+        raise ConfigError(" ".join(problems))

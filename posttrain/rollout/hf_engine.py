@@ -11,7 +11,7 @@ import contextlib
 from typing import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from posttrain.models.logprobs import make_token_batch, response_logprobs
 from posttrain.rollout.base import Completion, SamplingParams
@@ -83,7 +83,7 @@ class HFEngine:
             top_k=params.top_k if sampling else None,
         )
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer, params.stop, prompt_len)])
         with self.autocast():
             output = self.model.generate(
                 input_ids=input_ids,
@@ -142,3 +142,23 @@ class HFEngine:
             logprobs = logprobs.float().cpu()
             scored += [logprobs[i, : len(r)].tolist() for i, r in enumerate(chunk_responses)]
         return scored
+
+
+class _StopStrings(StoppingCriteria):
+    """Stop a row once its *generated* text contains a stop string.
+
+    transformers' own ``stop_strings`` also match text that straddles the prompt (a prompt ending
+    in "?" plus a generated "?" would match "??"); stop strings are about the completion only, as
+    in the OpenAI API. Only a short tail of each row is decoded per step."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.prompt_len = prompt_len
+        # Every token decodes to at least one character, so this many tokens cover any stop string.
+        self.window = max(len(s) for s in self.stops) + 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        tails = input_ids[:, self.prompt_len :][:, -self.window :]
+        texts = self.tokenizer.batch_decode(tails)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
