@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Sequence
@@ -10,10 +11,10 @@ from typing import Sequence
 from posttrain import __version__
 from posttrain.config.loader import config_to_yaml, load_config
 from posttrain.config.reference import format_options_help
-from posttrain.config.schema import SCHEMAS
+from posttrain.config.commands import SCHEMAS
 from posttrain.errors import ConfigError, PosttrainError
 
-EXAMPLES = """\
+EXAMPLES = {"grpo": """\
 examples:
   posttrain grpo                                   # SmolLM2-135M-Instruct on the embedded arithmetic task
   posttrain grpo --config cpu_quick                # small settings for a CPU
@@ -22,7 +23,42 @@ examples:
   posttrain grpo data.task=prompts data.train_path=my.jsonl env.cls=my_pkg.envs.MyEnv
   posttrain grpo --resume runs/grpo-20261123-101500  # continue from its latest checkpoint
   posttrain grpo --print-config trainer.lr=1e-6     # show the resolved config and exit
-"""
+""", "sft": """\
+examples:
+  posttrain sft data.train_path=chats.jsonl        # rows {"messages": [...]} or {"prompt": ..., "completion": ...}
+  posttrain sft --config sft_chat data.train_path=chats.jsonl data.validation_path=val.jsonl
+  posttrain sft data.train_path=hf:HuggingFaceH4/no_robots data.split=train trainer.num_epochs=2
+  posttrain sft data.train_path=chats.jsonl trainer.batch_tokens=32768 data.max_seq_len=4096
+  posttrain sft --resume runs/sft-20261123-101500 data.train_path=chats.jsonl  # continue from its latest checkpoint
+""", "dpo": """\
+examples:
+  posttrain dpo data.train_path=pairs.jsonl        # rows {"prompt": ..., "chosen": ..., "rejected": ...}
+  posttrain dpo --config dpo data.train_path=pairs.jsonl data.validation_path=val.jsonl
+  posttrain dpo data.train_path=hf:HuggingFaceH4/ultrafeedback_binarized data.split=train_prefs
+  posttrain dpo data.train_path=pairs.jsonl algorithm.loss_type=ipo algorithm.beta=0.5
+  posttrain dpo --resume runs/dpo-20261123-101500  # continue from its latest checkpoint
+"""}
+
+
+# Command -> (one-line help, description, trainer entry point as "module:function"). A trainer
+# takes (config, resume_from) and returns its run folder; its schema is SCHEMAS[command].
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "grpo": (
+        "train a policy with GRPO",
+        "Train a causal LM with GRPO (group-relative policy optimisation).",
+        "posttrain.trainer.grpo:train",
+    ),
+    "sft": (
+        "supervised fine-tuning on conversations",
+        "Fine-tune a causal LM on chat conversations or prompt/completion pairs (loss on the answers only).",
+        "posttrain.trainer.sft:train",
+    ),
+    "dpo": (
+        "train a policy with DPO on preference pairs",
+        "Train a causal LM with Direct Preference Optimization on (prompt, chosen, rejected) pairs.",
+        "posttrain.trainer.dpo:train",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,21 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    grpo = commands.add_parser(
-        "grpo",
-        help="train a policy with GRPO",
-        description="Train a causal LM with GRPO (group-relative policy optimisation). Settings come "
-        "from the defaults below, then --config, then key=value overrides.",
-        epilog=EXAMPLES + "\noptions (set as key=value):\n" + format_options_help(SCHEMAS["grpo"]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    grpo.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. trainer.lr=1e-6")
-    grpo.add_argument("--config", "-c", metavar="FILE", help="YAML config file or preset name (gsm8k, cpu_quick)")
-    grpo.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    grpo.add_argument(
-        "--resume", nargs="?", const="", default=None, metavar="PATH",
-        help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir)",
-    )
+    for name, (short_help, description, _) in COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=short_help,
+            description=description + " Settings come from the defaults below, then --config, then "
+            "key=value overrides.",
+            epilog=(EXAMPLES.get(name, "") + "\n" + format_options_help(SCHEMAS[name])).lstrip("\n"),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. trainer.lr=1e-6")
+        sub.add_argument("--config", "-c", metavar="FILE", help="YAML config file or preset name (see posttrain/config/presets)")
+        sub.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+        sub.add_argument(
+            "--resume", nargs="?", const="", default=None, metavar="PATH",
+            help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir)",
+        )
     return parser
 
 
@@ -69,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     _setup_console_logging()
-    from posttrain.trainer.grpo import train  # heavy imports only when training
+    module_name, function_name = COMMANDS[args.command][2].split(":")
+    train = getattr(importlib.import_module(module_name), function_name)  # heavy imports only now
 
     try:
         output_dir = train(cfg, resume_from=resume)
@@ -80,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("posttrain: interrupted; the last completed step is checkpointed.", file=sys.stderr)
+        # The trainer has said which step it checkpointed (none when interrupted during set-up).
+        print("posttrain: interrupted.", file=sys.stderr)
         return 130
     print(f"done: {output_dir}")
     return 0

@@ -22,19 +22,31 @@ from posttrain.algorithms.losses import (
     kl_penalty,
     ppo_clip_loss,
 )
+from posttrain.algorithms.preference import (
+    PREFERENCE_LOSSES,
+    dpo_loss,
+    get_preference_loss,
+    sequence_logps,
+    uses_length_average,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
     "Registry",
     "aggregate_loss",
     "compute_grpo_advantages",
+    "dpo_loss",
     "entropy_from_logits",
     "get_advantage_estimator",
     "get_policy_loss",
+    "get_preference_loss",
     "kl_penalty",
     "normalize_advantages",
     "ppo_clip_loss",
+    "sequence_logps",
+    "uses_length_average",
 ]

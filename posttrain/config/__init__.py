@@ -13,7 +13,8 @@ from posttrain.config.loader import (
     resolve_config_file,
     validate_config,
 )
-from posttrain.config.schema import SCHEMAS, GRPOConfig
+from posttrain.config.commands import SCHEMAS
+from posttrain.config.schema import GRPOConfig
 
 __all__ = [
     "SCHEMAS",

@@ -182,7 +182,7 @@ def config_reference_markdown(schemas: dict[str, type]) -> str:
 
 def is_reference_up_to_date(path: str | Path) -> bool:
     """True when ``path`` holds exactly what :func:`config_reference_markdown` generates now."""
-    from posttrain.config.schema import SCHEMAS
+    from posttrain.config.commands import SCHEMAS
 
     file = Path(path)
     return file.is_file() and file.read_text(encoding="utf-8") == config_reference_markdown(SCHEMAS)
@@ -190,7 +190,7 @@ def is_reference_up_to_date(path: str | Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the reference, or with ``--check FILE`` return 1 when FILE is stale."""
-    from posttrain.config.schema import SCHEMAS
+    from posttrain.config.commands import SCHEMAS
 
     parser = argparse.ArgumentParser(prog="python -m posttrain.config.reference", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -242,7 +242,3 @@ class GRPOConfig:
     validation: ValidationConfig = section(ValidationConfig, "Held-out greedy evaluation.")
     logging: LoggingConfig = section(LoggingConfig, "Metrics and console output.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
-
-
-# Schemas by CLI command; later trainers (ppo, sft, dpo) register theirs here.
-SCHEMAS: dict[str, type] = {"grpo": GRPOConfig}

@@ -163,7 +163,10 @@ def check_required_metadata(env_cls: type, examples: Iterable[Any], what: str) -
         listed = ", ".join(repr(c) for c in columns[:_MAX_LISTED_COLUMNS])
         if len(columns) > _MAX_LISTED_COLUMNS:
             listed += f", ... ({len(columns) - _MAX_LISTED_COLUMNS} more)"
-        have = f"columns of those rows besides the prompt: {listed}" if columns else "those rows have no column besides the prompt"
+        if columns:
+            have = f"columns of those rows besides the prompt: {listed}"
+        else:
+            have = "those rows have no column besides the prompt"
         if key == "expected_answer":
             example = next((c for c in columns if "answer" in c.lower() and c != key), "<column>")
             fix = (

@@ -34,9 +34,10 @@ WANDB_ID_FILE = "wandb_id.txt"
 # console line work whether a trainer logs "kl" or "loss/kl".
 _CONSOLE_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("reward", ("reward/mean",), ""),
-    ("acc", ("reward/accuracy",), ""),
+    ("acc", ("reward/accuracy", "rewards/accuracy"), ""),
+    ("margin", ("rewards/margins",), ""),
     ("len", ("response/length_mean",), ""),
-    ("loss", ("loss/policy",), ""),
+    ("loss", ("loss/policy", "loss"), ""),
     ("kl", ("kl", "loss/kl", "actor/kl"), ""),
     ("ent", ("entropy", "actor/entropy", "loss/entropy"), ""),
     ("gnorm", ("grad_norm", "optim/grad_norm"), ""),

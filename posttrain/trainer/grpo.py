@@ -21,7 +21,7 @@ from posttrain.config.loader import config_to_dict, config_to_yaml
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
-from posttrain.envs.registry import check_env_kwargs, resolve_env_class
+from posttrain.envs.registry import check_env_kwargs, check_required_metadata, resolve_env_class
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
@@ -46,7 +46,8 @@ logger = logging.getLogger("posttrain.trainer")
 def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     """Run GRPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
     # Cheap checks first, so a bad environment fails before anything is loaded or written.
-    check_env_kwargs(resolve_env_class(cfg.env.cls), cfg.env.kwargs)
+    env_cls = resolve_env_class(cfg.env.cls)
+    check_env_kwargs(env_cls, cfg.env.kwargs)
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
     output_dir = _output_dir(cfg, resume_ckpt)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,13 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     logger.info("Run folder: %s", output_dir)
     _seed_everything(cfg.seed)
 
-    # ---- build the parts
+    # ---- build the parts. Data first: rows the environment cannot score (e.g. no reference
+    # answer) fail here, before the model loads, not as all-zero rewards at step 1.
+    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
+    if cfg.validation.max_prompts:
+        val_examples = val_examples[: cfg.validation.max_prompts]
+    check_required_metadata(env_cls, train_examples, "training prompts")
+    check_required_metadata(env_cls, val_examples, "validation prompts")
     device = resolve_device(cfg.model.device)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
@@ -63,7 +70,6 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     if cfg.algorithm.kl_coef > 0:
         # The reference is always the starting model, also when resuming from a later checkpoint.
         reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
-    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
     encode = dict(
         tokenizer=tokenizer,
         use_chat_template=cfg.model.use_chat_template,
@@ -71,8 +77,6 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         max_prompt_tokens=cfg.data.max_prompt_tokens,
     )
     train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
-    if cfg.validation.max_prompts:
-        val_examples = val_examples[: cfg.validation.max_prompts]
     val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
     engine = HFEngine(
         model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, compute_dtype=compute_dtype
@@ -158,37 +162,39 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 ]
                 t_scored = time.perf_counter()
 
-                # ---- policy update (Ctrl-C waits for it, so checkpoints hold whole steps)
+                # ---- policy update and its metrics line. Ctrl-C waits for both, so a checkpoint
+                # holds whole steps and every checkpointed step has its line in metrics.jsonl.
                 with guard.deferred():
                     if reference is not None:
                         _fill_reference_logprobs(reference, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                     update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
-                    completed, sampler_state = step, sampler.state_dict()
-                t_trained = time.perf_counter()
+                    t_trained = time.perf_counter()
 
-                # ---- metrics
-                num_response_tokens = sum(len(c.token_ids) for c in completions)
-                rewards_t = scored.rewards
-                step_metrics = {
-                    "reward/mean": rewards_t.mean().item(),
-                    "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
-                    **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
-                    "reward/errors": float(sum(e is not None for e in scored.errors)),
-                    "reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item(),
-                    "response/length_mean": num_response_tokens / len(completions),
-                    "response/length_max": float(max(len(c.token_ids) for c in completions)),
-                    "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                    **update_metrics,
-                    "lr": scheduler.get_last_lr()[0],
-                    "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
-                    "perf/gen_tokens_per_s": num_response_tokens / (t_generated - step_start),
-                    "time/generate": t_generated - step_start,
-                    "time/score": t_scored - t_generated,
-                    "time/train": t_trained - t_scored,
-                    "time/step": t_trained - step_start,
-                    "data/epoch": float(sampler.epoch),
-                }
-                metrics_log.log(step, step_metrics)
+                    # ---- metrics
+                    num_response_tokens = sum(len(c.token_ids) for c in completions)
+                    rewards_t = scored.rewards
+                    step_metrics = {
+                        "reward/mean": rewards_t.mean().item(),
+                        "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
+                        **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
+                        "reward/errors": float(sum(e is not None for e in scored.errors)),
+                        "reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item(),
+                        "response/length_mean": num_response_tokens / len(completions),
+                        "response/length_max": float(max(len(c.token_ids) for c in completions)),
+                        "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                        **update_metrics,
+                        "lr": scheduler.get_last_lr()[0],
+                        "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
+                        "perf/gen_tokens_per_s": num_response_tokens / (t_generated - step_start),
+                        "time/generate": t_generated - step_start,
+                        "time/score": t_scored - t_generated,
+                        "time/train": t_trained - t_scored,
+                        "time/step": t_trained - step_start,
+                        "data/epoch": float(sampler.epoch),
+                    }
+                    metrics_log.log(step, step_metrics)
+                    completed, sampler_state = step, sampler.state_dict()
+
                 progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
                 if cfg.logging.console_every and step % cfg.logging.console_every == 0:
                     progress.write(format_console_line(step, cfg.trainer.max_steps, step_metrics))
@@ -202,9 +208,11 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 run_validation(completed)
             save_checkpoint()
         except KeyboardInterrupt:
-            progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
             if completed > start_step:
+                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
                 save_checkpoint()
+            else:
+                progress.write("interrupted before a step completed: no new checkpoint to save")
             raise
     return output_dir
 

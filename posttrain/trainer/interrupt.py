@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -29,6 +30,11 @@ class InterruptGuard:
 
     def _handle(self, signum, frame) -> None:
         if self._deferring:
+            if not self._pending:
+                # Say why nothing happens yet: an update can take seconds. os.write, not print:
+                # a handler that prints while the main thread is printing gets a reentrant-call error.
+                with contextlib.suppress(OSError):
+                    os.write(2, b"\nCtrl-C: finishing the weight update in progress, then stopping.\n")
             self._pending = True
             return
         raise KeyboardInterrupt

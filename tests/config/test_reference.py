@@ -11,7 +11,8 @@ from posttrain.config.reference import (
     iter_fields,
     main,
 )
-from posttrain.config.schema import SCHEMAS, GRPOConfig, TrainerConfig
+from posttrain.config.commands import SCHEMAS
+from posttrain.config.schema import GRPOConfig, TrainerConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 

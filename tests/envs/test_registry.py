@@ -4,7 +4,7 @@ import pytest
 
 from posttrain.envs.base import Environment
 from posttrain.envs.math_env import MathEnvironment
-from posttrain.envs.registry import ENVIRONMENTS, check_env_kwargs, resolve_env_class
+from posttrain.envs.registry import ENVIRONMENTS, check_env_kwargs, check_required_metadata, resolve_env_class
 from posttrain.errors import ConfigError
 
 
@@ -80,3 +80,53 @@ def test_check_env_kwargs_var_keyword_and_required():
     check_env_kwargs(Needs, {"path": "x", "k": 2})
     with pytest.raises(ConfigError, match="requires the arguments path"):
         check_env_kwargs(Needs, {"k": 2})
+
+
+def test_required_metadata_declared_on_environments():
+    assert Environment.required_metadata == ()
+    assert MathEnvironment.required_metadata == ("expected_answer",)
+
+
+def test_check_required_metadata_passes_and_ignores_environments_without_requirements():
+    from posttrain.data.example import PromptExample
+
+    rows = [PromptExample(messages=[], metadata={"expected_answer": "4", "id": 1})] * 3
+    check_required_metadata(MathEnvironment, rows, "training prompts")
+    check_required_metadata(Environment, [PromptExample(messages=[])], "training prompts")
+    check_required_metadata(MathEnvironment, [], "validation prompts")  # nothing to check
+
+
+def test_check_required_metadata_names_env_key_count_columns_and_fix():
+    from posttrain.data.example import PromptExample
+
+    rows = [
+        PromptExample(messages=[], metadata={"question_id": 1, "answer": "3"}),
+        PromptExample(messages=[], metadata={"question_id": 2, "expected_answer": "4"}),
+        PromptExample(messages=[], metadata={"question_id": 3, "answer": "5", "expected_answer": None}),
+    ]
+    with pytest.raises(ConfigError) as e:
+        check_required_metadata(MathEnvironment, rows, "validation prompts")
+    msg = str(e.value)
+    assert "MathEnvironment" in msg and "'expected_answer'" in msg
+    assert "2 of 3 validation prompts lack it" in msg
+    assert "'answer', 'expected_answer', 'question_id'" in msg
+    assert "data.answer_column=answer" in msg
+
+
+def test_check_required_metadata_other_keys_and_plain_dicts():
+    class NeedsCity(Environment):
+        required_metadata = ("city", "units")
+
+    with pytest.raises(ConfigError) as e:
+        check_required_metadata(NeedsCity, [{"city": "Oslo"}, {}], "training prompts")
+    msg = str(e.value)
+    assert "NeedsCity" in msg and "'units'" in msg and "2 of 2 training prompts" in msg
+    assert "'city'" in msg and "1 of 2 training prompts" in msg
+    assert "Add a 'units' column" in msg and "data.answer_column" not in msg
+
+    class SingleString(Environment):
+        required_metadata = "city"  # a common slip for ("city",)
+
+    check_required_metadata(SingleString, [{"city": "Oslo"}], "training prompts")
+    with pytest.raises(ConfigError, match="'city'"):
+        check_required_metadata(SingleString, [{}], "training prompts")

@@ -81,6 +81,25 @@ def test_config_typo_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prompts_without_answer_column_fail_before_model_loads(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(8)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model must not load when the data cannot be scored")
+
+    monkeypatch.setattr("posttrain.trainer.grpo.load_model_and_tokenizer", no_model_load)
+    out = tmp_path / "run"
+    args = ["grpo", "data.task=prompts", f"data.train_path={data}", "data.validation_size=2", "env.cls=math",
+            f"trainer.output_dir={out}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "MathEnvironment" in err and "'expected_answer'" in err
+    assert "6 of 6 training prompts lack it" in err and "data.answer_column=answer" in err
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
 def test_print_config_shows_resolved_values(capsys):
     assert main(["grpo", "--print-config", "trainer.lr=3e-6", "rollout.group_size=4"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,131 @@
+"""Config schema of ``posttrain sft`` (supervised fine-tuning) and its cross-field checks.
+
+The model, logging and checkpoint sections are GRPO's own (``schema.py``); the optimizer options
+keep GRPO's names (``lr``, ``adam_beta1``, ``lr_scheduler``, ...) so ``trainer/optim.py`` builds
+AdamW and the schedule for both recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.config.loader import register_validator
+from posttrain.config.schema import CheckpointConfig, LoggingConfig, ModelConfig, opt, section
+
+
+@dataclass
+class SFTDataConfig:
+    train_path: str = opt(
+        "",
+        "Training conversations (required): a JSONL or Parquet file, a `datasets` folder saved with "
+        "save_to_disk, or 'hf:NAME' for datasets.load_dataset. Each row holds a chat message list "
+        "(`messages_column`) or a prompt and a completion string (`prompt_column`, `completion_column`).",
+    )
+    validation_path: str = opt(
+        "", "Validation conversations, same formats. Empty: carve `validation_size` rows off the training data."
+    )
+    validation_size: int = opt(100, "Rows held out for validation when validation_path is empty (0: no validation).")
+    split: str = opt("train", "Split to load for 'hf:NAME' datasets and DatasetDict folders.")
+    messages_column: str = opt(
+        "messages",
+        "Column holding a chat list [{role, content}, ...]; the loss covers the assistant turns only "
+        "(their content and the end-of-turn token). Wins over prompt/completion when a row has both.",
+    )
+    prompt_column: str = opt("prompt", "Column holding the prompt text of prompt/completion rows (no loss on it).")
+    completion_column: str = opt("completion", "Column holding the target text of prompt/completion rows (the loss covers it).")
+    max_seq_len: int = opt(
+        2048, "Longest training sequence in tokens (chat template included); longer ones are cut at the end, with a warning."
+    )
+    packing: bool = opt(
+        True,
+        "Pack several conversations into each row of a micro-batch, kept apart by restarting "
+        "position ids (no attention across conversations; checked on the model at start, falling "
+        "back to one padded conversation per row if the model does not honour it). False: one "
+        "conversation per row, rows of similar length batched together.",
+    )
+    shuffle: bool = opt(True, "Shuffle the training conversations each epoch (seeded: the order is reproducible).")
+
+
+@dataclass
+class SFTTrainerConfig:
+    max_steps: int = opt(0, "Optimizer steps to train (0: as many as `num_epochs` passes over the data take).")
+    num_epochs: float = opt(1.0, "Passes over the training data when max_steps is 0 (fractions allowed, e.g. 0.5).")
+    batch_tokens: int = opt(
+        16384,
+        "Token budget of one optimizer step: whole conversations are taken in data order until the "
+        "next one would exceed it, so every step sees about the same number of tokens however long "
+        "the conversations are. Must be >= data.max_seq_len.",
+    )
+    micro_batch_tokens: int = opt(
+        4096,
+        "Token budget of one forward/backward (rows x longest row, padding included); gradients "
+        "accumulate to the step's exactly. Bounds activation and logits memory. Must be >= data.max_seq_len.",
+    )
+    lr: float = opt(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.95, "AdamW beta2 (0.95: steadier than 0.999 on the spiky gradients of LM fine-tuning).")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "Optimizer steps of linear warmup from 0 to lr.")
+    min_lr_ratio: float = opt(0.1, "Final lr as a fraction of lr for 'linear' and 'cosine'.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    eval_every: int = opt(
+        50, "Compute the validation loss every N steps, before the first and after the last (0: never)."
+    )
+    output_dir: str = opt(
+        "", "Run folder for metrics and checkpoints. Empty: runs/sft-YYYYmmdd-HHMMSS (or the resumed run's folder)."
+    )
+
+
+@dataclass
+class SFTConfig:
+    seed: int = opt(42, "Seed for data order and initialisation; the same seed reproduces a run.")
+    model: ModelConfig = section(ModelConfig, "The model to fine-tune.")
+    data: SFTDataConfig = section(SFTDataConfig, "Conversations to imitate.")
+    trainer: SFTTrainerConfig = section(SFTTrainerConfig, "Optimisation.")
+    logging: LoggingConfig = section(LoggingConfig, "Metrics and console output.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+
+
+@register_validator(SFTConfig)
+def _validate_sft(cfg: SFTConfig) -> list[str]:
+    """Cross-field checks of an SFT run; one message per problem, each naming its keys."""
+    d, t, c = cfg.data, cfg.trainer, cfg.checkpoint
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(bool(d.train_path), "data.train_path is required: set it to a JSONL or Parquet file, a saved "
+         "`datasets` folder, or hf:NAME, e.g. data.train_path=chats.jsonl.")
+    for key, path in [("data.train_path", d.train_path), ("data.validation_path", d.validation_path)]:
+        need(not path or path.startswith("hf:") or Path(path).expanduser().exists(),
+             f"{key}='{path}' does not exist (relative paths start at {Path.cwd()}); fix the path "
+             "or use hf:NAME for a hub dataset.")
+    for key, value in [("data.messages_column", d.messages_column), ("data.prompt_column", d.prompt_column),
+                       ("data.completion_column", d.completion_column)]:
+        need(bool(value), f"{key} must name a column, not be empty.")
+    need(d.max_seq_len >= 2, f"data.max_seq_len={d.max_seq_len} must be >= 2: a token is only learned "
+         "from the tokens before it.")
+    for key, value in [("trainer.batch_tokens", t.batch_tokens), ("trainer.micro_batch_tokens", t.micro_batch_tokens)]:
+        need(value >= 1, f"{key}={value} must be a positive integer (>= 1).")
+        if value >= 1 and d.max_seq_len >= 2:
+            need(value >= d.max_seq_len, f"{key}={value} must be >= data.max_seq_len={d.max_seq_len}, so the "
+                 f"longest conversation fits; raise it or lower data.max_seq_len.")
+    need(t.max_steps >= 0, f"trainer.max_steps={t.max_steps} must be >= 0 (0: derive it from trainer.num_epochs).")
+    need(t.max_steps > 0 or t.num_epochs > 0, f"trainer.num_epochs={t.num_epochs} must be > 0 when "
+         "trainer.max_steps=0; set one of them.")
+    need(t.lr > 0, f"trainer.lr={t.lr} must be > 0, e.g. trainer.lr=2e-5.")
+    need(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1] (a fraction of trainer.lr).")
+    for key, value in [("trainer.adam_beta1", t.adam_beta1), ("trainer.adam_beta2", t.adam_beta2)]:
+        need(0 <= value < 1, f"{key}={value} must be in [0, 1).")
+    need(t.adam_eps > 0, f"trainer.adam_eps={t.adam_eps} must be > 0.")
+    for key, value in [("trainer.warmup_steps", t.warmup_steps), ("trainer.weight_decay", t.weight_decay),
+                       ("trainer.max_grad_norm", t.max_grad_norm), ("trainer.eval_every", t.eval_every),
+                       ("checkpoint.every", c.every), ("checkpoint.keep_last", c.keep_last),
+                       ("data.validation_size", d.validation_size)]:
+        need(value >= 0, f"{key}={value} must be >= 0.")
+    return problems

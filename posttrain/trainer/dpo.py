@@ -1,0 +1,261 @@
+"""The DPO recipe. Read ``train`` top to bottom: load and tokenise preference pairs -> reference
+logprobs of every pair, once, with the starting weights -> per step: a batch of pairs -> policy
+update (chosen and rejected of a pair in one forward pass) -> log, validate, checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms import dpo_loss, sequence_logps, uses_length_average
+from posttrain.checkpoint.manager import CheckpointManager
+from posttrain.config.dpo_schema import DPOConfig
+from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.data.preference import PreferencePair, load_preference_examples, tokenize_pairs
+from posttrain.data.sampler import EpochSampler
+from posttrain.logging.metrics import MetricsLogger, format_console_line
+from posttrain.logging.progress import ProgressBar
+from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
+from posttrain.models.loading import load_tokenizer, model_source
+from posttrain.trainer.common import autocast_context, log_to_file, resolve_output_dir, seed_everything
+from posttrain.trainer.dpo_reference import (
+    REFERENCE_FILE,
+    compute_reference_logps,
+    load_cached_reference,
+    pair_token_logps,
+    reference_fingerprint,
+    save_reference,
+)
+from posttrain.trainer.interrupt import InterruptGuard
+from posttrain.trainer.optim import build_optimizer, build_scheduler, lr_factor
+from posttrain.trainer.samples import chunks
+
+logger = logging.getLogger("posttrain.trainer")
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
+    """Run DPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
+    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
+    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "dpo")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_to_file(output_dir / "train.log")
+    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    logger.info("Run folder: %s", output_dir)
+    seed_everything(cfg.seed)
+
+    # ---- data first: a malformed row fails before any model is loaded.
+    train_examples, val_examples = load_preference_examples(cfg.data, cfg.seed)
+    device = resolve_device(cfg.model.device)
+    compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
+    autocast = autocast_context(device, compute_dtype)
+    tokenizer = load_tokenizer(str(resume_ckpt) if resume_ckpt else model_source(cfg.model), cfg.model)
+    tokenize = dict(
+        tokenizer=tokenizer,
+        use_chat_template=cfg.model.use_chat_template,
+        system_prompt=cfg.model.system_prompt,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+    )
+    train_pairs = tokenize_pairs(train_examples, **tokenize, what="training pairs")
+    val_pairs = tokenize_pairs(val_examples, **tokenize, what="validation pairs") if val_examples else []
+    logger.info("%d training pairs, %d validation pairs", len(train_pairs), len(val_pairs))
+
+    # ---- reference logprobs, once for the whole run. The reference is the starting policy, so
+    # the model that scores the pairs here is the one that then trains: one model in memory.
+    all_pairs = train_pairs + val_pairs
+    fingerprint = reference_fingerprint([cfg.model.path, cfg.model.gguf_file, str(compute_dtype)], all_pairs)
+    model = None
+    if not load_cached_reference(output_dir / REFERENCE_FILE, fingerprint, all_pairs):
+        model, _ = load_model_and_tokenizer(cfg.model, device)
+        logger.info("Computing reference logprobs of %d pairs with the starting model", len(all_pairs))
+        compute_reference_logps(model, all_pairs, micro_batch_size=cfg.trainer.micro_batch_size,
+                                pad_token_id=tokenizer.pad_token_id, device=device, autocast=autocast)
+        save_reference(output_dir / REFERENCE_FILE, fingerprint, all_pairs)
+    if model is None or resume_ckpt is not None:
+        model = None
+        gc.collect()  # free the starting weights before the checkpoint's are loaded
+        model, _ = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
+
+    batch_size = cfg.trainer.batch_size
+    max_steps = cfg.trainer.max_steps or max(1, math.ceil(cfg.trainer.num_epochs * len(train_pairs) / batch_size))
+    sampler = EpochSampler(len(train_pairs), batch_size, cfg.seed, cfg.data.shuffle)
+    optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same field names as GRPO's
+    scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last)
+    start_step = 0
+    if resume_ckpt is not None:
+        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        start_step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        _follow_schedule(optimizer, scheduler, cfg, max_steps)
+        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+    pad_token_id = tokenizer.pad_token_id
+
+    with contextlib.ExitStack() as stack:
+        metrics_log = stack.enter_context(
+            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
+        )
+        progress = ProgressBar(max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
+        stack.callback(progress.close)
+        guard = stack.enter_context(InterruptGuard())
+
+        def run_validation(step: int) -> None:
+            val = evaluate(model, val_pairs, cfg, pad_token_id, device, autocast)
+            metrics_log.log(step, val)
+            progress.write(f"validation at step {step} ({len(val_pairs)} pairs): "
+                           + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
+
+        completed = start_step
+        sampler_state = sampler.state_dict()
+
+        def save_checkpoint() -> None:
+            path = checkpoints.save(
+                completed, model, tokenizer,
+                {"sampler": sampler_state, "seed": cfg.seed, "max_steps": max_steps},
+                optimizer if cfg.checkpoint.save_optimizer else None,
+                scheduler if cfg.checkpoint.save_optimizer else None,
+            )
+            progress.write(f"saved checkpoint {path}")
+
+        try:
+            for step in range(start_step + 1, max_steps + 1):
+                step_start = time.perf_counter()
+                # Seeding per step makes anything random (dropout) independent of earlier steps.
+                seed_everything(cfg.seed * 1_000_003 + step)
+                batch = [train_pairs[i] for i in sampler.next_batch()]
+
+                # ---- policy update and its metrics line. Ctrl-C waits for both, so a checkpoint
+                # holds whole steps and every checkpointed step has its line in metrics.jsonl.
+                with guard.deferred():
+                    lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler then moves on)
+                    update_metrics = preference_update(model, optimizer, scheduler, batch, cfg, pad_token_id, device, autocast)
+                    elapsed = time.perf_counter() - step_start
+                    num_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
+                    step_metrics = {
+                        **update_metrics,
+                        "lr": lr,
+                        "perf/tokens_per_s": num_tokens / elapsed,
+                        "time/step": elapsed,
+                        "data/epoch": float(sampler.epoch),
+                    }
+                    metrics_log.log(step, step_metrics)
+                    completed, sampler_state = step, sampler.state_dict()
+
+                progress.update(step, {"loss": step_metrics["loss"], "acc": step_metrics["rewards/accuracy"]})
+                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                    progress.write(format_console_line(step, max_steps, step_metrics))
+                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != max_steps and val_pairs:
+                    run_validation(step)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != max_steps:
+                    save_checkpoint()
+
+            if val_pairs and completed > start_step:
+                run_validation(completed)
+            save_checkpoint()
+        except KeyboardInterrupt:
+            if completed > start_step:
+                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
+                save_checkpoint()
+            else:
+                progress.write("interrupted before a step completed: no new checkpoint to save")
+            raise
+    return output_dir
+
+
+def _follow_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: DPOConfig,
+                     total_steps: int) -> None:
+    """Set the lr of the next step from this run's schedule. The saved optimizer holds the lr the
+    saving run's schedule reached; when the run is extended (2 steps, then --resume to 3) a
+    decaying schedule had ended at 0 there, but must now continue over the new total."""
+    t = cfg.trainer
+    factor = lr_factor(scheduler.last_epoch, warmup_steps=t.warmup_steps, total_steps=total_steps,
+                       schedule=t.lr_scheduler, min_lr_ratio=t.min_lr_ratio)
+    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = t.lr * factor
+
+
+def pair_losses(
+    model: torch.nn.Module, pairs: list[PreferencePair], cfg: DPOConfig, pad_token_id: int, device: torch.device,
+    autocast: Autocast,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses ``(B,)`` (differentiable) and per-pair metrics of one micro-batch.
+
+    Sequence logprobs are sums over response tokens, or means for length-averaged losses (IPO);
+    the stored reference sums are divided by the same lengths."""
+    algo = cfg.algorithm
+    average = uses_length_average(algo.loss_type)
+    logprobs, mask = pair_token_logps(model, pairs, pad_token_id, device, autocast)
+    policy = sequence_logps(logprobs, mask, average=average)
+    chosen, rejected = policy[: len(pairs)], policy[len(pairs):]
+    ref_chosen = torch.tensor([p.ref_chosen_logps / (len(p.chosen_ids) if average else 1) for p in pairs], device=device)
+    ref_rejected = torch.tensor([p.ref_rejected_logps / (len(p.rejected_ids) if average else 1) for p in pairs], device=device)
+    if torch.isnan(ref_chosen).any() or torch.isnan(ref_rejected).any():
+        raise RuntimeError("reference logprobs missing: call compute_reference_logps before training")
+    losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=algo.beta, loss_type=algo.loss_type,
+                               label_smoothing=algo.label_smoothing)
+    return losses, {**metrics, "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+
+
+def preference_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    pairs: list[PreferencePair],
+    cfg: DPOConfig,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Autocast,
+) -> dict[str, float]:
+    """One optimizer step on ``pairs`` (the batch), accumulated over micro-batches. Each micro-batch's
+    loss sum is divided by the whole batch's pair count, so the accumulated gradient is exactly
+    that of the batch's mean loss, whatever the split."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    for micro_batch in chunks(pairs, cfg.trainer.micro_batch_size):
+        losses, metrics = pair_losses(model, micro_batch, cfg, pad_token_id, device, autocast)
+        (losses.sum() / len(pairs)).backward()
+        for name, values in {"loss": losses.detach(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + float(values.float().sum())
+    max_norm = cfg.trainer.max_grad_norm if cfg.trainer.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        # A NaN/inf gradient would poison the weights for good: drop this update instead.
+        logger.warning("non-finite gradient norm; optimizer step skipped")
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    out = {name: total / len(pairs) for name, total in sums.items()}
+    out["grad_norm"] = grad_norm
+    out["skipped_update"] = float(skipped)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, pairs: list[PreferencePair], cfg: DPOConfig, pad_token_id: int, device: torch.device,
+    autocast: Autocast,
+) -> dict[str, float]:
+    """``val/*`` means over ``pairs``: loss, reward accuracy, margins, chosen/rejected rewards and logps."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for micro_batch in chunks(pairs, cfg.trainer.micro_batch_size):
+        losses, metrics = pair_losses(model, micro_batch, cfg, pad_token_id, device, autocast)
+        for name, values in {"loss": losses, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + float(values.float().sum())
+    model.train(was_training)
+    return {f"val/{name}": total / max(len(pairs), 1) for name, total in sums.items()}

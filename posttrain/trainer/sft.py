@@ -1,0 +1,222 @@
+"""The SFT recipe. Read ``train`` top to bottom: build the parts, then per step
+take a token budget of conversations -> micro-batches -> accumulate gradients -> clip, step ->
+log, validate, checkpoint.
+
+The loss of a step is the summed NLL of its answer tokens divided by the step's number of answer
+tokens, every micro-batch normalised by that same total: the accumulated gradient is the
+token-mean gradient of the whole step, whichever way the step is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.checkpoint.manager import CheckpointManager
+from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.sft_schema import SFTConfig
+from posttrain.data.packing import (
+    IGNORE_INDEX,
+    MicroBatch,
+    TokenBudgetBatcher,
+    build_micro_batches,
+    position_ids_isolate_documents,
+)
+from posttrain.data.sft import load_sft_conversations, tokenize_conversations
+from posttrain.logging.metrics import MetricsLogger, format_console_line
+from posttrain.logging.progress import ProgressBar
+from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
+from posttrain.trainer.common import autocast_context, log_to_file, resolve_output_dir, seed_everything
+from posttrain.trainer.interrupt import InterruptGuard
+from posttrain.trainer.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger("posttrain.trainer")
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
+    """Run SFT; returns the run folder. ``resume_from``: a checkpoint or run folder."""
+    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
+    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "sft")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_to_file(output_dir / "train.log")
+    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    logger.info("Run folder: %s", output_dir)
+    seed_everything(cfg.seed)
+
+    # ---- build the parts. Rows are read and checked before the model loads, so a bad file fails fast.
+    train_convs, val_convs = load_sft_conversations(cfg.data, cfg.seed)
+    device = resolve_device(cfg.model.device)
+    autocast = autocast_context(device, resolve_compute_dtype(cfg.model.dtype, device))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
+    train_examples = tokenize_conversations(train_convs, tokenizer, cfg.model, cfg.data.max_seq_len)
+    val_examples = tokenize_conversations(val_convs, tokenizer, cfg.model, cfg.data.max_seq_len,
+                                          what="validation conversations")
+    packed = cfg.data.packing and position_ids_isolate_documents(model, autocast)
+    if cfg.data.packing and not packed:
+        logger.warning("This model's attention ignores position-id document boundaries; packing falls back "
+                       "to one padded conversation per row (set data.packing=false to silence this).")
+    batching = dict(micro_batch_tokens=cfg.trainer.micro_batch_tokens, max_seq_len=cfg.data.max_seq_len,
+                    packed=packed, pad_token_id=tokenizer.pad_token_id)
+    val_batches = build_micro_batches(val_examples, **batching)
+    batcher = TokenBudgetBatcher([len(ex) for ex in train_examples], cfg.trainer.batch_tokens, cfg.seed,
+                                 cfg.data.shuffle)
+    max_steps = cfg.trainer.max_steps or batcher.steps_for_epochs(cfg.trainer.num_epochs)
+    logger.info("%d training conversations (%d tokens), %d validation; %d steps of <= %d tokens; %s rows",
+                len(train_examples), sum(batcher.lengths), len(val_examples), max_steps, cfg.trainer.batch_tokens,
+                "packed" if packed else "padded")
+    optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same option names as GRPO's
+    scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last)
+    start_step = 0
+    if resume_ckpt is not None:
+        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        start_step = state["step"]
+        batcher.load_state_dict(state["data"])
+        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+
+    with contextlib.ExitStack() as stack:
+        metrics_log = stack.enter_context(
+            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
+        )
+        progress = ProgressBar(max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
+        stack.callback(progress.close)
+        guard = stack.enter_context(InterruptGuard())
+
+        def run_validation(step: int) -> None:
+            val_loss = validation_loss(model, val_batches, device, autocast)
+            metrics_log.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
+            progress.write(f"validation at step {step}: loss={val_loss:.4g} ({len(val_examples)} conversations)")
+
+        completed = start_step
+        data_state = batcher.state_dict()
+
+        def save_checkpoint() -> None:
+            path = checkpoints.save(
+                completed, model, tokenizer,
+                {"data": data_state, "seed": cfg.seed, "max_steps": max_steps},
+                optimizer if cfg.checkpoint.save_optimizer else None,
+                scheduler if cfg.checkpoint.save_optimizer else None,
+            )
+            progress.write(f"saved checkpoint {path}")
+
+        evaluate = cfg.trainer.eval_every > 0 and bool(val_batches)
+        try:
+            if evaluate and start_step == 0:
+                run_validation(0)
+            for step in range(start_step + 1, max_steps + 1):
+                step_start = time.perf_counter()
+                seed_everything(cfg.seed * 1_000_003 + step)  # dropout etc. independent of the past: exact resume
+
+                # ---- data: a token budget of whole conversations, packed into micro-batches
+                documents = [train_examples[i] for i in batcher.next_step()]
+                micro_batches = build_micro_batches(documents, **batching)
+
+                # ---- update and its metrics line; Ctrl-C waits for both (whole steps in checkpoints)
+                with guard.deferred():
+                    update_metrics = sft_update(model, optimizer, scheduler, micro_batches, cfg.trainer.max_grad_norm,
+                                                device, autocast)
+                    elapsed = time.perf_counter() - step_start
+                    real = sum(mb.num_real_tokens for mb in micro_batches)
+                    slots = sum(mb.num_slots for mb in micro_batches)
+                    step_metrics = {
+                        **update_metrics,
+                        "lr": scheduler.get_last_lr()[0],
+                        "perf/tokens_per_s": real / elapsed,
+                        "data/tokens": float(real),
+                        "data/conversations": float(len(documents)),
+                        "data/micro_batches": float(len(micro_batches)),
+                        "data/padding_fraction": 1.0 - real / slots,
+                        "data/epoch": batcher.epochs_done,
+                        "time/step": elapsed,
+                    }
+                    metrics_log.log(step, step_metrics)
+                    completed, data_state = step, batcher.state_dict()
+
+                progress.update(step, {"loss": step_metrics["loss"]})
+                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                    progress.write(format_console_line(step, max_steps, step_metrics))
+                if evaluate and step % cfg.trainer.eval_every == 0 and step != max_steps:
+                    run_validation(step)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != max_steps:
+                    save_checkpoint()
+
+            if evaluate and completed > start_step:
+                run_validation(completed)
+            save_checkpoint()
+        except KeyboardInterrupt:
+            if completed > start_step:
+                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
+                save_checkpoint()
+            else:
+                progress.write("interrupted before a step completed: no new checkpoint to save")
+            raise
+    return output_dir
+
+
+def summed_nll(model: torch.nn.Module, batch: MicroBatch, autocast: Autocast) -> torch.Tensor:
+    """Sum over the micro-batch of -log p(target) at every labelled position (a scalar).
+
+    Only the positions that carry a label in some row get logits (``logits_to_keep`` as indices),
+    so long prompts cost no (rows, len, vocab) logits tensor. ``use_cache=False`` is required:
+    with a cache, transformers ignores the position-id document boundaries of packed rows."""
+    keep = (batch.labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    with autocast():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    logits_to_keep=keep, use_cache=False)
+    logits = out.logits.float()  # the log-softmax in float32, also under bf16 autocast
+    return F.cross_entropy(logits.flatten(0, 1), batch.labels[:, keep].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def sft_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[MicroBatch],
+    max_grad_norm: float,
+    device: torch.device,
+    autocast: Autocast,
+) -> dict[str, float]:
+    """One optimizer step over ``micro_batches``: token-mean NLL, gradients accumulated exactly."""
+    num_loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    nll_total = 0.0
+    for batch in micro_batches:
+        nll = summed_nll(model, batch.to(device), autocast)
+        (nll / num_loss_tokens).backward()  # the step's token count, not the micro-batch's
+        nll_total += nll.item()
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    skipped = 0.0
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        # A NaN/inf gradient would poison the weights for good: drop this update instead.
+        skipped = 1.0
+        logger.warning("non-finite gradient norm; optimizer step skipped")
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": nll_total / num_loss_tokens, "grad_norm": grad_norm, "data/loss_tokens": float(num_loss_tokens),
+            "optim/skipped_updates": skipped}
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: list[MicroBatch], device: torch.device,
+                    autocast: Autocast) -> float:
+    """Token-averaged NLL of the validation answers (every answer token weighs the same)."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = sum(summed_nll(model, batch.to(device), autocast).item() for batch in batches)
+    finally:
+        model.train(was_training)
+    return total / max(sum(batch.num_loss_tokens for batch in batches), 1)

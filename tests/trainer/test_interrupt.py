@@ -1,0 +1,134 @@
+"""Ctrl-C during training: exit code 130, a checkpoint of the last whole step, no orphan workers,
+and the run resumes from that checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import posttrain.trainer.grpo as grpo
+from helpers import save_tiny_model
+from posttrain.cli import main
+from test_grpo_e2e import read_metrics, tiny_run_args
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+REPO_ROOT = TESTS_DIR.parent
+
+
+def _wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def _step_lines(run_dir: Path) -> int:
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    return sum('"reward/mean"' in line for line in text.splitlines() if line.endswith("}"))
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone: it holds no resources)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_ctrl_c_checkpoints_last_whole_step_and_resumes(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(model_dir, run_dir, 1000, "checkpoint.every=0", "validation.at_start=false")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO_ROOT), env.get("PYTHONPATH")]))
+    log_path = tmp_path / "output.txt"
+    with open(log_path, "wb") as log:
+        # A session of its own: SIGINT goes to the whole process group, as a terminal's Ctrl-C does.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "posttrain", *args], cwd=tmp_path, env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_for(lambda: _step_lines(run_dir) >= 2 or proc.poll() is not None, 60, "2 training steps")
+        assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()}"
+        children = _child_pids(proc.pid)
+        assert children, "expected reward worker processes"
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"trainer did not exit after SIGINT:\n{log_path.read_text()}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log_path.read_text()
+    assert code == 130, output
+    assert "interrupted" in output
+
+    # The checkpoint holds a whole step: one whose metrics line was written, and the last one.
+    checkpoints = _checkpoints(run_dir)
+    assert len(checkpoints) == 1, (checkpoints, output)
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    metrics = read_metrics(run_dir)
+    assert step >= 2 and step in metrics and step == max(metrics), (step, sorted(metrics))
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[0])
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+    _wait_for(lambda: not any(_alive(p) for p in children), 10, f"reward workers {children} to exit")
+
+    # In-process, with the environment in this process: the workers were checked above.
+    resume_args = tiny_run_args(model_dir, run_dir, step + 1, "checkpoint.every=0", "env.num_workers=0", "--resume")
+    assert main(resume_args) == 0
+    assert sorted(read_metrics(run_dir))[-2:] == [step, step + 1]
+    assert _checkpoints(run_dir)[-1].name == f"step_{step + 1:06d}"
+
+
+def test_interrupt_during_update_finishes_the_step_and_its_metrics(tmp_path, monkeypatch, capfd):
+    """Ctrl-C during the weight update (deterministically, at step 2): the update and its metrics
+    line complete, then the run stops with a checkpoint of step 2."""
+    real_update = grpo.policy_update
+    calls = []
+
+    def update_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered inside the deferred block
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_update", update_then_interrupt)
+    model_dir = save_tiny_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(model_dir, run_dir, 1000, "checkpoint.every=0", "validation.at_start=false",
+                         "env.num_workers=0")
+    assert main(args) == 130
+    assert len(calls) == 2
+    captured = capfd.readouterr()
+    assert "finishing the weight update in progress" in captured.err
+    assert "saving a checkpoint at the last completed step (2)" in captured.out
+    assert sorted(read_metrics(run_dir)) == [1, 2]
+    assert [p.name for p in _checkpoints(run_dir)] == ["step_000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
