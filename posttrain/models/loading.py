@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -55,6 +56,14 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_context(device: torch.device, compute_dtype: torch.dtype):
+    """A zero-argument factory of the forward-pass autocast context (as the GRPO engine's
+    ``autocast``): bf16/fp16 autocast over float32 master weights, or nothing for float32."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=compute_dtype)
 
 
 def _cache_root(cfg: ModelConfig) -> Path:

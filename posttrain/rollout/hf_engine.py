@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from posttrain.models.loading import autocast_context
 from posttrain.models.logprobs import make_token_batch, response_logprobs
 from posttrain.rollout.base import Completion, SamplingParams
 
@@ -43,9 +44,7 @@ class HFEngine:
         return next(self.model.parameters()).device
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return autocast_context(self.device, self.compute_dtype)()
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
         """No-op: the engine generates with the trainer's modules themselves."""

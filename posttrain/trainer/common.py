@@ -37,13 +37,3 @@ def log_to_file(path: Path) -> None:
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values.detach().float() * mask).sum() / mask.sum().clamp(min=1))
-
-
-def autocast_context(device: torch.device, compute_dtype: torch.dtype):
-    """A zero-argument factory of the forward-pass autocast context (as the GRPO engine's
-    ``autocast``): bf16/fp16 autocast over float32 master weights, or nothing for float32."""
-    import contextlib
-
-    if compute_dtype == torch.float32:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=compute_dtype)

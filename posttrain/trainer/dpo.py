@@ -25,7 +25,8 @@ from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import load_tokenizer, model_source
-from posttrain.trainer.common import autocast_context, log_to_file, resolve_output_dir, seed_everything
+from posttrain.models.loading import autocast_context
+from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
     compute_reference_logps,
@@ -35,7 +36,7 @@ from posttrain.trainer.dpo_reference import (
     save_reference,
 )
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler, lr_factor
+from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.samples import chunks
 
 logger = logging.getLogger("posttrain.trainer")
@@ -97,7 +98,7 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
         state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
-        _follow_schedule(optimizer, scheduler, cfg, max_steps)
+        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
         logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
     pad_token_id = tokenizer.pad_token_id
 
@@ -170,19 +171,6 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
                 progress.write("interrupted before a step completed: no new checkpoint to save")
             raise
     return output_dir
-
-
-def _follow_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: DPOConfig,
-                     total_steps: int) -> None:
-    """Set the lr of the next step from this run's schedule. The saved optimizer holds the lr the
-    saving run's schedule reached; when the run is extended (2 steps, then --resume to 3) a
-    decaying schedule had ended at 0 there, but must now continue over the new total."""
-    t = cfg.trainer
-    factor = lr_factor(scheduler.last_epoch, warmup_steps=t.warmup_steps, total_steps=total_steps,
-                       schedule=t.lr_scheduler, min_lr_ratio=t.min_lr_ratio)
-    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = t.lr * factor
 
 
 def pair_losses(

@@ -7,12 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import time
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from posttrain.algorithms import aggregate_loss, get_advantage_estimator, get_policy_loss, kl_penalty
@@ -36,7 +33,8 @@ from posttrain.models import (
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler
+from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
+from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.samples import Sample, chunks, collate
 from posttrain.trainer.validation import validate
 
@@ -49,12 +47,12 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     env_cls = resolve_env_class(cfg.env.cls)
     check_env_kwargs(env_cls, cfg.env.kwargs)
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
-    output_dir = _output_dir(cfg, resume_ckpt)
+    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "grpo")
     output_dir.mkdir(parents=True, exist_ok=True)
-    _log_to_file(output_dir / "train.log")
+    log_to_file(output_dir / "train.log")
     (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
     logger.info("Run folder: %s", output_dir)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
 
     # ---- build the parts. Data first: rows the environment cannot score (e.g. no reference
     # answer) fail here, before the model loads, not as all-zero rewards at step 1.
@@ -65,6 +63,11 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     check_required_metadata(env_cls, val_examples, "validation prompts")
     device = resolve_device(cfg.model.device)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
+    if device.type == "cpu" and cfg.rollout.batch_size * cfg.rollout.max_new_tokens >= 8192:
+        logger.warning(
+            "Training on CPU: each step generates %d completions of up to %d tokens and takes minutes. "
+            "For a quick look use `--config cpu_quick`.", cfg.rollout.batch_size, cfg.rollout.max_new_tokens,
+        )
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
     reference = None
     if cfg.algorithm.kl_coef > 0:
@@ -90,6 +93,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     start_step = 0
     if resume_ckpt is not None:
         state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
         logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
@@ -140,7 +144,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             for step in range(start_step + 1, cfg.trainer.max_steps + 1):
                 step_start = time.perf_counter()
                 # Seeding per step makes sampling independent of anything before: resume is exact.
-                _seed_everything(cfg.seed * 1_000_003 + step)
+                seed_everything(cfg.seed * 1_000_003 + step)
 
                 # ---- rollouts: a group of completions per prompt
                 batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
@@ -269,7 +273,7 @@ def policy_update(
                 # Token-weighted sums, so logged means do not depend on the micro-batch split.
                 micro_tokens = mask.sum().item()
                 num_tokens_total += micro_tokens
-                for name, value in {**pg_metrics, **{k: _masked_mean(v, mask) for k, v in token_terms.items()}}.items():
+                for name, value in {**pg_metrics, **{k: masked_mean(v, mask) for k, v in token_terms.items()}}.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
             max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
@@ -303,28 +307,3 @@ def _fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, 
         logprobs = logprobs.float().cpu()
         for i, s in enumerate(micro_batch):
             s.ref_logprobs = logprobs[i, : len(s.response_ids)].tolist()
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((values.detach().float() * mask).sum() / mask.sum().clamp(min=1))
-
-
-def _seed_everything(seed: int) -> None:
-    seed %= 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _output_dir(cfg: GRPOConfig, resume_ckpt: Path | None) -> Path:
-    if cfg.trainer.output_dir:
-        return Path(cfg.trainer.output_dir)
-    if resume_ckpt is not None:
-        return resume_ckpt.parent.parent  # <run>/checkpoints/step_N
-    return Path("runs") / f"grpo-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def _log_to_file(path: Path) -> None:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("posttrain").addHandler(handler)

@@ -51,3 +51,15 @@ def build_scheduler(
             min_lr_ratio=cfg.min_lr_ratio,
         ),
     )
+
+
+def follow_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After loading a checkpoint's optimizer and scheduler state, continue *this* run's schedule.
+
+    The saved optimizer holds the lr the saving run's schedule had reached; when a run is
+    extended (2 steps, then ``--resume`` with max_steps=3) a decaying schedule had ended at 0
+    there, but must now continue over the new total, from this run's peak lr."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lr_lambda(scheduler.last_epoch)

@@ -33,9 +33,10 @@ from posttrain.data.sft import load_sft_conversations, tokenize_conversations
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
-from posttrain.trainer.common import autocast_context, log_to_file, resolve_output_dir, seed_everything
+from posttrain.models.loading import autocast_context
+from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler
+from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 
 logger = logging.getLogger("posttrain.trainer")
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -78,6 +79,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
     start_step = 0
     if resume_ckpt is not None:
         state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
         start_step = state["step"]
         batcher.load_state_dict(state["data"])
         logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
