@@ -34,8 +34,21 @@ def validate(
         "val/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
         **{f"val/{k}": float(v) for k, v in env_metrics.items()},
     }
+    metrics.update(_per_level(prompts, scored.metadata, scored.rewards.tolist()))
     for p, c, r, answer in list(zip(prompts, completions, scored.rewards.tolist(), scored.answers))[:print_samples]:
         question = p.messages[-1]["content"]
         expected = p.metadata.get("expected_answer", "?")
         write(f"  [val] Q: {question}\n        A: {c.text.strip()!r}\n        extracted={answer!r} expected={expected!r} reward={r:.2f}")
     return metrics
+
+
+def _per_level(prompts: list[TokenizedPrompt], scored_metadata: list[dict], rewards: list[float]) -> dict[str, float]:
+    """Accuracy (or mean reward) per difficulty level, when prompts carry a ``level`` (the
+    embedded arithmetic task does): the overall number hides which levels improved."""
+    by_level: dict[object, list[float]] = {}
+    for prompt, meta, reward in zip(prompts, scored_metadata, rewards):
+        if "level" in prompt.metadata:
+            value = float(meta["correct"]) if "correct" in meta else reward
+            by_level.setdefault(prompt.metadata["level"], []).append(value)
+    name = "accuracy" if scored_metadata and "correct" in scored_metadata[0] else "reward_mean"
+    return {f"val/{name}_level_{level}": sum(v) / len(v) for level, v in sorted(by_level.items(), key=str)}

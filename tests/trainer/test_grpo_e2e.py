@@ -120,3 +120,15 @@ def test_reward_rises_on_trivial_task(tmp_path):
     rewards = [m["reward/mean"] for _, m in sorted(read_metrics(out).items())]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards
+
+
+def test_validation_reports_accuracy_per_level():
+    from posttrain.models.chat import TokenizedPrompt
+    from posttrain.trainer.validation import _per_level
+
+    prompts = [TokenizedPrompt([1], [], {"level": lvl}) for lvl in (1, 1, 2, 3)]
+    scored = [{"correct": c} for c in (True, False, True, False)]
+    assert _per_level(prompts, scored, [1.1, 0.0, 1.0, 0.1]) == {
+        "val/accuracy_level_1": 0.5, "val/accuracy_level_2": 1.0, "val/accuracy_level_3": 0.0,
+    }
+    assert _per_level(prompts, [{}] * 4, [1.0, 0.0, 0.5, 0.25])["val/reward_mean_level_1"] == 0.5
