@@ -83,7 +83,42 @@ def build_parser() -> argparse.ArgumentParser:
             "--resume", nargs="?", const="", default=None, metavar="PATH",
             help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir)",
         )
+    _add_merge_parser(commands)
     return parser
+
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    """``posttrain merge``: not a trainer, so it is not in COMMANDS."""
+    merge = commands.add_parser(
+        "merge",
+        help="merge a LoRA adapter checkpoint into its base model",
+        description="Fold a LoRA adapter checkpoint (runs/NAME/checkpoints/adapter_step_N) into its base model "
+        "and save a full Hugging Face model folder (weights + tokenizer) that AutoModelForCausalLM loads.",
+        epilog="examples:\n  posttrain merge runs/grpo-20261123-101500/checkpoints/adapter_step_000050 --output merged/\n"
+        "  posttrain merge ADAPTER_CHECKPOINT --output merged/ --model-path HuggingFaceTB/SmolLM2-360M-Instruct\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("checkpoint", metavar="ADAPTER_CHECKPOINT", help="an adapter_step_N checkpoint folder")
+    merge.add_argument("--output", "-o", required=True, metavar="DIR", help="new folder for the merged model")
+    merge.add_argument(
+        "--model-path", default=None, metavar="PATH",
+        help="base model (hub id, folder, .gguf, 'embedded'); default: model.path of the run's config.yaml "
+        "(the run folder is the checkpoint's parent's parent)",
+    )
+    merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    _setup_console_logging()
+    from posttrain.models.lora import merge_adapter_checkpoint  # heavy imports only now
+
+    try:
+        output = merge_adapter_checkpoint(args.checkpoint, args.output, model_path=args.model_path, device=args.device)
+    except PosttrainError as exc:
+        print(f"posttrain: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"merged: {output}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "merge":
+        return _merge(args)
     try:
         cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
         resume = args.resume

@@ -27,3 +27,32 @@ class DigitFractionEnv(Environment):
             terminateds=torch.ones(n, dtype=torch.bool),
             answers=[None] * n,
         )
+
+
+class SomeGroupsConstantEnv(Environment):
+    """Reward 1 for every completion of prompts with an even number of characters (their groups are
+    uniform: dynamic sampling drops them), else the response length / 100 (groups almost surely differ)."""
+
+    def step(self, message_log_batch, metadata):
+        rewards = []
+        for log in message_log_batch:
+            prompt, text = log[-2]["content"], log[-1]["content"]
+            rewards.append(1.0 if len(prompt) % 2 == 0 else len(text) / 100)
+        n = len(message_log_batch)
+        return EnvironmentReturn(
+            observations=[{"role": "environment", "content": ""}] * n,
+            metadata=[dict(m) for m in metadata],
+            next_stop_strings=[None] * n,
+            rewards=torch.tensor(rewards, dtype=torch.float32),
+            terminateds=torch.ones(n, dtype=torch.bool),
+            answers=[None] * n,
+        )
+
+
+class ConstantEnv(DigitFractionEnv):
+    """Reward 0.5 for everything: every group is uniform."""
+
+    def step(self, message_log_batch, metadata):
+        ret = super().step(message_log_batch, metadata)
+        ret.rewards = torch.full_like(ret.rewards, 0.5)
+        return ret

@@ -14,14 +14,24 @@ from posttrain.algorithms.registry import (
     get_advantage_estimator,
     get_policy_loss,
 )
-from posttrain.algorithms.advantages import compute_grpo_advantages, normalize_advantages
+from posttrain.algorithms.advantages import (
+    compute_grpo_advantages,
+    compute_reinforce_pp_advantages,
+    compute_reinforce_pp_baseline_advantages,
+    compute_rloo_advantages,
+    folds_kl_into_reward,
+    normalize_advantages,
+)
 from posttrain.algorithms.losses import (
     KL_ESTIMATORS,
     aggregate_loss,
     entropy_from_logits,
+    gspo_loss,
     kl_penalty,
     ppo_clip_loss,
+    truncated_is_weights,
 )
+from posttrain.algorithms.shaping import informative_groups, overlong_penalty
 from posttrain.algorithms.preference import (
     PREFERENCE_LOSSES,
     dpo_loss,
@@ -39,14 +49,22 @@ __all__ = [
     "Registry",
     "aggregate_loss",
     "compute_grpo_advantages",
+    "compute_reinforce_pp_advantages",
+    "compute_reinforce_pp_baseline_advantages",
+    "compute_rloo_advantages",
     "dpo_loss",
     "entropy_from_logits",
+    "folds_kl_into_reward",
     "get_advantage_estimator",
     "get_policy_loss",
     "get_preference_loss",
+    "gspo_loss",
+    "informative_groups",
     "kl_penalty",
     "normalize_advantages",
+    "overlong_penalty",
     "ppo_clip_loss",
     "sequence_logps",
+    "truncated_is_weights",
     "uses_length_average",
 ]

@@ -41,6 +41,8 @@ def ppo_clip_loss(
     *,
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
+    dual_clip_c: float = 0.0,
+    **_unused,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate objective, per token (Schulman et al. 2017, arXiv:1707.06347).
 
@@ -52,6 +54,13 @@ def ppo_clip_loss(
     Where the clipped term is the minimum, the loss is constant in ``logprobs`` and the token
     contributes no gradient: the update may not push the ratio further outside the trust region.
 
+    Dual-clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
+    Learning", arXiv:1912.09729): with a negative advantage the clipped objective above is
+    unbounded as the ratio grows (``-ratio * A``), so one token that became far more likely
+    than at sampling time can dominate the update. With ``dual_clip_c = c > 1`` the loss of
+    tokens with ``A < 0`` is capped at ``-c * A`` (the value at ratio ``c``); beyond it the token
+    contributes no gradient. ``0`` turns it off.
+
     Args:
         logprobs: ``(B, T)`` log-probabilities of the sampled tokens under the current policy
             (differentiable).
@@ -60,13 +69,16 @@ def ppo_clip_loss(
         mask: ``(B, T)`` bool or 0/1, valid response tokens.
         clip_ratio_low: the ratio is clipped below at ``1 - clip_ratio_low``.
         clip_ratio_high: the ratio is clipped above at ``1 + clip_ratio_high``.
+        dual_clip_c: dual-clip constant ``c > 1`` for negative advantages; 0 is off.
+        **_unused: options of other policy losses (every loss is called with the same keywords).
 
     Returns:
         ``(loss, metrics)``: ``loss`` is ``(B, T)`` float32, 0 on masked positions (aggregate it
         with :func:`aggregate_loss`); ``metrics`` holds detached scalar tensors, masked means
         over valid tokens: ``clip_fraction`` (share of tokens where clipping changed the
         objective), ``ratio_mean``, ``ratio_max`` and ``approx_kl`` (k3 estimate of
-        KL(old || new); the tokens were sampled from the old policy). With no valid token
+        KL(old || new); the tokens were sampled from the old policy); with dual-clip on also
+        ``dual_clip_fraction`` (share of tokens at the ``-c * A`` cap). With no valid token
         every metric is 0.
 
     The log-ratio is clamped to ``[-20, 20]`` before ``exp`` (see ``LOG_RATIO_CLAMP``); this
@@ -90,6 +102,12 @@ def ppo_clip_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
+    if dual_clip_c > 0:
+        if dual_clip_c <= 1:
+            raise ValueError(f"dual_clip_c must be > 1 (or 0 to turn dual-clip off), got {dual_clip_c}")
+        capped = torch.minimum(loss, -dual_clip_c * advantages)
+        dual_clipped = (advantages < 0) & (capped < loss)
+        loss = torch.where(advantages < 0, capped, loss)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
 
     with torch.no_grad():
@@ -101,7 +119,114 @@ def ppo_clip_loss(
             "ratio_max": torch.where(valid, ratio_d, torch.zeros_like(ratio_d)).max(),
             "approx_kl": _masked_mean(kl_penalty(old_logprobs.float(), logprobs.detach().float(), "k3"), valid),
         }
+        if dual_clip_c > 0:
+            metrics["dual_clip_fraction"] = _masked_mean(dual_clipped.float(), valid)
     return loss, metrics
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    gspo_clip_low: float = 3e-4,
+    gspo_clip_high: float = 4e-4,
+    **_unused,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Group Sequence Policy Optimization (Zheng et al. 2025, "Group Sequence Policy
+    Optimization", arXiv:2507.18071), in its per-token form.
+
+    The importance ratio is one number per *sequence*, the length-normalised likelihood ratio
+    ``s_i = exp(mean_{t valid} (logprobs_it - old_logprobs_it))``, and it is clipped per sequence
+    to ``[1 - gspo_clip_low, 1 + gspo_clip_high]``; the clip range is small (paper: 3e-4 / 4e-4)
+    because ``s_i`` is a geometric mean over tokens. Each token's loss is
+    ``-min(s_it * A_it, clip(s_it) * A_it)`` with
+    ``s_it = sg[s_i] * exp(logprobs_it - sg[logprobs_it])``: its value is ``s_i`` and its gradient
+    ``s_i * grad logprobs_it``. Averaged per sequence (``seq-mean-token-mean``) and with one
+    advantage per sequence, the gradient is exactly the paper's
+    ``s_i * A_i * (1/|y_i|) * sum_t grad logprobs_it`` (GSPO-token, section 4.3); a clipped
+    sequence contributes no gradient at all.
+
+    Args:
+        logprobs, old_logprobs, mask: as :func:`ppo_clip_loss`.
+        advantages: ``(B,)`` or ``(B, T)``.
+        gspo_clip_low, gspo_clip_high: the sequence ratio is clipped to
+            ``[1 - gspo_clip_low, 1 + gspo_clip_high]``.
+        **_unused: options of other policy losses.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`ppo_clip_loss`; ``clip_fraction`` is the share of valid tokens
+        in sequences whose clipped term is active, ``ratio_mean``/``ratio_max`` are over the
+        sequence ratios (token-weighted), ``approx_kl`` is the per-token k3 estimate.
+    """
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be (B, T), got shape {tuple(logprobs.shape)}")
+    if advantages.dim() == 1:
+        if advantages.shape[0] != logprobs.shape[0]:
+            raise ValueError(f"advantages {tuple(advantages.shape)} do not match batch size {logprobs.shape[0]}")
+        advantages = advantages.unsqueeze(-1)
+    elif advantages.shape != logprobs.shape:
+        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)}")
+
+    valid = mask.bool()
+    logprobs_f = logprobs.float()
+    token_log_ratio = torch.where(valid, logprobs_f - old_logprobs.float(), torch.zeros_like(logprobs_f))
+    seq_log_ratio = token_log_ratio.sum(dim=-1, keepdim=True) / valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    # Value s_i on every token, gradient s_i * d logprobs_it (stop-gradient construction).
+    log_ratio = (seq_log_ratio.detach() + logprobs_f - logprobs_f.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach().float()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - gspo_clip_low, 1.0 + gspo_clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+
+    with torch.no_grad():
+        ratio_d = ratio.detach()
+        metrics = {
+            "clip_fraction": _masked_mean((clipped < unclipped).float(), valid),
+            "ratio_mean": _masked_mean(ratio_d, valid),
+            "ratio_max": torch.where(valid, ratio_d, torch.zeros_like(ratio_d)).max(),
+            "approx_kl": _masked_mean(kl_penalty(old_logprobs.float(), logprobs.detach().float(), "k3"), valid),
+        }
+    return loss, metrics
+
+
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights for a rollout engine that differs from the trainer.
+
+    When the tokens are sampled by a fast inference engine (vLLM, SGLang), its probabilities
+    ``pi_rollout`` differ from the trainer's ``pi_old`` for the same weights (kernels, precision),
+    so the "on-policy" update is in fact off-policy. Yao et al. 2025, "Your Efficient RL Framework
+    Secretly Brings You Off-Policy RL Training" (https://fengyao.notion.site/off-policy-rl)
+    multiply each token's policy-gradient loss by ``w_t = min(pi_old(y_t) / pi_rollout(y_t), cap)``
+    (truncated importance sampling, TIS): the weight corrects the mismatch, the cap bounds
+    its variance.
+
+    Not wired into the GRPO recipe: the current engine (``rollout/hf_engine.py``) samples with the
+    trainer's own modules, so its rollout logprobs *are* the old logprobs and every weight would
+    be 1. A fast engine will need it.
+
+    Args:
+        old_logprobs: ``(N, T)`` log-probabilities of the sampled tokens under the trainer's copy
+            of the sampling policy.
+        rollout_logprobs: ``(N, T)`` the same reported by the rollout engine.
+        mask: ``(N, T)`` valid tokens.
+        cap: the truncation ``C > 0`` (the post suggests e.g. 2).
+
+    Returns:
+        ``(N, T)`` float32 weights, detached, in ``(0, cap]`` on valid tokens and 0 on padding.
+    """
+    _check_same_shape(old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs, mask=mask)
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    valid = mask.bool()
+    log_w = (old_logprobs.detach().float() - rollout_logprobs.detach().float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    weights = torch.exp(log_w).clamp(max=cap)
+    return torch.where(valid, weights, torch.zeros_like(weights))
 
 
 @KL_ESTIMATORS.register("k1")

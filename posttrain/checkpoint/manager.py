@@ -9,6 +9,10 @@ Layout of a run folder::
         optimizer.pt, scheduler.pt                                (when given)
         rng_state.pt                                              (capture_rng_state())
 
+LoRA runs write ``checkpoints/adapter_step_000010/`` instead (``prefix="adapter_step"``): the
+adapter only (adapter_config.json, adapter_model.safetensors from peft's save_pretrained) plus
+the same tokenizer and trainer state files. Listing, resolving and pruning accept both names.
+
 Atomicity: a save writes everything into ``checkpoints/.tmp-step_000010-<pid>``, fsyncs it,
 and only then renames it to ``step_000010``. A rename within one file system is atomic, so a
 ``step_*`` folder is either absent or complete; a crash or Ctrl-C (KeyboardInterrupt) during
@@ -45,22 +49,27 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
+STEP_PREFIX = "step"
+ADAPTER_STEP_PREFIX = "adapter_step"
+_STEP_RE = re.compile(rf"^(?:{STEP_PREFIX}|{ADAPTER_STEP_PREFIX})_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
 
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint of ``step``: ``step_000010``."""
-    return f"step_{step:06d}"
+def checkpoint_name(step: int, prefix: str = STEP_PREFIX) -> str:
+    """Folder name of the checkpoint of ``step``: ``step_000010`` (``adapter_step_000010`` for LoRA)."""
+    return f"{prefix}_{step:06d}"
 
 
 class CheckpointManager:
     """Saves, lists, prunes and resolves the checkpoints of one run folder."""
 
-    def __init__(self, output_dir: str | Path, keep_last: int) -> None:
+    def __init__(self, output_dir: str | Path, keep_last: int, prefix: str = STEP_PREFIX) -> None:
         if keep_last < 0:
             raise PosttrainError(f"checkpoint.keep_last must be >= 0 (0 keeps all), got {keep_last}.")
+        if prefix not in (STEP_PREFIX, ADAPTER_STEP_PREFIX):
+            raise ValueError(f"checkpoint prefix must be {STEP_PREFIX!r} or {ADAPTER_STEP_PREFIX!r}, got {prefix!r}")
+        self.prefix = prefix
         self.output_dir = Path(output_dir)
         self.checkpoints_dir = self.output_dir / CHECKPOINTS_SUBDIR
         self.keep_last = keep_last
@@ -71,7 +80,7 @@ class CheckpointManager:
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None) -> Path:
         """Write the checkpoint of ``step`` atomically, prune old ones, return its folder."""
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        name = checkpoint_name(step)
+        name = checkpoint_name(step, self.prefix)
         final_dir = self.checkpoints_dir / name
         tmp_dir = self.checkpoints_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
         if tmp_dir.exists():
@@ -175,7 +184,8 @@ class CheckpointManager:
                 checkpoints = _list_checkpoints(folder)
                 if checkpoints:
                     return checkpoints[-1]
-            problem = f"'{path}' holds no {TRAINER_STATE_FILE} and no checkpoints under {CHECKPOINTS_SUBDIR}/step_*"
+            problem = (f"'{path}' holds no {TRAINER_STATE_FILE} and no checkpoints under {CHECKPOINTS_SUBDIR}/step_* "
+                       f"or {CHECKPOINTS_SUBDIR}/{ADAPTER_STEP_PREFIX}_*")
         elif path.exists():
             problem = f"'{path}' is a file, not a folder"
         else:
@@ -191,7 +201,8 @@ class CheckpointManager:
                            scheduler: Any | None = None, map_location: str | torch.device = "cpu") -> dict:
         """Restore optimizer, scheduler (when given) and RNG states; return the trainer state.
 
-        The model weights are not touched: load them with ``from_pretrained(ckpt_dir)``.
+        The model weights are not touched: load them with ``from_pretrained(ckpt_dir)`` (LoRA:
+        ``models.loading.load_model_and_tokenizer(cfg, device, source=ckpt_dir)``).
         """
         ckpt_dir = Path(ckpt_dir)
         state_file = ckpt_dir / TRAINER_STATE_FILE
@@ -233,8 +244,8 @@ def _list_checkpoints(folder: Path) -> list[Path]:
         # trainer_state.json is written first, but folders only appear complete (atomic
         # rename); the check guards against folders users made or copied by hand.
         if match and (entry / TRAINER_STATE_FILE).is_file():
-            found.append((int(match.group(1)), entry))
-    return [entry for _, entry in sorted(found)]
+            found.append((int(match.group(1)), entry.name, entry))
+    return [entry for _, _, entry in sorted(found)]
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config.loader import register_validator
+from posttrain.config.loader import lora_problems, register_validator
 from posttrain.config.schema import CheckpointConfig, LoggingConfig, ModelConfig, opt, section
 
 
@@ -167,4 +167,5 @@ def _validate_dpo(cfg: DPOConfig) -> list[str]:
         need(not path or path.startswith("hf:") or Path(path).expanduser().exists(),
              f"{key}='{path}' does not exist (relative paths start at {Path.cwd()}); fix the path "
              "or use hf:NAME for a hub dataset.")
+    problems += lora_problems(cfg.model.lora)
     return problems

@@ -255,6 +255,22 @@ def _choice_problems(cfg: Any, prefix: str) -> list[str]:
     return problems
 
 
+def lora_problems(lora: Any, prefix: str = "model.lora") -> list[str]:
+    """Checks of a LoRA section (``model.lora`` of every schema with a model), one line per problem."""
+    problems: list[str] = []
+    if lora.r < 0:
+        problems.append(f"{prefix}.r={lora.r} must be >= 0 (0: no LoRA, full fine-tuning; typical ranks 8-64).")
+    if not lora.alpha > 0:
+        problems.append(f"{prefix}.alpha={lora.alpha} must be > 0 (adapter updates are scaled by alpha / r; "
+                        "typical: 2 x r).")
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"{prefix}.dropout={lora.dropout} must be in [0, 1).")
+    if lora.r > 0 and (not lora.target_modules or not all(isinstance(t, str) and t for t in lora.target_modules)):
+        problems.append(f"{prefix}.target_modules={list(lora.target_modules)} must be a non-empty list of module "
+                        "names, e.g. [q_proj,v_proj], or [all-linear].")
+    return problems
+
+
 def _near_multiples(n: int, k: int) -> str:
     low = n // k * k
     return f"{low} or {low + k}" if low > 0 else str(k)
@@ -284,9 +300,29 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
                        ("rollout.max_new_tokens", r.max_new_tokens), ("algorithm.ppo_epochs", a.ppo_epochs),
                        ("data.max_prompt_tokens", d.max_prompt_tokens), ("rollout.group_size", r.group_size)]:
         need(value >= 1, f"{key}={value} must be a positive integer (>= 1).")
-    need(a.advantage != "grpo" or r.group_size != 1,
-         "rollout.group_size=1 must be >= 2 for algorithm.advantage=grpo: advantages are rewards minus "
-         "the group mean, so a group of one completion always has advantage 0 and nothing is learned.")
+    need(a.advantage not in ("grpo", "rloo", "reinforce_plus_plus_baseline") or r.group_size != 1,
+         f"rollout.group_size=1 must be >= 2 for algorithm.advantage={a.advantage}: advantages are rewards minus "
+         "a baseline from the rest of the group, so a group of one completion always has advantage 0 and "
+         "nothing is learned (algorithm.advantage=reinforce_plus_plus needs no group).")
+    need(a.dual_clip_c == 0 or a.dual_clip_c > 1,
+         f"algorithm.dual_clip_c={a.dual_clip_c} must be 0 (off) or > 1: it caps the loss of negative-advantage "
+         "tokens at the value of ratio dual_clip_c; e.g. algorithm.dual_clip_c=3.")
+    need(a.dual_clip_c == 0 or a.policy_loss == "ppo_clip",
+         f"algorithm.dual_clip_c={a.dual_clip_c} only applies to algorithm.policy_loss=ppo_clip "
+         f"(got {a.policy_loss}); set algorithm.dual_clip_c=0.")
+    need(0 <= a.gspo_clip_low < 1 and a.gspo_clip_high >= 0,
+         f"algorithm.gspo_clip_low={a.gspo_clip_low} must be in [0, 1) and algorithm.gspo_clip_high="
+         f"{a.gspo_clip_high} >= 0 (the paper uses 3e-4 and 4e-4).")
+    need(0 <= a.overlong_buffer < r.max_new_tokens or a.overlong_buffer == 0,
+         f"algorithm.overlong_buffer={a.overlong_buffer} must be >= 0 and < rollout.max_new_tokens="
+         f"{r.max_new_tokens} (the penalty ramps up over the last overlong_buffer tokens before the limit; "
+         "DAPO: a quarter of the limit).")
+    need(a.overlong_penalty >= 0, f"algorithm.overlong_penalty={a.overlong_penalty} must be >= 0.")
+    need(a.max_sampling_rounds >= 1,
+         f"algorithm.max_sampling_rounds={a.max_sampling_rounds} must be >= 1 (rounds of generation per step).")
+    need(not a.dynamic_sampling or r.group_size >= 2,
+         "algorithm.dynamic_sampling=true needs rollout.group_size >= 2: it keeps groups whose rewards differ, "
+         "and a group of one completion never does.")
     if r.batch_size >= 1 and r.group_size >= 1:
         need(r.batch_size % r.group_size == 0,
              f"rollout.batch_size={r.batch_size} must be a multiple of rollout.group_size={r.group_size} "
@@ -327,4 +363,5 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
             need(not path or path.startswith("hf:") or Path(path).expanduser().exists(),
                  f"{key}='{path}' does not exist (relative paths start at {Path.cwd()}); fix the path "
                  "or use hf:NAME for a hub dataset.")
+    problems += lora_problems(cfg.model.lora)
     return problems

@@ -28,6 +28,26 @@ def section(cls: type, help: str) -> Any:
 
 
 @dataclass
+class LoRAConfig:
+    r: int = opt(
+        0,
+        "LoRA rank (Hu et al. 2021). 0 trains every weight (full fine-tuning); > 0 freezes the model "
+        "and trains low-rank adapters only (typical 8-64). Checkpoints then hold the adapter only.",
+    )
+    alpha: float = opt(32.0, "LoRA scaling numerator: adapter updates are scaled by alpha / r (typical: 2 x r).")
+    dropout: float = opt(
+        0.0,
+        "Dropout on the adapters' input during training. 0 keeps the trainer's logprobs equal to the "
+        "rollout's (the PPO ratio starts at 1); SFT/DPO often use 0.05.",
+    )
+    target_modules: list = opt(
+        ["all-linear"],
+        "Module names (suffixes, e.g. q_proj, v_proj) that get adapters. ['all-linear']: every linear "
+        "layer of attention and MLP blocks (not the output head).",
+    )
+
+
+@dataclass
 class ModelConfig:
     path: str = opt(
         "embedded",
@@ -63,6 +83,7 @@ class ModelConfig:
         "Where dequantized GGUF models are cached as safetensors so later runs load in a second "
         "(empty: $POSTTRAIN_CACHE or ~/.cache/posttrain).",
     )
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft); off while r is 0. See docs/lora.md.")
 
 
 @dataclass
@@ -146,21 +167,47 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = opt("grpo", "Advantage estimator, by registered name.", ("grpo",))
+    advantage: str = opt(
+        "grpo",
+        "Advantage estimator, by registered name: 'grpo' (group mean, optionally / group std), 'rloo' "
+        "(leave-one-out baseline), 'reinforce_plus_plus' (gamma=1 token returns, KL in the reward, "
+        "whitened over the batch), 'reinforce_plus_plus_baseline' (group mean subtracted, then as "
+        "reinforce_plus_plus). See docs/algorithms/.",
+        ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"),
+    )
     scale_by_std: bool = opt(
         True,
         "GRPO: divide group-centred rewards by the group's std (DeepSeekMath). False gives "
         "Dr.GRPO's unscaled advantages (Liu et al. 2025), which avoid favouring easy/hard groups.",
     )
-    policy_loss: str = opt("ppo_clip", "Policy loss, by registered name.", ("ppo_clip",))
+    policy_loss: str = opt(
+        "ppo_clip",
+        "Policy loss, by registered name: 'ppo_clip' (per-token ratio) or 'gspo' (one length-normalised "
+        "ratio per sequence, clipped with gspo_clip_low/high; use loss_agg_mode=seq-mean-token-mean).",
+        ("ppo_clip", "gspo"),
+    )
     clip_ratio_low: float = opt(0.2, "PPO clip: lower bound of the ratio is 1 - clip_ratio_low (Schulman et al. 2017).")
     clip_ratio_high: float = opt(
         0.2, "PPO clip: upper bound of the ratio is 1 + clip_ratio_high (DAPO's clip-higher uses 0.28)."
     )
+    dual_clip_c: float = opt(
+        0.0,
+        "Dual-clip PPO (Ye et al. 2020): for negative advantages the per-token loss is capped at "
+        "-dual_clip_c * A, so a token whose ratio exploded cannot dominate the update. 0: off; when on "
+        "it must be > 1 (3 is common). policy_loss=ppo_clip only.",
+    )
+    gspo_clip_low: float = opt(
+        3e-4, "GSPO: the sequence ratio is clipped below at 1 - gspo_clip_low (paper: 3e-4)."
+    )
+    gspo_clip_high: float = opt(
+        4e-4, "GSPO: the sequence ratio is clipped above at 1 + gspo_clip_high (paper: 4e-4)."
+    )
     kl_coef: float = opt(
         0.0,
         "Weight of the KL penalty to the frozen reference model. 0 skips the reference model "
-        "entirely (saves memory and a forward pass; DAPO and Dr.GRPO drop it); DeepSeekMath used 0.04.",
+        "entirely (saves memory and a forward pass; DAPO and Dr.GRPO drop it); DeepSeekMath used 0.04. "
+        "With advantage=reinforce_plus_plus(_baseline) the KL is a per-token reward term instead of a "
+        "loss term.",
     )
     kl_estimator: str = opt(
         "k3", "KL estimator (Schulman 2020, 'Approximating KL divergence'): k1, k2 or k3 (low variance, >= 0).",
@@ -175,6 +222,27 @@ class AlgorithmConfig:
         ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     )
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
+    overlong_buffer: int = opt(
+        0,
+        "DAPO overlong reward shaping: over the last overlong_buffer tokens before rollout.max_new_tokens "
+        "the reward falls linearly, by up to overlong_penalty at the limit. 0: off; must be < "
+        "rollout.max_new_tokens.",
+    )
+    overlong_penalty: float = opt(1.0, "DAPO overlong reward shaping: the penalty at rollout.max_new_tokens.")
+    mask_truncated: bool = opt(
+        False,
+        "DAPO overlong filtering: completions cut off at rollout.max_new_tokens are left out of the loss "
+        "(their loss mask is zeroed); they still count in their group's baseline.",
+    )
+    dynamic_sampling: bool = opt(
+        False,
+        "DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more "
+        "prompts until rollout.batch_size / group_size informative groups are collected or "
+        "max_sampling_rounds is reached; the update then uses the kept groups only.",
+    )
+    max_sampling_rounds: int = opt(
+        3, "Dynamic sampling: generation rounds per step at most (each draws a full batch of prompts)."
+    )
 
 
 @dataclass

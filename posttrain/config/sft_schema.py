@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config.loader import register_validator
+from posttrain.config.loader import lora_problems, register_validator
 from posttrain.config.schema import CheckpointConfig, LoggingConfig, ModelConfig, opt, section
 
 
@@ -128,4 +128,5 @@ def _validate_sft(cfg: SFTConfig) -> list[str]:
                        ("checkpoint.every", c.every), ("checkpoint.keep_last", c.keep_last),
                        ("data.validation_size", d.validation_size)]:
         need(value >= 0, f"{key}={value} must be >= 0.")
+    problems += lora_problems(cfg.model.lora)
     return problems

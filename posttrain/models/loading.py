@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from posttrain.config.schema import ModelConfig
 from posttrain.errors import PosttrainError
+from posttrain.models.lora import apply_lora, is_adapter_checkpoint, load_adapter, lora_enabled
 
 logger = logging.getLogger("posttrain.models")
 
@@ -170,17 +171,37 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device) -> PreTraine
 def load_model_and_tokenizer(
     cfg: ModelConfig, device: torch.device, source: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Policy and tokenizer. ``source`` overrides ``cfg.path`` (e.g. a checkpoint folder on resume)."""
-    source = source or model_source(cfg)
-    tokenizer = load_tokenizer(source, cfg)
-    model = load_model(source, cfg, device)
+    """Policy and tokenizer. ``source`` overrides ``cfg.path`` (e.g. a checkpoint folder on resume).
+
+    With ``cfg.lora.r > 0`` the policy comes back wrapped in LoRA adapters (a peft model, base
+    frozen): fresh ones, or on resume those of ``source`` (an adapter checkpoint) on the base
+    model of ``cfg``. Every trainer loads through here, so every trainer gets LoRA."""
+    adapter_dir = source if source is not None and is_adapter_checkpoint(source) else None
+    if adapter_dir is not None and not lora_enabled(cfg):
+        raise PosttrainError(
+            f"'{source}' holds a LoRA adapter, not full weights: resume it with the run's model.lora "
+            "settings (e.g. model.lora.r=16), or merge it first with `posttrain merge`."
+        )
+    if source is not None and adapter_dir is None and lora_enabled(cfg):
+        raise PosttrainError(
+            f"model.lora.r={cfg.lora.r} but '{source}' holds full weights, not a LoRA adapter: resume it "
+            "with model.lora.r=0, or start a new LoRA run with model.path set to it."
+        )
+    weights = source if source is not None and adapter_dir is None else model_source(cfg)
+    tokenizer = load_tokenizer(source or weights, cfg)  # an adapter checkpoint saves its tokenizer too
+    model = load_model(weights, cfg, device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    elif lora_enabled(cfg):
+        model = apply_lora(model, cfg.lora)
     return model, tokenizer
 
 
 def make_reference_model(policy: PreTrainedModel) -> PreTrainedModel:
-    """A frozen copy of the policy for the KL term (made before any update)."""
+    """A frozen copy of the policy for the KL term (made before any update). LoRA runs need none:
+    their reference is the policy with adapters disabled (``lora.adapters_disabled``)."""
     reference = copy.deepcopy(policy)
     reference.eval()
     reference.requires_grad_(False)

@@ -26,6 +26,7 @@ from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.loading import autocast_context
+from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model, lora_enabled
 from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
@@ -77,12 +78,16 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
     fingerprint = reference_fingerprint([cfg.model.path, cfg.model.gguf_file, str(compute_dtype)], all_pairs)
     model = None
     if not load_cached_reference(output_dir / REFERENCE_FILE, fingerprint, all_pairs):
-        model, _ = load_model_and_tokenizer(cfg.model, device)
+        # LoRA: the starting model is the base, i.e. any adapter checkpoint with its adapters
+        # disabled, so the model that trains (also a resumed one) scores the pairs: one load, no copy.
+        lora_resume = resume_ckpt is not None and lora_enabled(cfg.model)
+        model, _ = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if lora_resume else None)
         logger.info("Computing reference logprobs of %d pairs with the starting model", len(all_pairs))
-        compute_reference_logps(model, all_pairs, micro_batch_size=cfg.trainer.micro_batch_size,
-                                pad_token_id=tokenizer.pad_token_id, device=device, autocast=autocast)
+        with adapters_disabled(model):
+            compute_reference_logps(model, all_pairs, micro_batch_size=cfg.trainer.micro_batch_size,
+                                    pad_token_id=tokenizer.pad_token_id, device=device, autocast=autocast)
         save_reference(output_dir / REFERENCE_FILE, fingerprint, all_pairs)
-    if model is None or resume_ckpt is not None:
+    if model is None or (resume_ckpt is not None and not is_peft_model(model)):
         model = None
         gc.collect()  # free the starting weights before the checkpoint's are loaded
         model, _ = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
@@ -92,7 +97,7 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
     sampler = EpochSampler(len(train_pairs), batch_size, cfg.seed, cfg.data.shuffle)
     optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same field names as GRPO's
     scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
     start_step = 0
     if resume_ckpt is not None:
         state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)

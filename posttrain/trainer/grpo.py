@@ -1,6 +1,7 @@
 """The GRPO recipe. Read ``train`` top to bottom: build the parts, then per step
-sample prompts -> generate a group per prompt -> score -> advantages -> reference logprobs ->
-policy update -> log, validate, checkpoint."""
+sample prompts -> generate a group per prompt -> score (with dynamic sampling: more rounds until
+enough groups are informative) -> reference logprobs -> advantages -> policy update -> log,
+validate, checkpoint."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ import contextlib
 import logging
 import math
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from posttrain.algorithms import aggregate_loss, get_advantage_estimator, get_policy_loss, kl_penalty
+from posttrain.algorithms import (
+    aggregate_loss,
+    folds_kl_into_reward,
+    get_advantage_estimator,
+    get_policy_loss,
+    informative_groups,
+    kl_penalty,
+    overlong_penalty,
+)
 from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.config.loader import config_to_dict, config_to_yaml
 from posttrain.config.schema import GRPOConfig
@@ -30,12 +42,13 @@ from posttrain.models import (
     resolve_device,
     response_logprobs,
 )
+from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
-from posttrain.trainer.samples import Sample, chunks, collate
+from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -70,7 +83,8 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         )
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
     reference = None
-    if cfg.algorithm.kl_coef > 0:
+    # LoRA: the reference is the policy itself with its adapters disabled (the frozen base), no copy.
+    if cfg.algorithm.kl_coef > 0 and not is_peft_model(model):
         # The reference is always the starting model, also when resuming from a later checkpoint.
         reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
     encode = dict(
@@ -89,7 +103,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     optimizer_steps_per_step = cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, cfg.trainer.max_steps * optimizer_steps_per_step)
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
     start_step = 0
     if resume_ckpt is not None:
         state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
@@ -105,7 +119,9 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         max_tokens=cfg.rollout.max_new_tokens,
         stop=list(cfg.rollout.stop),
     )
-    estimator = get_advantage_estimator(cfg.algorithm.advantage)
+    algo = cfg.algorithm
+    estimator = get_advantage_estimator(algo.advantage)
+    target_groups = cfg.rollout.batch_size // group_size
     val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
 
     with contextlib.ExitStack() as stack:
@@ -125,6 +141,22 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             )
             metrics_log.log(step, val)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
+
+        def generate_and_score() -> Rollouts:
+            """One round: the sampler's next prompts -> a group of completions each -> rewards."""
+            start = time.perf_counter()
+            batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
+            groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
+            completions = [c for group in groups for c in group]
+            prompts = [p for p in batch_prompts for _ in range(group_size)]
+            generated = time.perf_counter()
+            message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
+            scored = rewards.score(message_logs, [p.metadata for p in prompts])
+            # DAPO overlong shaping: the advantages (and dynamic sampling) see the shaped rewards.
+            lengths = torch.tensor([len(c.token_ids) for c in completions])
+            shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+            return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
+                            scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
 
         completed = start_step
         sampler_state = sampler.state_dict()
@@ -146,52 +178,56 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 # Seeding per step makes sampling independent of anything before: resume is exact.
                 seed_everything(cfg.seed * 1_000_003 + step)
 
-                # ---- rollouts: a group of completions per prompt
-                batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
-                groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
-                completions = [c for group in groups for c in group]
-                prompts = [p for p in batch_prompts for _ in range(group_size)]
-                t_generated = time.perf_counter()
-
-                # ---- rewards (worker processes) and advantages
-                message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
-                scored = rewards.score(message_logs, [p.metadata for p in prompts])
+                # ---- rollouts and rewards (worker processes). Dynamic sampling (DAPO) drops groups
+                # whose rewards are all equal and draws more rounds of prompts to refill the batch.
+                rounds = [generate_and_score()]
+                while (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
+                       and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds) < target_groups):
+                    rounds.append(generate_and_score())
+                rollouts = Rollouts.concat(rounds)  # everything generated: the step's reward metrics
+                batch = rollouts.keep_informative_groups(group_size, target_groups) if algo.dynamic_sampling else rollouts
                 _, env_metrics = rewards.post_process(
-                    {"rewards": scored.rewards, "metadata": scored.metadata, "message_logs": message_logs, "answers": scored.answers}
+                    {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
                 )
-                advantages = estimator(scored.rewards, group_size=group_size, scale_by_std=cfg.algorithm.scale_by_std)
+
+                # ---- reference logprobs and advantages of the completions trained on
                 samples = [
-                    Sample(p.token_ids, c.token_ids, c.logprobs, a, r)
-                    for p, c, a, r in zip(prompts, completions, advantages.tolist(), scored.rewards.tolist())
+                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"))
+                    for p, c, r in zip(batch.prompts, batch.completions, batch.shaped_rewards.tolist())
                 ]
+                if cfg.algorithm.kl_coef > 0:
+                    _fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                assign_advantages(estimator, samples, batch.shaped_rewards, cfg)
                 t_scored = time.perf_counter()
+                if not samples:
+                    logger.warning("step %d: no group with differing rewards after %d sampling rounds; update skipped", step, len(rounds))
 
                 # ---- policy update and its metrics line. Ctrl-C waits for both, so a checkpoint
                 # holds whole steps and every checkpointed step has its line in metrics.jsonl.
                 with guard.deferred():
-                    if reference is not None:
-                        _fill_reference_logprobs(reference, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                     update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                     t_trained = time.perf_counter()
 
                     # ---- metrics
+                    completions = rollouts.completions
                     num_response_tokens = sum(len(c.token_ids) for c in completions)
-                    rewards_t = scored.rewards
+                    rewards_t = rollouts.rewards
                     step_metrics = {
                         "reward/mean": rewards_t.mean().item(),
                         "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
                         **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
-                        "reward/errors": float(sum(e is not None for e in scored.errors)),
+                        "reward/errors": float(sum(e is not None for e in rollouts.errors)),
                         "reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item(),
                         "response/length_mean": num_response_tokens / len(completions),
                         "response/length_max": float(max(len(c.token_ids) for c in completions)),
                         "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                        **_shaping_metrics(cfg, rollouts, batch, samples, len(rounds), group_size),
                         **update_metrics,
                         "lr": scheduler.get_last_lr()[0],
                         "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
-                        "perf/gen_tokens_per_s": num_response_tokens / (t_generated - step_start),
-                        "time/generate": t_generated - step_start,
-                        "time/score": t_scored - t_generated,
+                        "perf/gen_tokens_per_s": num_response_tokens / rollouts.generate_s,
+                        "time/generate": rollouts.generate_s,
+                        "time/score": t_scored - step_start - rollouts.generate_s,
                         "time/train": t_trained - t_scored,
                         "time/step": t_trained - step_start,
                         "data/epoch": float(sampler.epoch),
@@ -221,6 +257,87 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     return output_dir
 
 
+@dataclass
+class Rollouts:
+    """Scored completions of one or more generation rounds, in groups of ``group_size`` rows."""
+
+    prompts: list[Any]  # EncodedPrompt per completion
+    completions: list[Any]  # rollout.base.Completion
+    message_logs: list[Any]
+    rewards: torch.Tensor  # (N,) environment rewards
+    shaped_rewards: torch.Tensor  # (N,) rewards + overlong penalty: what the advantages see
+    metadata: list[dict]
+    answers: list[Any]
+    errors: list[str | None]
+    generate_s: float = 0.0
+    score_s: float = 0.0
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        if len(parts) == 1:
+            return parts[0]
+        return Rollouts(
+            *(sum((getattr(p, name) for p in parts), []) for name in ("prompts", "completions", "message_logs")),
+            torch.cat([p.rewards for p in parts]), torch.cat([p.shaped_rewards for p in parts]),
+            *(sum((getattr(p, name) for p in parts), []) for name in ("metadata", "answers", "errors")),
+            sum(p.generate_s for p in parts), sum(p.score_s for p in parts),
+        )
+
+    def keep_informative_groups(self, group_size: int, max_groups: int) -> Rollouts:
+        """The first ``max_groups`` groups whose shaped rewards are not all equal (may be fewer, or none)."""
+        groups = informative_groups(self.shaped_rewards, group_size).nonzero().flatten().tolist()[:max_groups]
+        rows = [g * group_size + j for g in groups for j in range(group_size)]
+        index = torch.tensor(rows, dtype=torch.long)
+        return Rollouts(
+            *([getattr(self, name)[i] for i in rows] for name in ("prompts", "completions", "message_logs")),
+            self.rewards[index], self.shaped_rewards[index],
+            *([getattr(self, name)[i] for i in rows] for name in ("metadata", "answers", "errors")),
+            self.generate_s, self.score_s,
+        )
+
+
+def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch.Tensor, cfg: GRPOConfig) -> None:
+    """Set every sample's per-token advantages from ``rewards`` (N,), group-contiguous.
+
+    Every estimator gets the same arguments (see posttrain.algorithms.advantages). The response
+    mask is the *loss* mask, so untrainable samples (truncated, with mask_truncated) get zero
+    advantages and stay out of batch statistics such as REINFORCE++'s whitening. Estimators that
+    fold the KL into the reward get the per-token KL of the sampled tokens (needs ref_logprobs).
+    """
+    if not samples:
+        return
+    algo = cfg.algorithm
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    width = max(int(lengths.max()), 1)
+    trainable = torch.tensor([s.trainable for s in samples])
+    mask = (torch.arange(width) < lengths[:, None]) & trainable[:, None]
+    token_kl = None
+    if folds_kl_into_reward(estimator) and algo.kl_coef > 0:
+        old = pad_rows([s.old_logprobs for s in samples], width, "cpu")
+        ref = pad_rows([s.ref_logprobs for s in samples], width, "cpu")
+        token_kl = kl_penalty(old, ref, algo.kl_estimator)
+    advantages = estimator(
+        rewards, mask, group_size=cfg.rollout.group_size, scale_by_std=algo.scale_by_std,
+        token_kl=token_kl, kl_coef=algo.kl_coef,
+    )
+    for s, row in zip(samples, advantages.tolist()):
+        s.advantage = row[: len(s.response_ids)]
+
+
+def _shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, samples: list[Sample],
+                     num_rounds: int, group_size: int) -> dict[str, float]:
+    """Metrics of the DAPO switches that are on."""
+    algo, out = cfg.algorithm, {}
+    if algo.overlong_buffer > 0:
+        out["reward/overlong_penalty_mean"] = (rollouts.shaped_rewards - rollouts.rewards).mean().item()
+    if algo.mask_truncated:
+        out["response/masked_fraction"] = sum(not s.trainable for s in samples) / max(len(samples), 1)
+    if algo.dynamic_sampling:
+        out["data/sampling_rounds"] = float(num_rounds)
+        out["reward/kept_group_fraction"] = len(batch.completions) / len(rollouts.completions)
+    return out
+
+
 def policy_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -232,9 +349,30 @@ def policy_update(
     autocast,
 ) -> dict[str, float]:
     """``ppo_epochs`` x mini-batches x micro-batches. Each micro-batch loss is normalised by its
-    mini-batch's global token/sequence count, so accumulated gradients equal the mini-batch's."""
+    mini-batch's global token/sequence count, so accumulated gradients equal the mini-batch's.
+
+    Mini-batches hold ``trainer.mini_batch_size`` samples; when dynamic sampling kept fewer samples
+    than ``rollout.batch_size``, the last mini-batch takes the remainder (a kept batch smaller than
+    a mini-batch is one mini-batch), and the lr scheduler is still advanced by the configured
+    ``ppo_epochs * rollout.batch_size / mini_batch_size`` steps, so the lr schedule follows training
+    steps. With no samples at all no update is made (the scheduler still advances). Untrainable
+    samples (``Sample.trainable``) have a zero loss mask and count in no normaliser."""
     algo, trainer = cfg.algorithm, cfg.trainer
+    scheduler_steps = algo.ppo_epochs * (cfg.rollout.batch_size // trainer.mini_batch_size)
+    if not samples:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(scheduler_steps):
+                scheduler.step()
+        return {"actor/skipped_updates": float(scheduler_steps)}
     policy_loss = get_policy_loss(algo.policy_loss)
+    # Every policy loss takes the same keywords and ignores the ones it does not use.
+    loss_options = dict(
+        clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip_c=algo.dual_clip_c,
+        gspo_clip_low=algo.gspo_clip_low, gspo_clip_high=algo.gspo_clip_high,
+    )
+    # REINFORCE++ puts the KL into the reward; it is then logged but not added to the loss again.
+    kl_in_loss = not folds_kl_into_reward(get_advantage_estimator(algo.advantage))
     sums: dict[str, float] = {}
     num_tokens_total = 0.0
     grad_norms, losses = [], []
@@ -242,31 +380,33 @@ def policy_update(
     model.train()
     for _ in range(algo.ppo_epochs):
         for mini_batch in chunks(samples, trainer.mini_batch_size):
-            num_tokens = float(sum(len(s.response_ids) for s in mini_batch))
+            trained = [s for s in mini_batch if s.trainable]
+            num_tokens = float(max(sum(len(s.response_ids) for s in trained), 1))
+            num_sequences = float(max(len(trained), 1))
             loss_total = 0.0
             optimizer.zero_grad(set_to_none=True)
             for micro_batch in chunks(mini_batch, trainer.micro_batch_size):
                 batch = collate(micro_batch, pad_token_id, device)
-                mask = batch.tokens.response_mask
+                mask = batch.loss_mask
                 with autocast():
                     logprobs, entropy = response_logprobs(
                         model, batch.tokens, temperature=cfg.rollout.temperature,
                         with_entropy=True, entropy_grad=algo.entropy_coef > 0,
                     )
                 per_token, pg_metrics = policy_loss(
-                    logprobs, batch.old_logprobs, batch.advantages, mask,
-                    clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
+                    logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
                 )
                 token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
                 if batch.ref_logprobs is not None:
                     kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
-                    per_token = per_token + algo.kl_coef * kl
+                    if kl_in_loss:
+                        per_token = per_token + algo.kl_coef * kl
                     token_terms["kl"] = kl
                 if algo.entropy_coef > 0:
                     per_token = per_token - algo.entropy_coef * entropy
                 loss = aggregate_loss(
                     per_token, mask, algo.loss_agg_mode,
-                    num_tokens=num_tokens, num_sequences=float(len(mini_batch)), norm_length=float(cfg.rollout.max_new_tokens),
+                    num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
                 )
                 loss.backward()
                 loss_total += loss.item()
@@ -286,6 +426,8 @@ def policy_update(
                 skipped += 1
                 logger.warning("non-finite gradient norm; optimizer step skipped")
             scheduler.step()
+    for _ in range(scheduler_steps - len(losses)):
+        scheduler.step()  # fewer kept samples than rollout.batch_size: keep the schedule on the step clock
     optimizer.zero_grad(set_to_none=True)
     denom = max(num_tokens_total, 1.0)
     out = {f"actor/{k}": v / denom for k, v in sums.items()}
@@ -300,10 +442,12 @@ def policy_update(
 
 @torch.no_grad()
 def _fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
-    for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
-        batch = collate(micro_batch, pad_token_id, device)
-        with autocast():
-            logprobs, _ = response_logprobs(reference, batch.tokens, temperature=cfg.rollout.temperature)
-        logprobs = logprobs.float().cpu()
-        for i, s in enumerate(micro_batch):
-            s.ref_logprobs = logprobs[i, : len(s.response_ids)].tolist()
+    """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled."""
+    with adapters_disabled(reference):
+        for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
+            batch = collate(micro_batch, pad_token_id, device)
+            with autocast():
+                logprobs, _ = response_logprobs(reference, batch.tokens, temperature=cfg.rollout.temperature)
+            logprobs = logprobs.float().cpu()
+            for i, s in enumerate(micro_batch):
+                s.ref_logprobs = logprobs[i, : len(s.response_ids)].tolist()

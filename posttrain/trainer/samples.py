@@ -16,20 +16,22 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     old_logprobs: list[float]  # from the rollout engine
-    advantage: float
+    advantage: float | list[float]  # one per sequence, or one per response token
     reward: float
     ref_logprobs: list[float] | None = None
+    trainable: bool = True  # False: the loss mask of every token is 0 (e.g. DAPO's truncated-sample masking)
 
 
 @dataclass
 class TrainBatch:
     tokens: TokenBatch
     old_logprobs: torch.Tensor  # (B, R)
-    advantages: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B, R), 0 on padding
     ref_logprobs: torch.Tensor | None  # (B, R)
+    loss_mask: torch.Tensor  # (B, R): tokens.response_mask with the rows of untrainable samples zeroed
 
 
-def _pad_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
+def pad_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
@@ -42,10 +44,15 @@ def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str
     has_ref = samples[0].ref_logprobs is not None
     return TrainBatch(
         tokens=tokens,
-        old_logprobs=_pad_rows([s.old_logprobs for s in samples], width, device),
-        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
-        ref_logprobs=_pad_rows([s.ref_logprobs for s in samples], width, device) if has_ref else None,
+        old_logprobs=pad_rows([s.old_logprobs for s in samples], width, device),
+        advantages=pad_rows([_per_token(s.advantage, len(s.response_ids)) for s in samples], width, device),
+        ref_logprobs=pad_rows([s.ref_logprobs for s in samples], width, device) if has_ref else None,
+        loss_mask=tokens.response_mask * torch.tensor([[float(s.trainable)] for s in samples], device=device),
     )
+
+
+def _per_token(advantage: float | list[float], length: int) -> list[float]:
+    return [float(advantage)] * length if isinstance(advantage, (int, float)) else list(advantage)
 
 
 def chunks(items: list, size: int) -> list[list]:

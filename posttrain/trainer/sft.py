@@ -34,6 +34,7 @@ from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
+from posttrain.models.lora import checkpoint_prefix
 from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
@@ -75,7 +76,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                 "packed" if packed else "padded")
     optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same option names as GRPO's
     scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
     start_step = 0
     if resume_ckpt is not None:
         state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from posttrain.algorithms import aggregate_loss, entropy_from_logits, kl_penalty, ppo_clip_loss
+from posttrain.algorithms import (
+    POLICY_LOSSES,
+    aggregate_loss,
+    entropy_from_logits,
+    gspo_loss,
+    kl_penalty,
+    ppo_clip_loss,
+    truncated_is_weights,
+)
 from posttrain.errors import ConfigError
 
 RATIOS = [0.5, 0.9, 1.0, 1.1, 1.5]
@@ -216,3 +224,106 @@ def test_micro_batches_with_local_normalisers_do_not_match():
     full = aggregate_loss(loss, mask, "token-mean")  # 5 / 3
     local = aggregate_loss(loss[:1], mask[:1], "token-mean") + aggregate_loss(loss[1:], mask[1:], "token-mean")
     assert not torch.isclose(full, local)
+
+
+# ---------------------------------------------------------------- dual-clip PPO
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    # A = -2, c = 3: loss = min(max(-r A, -clip(r) A), -c A) = min(max(2r, 2 clip(r)), 6).
+    logprobs = _logratio([[0.5, 1.0, 2.5, 3.5, 10.0]]).requires_grad_(True)
+    loss, metrics = ppo_clip_loss(logprobs, torch.zeros(1, 5), torch.tensor([-2.0]), torch.ones(1, 5), dual_clip_c=3.0)
+    torch.testing.assert_close(loss.detach(), torch.tensor([[1.6, 2.0, 5.0, 6.0, 6.0]]))
+    torch.testing.assert_close(metrics["dual_clip_fraction"], torch.tensor(2 / 5))
+    loss.sum().backward()
+    # d(2r)/dlogp = 2r where the unclipped term is active, 0 where clipped or capped.
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 2.0, 5.0, 0.0, 0.0]]))
+
+
+def test_dual_clip_leaves_positive_advantages_and_off_is_plain_ppo():
+    logprobs = torch.stack([_logratio(RATIOS + [10.0]), _logratio(RATIOS + [10.0])])
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 6)
+    plain, plain_metrics = ppo_clip_loss(logprobs, torch.zeros(2, 6), adv, mask)
+    dual, _ = ppo_clip_loss(logprobs, torch.zeros(2, 6), adv, mask, dual_clip_c=3.0)
+    torch.testing.assert_close(dual[0], plain[0])
+    torch.testing.assert_close(dual[1], torch.tensor([0.8, 0.9, 1.0, 1.1, 1.5, 3.0]))
+    assert "dual_clip_fraction" not in plain_metrics
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        ppo_clip_loss(logprobs, torch.zeros(2, 6), adv, mask, dual_clip_c=0.5)
+
+
+# ---------------------------------------------------------------- GSPO
+
+
+def test_gspo_sequence_ratio_and_clipping_by_hand():
+    # Row 0: log ratios [0.001, 0.0003, pad] -> s = exp(0.00065) > 1 + 4e-4: clipped for A = +1.
+    # Row 1: log ratios [0.0001, -0.0001, 0.0003] -> s = exp(0.0001): inside [1 - 3e-4, 1 + 4e-4].
+    old = torch.zeros(2, 3)
+    logprobs = torch.tensor([[0.001, 0.0003, 5.0], [0.0001, -0.0001, 0.0003]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    loss, metrics = gspo_loss(logprobs, old, torch.tensor([1.0, -2.0]), mask)
+    s1 = math.exp(0.0001)
+    expected = torch.tensor([[-(1 + 4e-4), -(1 + 4e-4), 0.0], [2 * s1, 2 * s1, 2 * s1]])
+    torch.testing.assert_close(loss, expected.float())
+    torch.testing.assert_close(metrics["clip_fraction"], torch.tensor(2 / 5))
+    torch.testing.assert_close(metrics["ratio_mean"], torch.tensor((2 * math.exp(0.00065) + 3 * s1) / 5))
+
+
+def _gspo_sequence_objective(logprobs, old, adv, mask, low=3e-4, high=4e-4):
+    """The paper's objective written at sequence level, without any stop-gradient trick."""
+    m = mask.float()
+    s = torch.exp(((logprobs - old) * m).sum(-1) / m.sum(-1))
+    return -torch.minimum(s * adv, s.clamp(1 - low, 1 + high) * adv).mean()
+
+
+def test_gspo_gradient_matches_the_sequence_level_objective():
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 2
+    # Row 0 stays inside the clip range, row 1 is outside it (A > 0: no gradient), row 2 below (A < 0).
+    delta = torch.tensor([[1e-4, -2e-4, 1e-4, 0.0], [5e-3, 5e-3, 5e-3, 5e-3], [-5e-3, -5e-3, -5e-3, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.5, 1.0, -0.7], dtype=torch.float64)
+
+    a = (old + delta).requires_grad_(True)
+    loss, _ = gspo_loss(a, old, adv, mask)
+    aggregate_loss(loss, mask, "seq-mean-token-mean").backward()
+
+    b = (old + delta).requires_grad_(True)
+    _gspo_sequence_objective(b, old, adv, mask).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    # Hand-derived: d/dlogp_it = -A_i s_i / (|y_i| B) inside the range, 0 for the clipped rows.
+    s0 = math.exp(delta[0].sum().item() / 4)
+    torch.testing.assert_close(a.grad[0], torch.full((4,), -1.5 * s0 / (4 * 3), dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    assert torch.equal(a.grad[1:], torch.zeros(2, 4, dtype=a.grad.dtype))
+
+    # Finite differences on one token of row 0.
+    eps = 1e-6
+    plus, minus = (old + delta).clone(), (old + delta).clone()
+    plus[0, 1] += eps
+    minus[0, 1] -= eps
+    fd = (_gspo_sequence_objective(plus, old, adv, mask) - _gspo_sequence_objective(minus, old, adv, mask)) / (2 * eps)
+    assert a.grad[0, 1].item() == pytest.approx(fd.item(), rel=1e-4)
+
+
+def test_every_policy_loss_takes_the_common_keywords():
+    options = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, dual_clip_c=0.0, gspo_clip_low=3e-4, gspo_clip_high=4e-4)
+    for name in POLICY_LOSSES.names():
+        loss, metrics = POLICY_LOSSES.get(name)(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3), **options)
+        assert loss.shape == (2, 3) and {"clip_fraction", "ratio_mean", "approx_kl"} <= set(metrics), name
+
+
+# ---------------------------------------------------------------- truncated importance sampling
+
+
+def test_truncated_is_weights_by_hand():
+    old = torch.tensor([[math.log(0.5), math.log(0.9), math.log(0.2)]])
+    rollout = torch.tensor([[math.log(0.25), math.log(0.9), math.log(0.4)]])
+    mask = torch.tensor([[1, 1, 0]])
+    # ratios 2, 1, 0.5 (padding) -> capped at 1.5: [1.5, 1, 0].
+    w = truncated_is_weights(old, rollout, mask, cap=1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.5, 1.0, 0.0]]))
+    w = truncated_is_weights(old, rollout, torch.ones(1, 3), cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, 0.5]]))
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="cap"):
+        truncated_is_weights(old, rollout, mask, cap=0.0)

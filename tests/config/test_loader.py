@@ -159,6 +159,26 @@ def test_group_of_one_is_rejected_for_grpo():
     assert "rollout.group_size=1 must be >= 2" in error_of(overrides=["rollout.group_size=1"])
 
 
+def test_algorithm_family_checks():
+    message = error_of(overrides=[
+        "algorithm.dual_clip_c=0.5", "algorithm.overlong_buffer=128", "algorithm.max_sampling_rounds=0",
+        "algorithm.overlong_penalty=-1", "algorithm.gspo_clip_low=1.5",
+    ])
+    for fragment in ["algorithm.dual_clip_c=0.5 must be 0 (off) or > 1", "algorithm.overlong_buffer=128 must be >= 0 "
+                     "and < rollout.max_new_tokens=128", "algorithm.max_sampling_rounds=0 must be >= 1",
+                     "algorithm.overlong_penalty=-1.0", "algorithm.gspo_clip_low=1.5"]:
+        assert fragment in message
+    assert "only applies to algorithm.policy_loss=ppo_clip" in error_of(
+        overrides=["algorithm.policy_loss=gspo", "algorithm.dual_clip_c=3"])
+    assert "algorithm.advantage=rloo" in error_of(overrides=["algorithm.advantage=rloo", "rollout.group_size=1",
+                                                              "rollout.batch_size=8", "trainer.mini_batch_size=8"])
+    assert "dynamic_sampling=true needs rollout.group_size >= 2" in error_of(overrides=[
+        "algorithm.advantage=reinforce_plus_plus", "algorithm.dynamic_sampling=true", "rollout.group_size=1"])
+    cfg = load_config(GRPOConfig, overrides=["algorithm.advantage=reinforce_plus_plus", "rollout.group_size=1",
+                                             "algorithm.policy_loss=gspo", "algorithm.overlong_buffer=32"])
+    assert cfg.algorithm.advantage == "reinforce_plus_plus"
+
+
 def test_data_paths_checked(tmp_path):
     message = error_of(overrides=["data.task=prompts", f"data.train_path={tmp_path / 'missing.jsonl'}"])
     assert "data.train_path=" in message and "does not exist" in message

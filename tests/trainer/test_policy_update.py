@@ -54,3 +54,57 @@ def test_micro_batch_split_does_not_change_the_update(mode):
     assert m_whole["grad_norm"] == pytest.approx(m_split["grad_norm"], rel=1e-5)
     assert m_whole["kl"] == pytest.approx(m_split["kl"], rel=1e-5)
     assert not torch.equal(next(base.parameters()), next(whole.parameters()))
+
+
+def _update_kept(model, micro_batch_size, mode, samples):
+    """Dynamic sampling kept 6 of rollout.batch_size=8 completions; mini-batches of 4 -> [4, 2]."""
+    cfg = GRPOConfig()
+    cfg.rollout.batch_size, cfg.trainer.mini_batch_size = 8, 4
+    cfg.rollout.max_new_tokens = 16
+    cfg.trainer.micro_batch_size = micro_batch_size
+    cfg.trainer.lr = 1e-2
+    cfg.trainer.adam_eps = 1.0
+    cfg.trainer.lr_scheduler = "linear"
+    cfg.algorithm.loss_agg_mode = mode
+    optimizer = build_optimizer(model, cfg.trainer)
+    scheduler = build_scheduler(optimizer, cfg.trainer, 4)
+    metrics = policy_update(model, optimizer, scheduler, samples, cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+    return model, metrics, scheduler
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_fewer_kept_samples_and_masked_samples_keep_split_invariance(mode):
+    samples = _samples()[:6]
+    samples[1].trainable = False  # e.g. a truncated completion with algorithm.mask_truncated
+    base = make_tiny_llama(make_tokenizer())
+    whole, m_whole, sched = _update_kept(copy.deepcopy(base), 4, mode, copy.deepcopy(samples))
+    split, m_split, _ = _update_kept(copy.deepcopy(base), 1, mode, copy.deepcopy(samples))
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert m_whole["loss/policy"] == pytest.approx(m_split["loss/policy"], rel=1e-5, abs=1e-7)
+    # Two optimizer steps were taken, but the schedule advanced by the configured 8 / 4 = 2 steps as well.
+    assert sched.last_epoch == 2
+
+
+def test_masked_sample_gets_no_gradient():
+    base = make_tiny_llama(make_tokenizer())
+    samples = _samples()[:1]
+    samples[0].trainable = False
+    model, metrics, sched = _update_kept(copy.deepcopy(base), 4, "token-mean", samples)
+    assert metrics["loss/policy"] == 0.0 and metrics["grad_norm"] == 0.0
+    for (name, a), b in zip(model.named_parameters(), base.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert sched.last_epoch == 2  # one mini-batch taken, the schedule still follows the step
+
+
+def test_per_token_advantages_are_used():
+    # A per-token list equal to the scalar broadcast gives the same update.
+    base = make_tiny_llama(make_tokenizer())
+    scalar = _samples()
+    per_token = _samples()
+    for s in per_token:
+        s.advantage = [s.advantage] * len(s.response_ids)
+    m1, _, _ = _update_kept(copy.deepcopy(base), 4, "token-mean", scalar)
+    m2, _, _ = _update_kept(copy.deepcopy(base), 4, "token-mean", per_token)
+    for (name, x), y in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(x, y, msg=name)

@@ -1,0 +1,194 @@
+"""LoRA adapters (Hu et al. 2021, arXiv 2106.09685) through peft: wrap, disable, load, merge.
+
+With ``model.lora.r > 0`` the base weights are frozen and only low-rank adapters train. The base
+model then doubles as the frozen reference (adapters disabled), checkpoints hold the adapter
+only, and ``posttrain merge`` folds an adapter into its base for a plain Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from posttrain.config.schema import LoRAConfig, ModelConfig
+from posttrain.errors import PosttrainError
+
+logger = logging.getLogger("posttrain.models")
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ALL_LINEAR = "all-linear"
+
+
+def lora_enabled(cfg: ModelConfig) -> bool:
+    return cfg.lora.r > 0
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a peft adapter (adapter_config.json)."""
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct last name parts of the model's linear layers (what target_modules names), sorted."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    if targets == [ALL_LINEAR]:
+        return
+    names = [name for name, _ in model.named_modules()]
+    # peft matches a target against a module name or its dotted suffix ("q_proj", "self_attn.q_proj").
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise PosttrainError(
+            f"model.lora.target_modules names modules this model does not have: {', '.join(missing)}. "
+            f"Its linear layers are: {', '.join(linear_module_names(model))} "
+            f"(or use model.lora.target_modules=[{ALL_LINEAR}])."
+        )
+
+
+def _prepare_base(model: torch.nn.Module) -> None:
+    # With a frozen base, the embedding output does not require grad; gradient checkpointing then
+    # has nothing to backpropagate through unless the inputs are marked as requiring it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5.x renames it is_activation_checkpointing
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        model.enable_input_require_grads()
+
+
+def apply_lora(model: torch.nn.Module, lora_cfg: LoRAConfig) -> torch.nn.Module:
+    """Wrap ``model`` in fresh LoRA adapters (B = 0, so it computes exactly what it did before);
+    freezes every base parameter. Returns the peft model (it holds ``model``'s modules, no copy)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lora_cfg.target_modules)
+    _check_targets(model, targets)
+    _prepare_base(model)
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft probes deprecated transformers attributes
+        peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("LoRA r=%d alpha=%g on %s: %d of %d parameters train (%.2f%%)", lora_cfg.r, lora_cfg.alpha,
+                ", ".join(targets), trainable, total, 100.0 * trainable / max(total, 1))
+    return peft_model
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, trainable: bool = True) -> torch.nn.Module:
+    """Wrap the base ``model`` with the adapter saved in ``adapter_dir`` (trainable for resume)."""
+    from peft import PeftModel
+
+    _prepare_base(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise PosttrainError(
+                f"Could not load the LoRA adapter in '{adapter_dir}' onto model.path ({exc}). The base model "
+                "must be the one the adapter was trained on."
+            ) from exc
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base: adapters off, eval mode (no dropout). A no-op wrapper for
+    models without adapters. This is the LoRA reference model: no second copy of the weights."""
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def run_model_config(checkpoint: str | Path) -> ModelConfig | None:
+    """The ``model`` section of the run that wrote ``checkpoint`` (<run>/checkpoints/<ckpt>), if any."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_file = Path(checkpoint).resolve().parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return None
+
+    try:
+        section = OmegaConf.load(config_file).get("model")
+        if section is None:
+            return None
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), section))  # type: ignore[return-value]
+    except (OmegaConfBaseException, ValueError, OSError) as exc:
+        raise PosttrainError(f"Cannot read the model section of {config_file} ({exc}); pass --model-path.") from exc
+
+
+def merge_adapter_checkpoint(checkpoint: str | Path, output_dir: str | Path, model_path: str | None = None,
+                             device: str = "cpu") -> Path:
+    """Load base + adapter, fold the adapter into the base weights, save a full Hugging Face folder.
+
+    The base is ``model_path`` when given, else the ``model`` section of the run's config.yaml
+    (so embedded, GGUF and hub bases work), else the adapter's own ``base_model_name_or_path``."""
+    import json
+
+    from posttrain.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_device
+
+    checkpoint = Path(checkpoint)
+    if not is_adapter_checkpoint(checkpoint):
+        raise PosttrainError(
+            f"'{checkpoint}' is not a LoRA adapter checkpoint ({ADAPTER_CONFIG_FILE} is missing). Pass an "
+            "adapter folder such as runs/NAME/checkpoints/adapter_step_000050."
+        )
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise PosttrainError(f"--output '{output_dir}' exists and is not empty; choose a new folder.")
+    run_cfg = None if model_path else run_model_config(checkpoint)
+    cfg = run_cfg or ModelConfig()
+    if model_path:
+        cfg.path, cfg.gguf_file = model_path, ""
+    elif run_cfg is None:
+        base = json.loads((checkpoint / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+        if not base:
+            raise PosttrainError(f"No run config.yaml next to '{checkpoint}' and no base model recorded in the "
+                                 "adapter: pass --model-path.")
+        cfg.path = base
+    cfg.gradient_checkpointing = False  # it would save use_cache=false into the merged config
+    cfg.lora = LoRAConfig()  # load the plain base; the adapter comes from the checkpoint
+    model, _ = load_model_and_tokenizer(cfg, resolve_device(device))
+    peft_model = load_adapter(model, checkpoint, trainable=False)
+    merged = peft_model.merge_and_unload()
+    # The checkpoint's tokenizer is the one the adapter trained with (same as the base's).
+    tokenizer = load_tokenizer(str(checkpoint), cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    logger.info("Merged %s into %s: %s", checkpoint, cfg.path, output_dir)
+    return output_dir
+
+
+def checkpoint_prefix(model: torch.nn.Module) -> str:
+    """Checkpoint folder prefix for ``model``: ``adapter_step`` for a LoRA (peft) model, else ``step``."""
+    from posttrain.checkpoint.manager import ADAPTER_STEP_PREFIX, STEP_PREFIX
+
+    return ADAPTER_STEP_PREFIX if is_peft_model(model) else STEP_PREFIX
