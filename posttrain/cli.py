@@ -37,6 +37,13 @@ examples:
   posttrain dpo data.train_path=hf:HuggingFaceH4/ultrafeedback_binarized data.split=train_prefs
   posttrain dpo data.train_path=pairs.jsonl algorithm.loss_type=ipo algorithm.beta=0.5
   posttrain dpo --resume runs/dpo-20261123-101500  # continue from its latest checkpoint
+""", "ppo": """\
+examples:
+  posttrain ppo                                    # SmolLM2-135M-Instruct + a critic on the arithmetic task
+  posttrain ppo --config ppo                       # the PPO preset (KL-shaped rewards, critic warm-up)
+  posttrain ppo critic.lr=2e-5 critic.warmup_steps=5 algorithm.kl_coef=0.02
+  posttrain ppo critic.path=HuggingFaceTB/SmolLM2-360M-Instruct  # a larger critic than the policy
+  posttrain ppo --resume runs/ppo-20261123-101500  # continue from its latest checkpoint
 """}
 
 
@@ -57,6 +64,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "train a policy with DPO on preference pairs",
         "Train a causal LM with Direct Preference Optimization on (prompt, chosen, rejected) pairs.",
         "posttrain.trainer.dpo:train",
+    ),
+    "ppo": (
+        "train a policy with PPO and a learned critic",
+        "Train a causal LM with PPO: a value model (critic) and GAE advantages, rewards shaped with a per-token KL.",
+        "posttrain.trainer.ppo:train",
     ),
 }
 

@@ -32,6 +32,13 @@ from posttrain.algorithms.losses import (
     truncated_is_weights,
 )
 from posttrain.algorithms.shaping import informative_groups, overlong_penalty
+from posttrain.algorithms.value import (
+    compute_gae,
+    compute_gae_advantages,
+    explained_variance,
+    rlhf_token_rewards,
+    value_loss,
+)
 from posttrain.algorithms.preference import (
     PREFERENCE_LOSSES,
     dpo_loss,
@@ -48,12 +55,15 @@ __all__ = [
     "PREFERENCE_LOSSES",
     "Registry",
     "aggregate_loss",
+    "compute_gae",
+    "compute_gae_advantages",
     "compute_grpo_advantages",
     "compute_reinforce_pp_advantages",
     "compute_reinforce_pp_baseline_advantages",
     "compute_rloo_advantages",
     "dpo_loss",
     "entropy_from_logits",
+    "explained_variance",
     "folds_kl_into_reward",
     "get_advantage_estimator",
     "get_policy_loss",
@@ -64,7 +74,9 @@ __all__ = [
     "normalize_advantages",
     "overlong_penalty",
     "ppo_clip_loss",
+    "rlhf_token_rewards",
     "sequence_logps",
     "truncated_is_weights",
     "uses_length_average",
+    "value_loss",
 ]

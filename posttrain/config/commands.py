@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from posttrain.config.dpo_schema import DPOConfig
+from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import GRPOConfig
 from posttrain.config.sft_schema import SFTConfig
 
@@ -10,4 +11,5 @@ SCHEMAS: dict[str, type] = {
     "grpo": GRPOConfig,
     "sft": SFTConfig,
     "dpo": DPOConfig,
+    "ppo": PPOConfig,
 }

@@ -1,0 +1,392 @@
+"""The PPO recipe (with a learned critic). Read ``train`` top to bottom: build the parts (the
+policy as in GRPO plus a value model and its own optimizer), then per step
+sample prompts -> generate -> score -> reference logprobs (kl_coef > 0) -> values from the
+critic -> GAE on KL-shaped per-token rewards -> policy update (GRPO's, with per-token advantages;
+skipped during critic warm-up) and critic update -> log, validate, checkpoint.
+
+The building blocks (Rollouts, policy_update, reference logprobs, shaping metrics) are GRPO's."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms import (
+    aggregate_loss,
+    compute_gae,
+    explained_variance,
+    kl_penalty,
+    normalize_advantages,
+    overlong_penalty,
+    rlhf_token_rewards,
+    value_loss,
+)
+from posttrain.checkpoint.manager import CheckpointManager, _torch_load
+from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.ppo_schema import PPOConfig
+from posttrain.config.schema import LoRAConfig
+from posttrain.data.prompts import load_prompt_data
+from posttrain.data.sampler import EpochSampler
+from posttrain.envs.registry import check_env_kwargs, check_required_metadata, resolve_env_class
+from posttrain.envs.reward_pool import RewardPool
+from posttrain.logging.metrics import MetricsLogger, format_console_line
+from posttrain.logging.progress import ProgressBar
+from posttrain.models import encode_prompts, load_model_and_tokenizer, make_reference_model, model_source
+from posttrain.models import resolve_compute_dtype, resolve_device
+from posttrain.models.loading import load_model
+from posttrain.models.lora import checkpoint_prefix, is_peft_model
+from posttrain.models.value_model import ValueModel
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf_engine import HFEngine
+from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
+from posttrain.trainer.grpo import Rollouts, _fill_reference_logprobs, _shaping_metrics, policy_update
+from posttrain.trainer.interrupt import InterruptGuard
+from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
+from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
+from posttrain.trainer.validation import validate
+
+logger = logging.getLogger("posttrain.trainer")
+
+CRITIC_SUBDIR = "critic"
+CRITIC_OPTIMIZER_FILE = "optimizer.pt"
+CRITIC_SCHEDULER_FILE = "scheduler.pt"
+
+
+def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
+    """Run PPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
+    env_cls = resolve_env_class(cfg.env.cls)
+    check_env_kwargs(env_cls, cfg.env.kwargs)
+    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
+    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "ppo")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_to_file(output_dir / "train.log")
+    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    logger.info("Run folder: %s", output_dir)
+    seed_everything(cfg.seed)
+
+    # ---- build the parts: data, policy (+ reference), critic, engine, both optimizers
+    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
+    if cfg.validation.max_prompts:
+        val_examples = val_examples[: cfg.validation.max_prompts]
+    check_required_metadata(env_cls, train_examples, "training prompts")
+    check_required_metadata(env_cls, val_examples, "validation prompts")
+    device = resolve_device(cfg.model.device)
+    compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
+    reference = None
+    if cfg.algorithm.kl_coef > 0 and not is_peft_model(model):
+        reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
+    critic = build_critic(cfg, model, device, resume_ckpt)
+    encode = dict(tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template,
+                  system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
+    val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
+    engine = HFEngine(model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, compute_dtype=compute_dtype)
+    group_size = cfg.rollout.group_size
+    sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
+    optimizer_steps = cfg.trainer.max_steps * cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
+    optimizer = build_optimizer(model, cfg.trainer)
+    scheduler = build_scheduler(optimizer, cfg.trainer, optimizer_steps)
+    critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)  # AdamW settings and schedule of trainer
+    critic_optimizer = build_optimizer(critic, critic_trainer)
+    critic_scheduler = build_scheduler(critic_optimizer, critic_trainer, optimizer_steps)
+    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
+    start_step = 0
+    if resume_ckpt is not None:
+        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
+        load_critic_optimizer(resume_ckpt / CRITIC_SUBDIR, critic_optimizer, critic_scheduler, device)
+        follow_schedule(critic_optimizer, critic_scheduler, cfg.critic.lr)
+        start_step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+    sampling = SamplingParams(n=group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
+    algo = cfg.algorithm
+    val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
+
+    with contextlib.ExitStack() as stack:
+        rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s))
+        metrics_log = stack.enter_context(
+            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
+        )
+        progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
+        stack.callback(progress.close)
+        guard = stack.enter_context(InterruptGuard())
+
+        def run_validation(step: int) -> None:
+            progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
+            val = validate(engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
+                           print_samples=cfg.validation.print_samples, write=progress.write)
+            metrics_log.log(step, val)
+            progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
+
+        def generate_and_score() -> Rollouts:
+            """The sampler's next prompts -> ``group_size`` completions each -> rewards (as in GRPO)."""
+            start = time.perf_counter()
+            batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
+            groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
+            completions = [c for group in groups for c in group]
+            prompts = [p for p in batch_prompts for _ in range(group_size)]
+            generated = time.perf_counter()
+            message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
+            scored = rewards.score(message_logs, [p.metadata for p in prompts])
+            lengths = torch.tensor([len(c.token_ids) for c in completions])
+            shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+            return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
+                            scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
+
+        completed = start_step
+        sampler_state = sampler.state_dict()
+
+        def save_checkpoint() -> None:
+            path = checkpoints.save(
+                completed, PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer),
+                tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
+                optimizer if cfg.checkpoint.save_optimizer else None,
+                scheduler if cfg.checkpoint.save_optimizer else None,
+            )
+            progress.write(f"saved checkpoint {path}")
+
+        try:
+            if cfg.validation.at_start and start_step == 0 and val_prompts:
+                run_validation(0)
+            for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+                step_start = time.perf_counter()
+                seed_everything(cfg.seed * 1_000_003 + step)  # sampling independent of the past: exact resume
+
+                # ---- rollouts and rewards
+                rollouts = generate_and_score()
+                _, env_metrics = rewards.post_process(
+                    {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
+                )
+                samples = [
+                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"))
+                    for p, c, r in zip(rollouts.prompts, rollouts.completions, rollouts.shaped_rewards.tolist())
+                ]
+
+                # ---- reference logprobs, values, GAE
+                if algo.kl_coef > 0:
+                    _fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                old_values = critic_values(critic, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
+                t_scored = time.perf_counter()
+
+                # ---- policy update (not during critic warm-up) and critic update
+                with guard.deferred():
+                    warming_up = step <= cfg.critic.warmup_steps
+                    # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
+                    update_metrics = policy_update(model, optimizer, scheduler, [] if warming_up else samples, cfg,
+                                                   tokenizer.pad_token_id, device, engine.autocast)
+                    critic_metrics = critic_update(critic, critic_optimizer, critic_scheduler, samples, targets, cfg,
+                                                   tokenizer.pad_token_id, device, engine.autocast)
+                    t_trained = time.perf_counter()
+
+                    completions = rollouts.completions
+                    num_response_tokens = sum(len(c.token_ids) for c in completions)
+                    rewards_t = rollouts.rewards
+                    step_metrics = {
+                        "reward/mean": rewards_t.mean().item(),
+                        "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
+                        **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
+                        "reward/errors": float(sum(e is not None for e in rollouts.errors)),
+                        **({"reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item()}
+                           if group_size > 1 else {}),
+                        "response/length_mean": num_response_tokens / len(completions),
+                        "response/length_max": float(max(len(c.token_ids) for c in completions)),
+                        "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                        **_shaping_metrics(cfg, rollouts, rollouts, samples, 1, group_size),
+                        **update_metrics,
+                        **targets.metrics,
+                        **critic_metrics,
+                        "critic/warmup": float(warming_up),
+                        "lr": scheduler.get_last_lr()[0],
+                        "critic/lr": critic_scheduler.get_last_lr()[0],
+                        "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
+                        "perf/gen_tokens_per_s": num_response_tokens / rollouts.generate_s,
+                        "time/generate": rollouts.generate_s,
+                        "time/score": t_scored - step_start - rollouts.generate_s,
+                        "time/train": t_trained - t_scored,
+                        "time/step": t_trained - step_start,
+                        "data/epoch": float(sampler.epoch),
+                    }
+                    metrics_log.log(step, step_metrics)
+                    completed, sampler_state = step, sampler.state_dict()
+
+                progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
+                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                    progress.write(format_console_line(step, cfg.trainer.max_steps, step_metrics))
+                if cfg.validation.every and step % cfg.validation.every == 0 and step != cfg.trainer.max_steps:
+                    run_validation(step)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.trainer.max_steps:
+                    save_checkpoint()
+
+            if cfg.validation.at_end and val_prompts and completed > start_step:
+                run_validation(completed)
+            save_checkpoint()
+        except KeyboardInterrupt:
+            if completed > start_step:
+                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
+                save_checkpoint()
+            else:
+                progress.write("interrupted before a step completed: no new checkpoint to save")
+            raise
+    return output_dir
+
+
+def build_critic(cfg: PPOConfig, policy: torch.nn.Module, device: torch.device, resume_ckpt: Path | None) -> ValueModel:
+    """The critic of a checkpoint when resuming; else a copy of the policy's starting weights
+    (critic.path empty), or the transformer of critic.path. Always fully trained (no LoRA)."""
+    if resume_ckpt is not None:
+        return ValueModel.load(resume_ckpt / CRITIC_SUBDIR, device, cfg.model.attn_implementation)
+    if not cfg.critic.path and not is_peft_model(policy):
+        return ValueModel.from_causal_lm(policy)
+    # A LoRA policy's modules hold adapters, so the critic loads the base weights afresh.
+    critic_model = dataclasses.replace(cfg.model, path=cfg.critic.path or cfg.model.path,
+                                       gguf_file="" if cfg.critic.path else cfg.model.gguf_file, lora=LoRAConfig())
+    return ValueModel(load_model(model_source(critic_model), critic_model, device).base_model)
+
+
+class PolicyWithCritic:
+    """What the checkpoint manager saves as "the model": the policy in the checkpoint folder and
+    the critic (with its optimizer and scheduler) in ``<ckpt>/critic/``, inside the same atomic write."""
+
+    def __init__(self, policy, critic: ValueModel, optimizer, scheduler, save_optimizer: bool) -> None:
+        self.policy, self.critic = policy, critic
+        self.optimizer, self.scheduler, self.save_optimizer = optimizer, scheduler, save_optimizer
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.policy.save_pretrained(folder)
+        critic_dir = Path(folder) / CRITIC_SUBDIR
+        self.critic.save(critic_dir)
+        if self.save_optimizer:
+            torch.save(self.optimizer.state_dict(), critic_dir / CRITIC_OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), critic_dir / CRITIC_SCHEDULER_FILE)
+
+
+def load_critic_optimizer(critic_dir: Path, optimizer, scheduler, device) -> None:
+    optimizer.load_state_dict(_torch_load(critic_dir / CRITIC_OPTIMIZER_FILE, device))
+    scheduler.load_state_dict(_torch_load(critic_dir / CRITIC_SCHEDULER_FILE, device))
+
+
+@torch.no_grad()
+def critic_values(critic: ValueModel, samples: list[Sample], cfg: PPOConfig, pad_token_id: int, device, autocast) -> torch.Tensor:
+    """``(N, W)`` values of every sample's response tokens (W: the longest response), 0 on padding, on CPU."""
+    width = max([len(s.response_ids) for s in samples] + [1])
+    out = torch.zeros((len(samples), width))
+    critic.eval()
+    row = 0
+    for micro_batch in chunks(samples, cfg.critic.micro_batch_size or cfg.trainer.micro_batch_size):
+        batch = collate(micro_batch, pad_token_id, device)
+        with autocast():
+            values = critic(batch.tokens)
+        values = (values.float() * batch.tokens.response_mask).cpu()
+        out[row : row + len(micro_batch), : values.shape[1]] = values
+        row += len(micro_batch)
+    return out
+
+
+@dataclasses.dataclass
+class ValueTargets:
+    """What the critic update regresses on: the values at sampling time and the GAE returns, ``(N, W)``."""
+
+    old_values: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+    metrics: dict[str, float]
+
+
+def assign_gae_advantages(samples: list[Sample], rewards: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> ValueTargets:
+    """Set every sample's per-token advantages (GAE on KL-shaped rewards, whitened if configured)
+    and return the critic's targets. Untrainable samples get zero advantages and no value loss."""
+    algo = cfg.algorithm
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    width = values.shape[1]
+    trainable = torch.tensor([s.trainable for s in samples])
+    mask = (torch.arange(width) < lengths[:, None]) & trainable[:, None]
+    token_kl = None
+    if algo.kl_coef > 0:
+        old = pad_rows([s.old_logprobs for s in samples], width, "cpu")
+        ref = pad_rows([s.ref_logprobs for s in samples], width, "cpu")
+        token_kl = kl_penalty(old, ref, algo.kl_estimator)
+    token_rewards = rlhf_token_rewards(rewards, mask, token_kl, algo.kl_coef)
+    advantages, returns = compute_gae(token_rewards, values, mask, gamma=cfg.critic.gamma, lam=cfg.critic.lam)
+    raw = advantages[mask]
+    metrics = {
+        "critic/values_mean": masked_mean(values, mask),
+        "critic/returns_mean": masked_mean(returns, mask),
+        "critic/advantages_mean": raw.mean().item() if raw.numel() else 0.0,
+        "critic/advantages_std": raw.std().item() if raw.numel() > 1 else 0.0,
+        "critic/explained_variance": explained_variance(values, returns, mask),
+    }
+    if algo.whiten_advantages:
+        advantages = normalize_advantages(advantages, mask)
+    for s, row in zip(samples, advantages.tolist()):
+        s.advantage = row[: len(s.response_ids)]
+    return ValueTargets(values, returns, mask.float(), metrics)
+
+
+def critic_update(
+    critic: ValueModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    samples: list[Sample],
+    targets: ValueTargets,
+    cfg: PPOConfig,
+    pad_token_id: int,
+    device: torch.device,
+    autocast,
+) -> dict[str, float]:
+    """The policy update's loop for the critic: ``ppo_epochs`` x mini-batches x micro-batches, each
+    micro-batch's value loss normalised by its mini-batch's token count (token-mean), so
+    accumulated gradients equal the mini-batch's whatever ``critic.micro_batch_size`` is."""
+    trainer = cfg.trainer
+    micro_size = cfg.critic.micro_batch_size or trainer.micro_batch_size
+    indices = list(range(len(samples)))
+    sums: dict[str, float] = {}
+    num_tokens_total = 0.0
+    losses, grad_norms = [], []
+    critic.train()
+    for _ in range(cfg.algorithm.ppo_epochs):
+        for mini_batch in chunks(indices, trainer.mini_batch_size):
+            num_tokens = float(max(targets.mask[mini_batch].sum().item(), 1))
+            optimizer.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            for micro_batch in chunks(mini_batch, micro_size):
+                batch = collate([samples[i] for i in micro_batch], pad_token_id, device)
+                width = batch.tokens.response_len
+                mask = targets.mask[micro_batch, :width].to(device)
+                with autocast():
+                    values = critic(batch.tokens)
+                per_token, metrics = value_loss(
+                    values, targets.old_values[micro_batch, :width].to(device), targets.returns[micro_batch, :width].to(device),
+                    mask, clip_range=cfg.critic.value_clip,
+                )
+                loss = aggregate_loss(per_token, mask, "token-mean", num_tokens=num_tokens, num_sequences=1.0, norm_length=1.0)
+                loss.backward()
+                loss_total += loss.item()
+                micro_tokens = mask.sum().item()
+                num_tokens_total += micro_tokens
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
+            max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm).item()
+            losses.append(loss_total)
+            if math.isfinite(grad_norm):
+                grad_norms.append(grad_norm)
+                optimizer.step()
+            else:
+                logger.warning("non-finite critic gradient norm; critic optimizer step skipped")
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    denom = max(num_tokens_total, 1.0)
+    out = {f"critic/{k}": v / denom for k, v in sums.items() if k != "values_mean"}
+    out["critic/value_loss"] = sum(losses) / len(losses)
+    out["critic/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    return out
