@@ -51,7 +51,7 @@ def test_grpo_lora_reference_is_the_base_without_a_copy_and_resume_is_exact(tmp_
         for micro_batch in chunks(samples, 4):
             batch = collate(micro_batch, pad_token_id, device)
             with torch.no_grad():
-                expected, _ = response_logprobs(base, batch.tokens, temperature=cfg.rollout.temperature)
+                expected, _ = response_logprobs(base.to(device), batch.tokens, temperature=cfg.rollout.temperature)
             for i, s in enumerate(micro_batch):
                 assert s.ref_logprobs == pytest.approx(expected[i, : len(s.response_ids)].tolist(), abs=1e-5)
         checked.append(len(samples))
