@@ -35,6 +35,7 @@ from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.models import (
+    TokenizedPrompt,
     encode_prompts,
     load_model_and_tokenizer,
     make_reference_model,
@@ -142,22 +143,6 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             metrics_log.log(step, val)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
 
-        def generate_and_score() -> Rollouts:
-            """One round: the sampler's next prompts -> a group of completions each -> rewards."""
-            start = time.perf_counter()
-            batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
-            groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
-            completions = [c for group in groups for c in group]
-            prompts = [p for p in batch_prompts for _ in range(group_size)]
-            generated = time.perf_counter()
-            message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
-            scored = rewards.score(message_logs, [p.metadata for p in prompts])
-            # DAPO overlong shaping: the advantages (and dynamic sampling) see the shaped rewards.
-            lengths = torch.tensor([len(c.token_ids) for c in completions])
-            shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
-            return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
-                            scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
-
         completed = start_step
         sampler_state = sampler.state_dict()
 
@@ -180,10 +165,10 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
 
                 # ---- rollouts and rewards (worker processes). Dynamic sampling (DAPO) drops groups
                 # whose rewards are all equal and draws more rounds of prompts to refill the batch.
-                rounds = [generate_and_score()]
+                rounds = [generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)]
                 while (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
                        and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds) < target_groups):
-                    rounds.append(generate_and_score())
+                    rounds.append(generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg))
                 rollouts = Rollouts.concat(rounds)  # everything generated: the step's reward metrics
                 batch = rollouts.keep_informative_groups(group_size, target_groups) if algo.dynamic_sampling else rollouts
                 _, env_metrics = rewards.post_process(
@@ -196,7 +181,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                     for p, c, r in zip(batch.prompts, batch.completions, batch.shaped_rewards.tolist())
                 ]
                 if cfg.algorithm.kl_coef > 0:
-                    _fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                    fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 assign_advantages(estimator, samples, batch.shaped_rewards, cfg)
                 t_scored = time.perf_counter()
                 if not samples:
@@ -221,7 +206,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                         "response/length_mean": num_response_tokens / len(completions),
                         "response/length_max": float(max(len(c.token_ids) for c in completions)),
                         "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                        **_shaping_metrics(cfg, rollouts, batch, samples, len(rounds), group_size),
+                        **shaping_metrics(cfg, rollouts, batch, samples, len(rounds), group_size),
                         **update_metrics,
                         "lr": scheduler.get_last_lr()[0],
                         "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
@@ -324,7 +309,7 @@ def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch
         s.advantage = row[: len(s.response_ids)]
 
 
-def _shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, samples: list[Sample],
+def shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, samples: list[Sample],
                      num_rounds: int, group_size: int) -> dict[str, float]:
     """Metrics of the DAPO switches that are on."""
     algo, out = cfg.algorithm, {}
@@ -336,6 +321,31 @@ def _shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, sampl
         out["data/sampling_rounds"] = float(num_rounds)
         out["reward/kept_group_fraction"] = len(batch.completions) / len(rollouts.completions)
     return out
+
+
+def generate_and_score(
+    engine: HFEngine,
+    rewards: RewardPool,
+    sampler: EpochSampler,
+    train_prompts: list[TokenizedPrompt],
+    sampling: SamplingParams,
+    cfg: GRPOConfig,
+) -> Rollouts:
+    """One round: the sampler's next prompts -> ``sampling.n`` completions each -> rewards."""
+    start = time.perf_counter()
+    batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
+    groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
+    completions = [c for group in groups for c in group]
+    prompts = [p for p in batch_prompts for _ in range(sampling.n)]
+    generated = time.perf_counter()
+    message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
+    scored = rewards.score(message_logs, [p.metadata for p in prompts])
+    # DAPO overlong shaping: the advantages (and dynamic sampling) see the shaped rewards.
+    algo = cfg.algorithm
+    lengths = torch.tensor([len(c.token_ids) for c in completions])
+    shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+    return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
+                    scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
 
 
 def policy_update(
@@ -441,7 +451,7 @@ def policy_update(
 
 
 @torch.no_grad()
-def _fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
+def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
     """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled."""
     with adapters_disabled(reference):
         for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):

@@ -23,7 +23,6 @@ from posttrain.algorithms import (
     explained_variance,
     kl_penalty,
     normalize_advantages,
-    overlong_penalty,
     rlhf_token_rewards,
     value_loss,
 )
@@ -45,7 +44,7 @@ from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
-from posttrain.trainer.grpo import Rollouts, _fill_reference_logprobs, _shaping_metrics, policy_update
+from posttrain.trainer.grpo import fill_reference_logprobs, generate_and_score, policy_update, shaping_metrics
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
@@ -127,21 +126,6 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
             metrics_log.log(step, val)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
 
-        def generate_and_score() -> Rollouts:
-            """The sampler's next prompts -> ``group_size`` completions each -> rewards (as in GRPO)."""
-            start = time.perf_counter()
-            batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
-            groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
-            completions = [c for group in groups for c in group]
-            prompts = [p for p in batch_prompts for _ in range(group_size)]
-            generated = time.perf_counter()
-            message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
-            scored = rewards.score(message_logs, [p.metadata for p in prompts])
-            lengths = torch.tensor([len(c.token_ids) for c in completions])
-            shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
-            return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
-                            scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
-
         completed = start_step
         sampler_state = sampler.state_dict()
 
@@ -162,7 +146,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 seed_everything(cfg.seed * 1_000_003 + step)  # sampling independent of the past: exact resume
 
                 # ---- rollouts and rewards
-                rollouts = generate_and_score()
+                rollouts = generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)
                 _, env_metrics = rewards.post_process(
                     {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
                 )
@@ -173,7 +157,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
 
                 # ---- reference logprobs, values, GAE
                 if algo.kl_coef > 0:
-                    _fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                    fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 old_values = critic_values(critic, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
                 t_scored = time.perf_counter()
@@ -201,7 +185,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                         "response/length_mean": num_response_tokens / len(completions),
                         "response/length_max": float(max(len(c.token_ids) for c in completions)),
                         "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                        **_shaping_metrics(cfg, rollouts, rollouts, samples, 1, group_size),
+                        **shaping_metrics(cfg, rollouts, rollouts, samples, 1, group_size),
                         **update_metrics,
                         **targets.metrics,
                         **critic_metrics,

@@ -39,7 +39,7 @@ def test_grpo_lora_reference_is_the_base_without_a_copy_and_resume_is_exact(tmp_
         raise AssertionError("a LoRA run must not copy the model for the reference")
 
     monkeypatch.setattr(grpo, "make_reference_model", no_copy)
-    original_fill = grpo._fill_reference_logprobs
+    original_fill = grpo.fill_reference_logprobs
     checked = []
 
     def checking_fill(reference, samples, cfg, pad_token_id, device, autocast):
@@ -56,7 +56,7 @@ def test_grpo_lora_reference_is_the_base_without_a_copy_and_resume_is_exact(tmp_
                 assert s.ref_logprobs == pytest.approx(expected[i, : len(s.response_ids)].tolist(), abs=1e-5)
         checked.append(len(samples))
 
-    monkeypatch.setattr(grpo, "_fill_reference_logprobs", checking_fill)
+    monkeypatch.setattr(grpo, "fill_reference_logprobs", checking_fill)
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     assert main(tiny_run_args(model_dir, interrupted, 2, *LORA)) == 0
     assert checked == [8, 8]
