@@ -206,9 +206,9 @@ def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
     (truncated importance sampling, TIS): the weight corrects the mismatch, the cap bounds
     its variance.
 
-    Not wired into the GRPO recipe: the current engine (``rollout/hf_engine.py``) samples with the
-    trainer's own modules, so its rollout logprobs *are* the old logprobs and every weight would
-    be 1. A fast engine will need it.
+    The recipes use it when ``algorithm.is_correction_cap > 0``: the trainer then recomputes the
+    old logprobs and keeps the engine's as rollout logprobs. With the ``hf`` engine, which samples
+    with the trainer's own modules, every weight is 1; engines with their own kernels need it.
 
     Args:
         old_logprobs: ``(N, T)`` log-probabilities of the sampled tokens under the trainer's copy

@@ -318,6 +318,7 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
          f"{r.max_new_tokens} (the penalty ramps up over the last overlong_buffer tokens before the limit; "
          "DAPO: a quarter of the limit).")
     need(a.overlong_penalty >= 0, f"algorithm.overlong_penalty={a.overlong_penalty} must be >= 0.")
+    need(a.is_correction_cap >= 0, f"algorithm.is_correction_cap={a.is_correction_cap} must be >= 0 (0 turns it off; 2.0 is common).")
     need(a.max_sampling_rounds >= 1,
          f"algorithm.max_sampling_rounds={a.max_sampling_rounds} must be >= 1 (rounds of generation per step).")
     need(not a.dynamic_sampling or r.group_size >= 2,

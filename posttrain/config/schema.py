@@ -202,6 +202,14 @@ class AlgorithmConfig:
     gspo_clip_high: float = opt(
         4e-4, "GSPO: the sequence ratio is clipped above at 1 + gspo_clip_high (paper: 4e-4)."
     )
+    is_correction_cap: float = opt(
+        0.0,
+        "Truncated importance sampling (Yao et al. 2025, 'Your efficient RL framework secretly brings "
+        "you off-policy RL training'): when > 0, the trainer recomputes the old logprobs with its own "
+        "forward pass and weights each token's policy loss by min(pi_old / pi_rollout, cap), "
+        "correcting for engine/trainer mismatch; 2.0 is a common cap. 0: off. The 'hf' engine samples "
+        "with the trainer's own weights, so there the weights are 1.",
+    )
     kl_coef: float = opt(
         0.0,
         "Weight of the KL penalty to the frozen reference model. 0 skips the reference model "

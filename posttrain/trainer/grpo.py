@@ -24,6 +24,7 @@ from posttrain.algorithms import (
     informative_groups,
     kl_penalty,
     overlong_penalty,
+    truncated_is_weights,
 )
 from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.config.loader import config_to_dict, config_to_yaml
@@ -182,6 +183,8 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 ]
                 if cfg.algorithm.kl_coef > 0:
                     fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                if cfg.algorithm.is_correction_cap > 0:
+                    recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 assign_advantages(estimator, samples, batch.shaped_rewards, cfg)
                 t_scored = time.perf_counter()
                 if not samples:
@@ -407,6 +410,11 @@ def policy_update(
                     logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
                 )
                 token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
+                if batch.rollout_logprobs is not None:
+                    is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
+                    per_token = per_token * is_weights
+                    token_terms["is_weight"] = is_weights
+                    token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
                 if batch.ref_logprobs is not None:
                     kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
                     if kl_in_loss:
@@ -454,10 +462,29 @@ def policy_update(
 def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
     """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled."""
     with adapters_disabled(reference):
-        for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
-            batch = collate(micro_batch, pad_token_id, device)
-            with autocast():
-                logprobs, _ = response_logprobs(reference, batch.tokens, temperature=cfg.rollout.temperature)
-            logprobs = logprobs.float().cpu()
-            for i, s in enumerate(micro_batch):
-                s.ref_logprobs = logprobs[i, : len(s.response_ids)].tolist()
+        for s, logprobs in zip(samples, _sample_logprobs(reference, samples, cfg, pad_token_id, device, autocast)):
+            s.ref_logprobs = logprobs
+
+
+def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
+    """Truncated IS correction: the trainer's own logprobs become the old logprobs of the ratio;
+    the engine's are kept as rollout logprobs for the importance weight."""
+    was_training = model.training
+    model.eval()
+    try:
+        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg, pad_token_id, device, autocast)):
+            s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> list[list[float]]:
+    out: list[list[float]] = []
+    for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
+        batch = collate(micro_batch, pad_token_id, device)
+        with autocast():
+            logprobs, _ = response_logprobs(model, batch.tokens, temperature=cfg.rollout.temperature)
+        logprobs = logprobs.float().cpu()
+        out += [logprobs[i, : len(s.response_ids)].tolist() for i, s in enumerate(micro_batch)]
+    return out

@@ -44,7 +44,13 @@ from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
-from posttrain.trainer.grpo import fill_reference_logprobs, generate_and_score, policy_update, shaping_metrics
+from posttrain.trainer.grpo import (
+    fill_reference_logprobs,
+    generate_and_score,
+    policy_update,
+    recompute_old_logprobs,
+    shaping_metrics,
+)
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
@@ -158,6 +164,8 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 # ---- reference logprobs, values, GAE
                 if algo.kl_coef > 0:
                     fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                if algo.is_correction_cap > 0:
+                    recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 old_values = critic_values(critic, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
                 t_scored = time.perf_counter()

@@ -20,6 +20,8 @@ class Sample:
     reward: float
     ref_logprobs: list[float] | None = None
     trainable: bool = True  # False: the loss mask of every token is 0 (e.g. DAPO's truncated-sample masking)
+    # The engine's logprobs when old_logprobs were recomputed by the trainer (truncated IS correction).
+    rollout_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -29,6 +31,7 @@ class TrainBatch:
     advantages: torch.Tensor  # (B, R), 0 on padding
     ref_logprobs: torch.Tensor | None  # (B, R)
     loss_mask: torch.Tensor  # (B, R): tokens.response_mask with the rows of untrainable samples zeroed
+    rollout_logprobs: torch.Tensor | None = None  # (B, R)
 
 
 def pad_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
@@ -48,6 +51,9 @@ def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str
         advantages=pad_rows([_per_token(s.advantage, len(s.response_ids)) for s in samples], width, device),
         ref_logprobs=pad_rows([s.ref_logprobs for s in samples], width, device) if has_ref else None,
         loss_mask=tokens.response_mask * torch.tensor([[float(s.trainable)] for s in samples], device=device),
+        rollout_logprobs=(
+            pad_rows([s.rollout_logprobs for s in samples], width, device) if samples[0].rollout_logprobs is not None else None
+        ),
     )
 
 

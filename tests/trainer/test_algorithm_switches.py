@@ -98,3 +98,10 @@ def test_dynamic_sampling_with_no_informative_group_skips_the_update(model_dir, 
     start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     for name, value in final.items():
         torch.testing.assert_close(value, start[name], msg=name)
+
+
+def test_truncated_is_correction_with_the_hf_engine_has_unit_weights(model_dir, tmp_path):
+    m = run(model_dir, tmp_path / "run", "algorithm.is_correction_cap=2.0")[1]
+    # The hf engine samples with the trainer's own weights: its logprobs equal the recomputed ones.
+    assert m["actor/is_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert m["actor/rollout_logprob_diff"] < 1e-4 and m["grad_norm"] > 0

@@ -108,3 +108,28 @@ def test_per_token_advantages_are_used():
     m2, _, _ = _update_kept(copy.deepcopy(base), 4, "token-mean", per_token)
     for (name, x), y in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(x, y, msg=name)
+
+
+def test_truncated_is_correction_weights_the_policy_loss():
+    """With rollout logprobs log(2) below the trainer's, every weight is min(2, cap)."""
+    import math
+
+    def run(rollout_shift, cap):
+        model = make_tiny_llama(make_tokenizer())
+        cfg = GRPOConfig()
+        cfg.rollout.batch_size = cfg.trainer.mini_batch_size = cfg.trainer.micro_batch_size = 8
+        cfg.algorithm.is_correction_cap = cap
+        samples = _samples()
+        for s in samples:
+            s.ref_logprobs = None
+            if rollout_shift is not None:
+                s.rollout_logprobs = [lp - rollout_shift for lp in s.old_logprobs]
+        optimizer = build_optimizer(model, cfg.trainer)
+        return policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 1), samples, cfg, 0,
+                             torch.device("cpu"), contextlib.nullcontext)
+
+    plain = run(None, 0.0)
+    weighted = run(math.log(2.0), 1.5)
+    assert weighted["actor/is_weight"] == pytest.approx(1.5)
+    assert weighted["loss/policy"] == pytest.approx(1.5 * plain["loss/policy"], rel=1e-5)
+    assert weighted["actor/rollout_logprob_diff"] == pytest.approx(math.log(2.0), rel=1e-5)
