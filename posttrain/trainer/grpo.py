@@ -197,18 +197,9 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                     t_trained = time.perf_counter()
 
                     # ---- metrics
-                    completions = rollouts.completions
-                    num_response_tokens = sum(len(c.token_ids) for c in completions)
-                    rewards_t = rollouts.rewards
+                    num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
                     step_metrics = {
-                        "reward/mean": rewards_t.mean().item(),
-                        "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
-                        **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
-                        "reward/errors": float(sum(e is not None for e in rollouts.errors)),
-                        "reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item(),
-                        "response/length_mean": num_response_tokens / len(completions),
-                        "response/length_max": float(max(len(c.token_ids) for c in completions)),
-                        "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                        **rollout_metrics(rollouts, env_metrics, group_size),
                         **shaping_metrics(cfg, rollouts, batch, samples, len(rounds), group_size),
                         **update_metrics,
                         "lr": scheduler.get_last_lr()[0],
@@ -324,6 +315,24 @@ def shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, sample
         out["data/sampling_rounds"] = float(num_rounds)
         out["reward/kept_group_fraction"] = len(batch.completions) / len(rollouts.completions)
     return out
+
+
+def rollout_metrics(rollouts: Rollouts, env_metrics: dict[str, float], group_size: int) -> dict[str, float]:
+    """Reward and response metrics of every completion generated in a step."""
+    completions, rewards = rollouts.completions, rollouts.rewards
+    lengths = [len(c.token_ids) for c in completions]
+    metrics = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
+        "reward/errors": float(sum(e is not None for e in rollouts.errors)),
+        "response/length_mean": sum(lengths) / len(lengths),
+        "response/length_max": float(max(lengths)),
+        "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+    }
+    if group_size > 1:  # groups whose completions all scored the same teach nothing
+        metrics["reward/zero_std_groups"] = (rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item()
+    return metrics
 
 
 def generate_and_score(

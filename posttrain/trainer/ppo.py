@@ -49,6 +49,7 @@ from posttrain.trainer.grpo import (
     generate_and_score,
     policy_update,
     recompute_old_logprobs,
+    rollout_metrics,
     shaping_metrics,
 )
 from posttrain.trainer.interrupt import InterruptGuard
@@ -180,19 +181,9 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                                                    tokenizer.pad_token_id, device, engine.autocast)
                     t_trained = time.perf_counter()
 
-                    completions = rollouts.completions
-                    num_response_tokens = sum(len(c.token_ids) for c in completions)
-                    rewards_t = rollouts.rewards
+                    num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
                     step_metrics = {
-                        "reward/mean": rewards_t.mean().item(),
-                        "reward/std": rewards_t.std().item() if len(rewards_t) > 1 else 0.0,
-                        **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
-                        "reward/errors": float(sum(e is not None for e in rollouts.errors)),
-                        **({"reward/zero_std_groups": (rewards_t.view(-1, group_size).std(dim=1) == 0).float().mean().item()}
-                           if group_size > 1 else {}),
-                        "response/length_mean": num_response_tokens / len(completions),
-                        "response/length_max": float(max(len(c.token_ids) for c in completions)),
-                        "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                        **rollout_metrics(rollouts, env_metrics, group_size),
                         **shaping_metrics(cfg, rollouts, rollouts, samples, 1, group_size),
                         **update_metrics,
                         **targets.metrics,
