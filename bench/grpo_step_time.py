@@ -16,7 +16,7 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.models import resolve_compute_dtype
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
-from posttrain.trainer.grpo import policy_update
+from posttrain.trainer.policy import policy_update
 from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.samples import Sample
 
@@ -80,7 +80,7 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(f"device={device} dtype={dtype} batch={args.batch} new_tokens={args.new_tokens} "
           f"logprob_diff={metrics['actor/logprob_diff']:.2e}")
-    print(f"| generate s | gen tok/s | train s | train tok/s | peak GiB |")
+    print("| generate s | gen tok/s | train s | train tok/s | peak GiB |")
     print(f"| {t_gen:.2f} | {n_tokens / t_gen:.0f} | {t_train:.2f} | "
           f"{sum(len(s.prompt_ids) + len(s.response_ids) for s in samples) / t_train:.0f} | {peak:.1f} |")
 

@@ -44,10 +44,10 @@ from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
-from posttrain.trainer.grpo import (
+from posttrain.trainer.policy import policy_update
+from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
     generate_and_score,
-    policy_update,
     recompute_old_logprobs,
     rollout_metrics,
     shaping_metrics,

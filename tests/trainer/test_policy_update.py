@@ -8,7 +8,7 @@ import torch
 
 from helpers import make_tiny_llama, make_tokenizer
 from posttrain.config.schema import GRPOConfig
-from posttrain.trainer.grpo import policy_update
+from posttrain.trainer.policy import policy_update
 from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.samples import Sample
 

@@ -1,0 +1,131 @@
+"""The policy update: ``ppo_epochs`` x mini-batches x micro-batches of any registered policy loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+
+from posttrain.algorithms import (
+    aggregate_loss,
+    folds_kl_into_reward,
+    get_advantage_estimator,
+    get_policy_loss,
+    kl_penalty,
+    truncated_is_weights,
+)
+from posttrain.config.schema import GRPOConfig
+from posttrain.models import response_logprobs
+from posttrain.trainer.common import masked_mean
+from posttrain.trainer.samples import Sample, chunks, collate
+
+logger = logging.getLogger("posttrain.trainer")
+
+
+def policy_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    samples: list[Sample],
+    cfg: GRPOConfig,
+    pad_token_id: int,
+    device: torch.device,
+    autocast,
+) -> dict[str, float]:
+    """``ppo_epochs`` x mini-batches x micro-batches. Each micro-batch loss is normalised by its
+    mini-batch's global token/sequence count, so accumulated gradients equal the mini-batch's.
+
+    Mini-batches hold ``trainer.mini_batch_size`` samples; when dynamic sampling kept fewer samples
+    than ``rollout.batch_size``, the last mini-batch takes the remainder (a kept batch smaller than
+    a mini-batch is one mini-batch), and the lr scheduler is still advanced by the configured
+    ``ppo_epochs * rollout.batch_size / mini_batch_size`` steps, so the lr schedule follows training
+    steps. With no samples at all no update is made (the scheduler still advances). Untrainable
+    samples (``Sample.trainable``) have a zero loss mask and count in no normaliser."""
+    algo, trainer = cfg.algorithm, cfg.trainer
+    scheduler_steps = algo.ppo_epochs * (cfg.rollout.batch_size // trainer.mini_batch_size)
+    if not samples:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(scheduler_steps):
+                scheduler.step()
+        return {"actor/skipped_updates": float(scheduler_steps)}
+    policy_loss = get_policy_loss(algo.policy_loss)
+    # Every policy loss takes the same keywords and ignores the ones it does not use.
+    loss_options = dict(
+        clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip_c=algo.dual_clip_c,
+        gspo_clip_low=algo.gspo_clip_low, gspo_clip_high=algo.gspo_clip_high,
+    )
+    # REINFORCE++ puts the KL into the reward; it is then logged but not added to the loss again.
+    kl_in_loss = not folds_kl_into_reward(get_advantage_estimator(algo.advantage))
+    sums: dict[str, float] = {}
+    num_tokens_total = 0.0
+    grad_norms, losses = [], []
+    skipped = 0
+    model.train()
+    for _ in range(algo.ppo_epochs):
+        for mini_batch in chunks(samples, trainer.mini_batch_size):
+            trained = [s for s in mini_batch if s.trainable]
+            num_tokens = float(max(sum(len(s.response_ids) for s in trained), 1))
+            num_sequences = float(max(len(trained), 1))
+            loss_total = 0.0
+            optimizer.zero_grad(set_to_none=True)
+            for micro_batch in chunks(mini_batch, trainer.micro_batch_size):
+                batch = collate(micro_batch, pad_token_id, device)
+                mask = batch.loss_mask
+                with autocast():
+                    logprobs, entropy = response_logprobs(
+                        model, batch.tokens, temperature=cfg.rollout.temperature,
+                        with_entropy=True, entropy_grad=algo.entropy_coef > 0,
+                    )
+                per_token, pg_metrics = policy_loss(
+                    logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
+                )
+                token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
+                if batch.rollout_logprobs is not None:
+                    is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
+                    per_token = per_token * is_weights
+                    token_terms["is_weight"] = is_weights
+                    token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
+                if batch.ref_logprobs is not None:
+                    kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
+                    if kl_in_loss:
+                        per_token = per_token + algo.kl_coef * kl
+                    token_terms["kl"] = kl
+                if algo.entropy_coef > 0:
+                    per_token = per_token - algo.entropy_coef * entropy
+                loss = aggregate_loss(
+                    per_token, mask, algo.loss_agg_mode,
+                    num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
+                )
+                loss.backward()
+                loss_total += loss.item()
+                # Token-weighted sums, so logged means do not depend on the micro-batch split.
+                micro_tokens = mask.sum().item()
+                num_tokens_total += micro_tokens
+                for name, value in {**pg_metrics, **{k: masked_mean(v, mask) for k, v in token_terms.items()}}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
+            max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            losses.append(loss_total)
+            if math.isfinite(grad_norm):
+                grad_norms.append(grad_norm)
+                optimizer.step()
+            else:
+                # A NaN/inf gradient would poison the weights for good: drop this update instead.
+                skipped += 1
+                logger.warning("non-finite gradient norm; optimizer step skipped")
+            scheduler.step()
+    for _ in range(scheduler_steps - len(losses)):
+        scheduler.step()  # fewer kept samples than rollout.batch_size: keep the schedule on the step clock
+    optimizer.zero_grad(set_to_none=True)
+    denom = max(num_tokens_total, 1.0)
+    out = {f"actor/{k}": v / denom for k, v in sums.items()}
+    out["loss/policy"] = sum(losses) / len(losses)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    out["actor/skipped_updates"] = float(skipped)
+    if "actor/kl" in out:
+        out["kl"] = out.pop("actor/kl")
+    out["entropy"] = out.pop("actor/entropy")
+    return out

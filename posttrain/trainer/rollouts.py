@@ -1,0 +1,179 @@
+"""The rollout side of a policy-gradient step: generate and score completions, turn rewards into
+per-token advantages, reference and old logprobs, and the rollout metrics. Shared by GRPO and PPO."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from posttrain.algorithms import folds_kl_into_reward, informative_groups, kl_penalty, overlong_penalty
+from posttrain.config.schema import GRPOConfig
+from posttrain.data.sampler import EpochSampler
+from posttrain.envs.reward_pool import RewardPool
+from posttrain.models import TokenizedPrompt, response_logprobs
+from posttrain.models.lora import adapters_disabled
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf_engine import HFEngine
+from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
+
+logger = logging.getLogger("posttrain.trainer")
+
+
+@dataclass
+class Rollouts:
+    """Scored completions of one or more generation rounds, in groups of ``group_size`` rows."""
+
+    prompts: list[Any]  # EncodedPrompt per completion
+    completions: list[Any]  # rollout.base.Completion
+    message_logs: list[Any]
+    rewards: torch.Tensor  # (N,) environment rewards
+    shaped_rewards: torch.Tensor  # (N,) rewards + overlong penalty: what the advantages see
+    metadata: list[dict]
+    answers: list[Any]
+    errors: list[str | None]
+    generate_s: float = 0.0
+    score_s: float = 0.0
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        if len(parts) == 1:
+            return parts[0]
+        return Rollouts(
+            *(sum((getattr(p, name) for p in parts), []) for name in ("prompts", "completions", "message_logs")),
+            torch.cat([p.rewards for p in parts]), torch.cat([p.shaped_rewards for p in parts]),
+            *(sum((getattr(p, name) for p in parts), []) for name in ("metadata", "answers", "errors")),
+            sum(p.generate_s for p in parts), sum(p.score_s for p in parts),
+        )
+
+    def keep_informative_groups(self, group_size: int, max_groups: int) -> Rollouts:
+        """The first ``max_groups`` groups whose shaped rewards are not all equal (may be fewer, or none)."""
+        groups = informative_groups(self.shaped_rewards, group_size).nonzero().flatten().tolist()[:max_groups]
+        rows = [g * group_size + j for g in groups for j in range(group_size)]
+        index = torch.tensor(rows, dtype=torch.long)
+        return Rollouts(
+            *([getattr(self, name)[i] for i in rows] for name in ("prompts", "completions", "message_logs")),
+            self.rewards[index], self.shaped_rewards[index],
+            *([getattr(self, name)[i] for i in rows] for name in ("metadata", "answers", "errors")),
+            self.generate_s, self.score_s,
+        )
+
+
+def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch.Tensor, cfg: GRPOConfig) -> None:
+    """Set every sample's per-token advantages from ``rewards`` (N,), group-contiguous.
+
+    Every estimator gets the same arguments (see posttrain.algorithms.advantages). The response
+    mask is the *loss* mask, so untrainable samples (truncated, with mask_truncated) get zero
+    advantages and stay out of batch statistics such as REINFORCE++'s whitening. Estimators that
+    fold the KL into the reward get the per-token KL of the sampled tokens (needs ref_logprobs).
+    """
+    if not samples:
+        return
+    algo = cfg.algorithm
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    width = max(int(lengths.max()), 1)
+    trainable = torch.tensor([s.trainable for s in samples])
+    mask = (torch.arange(width) < lengths[:, None]) & trainable[:, None]
+    token_kl = None
+    if folds_kl_into_reward(estimator) and algo.kl_coef > 0:
+        old = pad_rows([s.old_logprobs for s in samples], width, "cpu")
+        ref = pad_rows([s.ref_logprobs for s in samples], width, "cpu")
+        token_kl = kl_penalty(old, ref, algo.kl_estimator)
+    advantages = estimator(
+        rewards, mask, group_size=cfg.rollout.group_size, scale_by_std=algo.scale_by_std,
+        token_kl=token_kl, kl_coef=algo.kl_coef,
+    )
+    for s, row in zip(samples, advantages.tolist()):
+        s.advantage = row[: len(s.response_ids)]
+
+
+def shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, samples: list[Sample],
+                     num_rounds: int, group_size: int) -> dict[str, float]:
+    """Metrics of the DAPO switches that are on."""
+    algo, out = cfg.algorithm, {}
+    if algo.overlong_buffer > 0:
+        out["reward/overlong_penalty_mean"] = (rollouts.shaped_rewards - rollouts.rewards).mean().item()
+    if algo.mask_truncated:
+        out["response/masked_fraction"] = sum(not s.trainable for s in samples) / max(len(samples), 1)
+    if algo.dynamic_sampling:
+        out["data/sampling_rounds"] = float(num_rounds)
+        out["reward/kept_group_fraction"] = len(batch.completions) / len(rollouts.completions)
+    return out
+
+
+def rollout_metrics(rollouts: Rollouts, env_metrics: dict[str, float], group_size: int) -> dict[str, float]:
+    """Reward and response metrics of every completion generated in a step."""
+    completions, rewards = rollouts.completions, rollouts.rewards
+    lengths = [len(c.token_ids) for c in completions]
+    metrics = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
+        "reward/errors": float(sum(e is not None for e in rollouts.errors)),
+        "response/length_mean": sum(lengths) / len(lengths),
+        "response/length_max": float(max(lengths)),
+        "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+    }
+    if group_size > 1:  # groups whose completions all scored the same teach nothing
+        metrics["reward/zero_std_groups"] = (rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item()
+    return metrics
+
+
+def generate_and_score(
+    engine: HFEngine,
+    rewards: RewardPool,
+    sampler: EpochSampler,
+    train_prompts: list[TokenizedPrompt],
+    sampling: SamplingParams,
+    cfg: GRPOConfig,
+) -> Rollouts:
+    """One round: the sampler's next prompts -> ``sampling.n`` completions each -> rewards."""
+    start = time.perf_counter()
+    batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
+    groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
+    completions = [c for group in groups for c in group]
+    prompts = [p for p in batch_prompts for _ in range(sampling.n)]
+    generated = time.perf_counter()
+    message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
+    scored = rewards.score(message_logs, [p.metadata for p in prompts])
+    # DAPO overlong shaping: the advantages (and dynamic sampling) see the shaped rewards.
+    algo = cfg.algorithm
+    lengths = torch.tensor([len(c.token_ids) for c in completions])
+    shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+    return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
+                    scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
+
+
+@torch.no_grad()
+def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
+    """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled."""
+    with adapters_disabled(reference):
+        for s, logprobs in zip(samples, _sample_logprobs(reference, samples, cfg, pad_token_id, device, autocast)):
+            s.ref_logprobs = logprobs
+
+
+def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
+    """Truncated IS correction: the trainer's own logprobs become the old logprobs of the ratio;
+    the engine's are kept as rollout logprobs for the importance weight."""
+    was_training = model.training
+    model.eval()
+    try:
+        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg, pad_token_id, device, autocast)):
+            s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> list[list[float]]:
+    out: list[list[float]] = []
+    for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
+        batch = collate(micro_batch, pad_token_id, device)
+        with autocast():
+            logprobs, _ = response_logprobs(model, batch.tokens, temperature=cfg.rollout.temperature)
+        logprobs = logprobs.float().cpu()
+        out += [logprobs[i, : len(s.response_ids)].tolist() for i, s in enumerate(micro_batch)]
+    return out
