@@ -56,3 +56,43 @@ class ConstantEnv(DigitFractionEnv):
         ret = super().step(message_log_batch, metadata)
         ret.rewards = torch.full_like(ret.rewards, 0.5)
         return ret
+
+
+class _FixedRewardEnv(Environment):
+    """Reward ``reward`` for everything; records which environment scored each row (``scored_by``)
+    so that tests can check the routing of a multi-task pool."""
+
+    name = ""
+
+    def __init__(self, reward: float = 1.0) -> None:
+        self.reward = reward
+
+    def step(self, message_log_batch, metadata):
+        n = len(message_log_batch)
+        return EnvironmentReturn(
+            observations=[{"role": "environment", "content": ""}] * n,
+            metadata=[{**m, "scored_by": self.name, "correct": self.reward >= 1.0} for m in metadata],
+            next_stop_strings=[None] * n,
+            rewards=torch.full((n,), self.reward, dtype=torch.float32),
+            terminateds=torch.ones(n, dtype=torch.bool),
+            answers=[self.name] * n,
+        )
+
+    def global_post_process_and_metrics(self, batch):
+        correct = [bool(m.get("correct")) for m in batch["metadata"]]
+        scored_by = {m.get("scored_by") for m in batch["metadata"]}
+        assert scored_by == {self.name}, f"{self.name} got rows scored by {scored_by}"
+        return batch, {"accuracy": sum(correct) / max(len(correct), 1), "rows": float(len(correct))}
+
+
+class TaskAEnv(_FixedRewardEnv):
+    """Multi-task toy A: constant reward (default 1.0)."""
+
+    name = "A"
+
+
+class TaskBEnv(_FixedRewardEnv):
+    """Multi-task toy B: constant reward; its rows must carry a ``keyword``."""
+
+    name = "B"
+    required_metadata = ("keyword",)

@@ -271,6 +271,66 @@ def lora_problems(lora: Any, prefix: str = "model.lora") -> list[str]:
     return problems
 
 
+MIX_KEYS = ("path", "task", "weight", "prompt_column", "messages_column", "answer_column", "validation_path",
+            "validation_size")
+
+
+def env_tasks_problems(env: Any) -> list[str]:
+    """Checks of ``env.tasks``: each entry has a cls that resolves, and kwargs its constructor accepts."""
+    if not env.tasks:
+        return []
+    from posttrain.envs.registry import env_specs  # imports the environments' modules: only when used
+
+    try:
+        env_specs(env.cls, env.kwargs, env.tasks)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
+def data_mix_problems(data: Any, env: Any) -> list[str]:
+    """Checks of ``data.mix``: a list of {path, task, weight, ...} sources for data.task=prompts."""
+    if not data.mix:
+        return []
+    example = "data.mix=[{path: math.jsonl, task: math, weight: 3}, {path: weather.jsonl, task: weather, weight: 1}]"
+    if data.task != "prompts":
+        return [f"data.mix is only used with data.task=prompts (got data.task={data.task}); set data.task=prompts "
+                "or data.mix=[]."]
+    if not isinstance(data.mix, (list, tuple)):
+        return [f"data.mix must be a list of sources, e.g. {example}."]
+    problems: list[str] = []
+    for i, source in enumerate(data.mix):
+        key = f"data.mix[{i}]"
+        if not isinstance(source, dict):
+            problems.append(f"{key} must be a mapping {{path, task, weight}}, got {source!r}; e.g. {example}.")
+            continue
+        unknown = [str(k) for k in source if k not in MIX_KEYS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], MIX_KEYS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{key} has unknown keys {unknown}.{hint} Valid keys: {', '.join(MIX_KEYS)}.")
+        path, task, weight = source.get("path"), source.get("task"), source.get("weight", 1.0)
+        if not isinstance(path, str) or not path:
+            problems.append(f"{key}.path is required: a JSONL or Parquet file, a saved `datasets` folder, or hf:NAME.")
+        elif not (path.startswith("hf:") or Path(path).expanduser().exists()):
+            problems.append(f"{key}.path='{path}' does not exist (relative paths start at {Path.cwd()}).")
+        vpath = source.get("validation_path")
+        if vpath and not (str(vpath).startswith("hf:") or Path(str(vpath)).expanduser().exists()):
+            problems.append(f"{key}.validation_path='{vpath}' does not exist (relative paths start at {Path.cwd()}).")
+        if not isinstance(task, str) or not task.strip():
+            problems.append(f"{key}.task is required: the task name its rows are tagged with (a key of env.tasks).")
+        elif env.tasks and task not in env.tasks:
+            close = difflib.get_close_matches(task, [str(t) for t in env.tasks], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{key}.task='{task}' is not one of env.tasks ({', '.join(map(str, env.tasks))}).{hint}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            problems.append(f"{key}.weight={weight!r} must be a number > 0 (a relative share of the training prompts).")
+        size = source.get("validation_size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            problems.append(f"{key}.validation_size={size!r} must be an integer >= 0.")
+    return problems
+
+
 def _near_multiples(n: int, k: int) -> str:
     low = n // k * k
     return f"{low} or {low + k}" if low > 0 else str(k)
@@ -356,8 +416,10 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
                        ("validation.max_new_tokens", cfg.validation.max_new_tokens),
                        ("data.validation_size", d.validation_size)]:
         need(value >= 0, f"{key}={value} must be >= 0.")
+    problems += env_tasks_problems(e)
+    problems += data_mix_problems(d, e)
     if d.task in ("gsm8k", "prompts"):
-        need(bool(d.train_path), f"data.train_path is required for data.task={d.task}: set it to "
+        need(bool(d.train_path) or bool(d.mix and d.task == "prompts"), f"data.train_path is required for data.task={d.task}: set it to "
              + ("the GSM8K train JSONL file, e.g. data.train_path=gsm8k/train.jsonl." if d.task == "gsm8k"
                 else "a JSONL or Parquet file, a saved `datasets` folder, or hf:NAME."))
         for key, path in [("data.train_path", d.train_path), ("data.validation_path", d.validation_path)]:

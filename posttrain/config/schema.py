@@ -129,6 +129,19 @@ class DataConfig:
     )
     max_prompt_tokens: int = opt(512, "Prompts longer than this (after the chat template) are dropped with a warning.")
     shuffle: bool = opt(True, "Shuffle the training prompts each epoch (seeded: the order is reproducible).")
+    mix: list = opt(
+        [],
+        "Several datasets mixed with weights (data.task=prompts; replaces train_path/validation_path). "
+        "A list of {path, task, weight} entries, e.g. [{path: math.jsonl, task: math, weight: 3}, "
+        "{path: weather.jsonl, task: weather, weight: 1}]. Each source's rows are tagged with its task "
+        "(unless a row has its own `task` column), routed to that task's environment in env.tasks. "
+        "Weights are relative shares of the training prompts: the training set is one weighted "
+        "interleaving of the sources built once from the seed (small sources repeat, large ones are "
+        "subsampled), so sampling and resume stay deterministic. Optional per-source keys: "
+        "prompt_column, messages_column, answer_column (default: the data.* options), validation_path, "
+        "validation_size (default: data.validation_size rows carved off each source, so every task "
+        "has validation rows). Empty: train_path alone. See docs/environments.md.",
+    )
     arithmetic: ArithmeticConfig = section(ArithmeticConfig, "The embedded arithmetic task.")
 
 
@@ -143,6 +156,15 @@ class EnvConfig:
         {},
         "Constructor arguments of the environment (checked against its signature before training "
         "starts). For 'math': format_reward (default 0.1), answer_extraction ('boxed' or 'lenient').",
+    )
+    tasks: dict = opt(
+        {},
+        "Several tasks in one run: task name -> {cls, kwargs} (as env.cls / env.kwargs), e.g. "
+        "{math: {cls: math}, weather: {cls: weather_env.CelsiusToFahrenheitEnv, kwargs: {tolerance: 0.5}}}. "
+        "Each prompt row names its task in a `task` column (data.mix sets it per source) and is scored "
+        "by that task's environment; a row with a missing or unknown task stops the run before "
+        "training. Metrics are logged per task (reward/<task>/mean, reward/<task>/accuracy, "
+        "val/<task>/...). Empty: env.cls / env.kwargs score every row. See docs/environments.md.",
     )
     num_workers: int = opt(2, "Worker processes computing rewards (isolated from the trainer).")
     timeout_s: float = opt(

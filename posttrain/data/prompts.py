@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -228,6 +229,78 @@ def _load_source(cfg: DataConfig, path: str, config_key: str) -> list[PromptExam
     return rows_to_examples(read_rows(path, split=cfg.split, config_key=config_key), cfg, path)
 
 
+def tag_task(examples: list[PromptExample], task: str) -> list[PromptExample]:
+    """Examples with ``metadata["task"] = task``, except those that already name a task."""
+    return [
+        ex if ex.metadata.get("task") is not None
+        else PromptExample(messages=ex.messages, metadata={**ex.metadata, "task": task})
+        for ex in examples
+    ]
+
+
+def weighted_interleave(sizes: list[int], weights: list[float], seed: int, total: int | None = None) -> list[tuple[int, int]]:
+    """A seeded list of ``total`` (source, row) pairs (default: ``sum(sizes)``) in which source s
+    appears in the share ``weights[s] / sum(weights)`` (exactly, up to rounding), in random order.
+
+    Rows of a source are taken from seeded permutations of it, cycled as often as needed: a small
+    source with a large weight repeats, a large one with a small weight is subsampled, and no row
+    repeats before every row of its source was used. Built once from the seed, the list is the
+    training set that the epoch sampler then shuffles and resumes as usual.
+    """
+    if len(sizes) != len(weights) or not sizes or min(sizes) < 1 or min(weights) <= 0:
+        raise ValueError(f"need non-empty sources and weights > 0, got sizes {sizes} and weights {weights}")
+    total = sum(sizes) if total is None else total
+    rng = np.random.default_rng([seed % 2**64, 0x313C_5EED])
+    shares = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * total
+    counts = np.floor(shares).astype(np.int64)
+    # Largest remainder: the rounding leftovers go to the sources closest to their next row.
+    for s in np.argsort(-(shares - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[s] += 1
+    pairs: list[tuple[int, int]] = []
+    for s, (size, count) in enumerate(zip(sizes, counts.tolist())):
+        rows: list[int] = []
+        while len(rows) < count:
+            rows += rng.permutation(size).tolist()
+        pairs += [(s, r) for r in rows[:count]]
+    return [pairs[i] for i in rng.permutation(len(pairs)).tolist()]
+
+
+def _round_robin(parts: list[list[PromptExample]]) -> list[PromptExample]:
+    """One row of each part in turn, so that truncating the list (validation.max_prompts) keeps
+    every part represented."""
+    out = []
+    for i in range(max((len(p) for p in parts), default=0)):
+        out += [p[i] for p in parts if i < len(p)]
+    return out
+
+
+def load_mixed_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], list[PromptExample]]:
+    """(train, validation) of ``cfg.mix``: each source read with its own column overrides, tagged
+    with its task, its validation rows carved off (or read from its validation_path); train is the
+    weighted interleaving of the sources, validation takes the sources' rows in turn."""
+    trains, validations, weights = [], [], []
+    for i, source in enumerate(cfg.mix):
+        key = f"data.mix[{i}]"
+        overrides = {k: source[k] for k in ("prompt_column", "messages_column", "answer_column") if source.get(k)}
+        source_cfg = dataclasses.replace(cfg, **overrides)
+        path = source["path"]
+        train = rows_to_examples(read_rows(path, split=cfg.split, config_key=f"{key}.path"), source_cfg, path)
+        if source.get("validation_path"):
+            vpath = source["validation_path"]
+            validation = rows_to_examples(read_rows(vpath, split=cfg.split, config_key=f"{key}.validation_path"), source_cfg, vpath)
+        else:
+            size = source.get("validation_size")
+            try:
+                train, validation = split_validation(train, cfg.validation_size if size is None else int(size), seed)
+            except PosttrainError as e:
+                raise PosttrainError(f"{key} ({path}): {e}") from None
+        trains.append(tag_task(train, source["task"]))
+        validations.append(tag_task(validation, source["task"]))
+        weights.append(float(source.get("weight", 1.0)))
+    index = weighted_interleave([len(t) for t in trains], weights, seed)
+    return [trains[s][r] for s, r in index], _round_robin(validations)
+
+
 def load_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], list[PromptExample]]:
     """Load (train, validation) prompts for ``cfg.task`` with the instruction applied.
 
@@ -239,6 +312,9 @@ def load_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], l
 
         train, validation = make_arithmetic_splits(cfg.arithmetic)
         instruction = cfg.instruction or DEFAULT_MATH_INSTRUCTION
+    elif cfg.task == "prompts" and cfg.mix:
+        train, validation = load_mixed_prompt_data(cfg, seed)
+        instruction = cfg.instruction
     elif cfg.task in ("gsm8k", "prompts"):
         if not cfg.train_path:
             example = "/path/to/gsm8k/train.jsonl" if cfg.task == "gsm8k" else "prompts.jsonl"

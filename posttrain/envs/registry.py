@@ -186,3 +186,96 @@ def check_required_metadata(env_cls: type, examples: Iterable[Any], what: str) -
         )
     if problems:
         raise ConfigError(" ".join(problems))
+
+
+#: Task name of a single-environment run (``env.cls`` / ``env.kwargs``, ``env.tasks`` empty).
+SINGLE_TASK = ""
+
+
+def env_specs(
+    cls: str, kwargs: Mapping[str, Any] | None, tasks: Mapping[str, Any] | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Task name -> (class name or import path, constructor kwargs), every entry checked.
+
+    With ``tasks`` empty (``env.tasks`` unset) the single environment ``cls(**kwargs)`` serves every
+    row, under the task name ``SINGLE_TASK``. Otherwise each ``tasks[name]`` is a mapping
+    ``{"cls": ..., "kwargs": {...}}``. Raises ConfigError (naming ``env.tasks.<name>``) for a
+    malformed entry, an unknown class, or kwargs its constructor does not accept.
+    """
+    if not tasks:
+        check_env_kwargs(resolve_env_class(cls), kwargs or {})
+        return {SINGLE_TASK: (cls, dict(kwargs or {}))}
+    example = "env.tasks: {math: {cls: math}, weather: {cls: my_module.MyEnv, kwargs: {tolerance: 0.5}}}"
+    if not isinstance(tasks, Mapping):
+        raise ConfigError(f"env.tasks must map task names to environments, e.g. {example}; got {tasks!r}.")
+    specs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, spec in tasks.items():
+        where = f"env.tasks.{name}"
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ConfigError(f"env.tasks has the task name {name!r}; task names must be non-empty strings "
+                              f"without surrounding spaces, e.g. {example}.")
+        if not isinstance(spec, Mapping) or not spec.get("cls"):
+            raise ConfigError(f"{where} must be a mapping with a 'cls' (and optional 'kwargs'), got {spec!r}; "
+                              f"e.g. {example}.")
+        unknown = sorted(str(k) for k in spec if k not in ("cls", "kwargs"))
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys {unknown}; an environment spec has only 'cls' and "
+                              f"'kwargs' (constructor arguments), e.g. {example}.")
+        task_kwargs = spec.get("kwargs") or {}
+        if not isinstance(task_kwargs, Mapping):
+            raise ConfigError(f"{where}.kwargs must be a mapping of constructor arguments, got {task_kwargs!r}.")
+        try:
+            check_env_kwargs(resolve_env_class(spec["cls"]), task_kwargs)
+        except ConfigError as e:  # name the entry, not env.cls / env.kwargs
+            message = str(e).replace("env.cls=", f"{where}.cls=").replace("env.kwargs", f"{where}.kwargs")
+            raise ConfigError(message if where in message else f"{where}: {message}") from None
+        specs[name] = (spec["cls"], dict(task_kwargs))
+    return specs
+
+
+def resolve_env_classes(specs: Mapping[str, tuple[str, Any]]) -> dict[str, type[Environment]]:
+    """Task name -> Environment subclass, for the specs of :func:`env_specs`."""
+    return {task: resolve_env_class(cls) for task, (cls, _) in specs.items()}
+
+
+def row_task(example: Any) -> Any:
+    """The ``task`` metadata of a prompt example (or metadata dict); None when it has none."""
+    metadata = getattr(example, "metadata", example)
+    task = metadata.get("task") if isinstance(metadata, Mapping) else None
+    try:
+        hash(task)
+    except TypeError:
+        return repr(task)
+    return task
+
+
+def check_task_data(env_classes: Mapping[str, type], examples: Iterable[Any], what: str) -> None:
+    """Raise ConfigError unless every example can be scored by the environments of ``env_classes``.
+
+    Single environment (the only key is ``SINGLE_TASK``): :func:`check_required_metadata`.
+    Several tasks: every row's ``metadata["task"]`` must name a configured task (the message names
+    the unknown or missing task, how many rows have it, and the configured task names), and each
+    task's rows must carry that task's ``required_metadata``.
+    """
+    if list(env_classes) == [SINGLE_TASK]:
+        check_required_metadata(env_classes[SINGLE_TASK], examples, what)
+        return
+    examples = list(examples)
+    by_task: dict[Any, list[Any]] = {}
+    for ex in examples:
+        by_task.setdefault(row_task(ex), []).append(ex)
+    bad = [(task, len(rows)) for task, rows in by_task.items() if task not in env_classes]
+    if bad:
+        configured = ", ".join(repr(t) for t in env_classes)
+        parts = [
+            f"{n} rows have no 'task' column" if task is None else f"{n} rows have task {task!r}"
+            + _did_you_mean(str(task), list(env_classes))
+            for task, n in bad
+        ]
+        raise ConfigError(
+            f"{'; '.join(parts)} (of {len(examples)} {what}), but env.tasks configures only the tasks "
+            f"{configured}. Every row's 'task' column must name one of them: add the missing tasks to "
+            "env.tasks, fix the rows' task column, or tag each data.mix source with its task."
+        )
+    for task, rows in by_task.items():
+        check_required_metadata(env_classes[task], rows, f"{what} of task {task!r}")

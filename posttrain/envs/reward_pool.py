@@ -1,11 +1,13 @@
 """Reward worker pool: environments run in separate processes with a per-sample timeout.
 
-Each worker builds the environment once and then scores one sample per job, so a sample whose
+Each worker builds the environment (with ``env.tasks``: every task's environment) once and then
+scores one sample per job, routed to its task's environment, so a sample whose
 reward hangs (a pathological sympy expression) or crashes the interpreter costs only that
 sample: it gets reward 0, its worker is killed and replaced, and the batch completes.
 
 Every worker has its own pipe (not a shared queue) so the parent always knows which job a
-worker holds and since when, and killing a worker can never leave a shared lock held.
+worker holds and since when, and killing a worker can never leave a shared lock held. The
+worker process itself is in ``worker.py``.
 """
 
 from __future__ import annotations
@@ -13,26 +15,22 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
-import os
-import signal
-import sys
-import threading
 import time
-import traceback
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
 
-from posttrain.envs.base import Environment, EnvironmentReturn, MessageLog
-from posttrain.envs.registry import check_env_kwargs, resolve_env_class
+from posttrain.envs.base import Environment, MessageLog
+from posttrain.envs.registry import env_specs
+from posttrain.envs.worker import SINGLE_TASK, EnvSpecs, _Worker, build_envs, exception_text, failed, score_one
 from posttrain.errors import ConfigError, PosttrainError
 
 logger = logging.getLogger("posttrain.envs")
 
-_POLL_S = 1.0  # how often an idle worker checks that its parent is still alive
 _MAX_START_FAILURES = 3  # replacement workers failing to start in a row before giving up
 
 
@@ -59,107 +57,6 @@ class ScoredBatch:
         return sum(e is not None for e in self.errors)
 
 
-def _unpack_single(ret: EnvironmentReturn, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Plain-Python result of a 1-sample step (plain data pickles safely over a pipe)."""
-    if len(ret.rewards) != 1:
-        raise ValueError(f"env.step returned {len(ret.rewards)} rewards for a batch of 1 sample")
-    meta = ret.metadata[0] if ret.metadata and ret.metadata[0] is not None else dict(metadata)
-    stops = ret.next_stop_strings[0] if ret.next_stop_strings else None
-    return {
-        "reward": float(ret.rewards[0]),
-        "terminated": bool(ret.terminateds[0]),
-        "observation": ret.observations[0],
-        "metadata": meta,
-        "answer": ret.answers[0] if ret.answers else None,
-        "next_stop_strings": stops,
-    }
-
-
-def _failed(metadata: dict[str, Any] | None, message: str, kind: str = "error") -> dict[str, Any]:
-    """Result of a sample whose reward could not be computed: reward 0, episode over.
-    kind: 'timeout', 'crash' or 'error' (env.step raised)."""
-    meta = {**(metadata or {}), "correct": False, "formatted": False, "reward_error": message}
-    return {
-        "reward": 0.0,
-        "terminated": True,
-        "observation": {"role": "environment", "content": f"error: {message}"},
-        "metadata": meta,
-        "answer": None,
-        "next_stop_strings": None,
-        "error": message,
-        "error_kind": kind,
-    }
-
-
-def _exception_text(e: BaseException) -> str:
-    return f"reward raised {type(e).__name__}: {e}"
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit the worker when the trainer dies, even while a sample runs forever."""
-    while True:
-        time.sleep(_POLL_S)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-
-def _worker_main(env_cls: str, env_kwargs: dict[str, Any], conn: Connection, parent_pid: int) -> None:
-    """Worker process: build the environment, then score jobs until told to stop."""
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    try:
-        env = resolve_env_class(env_cls)(**env_kwargs)
-    except BaseException:
-        conn.send(("init_error", traceback.format_exc()))
-        return
-    conn.send(("ready", None))
-    while True:
-        try:
-            if not conn.poll(_POLL_S):
-                continue
-            job = conn.recv()
-        except (EOFError, OSError):
-            job = None  # the parent closed the pipe or died
-        if job is None:
-            # Skip interpreter finalization (about 0.5 s with torch loaded): nothing to clean up.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        job_id, message_log, metadata = job
-        try:
-            result = _unpack_single(env.step([message_log], [metadata]), metadata)
-            conn.send(("result", job_id, result))
-        except Exception as e:
-            conn.send(("error", job_id, _exception_text(e), traceback.format_exc()))
-
-
-class _Worker:
-    """Parent-side handle of one worker process."""
-
-    def __init__(self, ctx: Any, env_cls: str, env_kwargs: dict[str, Any]) -> None:
-        self.conn, child_conn = ctx.Pipe(duplex=True)
-        # daemon: multiprocessing's own exit handler terminates it if close() never ran.
-        self.process = ctx.Process(
-            target=_worker_main, args=(env_cls, env_kwargs, child_conn, os.getpid()), daemon=True,
-            name="posttrain-reward-worker",
-        )
-        self.process.start()
-        child_conn.close()  # the child holds its own copy; closing ours lets it see EOF if we die
-        self.started_at = time.monotonic()
-        self.ready = False
-        self.job: tuple[int, int] | None = None  # (job_id, sample index)
-        self.job_started_at = 0.0
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the process (SIGKILL when kill, else SIGTERM, then SIGKILL if needed) and reap it."""
-        for signal_it in ((self.process.kill,) if kill else (self.process.terminate, self.process.kill)):
-            if self.process.is_alive():
-                signal_it()
-                self.process.join(timeout=2.0)
-        self.conn.close()
-
-
 _live_pools: weakref.WeakSet[RewardPool] = weakref.WeakSet()
 
 
@@ -180,6 +77,10 @@ class RewardPool:
     env_cls / env_kwargs: as ``env.cls`` / ``env.kwargs`` (checked here, before any worker starts).
     timeout_s: per-sample limit, counted from when the sample is handed to a worker.
     startup_timeout_s: limit for the workers to build their environments.
+    tasks: as ``env.tasks``: task name -> ``{"cls": ..., "kwargs": {...}}``. When set, one pool
+        serves every task (env_cls / env_kwargs are not used): each worker builds every task's
+        environment once, and each sample is scored by the environment named by its
+        ``metadata["task"]``; post_process reports metrics per task, as ``<task>/<name>``.
     """
 
     def __init__(
@@ -189,6 +90,7 @@ class RewardPool:
         num_workers: int,
         timeout_s: float,
         startup_timeout_s: float = 120.0,
+        tasks: Mapping[str, Any] | None = None,
     ) -> None:
         if num_workers < 0 or timeout_s <= 0:
             raise ConfigError(
@@ -197,20 +99,21 @@ class RewardPool:
             )
         self.env_cls = env_cls
         self.env_kwargs = dict(env_kwargs)
+        # Resolve here first: a typo gives a clean ConfigError rather than a worker traceback.
+        self.specs: EnvSpecs = env_specs(env_cls, env_kwargs, tasks)
+        self.multi_task = SINGLE_TASK not in self.specs
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
         self._closed = False
-        self._local_env: Environment | None = None
+        self._local_envs: dict[str, Environment] | None = None
         self._workers: list[_Worker] = []
         self._next_job_id = 0
         self._start_failures = 0
         self._ctx = mp.get_context("spawn")  # fork is unsafe beside torch's threads
-        # Resolve here first: a typo gives a clean ConfigError rather than a worker traceback.
-        check_env_kwargs(resolve_env_class(env_cls), self.env_kwargs)
         _live_pools.add(self)
         if num_workers == 0:
-            self._local_env = self._build_local_env()
+            self._local_envs = build_envs(self.specs)
             return
         try:
             self._workers = [self._spawn() for _ in range(num_workers)]
@@ -219,11 +122,22 @@ class RewardPool:
             self.close()
             raise
 
-    def _build_local_env(self) -> Environment:
-        return resolve_env_class(self.env_cls)(**self.env_kwargs)
+    @property
+    def task_names(self) -> list[str]:
+        """The configured tasks (empty for a single-environment pool)."""
+        return list(self.specs) if self.multi_task else []
+
+    def _building(self) -> str:
+        """What the workers build, for messages."""
+        if not self.multi_task:
+            return repr(self.env_cls)
+        return ", ".join(f"{task}: {cls!r}" for task, (cls, _) in self.specs.items())
+
+    def _task_of(self, metadata: dict[str, Any]) -> str:
+        return metadata.get("task") if self.multi_task else SINGLE_TASK  # type: ignore[return-value]
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.env_cls, self.env_kwargs)
+        return _Worker(self._ctx, self.specs)
 
     def _wait_until_ready(self) -> None:
         """Block until every worker has built its environment; raise on the first failure."""
@@ -233,7 +147,7 @@ class RewardPool:
             if remaining <= 0:
                 raise PosttrainError(
                     f"reward workers did not start within {self.startup_timeout_s:g} s (building "
-                    f"{self.env_cls!r}). Check that the environment's constructor does not block."
+                    f"{self._building()}). Check that the environment's constructor does not block."
                 )
             pending = [w for w in self._workers if not w.ready]
             wait([w.conn for w in pending] + [w.process.sentinel for w in pending], timeout=min(remaining, 1.0))
@@ -243,14 +157,15 @@ class RewardPool:
                     w.process.join(timeout=1.0)
                     raise PosttrainError(
                         f"a reward worker exited with code {w.process.exitcode} before it was ready "
-                        f"(building {self.env_cls!r}); its error output above says why. Workers are "
+                        f"(building {self._building()}); its error output above says why. Workers are "
                         "started with 'spawn', so the main script must be importable and guard its "
                         "entry point with `if __name__ == '__main__':`."
                     )
                 if message is not None and message[0] == "init_error":
                     raise PosttrainError(
-                        f"building environment {self.env_cls!r} with kwargs {self.env_kwargs} failed in a "
-                        f"reward worker:\n{message[1]}"
+                        f"building environment {self._building()} with kwargs "
+                        f"{ {t: kw for t, (_, kw) in self.specs.items()} if self.multi_task else self.env_kwargs} "
+                        f"failed in a reward worker:\n{message[1]}"
                     )
                 if message is not None and message[0] == "ready":
                     w.ready = True
@@ -300,15 +215,19 @@ class RewardPool:
             results = [self._score_local(log, meta) for log, meta in zip(message_logs, metadata)]
         else:
             results = self._score_remote(message_logs, metadata)
+        if self.multi_task:  # post_process routes by the scored metadata: keep each row's task there
+            for r, meta in zip(results, metadata):
+                if isinstance(r["metadata"], dict) and "task" in meta:
+                    r["metadata"].setdefault("task", meta["task"])
         return self._assemble(results)
 
     def _score_local(self, message_log: MessageLog, metadata: dict[str, Any]) -> dict[str, Any]:
-        assert self._local_env is not None
+        assert self._local_envs is not None
         try:
-            return _unpack_single(self._local_env.step([message_log], [metadata]), metadata)
+            return score_one(self._local_envs, self._task_of(metadata), message_log, metadata)
         except Exception as e:
             logger.debug("reward raised", exc_info=True)
-            return _failed(metadata, _exception_text(e))
+            return failed(metadata, exception_text(e))
 
     def _score_remote(self, message_logs: list[MessageLog], metadata: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for w in [w for w in self._workers if w.job is not None]:
@@ -334,12 +253,12 @@ class RewardPool:
             i = todo.pop()
             self._next_job_id += 1
             try:
-                w.conn.send((self._next_job_id, message_logs[i], metadata[i]))
+                w.conn.send((self._next_job_id, message_logs[i], metadata[i], self._task_of(metadata[i])))
             except (OSError, ValueError):
                 todo.append(i)  # the worker died just now: _check replaces it
                 continue
             except Exception as e:  # the sample itself cannot be pickled
-                results[i] = _failed(metadata[i], f"sample cannot be sent to a reward worker: {e}")
+                results[i] = failed(metadata[i], f"sample cannot be sent to a reward worker: {e}")
                 continue
             w.job, w.job_started_at = (self._next_job_id, i), time.monotonic()
 
@@ -348,7 +267,7 @@ class RewardPool:
 
         def fail(message: str, kind: str) -> None:
             i = w.job[1]  # type: ignore[index]
-            results[i], w.job = _failed(metadata[i], message, kind), None
+            results[i], w.job = failed(metadata[i], message, kind), None
 
         while (message := self._poll(w)) is not None:
             if message[0] == "ready":
@@ -413,7 +332,38 @@ class RewardPool:
         return batch
 
     def post_process(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-        """The environment's global_post_process_and_metrics, run in this process."""
-        if self._local_env is None:
-            self._local_env = self._build_local_env()  # lazily: only the trainer needs this one
-        return self._local_env.global_post_process_and_metrics(batch)
+        """The environments' global_post_process_and_metrics, run in this process.
+
+        Single environment: its own call on the whole batch, metrics unchanged. Several tasks: each
+        task's environment gets the sub-batch of its rows (every tensor or list of the batch's
+        length is sliced), its metrics are returned as ``<task>/<name>``, and the returned batch
+        holds the sub-batches' values put back in place.
+        """
+        if self._local_envs is None:
+            self._local_envs = build_envs(self.specs)  # lazily: only the trainer needs these
+        if not self.multi_task:
+            return self._local_envs[SINGLE_TASK].global_post_process_and_metrics(batch)
+        n = len(batch["rewards"])
+        rows_by_task: dict[str, list[int]] = {}
+        for i, meta in enumerate(batch["metadata"]):
+            rows_by_task.setdefault(meta.get("task") if isinstance(meta, Mapping) else None, []).append(i)
+        per_row = [k for k, v in batch.items() if isinstance(v, (list, torch.Tensor)) and len(v) == n]
+        out = {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) if k in per_row else v for k, v in batch.items()}
+        metrics: dict[str, float] = {}
+        for task, rows in rows_by_task.items():
+            env = self._local_envs.get(task)  # type: ignore[arg-type]
+            if env is None:
+                continue  # rows the pool could not score (unknown task) have no environment's metrics
+            index = torch.tensor(rows, dtype=torch.long)
+            sub = {k: (batch[k][index] if isinstance(batch[k], torch.Tensor) else [batch[k][i] for i in rows])
+                   for k in per_row}
+            sub_out, task_metrics = env.global_post_process_and_metrics({**batch, **sub})
+            metrics.update({f"{task}/{k}": v for k, v in task_metrics.items()})
+            for k in per_row:
+                value = sub_out.get(k)
+                if isinstance(out[k], torch.Tensor) and isinstance(value, torch.Tensor) and len(value) == len(rows):
+                    out[k][index] = value.to(out[k].dtype)
+                elif isinstance(out[k], list) and isinstance(value, list) and len(value) == len(rows):
+                    for i, v in zip(rows, value):
+                        out[k][i] = v
+        return out, metrics

@@ -17,7 +17,7 @@ from posttrain.config.loader import config_to_dict, config_to_yaml
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
-from posttrain.envs.registry import check_env_kwargs, check_required_metadata, resolve_env_class
+from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
@@ -52,8 +52,7 @@ from posttrain.trainer.rollouts import (
 def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     """Run GRPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
     # Cheap checks first, so a bad environment fails before anything is loaded or written.
-    env_cls = resolve_env_class(cfg.env.cls)
-    check_env_kwargs(env_cls, cfg.env.kwargs)
+    env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))  # task -> class
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
     output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "grpo")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +66,9 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
     if cfg.validation.max_prompts:
         val_examples = val_examples[: cfg.validation.max_prompts]
-    check_required_metadata(env_cls, train_examples, "training prompts")
-    check_required_metadata(env_cls, val_examples, "validation prompts")
+    # Every row must reach an environment (with env.tasks: its task's) that can score it.
+    check_task_data(env_classes, train_examples, "training prompts")
+    check_task_data(env_classes, val_examples, "validation prompts")
     device = resolve_device(cfg.model.device)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
     if device.type == "cpu" and cfg.rollout.batch_size * cfg.rollout.max_new_tokens >= 8192:
@@ -120,7 +120,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
 
     with contextlib.ExitStack() as stack:
-        rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s))
+        rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))
         metrics_log = stack.enter_context(
             MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
         )

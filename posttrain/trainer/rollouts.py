@@ -19,6 +19,7 @@ from posttrain.models.lora import adapters_disabled
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
+from posttrain.trainer.validation import per_task_means
 
 logger = logging.getLogger("posttrain.trainer")
 
@@ -105,13 +106,16 @@ def shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, sample
 
 
 def rollout_metrics(rollouts: Rollouts, env_metrics: dict[str, float], group_size: int) -> dict[str, float]:
-    """Reward and response metrics of every completion generated in a step."""
+    """Reward and response metrics of every completion generated in a step. With tasks (rows with a
+    ``task`` metadata) also ``reward/<task>/mean``; env_metrics of several tasks arrive as
+    ``<task>/<name>`` and are logged as ``reward/<task>/<name>``."""
     completions, rewards = rollouts.completions, rollouts.rewards
     lengths = [len(c.token_ids) for c in completions]
     metrics = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
         **{f"reward/{k}": float(v) for k, v in env_metrics.items()},
+        **per_task_means(rollouts.prompts, rewards.tolist(), "reward/{task}/mean"),
         "reward/errors": float(sum(e is not None for e in rollouts.errors)),
         "response/length_mean": sum(lengths) / len(lengths),
         "response/length_max": float(max(lengths)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.models.chat import TokenizedPrompt
@@ -35,11 +35,23 @@ def validate(
         **{f"val/{k}": float(v) for k, v in env_metrics.items()},
     }
     metrics.update(_per_level(prompts, scored.metadata, scored.rewards.tolist()))
+    metrics.update(per_task_means(prompts, scored.rewards.tolist(), "val/{task}/reward_mean"))
     for p, c, r, answer in list(zip(prompts, completions, scored.rewards.tolist(), scored.answers))[:print_samples]:
         question = p.messages[-1]["content"]
         expected = p.metadata.get("expected_answer", "?")
         write(f"  [val] Q: {question}\n        A: {c.text.strip()!r}\n        extracted={answer!r} expected={expected!r} reward={r:.2f}")
     return metrics
+
+
+def per_task_means(prompts: list[Any], rewards: list[float], name: str) -> dict[str, float]:
+    """Mean reward per task (``metadata["task"]`` of the prompts), as ``name.format(task=...)``;
+    empty when no prompt names a task (single-task data)."""
+    by_task: dict[str, list[float]] = {}
+    for prompt, reward in zip(prompts, rewards):
+        task = prompt.metadata.get("task")
+        if task is not None:
+            by_task.setdefault(str(task), []).append(reward)
+    return {name.format(task=task): sum(v) / len(v) for task, v in sorted(by_task.items())}
 
 
 def _per_level(prompts: list[TokenizedPrompt], scored_metadata: list[dict], rewards: list[float]) -> dict[str, float]:

@@ -1,0 +1,142 @@
+"""The worker side of the reward pool: the process that builds the environments and scores one
+sample per job, and the parent's handle of it (``_Worker``). See ``reward_pool.py`` for the
+protocol's other end.
+
+Messages over a worker's pipe (parent -> worker): ``(job_id, message_log, metadata, task)`` or
+None (exit). Worker -> parent: ``("ready", None)``, ``("init_error", traceback)``,
+``("result", job_id, result)``, ``("error", job_id, message, traceback)``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from posttrain.envs.base import Environment, EnvironmentReturn
+from posttrain.envs.registry import SINGLE_TASK, resolve_env_class
+
+_POLL_S = 1.0  # how often an idle worker checks that its parent is still alive
+
+# task name -> (env.cls, env.kwargs)
+EnvSpecs = dict[str, tuple[str, dict[str, Any]]]
+
+
+def build_envs(specs: EnvSpecs) -> dict[str, Environment]:
+    """One instance of every task's environment."""
+    return {task: resolve_env_class(cls)(**kwargs) for task, (cls, kwargs) in specs.items()}
+
+
+def unpack_single(ret: EnvironmentReturn, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Plain-Python result of a 1-sample step (plain data pickles safely over a pipe)."""
+    if len(ret.rewards) != 1:
+        raise ValueError(f"env.step returned {len(ret.rewards)} rewards for a batch of 1 sample")
+    meta = ret.metadata[0] if ret.metadata and ret.metadata[0] is not None else dict(metadata)
+    stops = ret.next_stop_strings[0] if ret.next_stop_strings else None
+    return {
+        "reward": float(ret.rewards[0]),
+        "terminated": bool(ret.terminateds[0]),
+        "observation": ret.observations[0],
+        "metadata": meta,
+        "answer": ret.answers[0] if ret.answers else None,
+        "next_stop_strings": stops,
+    }
+
+
+def failed(metadata: dict[str, Any] | None, message: str, kind: str = "error") -> dict[str, Any]:
+    """Result of a sample whose reward could not be computed: reward 0, episode over.
+    kind: 'timeout', 'crash' or 'error' (env.step raised)."""
+    meta = {**(metadata or {}), "correct": False, "formatted": False, "reward_error": message}
+    return {
+        "reward": 0.0,
+        "terminated": True,
+        "observation": {"role": "environment", "content": f"error: {message}"},
+        "metadata": meta,
+        "answer": None,
+        "next_stop_strings": None,
+        "error": message,
+        "error_kind": kind,
+    }
+
+
+def exception_text(e: BaseException) -> str:
+    return f"reward raised {type(e).__name__}: {e}"
+
+
+def score_one(envs: dict[str, Environment], task: str, message_log: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Score one sample with its task's environment; exceptions propagate (the caller reports them)."""
+    env = envs.get(task)
+    if env is None:
+        raise KeyError(f"no environment for task {task!r} (configured: {sorted(envs)})")
+    return unpack_single(env.step([message_log], [metadata]), metadata)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit the worker when the trainer dies, even while a sample runs forever."""
+    while True:
+        time.sleep(_POLL_S)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def worker_main(specs: EnvSpecs, conn: Connection, parent_pid: int) -> None:
+    """Worker process: build every task's environment, then score jobs until told to stop."""
+    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    try:
+        envs = build_envs(specs)
+    except BaseException:
+        conn.send(("init_error", traceback.format_exc()))
+        return
+    conn.send(("ready", None))
+    default_task = next(iter(specs))  # for a job without a task (older 3-tuple jobs)
+    while True:
+        try:
+            if not conn.poll(_POLL_S):
+                continue
+            job = conn.recv()
+        except (EOFError, OSError):
+            job = None  # the parent closed the pipe or died
+        if job is None:
+            # Skip interpreter finalization (about 0.5 s with torch loaded): nothing to clean up.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        job_id, message_log, metadata, *rest = job
+        task = rest[0] if rest else default_task
+        try:
+            conn.send(("result", job_id, score_one(envs, task, message_log, metadata)))
+        except Exception as e:
+            conn.send(("error", job_id, exception_text(e), traceback.format_exc()))
+
+
+class _Worker:
+    """Parent-side handle of one worker process."""
+
+    def __init__(self, ctx: Any, specs: EnvSpecs) -> None:
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        # daemon: multiprocessing's own exit handler terminates it if close() never ran.
+        self.process = ctx.Process(
+            target=worker_main, args=(specs, child_conn, os.getpid()), daemon=True,
+            name="posttrain-reward-worker",
+        )
+        self.process.start()
+        child_conn.close()  # the child holds its own copy; closing ours lets it see EOF if we die
+        self.started_at = time.monotonic()
+        self.ready = False
+        self.job: tuple[int, int] | None = None  # (job_id, sample index)
+        self.job_started_at = 0.0
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the process (SIGKILL when kill, else SIGTERM, then SIGKILL if needed) and reap it."""
+        for signal_it in ((self.process.kill,) if kill else (self.process.terminate, self.process.kill)):
+            if self.process.is_alive():
+                signal_it()
+                self.process.join(timeout=2.0)
+        self.conn.close()
