@@ -132,3 +132,11 @@ def test_validation_reports_accuracy_per_level():
         "val/accuracy_level_1": 0.5, "val/accuracy_level_2": 1.0, "val/accuracy_level_3": 0.0,
     }
     assert _per_level(prompts, [{}] * 4, [1.0, 0.0, 0.5, 0.25])["val/reward_mean_level_1"] == 0.5
+
+
+def test_overrides_may_come_before_and_after_options(capsys):
+    assert main(["grpo", "trainer.lr=3e-6", "--config", "cpu_quick", "rollout.group_size=2", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "group_size: 2" in out and ("lr: 3.0e-06" in out or "lr: 3e-06" in out)
+    with pytest.raises(SystemExit):
+        main(["grpo", "--no-such-flag"])
