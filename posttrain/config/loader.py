@@ -364,6 +364,13 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
          f"rollout.group_size=1 must be >= 2 for algorithm.advantage={a.advantage}: advantages are rewards minus "
          "a baseline from the rest of the group, so a group of one completion always has advantage 0 and "
          "nothing is learned (algorithm.advantage=reinforce_plus_plus needs no group).")
+    need(r.max_turns >= 1, f"rollout.max_turns={r.max_turns} must be >= 1 (1: single-turn episodes).")
+    need(r.max_turns <= 1 or cfg.model.use_chat_template,
+         f"rollout.max_turns={r.max_turns} needs model.use_chat_template=true: the tokens of each observation "
+         "are cut from the chat template's rendering of the conversation.")
+    need(r.max_turns <= 1 or type(cfg) is GRPOConfig,
+         f"rollout.max_turns={r.max_turns}: multi-turn episodes are supported by the grpo command only; "
+         "set rollout.max_turns=1.")
     need(a.dual_clip_c == 0 or a.dual_clip_c > 1,
          f"algorithm.dual_clip_c={a.dual_clip_c} must be 0 (off) or > 1: it caps the loss of negative-advantage "
          "tokens at the value of ratio dual_clip_c; e.g. algorithm.dual_clip_c=3.")

@@ -155,7 +155,8 @@ class EnvConfig:
     kwargs: dict = opt(
         {},
         "Constructor arguments of the environment (checked against its signature before training "
-        "starts). For 'math': format_reward (default 0.1), answer_extraction ('boxed' or 'lenient').",
+        "starts). For 'math': format_reward (default 0.1), answer_extraction ('boxed' or 'lenient'). "
+        "For 'code': timeout_s, cpu_s, memory_mb, max_output_bytes (see docs/environments.md).",
     )
     tasks: dict = opt(
         {},
@@ -184,6 +185,14 @@ class RolloutConfig:
     stop: list = opt([], "Stop strings; generation ends after any of them (EOS always stops).")
     generation_batch_size: int = opt(
         128, "Sequences per generate call; lower it if generation runs out of memory."
+    )
+    max_turns: int = opt(
+        1,
+        "Most model turns per episode. 1: single-turn (one completion per sample). > 1: multi-turn "
+        "episodes: while the environment does not terminate, its observation (e.g. a tool result) is "
+        "appended and the model continues, up to max_turns generations; the episode's reward is the "
+        "final step's, observation tokens get no loss. GRPO only; needs model.use_chat_template=true. "
+        "See docs/environments.md.",
     )
 
 

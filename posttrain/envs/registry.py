@@ -19,6 +19,8 @@ from posttrain.errors import ConfigError
 # registry does not import every environment's dependencies (math_verify pulls in sympy).
 ENVIRONMENTS: dict[str, str] = {
     "math": "posttrain.envs.math_env.MathEnvironment",
+    "calculator": "posttrain.envs.calculator_env.CalculatorEnvironment",
+    "code": "posttrain.envs.code_env.CodeEnvironment",
 }
 
 

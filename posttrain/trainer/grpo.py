@@ -171,7 +171,8 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
 
                 # ---- reference logprobs and advantages of the completions trained on
                 samples = [
-                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"))
+                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"),
+                           response_mask=getattr(c, "trainable_mask", None))  # multi-turn: observation tokens 0
                     for p, c, r in zip(batch.prompts, batch.completions, batch.shaped_rewards.tolist())
                 ]
                 if cfg.algorithm.kl_coef > 0:

@@ -67,7 +67,7 @@ def policy_update(
     for _ in range(algo.ppo_epochs):
         for mini_batch in chunks(samples, trainer.mini_batch_size):
             trained = [s for s in mini_batch if s.trainable]
-            num_tokens = float(max(sum(len(s.response_ids) for s in trained), 1))
+            num_tokens = float(max(sum(s.num_loss_tokens for s in trained), 1))
             num_sequences = float(max(len(trained), 1))
             loss_total = 0.0
             optimizer.zero_grad(set_to_none=True)

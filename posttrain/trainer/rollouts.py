@@ -17,8 +17,9 @@ from posttrain.envs.reward_pool import RewardPool
 from posttrain.models import TokenizedPrompt, response_logprobs
 from posttrain.models.lora import adapters_disabled
 from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.episodes import Episode, episode_metrics, run_episodes
 from posttrain.rollout.hf_engine import HFEngine
-from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
+from posttrain.trainer.samples import Sample, chunks, collate, pad_rows, token_masks
 from posttrain.trainer.validation import per_task_means
 
 logger = logging.getLogger("posttrain.trainer")
@@ -78,6 +79,8 @@ def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch
     width = max(int(lengths.max()), 1)
     trainable = torch.tensor([s.trainable for s in samples])
     mask = (torch.arange(width) < lengths[:, None]) & trainable[:, None]
+    if any(s.response_mask is not None for s in samples):  # multi-turn: observation tokens are not the model's
+        mask = mask & token_masks(samples, width).bool()
     token_kl = None
     if folds_kl_into_reward(estimator) and algo.kl_coef > 0:
         old = pad_rows([s.old_logprobs for s in samples], width, "cpu")
@@ -121,6 +124,8 @@ def rollout_metrics(rollouts: Rollouts, env_metrics: dict[str, float], group_siz
         "response/length_max": float(max(lengths)),
         "response/truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
     }
+    if completions and isinstance(completions[0], Episode):
+        metrics.update(episode_metrics(completions))
     if group_size > 1:  # groups whose completions all scored the same teach nothing
         metrics["reward/zero_std_groups"] = (rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item()
     return metrics
@@ -134,9 +139,14 @@ def generate_and_score(
     sampling: SamplingParams,
     cfg: GRPOConfig,
 ) -> Rollouts:
-    """One round: the sampler's next prompts -> ``sampling.n`` completions each -> rewards."""
+    """One round: the sampler's next prompts -> ``sampling.n`` completions each -> rewards.
+
+    With ``rollout.max_turns > 1`` each completion is a multi-turn ``Episode`` (rollout/episodes.py)
+    and its reward is the one of the episode's final step."""
     start = time.perf_counter()
     batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
+    if cfg.rollout.max_turns > 1:
+        return _generate_and_score_episodes(engine, rewards, batch_prompts, sampling, cfg)
     groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
     completions = [c for group in groups for c in group]
     prompts = [p for p in batch_prompts for _ in range(sampling.n)]
@@ -149,6 +159,21 @@ def generate_and_score(
     shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
     return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
                     scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
+
+
+def _generate_and_score_episodes(engine: HFEngine, rewards: RewardPool, batch_prompts: list[TokenizedPrompt],
+                                 sampling: SamplingParams, cfg: GRPOConfig) -> Rollouts:
+    result = run_episodes(
+        engine, rewards, batch_prompts, sampling, engine.tokenizer, max_turns=cfg.rollout.max_turns,
+        system_prompt=cfg.model.system_prompt,
+    )
+    episodes = result.episodes
+    algo = cfg.algorithm
+    # rollout.max_new_tokens bounds each turn, so the overlong shaping looks at the last turn's length.
+    lengths = torch.tensor([e.last_turn_tokens for e in episodes])
+    shaped = result.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+    return Rollouts([e.prompt for e in episodes], episodes, [e.messages for e in episodes], result.rewards, shaped,
+                    result.metadata, result.answers, result.errors, result.generate_s, result.score_s)
 
 
 @torch.no_grad()

@@ -22,6 +22,14 @@ class Sample:
     trainable: bool = True  # False: the loss mask of every token is 0 (e.g. DAPO's truncated-sample masking)
     # The engine's logprobs when old_logprobs were recomputed by the trainer (truncated IS correction).
     rollout_logprobs: list[float] | None = None
+    # Per response token: 1 for the model's own tokens, 0 for tokens it did not generate (the
+    # observations of a multi-turn episode). None: every response token is the model's.
+    response_mask: list[int] | None = None
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Response tokens the loss sees (when trainable)."""
+        return len(self.response_ids) if self.response_mask is None else int(sum(self.response_mask))
 
 
 @dataclass
@@ -30,7 +38,7 @@ class TrainBatch:
     old_logprobs: torch.Tensor  # (B, R)
     advantages: torch.Tensor  # (B, R), 0 on padding
     ref_logprobs: torch.Tensor | None  # (B, R)
-    loss_mask: torch.Tensor  # (B, R): tokens.response_mask with the rows of untrainable samples zeroed
+    loss_mask: torch.Tensor  # (B, R): tokens.response_mask, zero on untrainable rows and non-model tokens
     rollout_logprobs: torch.Tensor | None = None  # (B, R)
 
 
@@ -39,6 +47,12 @@ def pad_rows(rows: list[list[float]], width: int, device: torch.device | str) ->
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
     return out.to(device)
+
+
+def token_masks(samples: list[Sample], width: int) -> torch.Tensor:
+    """(B, width) float: each sample's ``response_mask`` (all ones when None), 0 beyond its length."""
+    return pad_rows([s.response_mask if s.response_mask is not None else [1.0] * len(s.response_ids)
+                     for s in samples], width, "cpu")
 
 
 def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str) -> TrainBatch:
@@ -50,11 +64,18 @@ def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str
         old_logprobs=pad_rows([s.old_logprobs for s in samples], width, device),
         advantages=pad_rows([_per_token(s.advantage, len(s.response_ids)) for s in samples], width, device),
         ref_logprobs=pad_rows([s.ref_logprobs for s in samples], width, device) if has_ref else None,
-        loss_mask=tokens.response_mask * torch.tensor([[float(s.trainable)] for s in samples], device=device),
+        loss_mask=_loss_mask(samples, tokens.response_mask, device),
         rollout_logprobs=(
             pad_rows([s.rollout_logprobs for s in samples], width, device) if samples[0].rollout_logprobs is not None else None
         ),
     )
+
+
+def _loss_mask(samples: list[Sample], response_mask: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    mask = response_mask * torch.tensor([[float(s.trainable)] for s in samples], device=device)
+    if any(s.response_mask is not None for s in samples):  # single-turn batches skip this: same tensors as before
+        mask = mask * token_masks(samples, mask.shape[1]).to(device)
+    return mask
 
 
 def _per_token(advantage: float | list[float], length: int) -> list[float]:

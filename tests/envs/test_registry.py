@@ -21,7 +21,9 @@ def test_unknown_name_lists_builtins_and_nearest():
     with pytest.raises(ConfigError) as e:
         resolve_env_class("maht")
     msg = str(e.value)
-    assert "'maht'" in msg and "Did you mean 'math'?" in msg and "Built-in environments: 'math'" in msg
+    assert "'maht'" in msg and "Did you mean 'math'?" in msg
+    assert "Built-in environments: " + ", ".join(repr(n) for n in sorted(ENVIRONMENTS)) in msg
+    assert {"math", "calculator", "code"} <= set(ENVIRONMENTS)
     assert "package.module.Class" in msg
 
 
