@@ -50,3 +50,18 @@ def test_gsm8k_preset_trains_on_the_shared_files(tmp_path):
     assert main(args) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val/accuracy" in m for m in lines) and any("reward/accuracy" in m for m in lines)
+
+
+def test_math_preset_scores_latex_answers(tmp_path):
+    rows = [{"problem": f"Compute {i}/{i + 1} in lowest terms.", "answer": f"\\frac{{{i}}}{{{i + 1}}}"} for i in range(1, 13)]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = tiny_run_args(
+        save_tiny_model(tmp_path / "model"), out, 1, "--config", "math", f"data.train_path={data}",
+        "data.validation_size=4", "rollout.max_new_tokens=8", "validation.max_prompts=2", "trainer.warmup_steps=0",
+        "env.cls=math",
+    )
+    assert main(args) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward/accuracy" in m for m in lines)

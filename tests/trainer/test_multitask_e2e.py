@@ -49,3 +49,26 @@ def test_row_of_unknown_task_fails_before_model_loads(tmp_path, capsys, monkeypa
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "task 'chess'" in err and "env.tasks configures only the tasks 'math'" in err
+
+
+def test_mixed_math_and_code_dataset_reports_per_task_rewards(tmp_path, capsys):
+    """The issue's acceptance run: math (math-verify) and code (sandboxed tests) in one run."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    math = write_jsonl(tmp_path / "math.jsonl", [{"prompt": f"What is {i} * 3?", "answer": 3 * i} for i in range(8)])
+    code = write_jsonl(tmp_path / "code.jsonl", [
+        {"prompt": f"Write f(x) returning x + {i}.", "tests": [f"assert f(1) == {1 + i}", f"assert f(2) == {2 + i}"]}
+        for i in range(8)
+    ])
+    out = tmp_path / "run"
+    args = tiny_run_args(
+        model_dir, out, 1, "data.task=prompts", "data.validation_size=2", "validation.at_start=false",
+        "validation.at_end=false", "checkpoint.every=0", "rollout.batch_size=16", "rollout.group_size=2",
+        "trainer.mini_batch_size=16", "trainer.micro_batch_size=8", "env.timeout_s=30",
+        f"data.mix=[{{path: {math}, task: math, weight: 1, answer_column: answer}}, {{path: {code}, task: code, weight: 1}}]",
+        "env.tasks={math: {cls: math}, code: {cls: code, kwargs: {timeout_s: 2}}}",
+    )
+    assert main(args) == 0, capsys.readouterr().err
+    step = read_metrics(out)[1]
+    for key in ("reward/math/mean", "reward/code/mean", "reward/math/accuracy", "reward/errors"):
+        assert key in step, key
+    assert step["reward/errors"] == 0  # unparseable model code scores 0; it is not a reward error
