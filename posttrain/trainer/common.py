@@ -19,6 +19,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | None]:
+    """The prologue of every recipe: resolve the checkpoint to resume, create the run folder with
+    its train.log and config.yaml, and seed everything. Returns (run folder, checkpoint or None)."""
+    from posttrain.checkpoint.manager import CheckpointManager
+    from posttrain.config.loader import config_to_yaml
+
+    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
+    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, command)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_to_file(output_dir / "train.log")
+    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    logging.getLogger("posttrain.trainer").info("Run folder: %s", output_dir)
+    seed_everything(cfg.seed)
+    return output_dir, resume_ckpt
+
+
+def save_on_interrupt(completed: int, start_step: int, save_checkpoint, write) -> None:
+    """Ctrl-C: checkpoint the last whole step, if this process completed any."""
+    if completed > start_step:
+        write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
+        save_checkpoint()
+    else:
+        write("interrupted before a step completed: no new checkpoint to save")
+
+
 def resolve_output_dir(output_dir: str, resume_ckpt: Path | None, command: str) -> Path:
     """The run folder: as configured, else the resumed run's, else runs/<command>-<timestamp>."""
     if output_dir:

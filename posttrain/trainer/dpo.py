@@ -18,7 +18,7 @@ import torch
 from posttrain.algorithms import dpo_loss, sequence_logps, uses_length_average
 from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.config.dpo_schema import DPOConfig
-from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.loader import config_to_dict
 from posttrain.data.preference import PreferencePair, load_preference_examples, tokenize_pairs
 from posttrain.data.sampler import EpochSampler
 from posttrain.logging.metrics import MetricsLogger, format_console_line
@@ -27,7 +27,7 @@ from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, re
 from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model, lora_enabled
-from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
+from posttrain.trainer.common import save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
     compute_reference_logps,
@@ -47,13 +47,7 @@ Autocast = Callable[[], AbstractContextManager]
 
 def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
     """Run DPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
-    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
-    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "dpo")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_to_file(output_dir / "train.log")
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    logger.info("Run folder: %s", output_dir)
-    seed_everything(cfg.seed)
+    output_dir, resume_ckpt = start_run(cfg, resume_from, "dpo")
 
     # ---- data first: a malformed row fails before any model is loaded.
     train_examples, val_examples = load_preference_examples(cfg.data, cfg.seed)
@@ -169,11 +163,7 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
                 run_validation(completed)
             save_checkpoint()
         except KeyboardInterrupt:
-            if completed > start_step:
-                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
-                save_checkpoint()
-            else:
-                progress.write("interrupted before a step completed: no new checkpoint to save")
+            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
             raise
     return output_dir
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from posttrain.algorithms import get_advantage_estimator, informative_groups
 from posttrain.checkpoint.manager import CheckpointManager
-from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.loader import config_to_dict
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
@@ -32,7 +32,7 @@ from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
+from posttrain.trainer.common import save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.samples import Sample
 from posttrain.trainer.validation import validate
@@ -53,13 +53,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     """Run GRPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
     # Cheap checks first, so a bad environment fails before anything is loaded or written.
     env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))  # task -> class
-    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
-    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "grpo")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_to_file(output_dir / "train.log")
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    logger.info("Run folder: %s", output_dir)
-    seed_everything(cfg.seed)
+    output_dir, resume_ckpt = start_run(cfg, resume_from, "grpo")
 
     # ---- build the parts. Data first: rows the environment cannot score (e.g. no reference
     # answer) fail here, before the model loads, not as all-zero rewards at step 1.
@@ -221,10 +215,6 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 run_validation(completed)
             save_checkpoint()
         except KeyboardInterrupt:
-            if completed > start_step:
-                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
-                save_checkpoint()
-            else:
-                progress.write("interrupted before a step completed: no new checkpoint to save")
+            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
             raise
     return output_dir

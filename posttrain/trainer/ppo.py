@@ -27,7 +27,7 @@ from posttrain.algorithms import (
     value_loss,
 )
 from posttrain.checkpoint.manager import CheckpointManager, _torch_load
-from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.loader import config_to_dict
 from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import LoRAConfig
 from posttrain.data.prompts import load_prompt_data
@@ -43,7 +43,7 @@ from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
-from posttrain.trainer.common import log_to_file, masked_mean, resolve_output_dir, seed_everything
+from posttrain.trainer.common import masked_mean, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
@@ -67,13 +67,7 @@ CRITIC_SCHEDULER_FILE = "scheduler.pt"
 def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     """Run PPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
     env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))  # task -> class
-    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
-    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "ppo")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_to_file(output_dir / "train.log")
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    logger.info("Run folder: %s", output_dir)
-    seed_everything(cfg.seed)
+    output_dir, resume_ckpt = start_run(cfg, resume_from, "ppo")
 
     # ---- build the parts: data, policy (+ reference), critic, engine, both optimizers
     train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
@@ -214,11 +208,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 run_validation(completed)
             save_checkpoint()
         except KeyboardInterrupt:
-            if completed > start_step:
-                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
-                save_checkpoint()
-            else:
-                progress.write("interrupted before a step completed: no new checkpoint to save")
+            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
             raise
     return output_dir
 

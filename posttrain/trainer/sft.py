@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.checkpoint.manager import CheckpointManager
-from posttrain.config.loader import config_to_dict, config_to_yaml
+from posttrain.config.loader import config_to_dict
 from posttrain.config.sft_schema import SFTConfig
 from posttrain.data.packing import (
     IGNORE_INDEX,
@@ -35,7 +35,7 @@ from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import checkpoint_prefix
-from posttrain.trainer.common import log_to_file, resolve_output_dir, seed_everything
+from posttrain.trainer.common import save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 
@@ -45,13 +45,7 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 
 def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
     """Run SFT; returns the run folder. ``resume_from``: a checkpoint or run folder."""
-    resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
-    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, "sft")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_to_file(output_dir / "train.log")
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    logger.info("Run folder: %s", output_dir)
-    seed_everything(cfg.seed)
+    output_dir, resume_ckpt = start_run(cfg, resume_from, "sft")
 
     # ---- build the parts. Rows are read and checked before the model loads, so a bad file fails fast.
     train_convs, val_convs = load_sft_conversations(cfg.data, cfg.seed)
@@ -155,11 +149,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                 run_validation(completed)
             save_checkpoint()
         except KeyboardInterrupt:
-            if completed > start_step:
-                progress.write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
-                save_checkpoint()
-            else:
-                progress.write("interrupted before a step completed: no new checkpoint to save")
+            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
             raise
     return output_dir
 
