@@ -83,6 +83,12 @@ class ModelConfig:
         "Where dequantized GGUF models are cached as safetensors so later runs load in a second "
         "(empty: $POSTTRAIN_CACHE or ~/.cache/posttrain).",
     )
+    chunked_logprobs: int = opt(
+        0,
+        "Chunk size in tokens for computing logprobs and entropy from the final hidden states "
+        "without holding the full (tokens x vocab) logits, forward or backward; 0 = off (the model's "
+        "own LM head over all response positions). Models with logit soft-capping or scaling use the plain path.",
+    )
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft); off while r is 0. See docs/lora.md.")
 
 

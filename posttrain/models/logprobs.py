@@ -5,15 +5,36 @@ Left padding would give the leading pad positions a fully masked attention row, 
 backward yields NaN gradients in some fused GPU kernels; with right padding every position sees
 at least one real token. Only the logits of positions that predict response tokens are computed
 (``logits_to_keep``), never those of most of the prompt.
+
+With ``chunk_size > 0`` the LM head is not run by the model: the backbone's final hidden states of
+the response positions go to :func:`~posttrain.models.chunked_logprobs.chunked_logprobs`, which
+never holds more than ``chunk_size`` tokens' logits (forward or backward). Models whose logits are
+not a plain ``Linear`` of the last hidden state (soft-capping, logit scaling, a LoRA-wrapped head)
+use the plain path instead, with a one-time log line.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from posttrain.algorithms import entropy_from_logits
+from posttrain.models.chunked_logprobs import chunked_logprobs
+
+logger = logging.getLogger("posttrain.models")
+
+# Config attributes that change the logits after the LM head (value that means "no change").
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "output_multiplier": 1.0,
+    "lm_head_multiplier": 1.0,
+}
+_fallback_logged: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
@@ -59,12 +80,23 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    chunk_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprobs (B, R) of the response tokens under ``softmax(logits / temperature)``, and
     optionally the per-token entropy (B, R) of that distribution (detached unless ``entropy_grad``).
 
     Computed as ``logit[token] - logsumexp(logits)`` so the full (B, R, V) log-softmax tensor is
-    never materialised a second time. Padded positions hold arbitrary values: mask them."""
+    never materialised a second time. Padded positions hold arbitrary values: mask them.
+
+    ``chunk_size > 0`` computes the same values chunk by chunk from the backbone's hidden states
+    (see the module docstring); 0 runs the model's own LM head over all kept positions."""
+    if chunk_size > 0:
+        parts = _backbone_and_head(model)
+        if parts is not None:
+            return _chunked_response_logprobs(
+                *parts, batch, temperature=temperature, with_entropy=with_entropy,
+                entropy_grad=entropy_grad, chunk_size=chunk_size,
+            )
     L = batch.input_ids.shape[1]
     R = batch.response_len
     first = int(batch.prompt_lens.min()) - 1  # first position whose logits predict a response token
@@ -89,3 +121,68 @@ def response_logprobs(
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits)
     return logprobs, entropy
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """The module giving the final hidden states and the LM head whose ``Linear`` of them are the
+    logits, or None (logged once per model) when the model's logits are anything else."""
+    causal_lm = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # peft
+    reason = None
+    configs = [getattr(causal_lm, "config", None)]
+    if configs[0] is not None and callable(getattr(configs[0], "get_text_config", None)):
+        configs.append(configs[0].get_text_config())
+    for cfg in configs + [causal_lm]:
+        for name, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, name, neutral)
+            if value is not None and value != neutral:
+                reason = f"{name}={value} transforms its logits"
+    get_head = getattr(causal_lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    backbone = getattr(causal_lm, "base_model", causal_lm)
+    if reason is None and not (isinstance(head, torch.nn.Linear) and head.weight.is_floating_point()):
+        reason = f"its LM head is a {type(head).__name__}, not a plain Linear"
+    if reason is None and (backbone is causal_lm or not isinstance(backbone, torch.nn.Module)):
+        reason = "it has no separate backbone module (base_model)"
+    if reason is None:
+        return backbone, head
+    if model not in _fallback_logged:
+        _fallback_logged.add(model)
+        logger.info("model.chunked_logprobs: %s uses the plain logprobs path: %s.", type(causal_lm).__name__, reason)
+    return None
+
+
+def _chunked_response_logprobs(
+    backbone: torch.nn.Module,
+    head: torch.nn.Linear,
+    batch: TokenBatch,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    L = batch.input_ids.shape[1]
+    B, R = batch.response_mask.shape
+    out = backbone(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
+    # Response token r of row i sits at prompt_len_i + r and is predicted at one before. Only the
+    # unmasked positions are computed; padded entries of the result are 0.
+    rows, cols = batch.response_mask.nonzero(as_tuple=True)
+    positions = batch.prompt_lens[rows] - 1 + cols
+    targets = batch.input_ids[rows, (positions + 1).clamp(max=L - 1)]
+    logprobs, entropy = chunked_logprobs(
+        hidden[rows, positions], head.weight, targets, bias=head.bias, temperature=temperature,
+        chunk_size=chunk_size, with_entropy=with_entropy,
+    )
+    full_logprobs = logprobs.new_zeros(B, R).index_put((rows, cols), logprobs)
+    full_entropy = None
+    if entropy is not None:
+        if not (entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy.detach()
+        full_entropy = entropy.new_zeros(B, R).index_put((rows, cols), entropy)
+    return full_logprobs, full_entropy

@@ -202,7 +202,9 @@ def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id
     for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
         batch = collate(micro_batch, pad_token_id, device)
         with autocast():
-            logprobs, _ = response_logprobs(model, batch.tokens, temperature=cfg.rollout.temperature)
+            logprobs, _ = response_logprobs(
+                model, batch.tokens, temperature=cfg.rollout.temperature, chunk_size=cfg.model.chunked_logprobs
+            )
         logprobs = logprobs.float().cpu()
         out += [logprobs[i, : len(s.response_ids)].tolist() for i, s in enumerate(micro_batch)]
     return out

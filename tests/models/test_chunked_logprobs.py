@@ -1,0 +1,163 @@
+import logging
+
+import pytest
+import torch
+
+from helpers import make_tiny_llama, make_tokenizer
+from posttrain.models.chunked_logprobs import chunked_logprobs
+from posttrain.models.logprobs import make_token_batch, response_logprobs
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [30, 31, 32, 33]]
+RESPONSES = [[20, 21, 40, 41], [22, 23, 24, 25, 26, 27, 28], [29], [50, 51, 52, 53, 54, 55]]
+
+
+def _setup(seed=0):
+    tok = make_tokenizer()
+    model = make_tiny_llama(tok, seed=seed)
+    batch = make_token_batch(PROMPTS, RESPONSES, tok.pad_token_id)
+    return model, batch
+
+
+def _loss(model, batch, chunk_size, temperature=0.7):
+    logprobs, entropy = response_logprobs(
+        model, batch, temperature=temperature, with_entropy=True, entropy_grad=True, chunk_size=chunk_size
+    )
+    mask = batch.response_mask
+    weights = torch.linspace(-1.0, 2.0, mask.numel()).reshape(mask.shape)
+    loss = (weights * logprobs * mask).sum() - 0.3 * (entropy * mask).sum()
+    return loss, logprobs, entropy
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 1000])  # 17 response tokens: 3 and 5 do not divide it
+def test_values_and_gradients_match_plain_path(chunk_size):
+    model, batch = _setup()
+    mask = batch.response_mask.bool()
+    loss_ref, lp_ref, ent_ref = _loss(model, batch, 0)
+    loss_ref.backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss, lp, ent = _loss(model, batch, chunk_size)
+    loss.backward()
+    got = _grads(model)
+    torch.testing.assert_close(lp[mask], lp_ref[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[mask], ent_ref[mask], rtol=1e-5, atol=1e-5)
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_entropy_detached_unless_entropy_grad_and_no_grad_works():
+    model, batch = _setup()
+    logprobs, entropy = response_logprobs(model, batch, with_entropy=True, chunk_size=4)
+    assert logprobs.requires_grad and not entropy.requires_grad
+    with torch.no_grad():
+        lp2, none = response_logprobs(model, batch, chunk_size=4)
+    assert none is None and not lp2.requires_grad
+    torch.testing.assert_close(lp2, logprobs.detach())
+
+
+def test_function_with_bias_matches_dense_autograd():
+    torch.manual_seed(0)
+    N, H, V = 11, 6, 13
+    h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    lp, ent = chunked_logprobs(h, w, y, bias=b, temperature=1.3, chunk_size=4, with_entropy=True)
+    logits = (h @ w.t() + b) / 1.3
+    logp = logits.log_softmax(-1)
+    lp_ref = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    ent_ref = -(logp.exp() * logp).sum(-1)
+    # The outputs are float32 (by design); the reference is float64 dense autograd.
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ent_ref, rtol=1e-5, atol=1e-5)
+    g1, g2 = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    got = torch.autograd.grad((lp.double() * g1).sum() + (ent.double() * g2).sum(), (h, w, b))
+    ref = torch.autograd.grad((lp_ref * g1).sum() + (ent_ref * g2).sum(), (h, w, b))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_lora_model_matches_plain_path():
+    from posttrain.config.schema import LoRAConfig
+    from posttrain.models.lora import apply_lora
+
+    model, batch = _setup()
+    model = apply_lora(model, LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():  # B = 0 at init: make the adapters do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    mask = batch.response_mask.bool()
+    loss_ref, lp_ref, ent_ref = _loss(model, batch, 0)
+    loss_ref.backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss, lp, ent = _loss(model, batch, 3)
+    loss.backward()
+    got = _grads(model)
+    torch.testing.assert_close(lp[mask], lp_ref[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[mask], ent_ref[mask], rtol=1e-5, atol=1e-5)
+    assert ref and set(got) == set(ref) and all("lora_" in n for n in ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    with model.disable_adapter():  # the reference model: base weights only
+        lp_base, _ = response_logprobs(model, batch, chunk_size=3)
+        lp_base_ref, _ = response_logprobs(model, batch, chunk_size=0)
+    torch.testing.assert_close(lp_base[mask], lp_base_ref[mask], rtol=1e-5, atol=1e-5)
+
+
+def _saved_shapes(model, batch, chunk_size):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _, _ = _loss(model, batch, chunk_size)
+    loss.backward()
+    return shapes
+
+
+def test_graph_saves_no_tokens_by_vocab_tensor():
+    model, batch = _setup()
+    V = model.config.vocab_size
+    n_tokens = int(batch.response_mask.sum())
+    chunk = 2
+    assert n_tokens * V > 4 * chunk * V
+    # The plain path keeps (tokens, V) logits alive for backward; the check below can see them.
+    plain = _saved_shapes(model, batch, 0)
+    assert any(V in s and torch.Size(s).numel() >= n_tokens * V for s in plain)
+    # Chunked: the only saved tensor with a vocabulary dim is the head weight (V, H); logits are recomputed.
+    for s in _saved_shapes(model, batch, chunk):
+        assert V not in s or s == (V, model.config.hidden_size), s
+
+
+def test_softcapped_model_falls_back_to_plain_path(caplog):
+    model, batch = _setup()
+    model.config.final_logit_softcapping = 30.0  # Llama ignores it; only the fallback is under test
+    with caplog.at_level(logging.INFO, logger="posttrain.models"):
+        lp, _ = response_logprobs(model, batch, chunk_size=2)
+        response_logprobs(model, batch, chunk_size=2)
+    assert sum("final_logit_softcapping" in r.getMessage() for r in caplog.records) == 1  # logged once
+    # The plain path's padded entries are not zeroed, unlike the chunked path's.
+    lp_plain, _ = response_logprobs(model, batch)
+    torch.testing.assert_close(lp, lp_plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_bf16_autocast_close_to_plain_path(dtype):
+    model, batch = _setup()
+    mask = batch.response_mask.bool()
+    with torch.autocast("cpu", dtype=dtype):
+        loss_ref, lp_ref, _ = _loss(model, batch, 0)
+        loss, lp, _ = _loss(model, batch, 3)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp[mask], lp_ref[mask], rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
