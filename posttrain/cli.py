@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir)",
         )
     _add_merge_parser(commands)
+    _add_serve_parser(commands)
     return parser
 
 
@@ -118,6 +119,47 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
         "(the run folder is the checkpoint's parent's parent)",
     )
     merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    """``posttrain serve``: not a trainer, so it is not in COMMANDS."""
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Load a model and serve /v1/chat/completions, /v1/completions, /v1/models, /generate "
+        "(token ids in and out, for RL clients) and /health. Needs the serve extra: pip install "
+        "'posttrain[serve]'. See docs/server.md.",
+        epilog="examples:\n  posttrain serve                                  # the embedded SmolLM2 on 127.0.0.1:8000\n"
+        "  posttrain serve --model runs/grpo-20261123-101500/checkpoints/step_000050 --port 8001\n"
+        "  posttrain serve --model HuggingFaceTB/SmolLM2-360M-Instruct --device cuda --max-queue 16\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--model", default="embedded", metavar="PATH",
+                       help="hub id, model folder, .gguf file or 'embedded' (default: embedded)")
+    serve.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="model name reported by /v1/models (default: --model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="compute dtype (default: auto, bfloat16 on GPU and float32 on CPU)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests that may wait for the engine; more get 429 (default: 64)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=0,
+                       help="longer prompts get 400 (default: the model's max_position_embeddings)")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                       help="larger request bodies get 413 (default: 1 MiB)")
+    serve.add_argument("--max-n", type=int, default=64, help="largest n (completions per prompt) (default: 64)")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens (default: 4096)")
+    serve.add_argument("--default-max-tokens", type=int, default=256,
+                       help="max_tokens when a request gives none (default: 256)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _setup_console_logging()
+    from posttrain.server.cli import serve  # fastapi/uvicorn only now
+
+    return serve(args)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -147,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "merge":
         return _merge(args)
+    if args.command == "serve":
+        return _serve(args)
     try:
         cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
         resume = args.resume

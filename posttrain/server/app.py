@@ -1,0 +1,560 @@
+"""An OpenAI-compatible server over any ``RolloutEngine``.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
+``POST /v1/completions`` and ``POST /generate`` (token ids in, token ids and logprobs out, for RL
+clients). See docs/server.md for parameters, limits and examples.
+
+Design notes:
+- Engines return whole completions, so ``stream: true`` is served after generation has finished:
+  the text of each choice comes in one chunk (plus a role chunk and a finish chunk). Errors are
+  therefore always reported with a proper status code, never in the middle of a stream.
+- Engine calls run one at a time on a single worker thread (the HF engine is not re-entrant), under
+  a lock. At most ``max_queue`` requests wait behind the running one; more get 429.
+- Request bodies are read and validated here (not by FastAPI's body parsing), so that every bad
+  input, from an oversized body to malformed JSON to an out-of-range parameter, gets a 4xx in
+  the OpenAI error schema ``{"error": {"message", "type", "param", "code"}}``.
+- Request-side tokenization uses a private copy of the tokenizer: a fast tokenizer may refuse
+  to be used from two threads at once ("Already borrowed"), and the engine decodes on its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, Optional, Sequence, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+
+logger = logging.getLogger("posttrain.server")
+
+MAX_STOP_STRINGS = 4  # as in the OpenAI API
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI error schema."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 429 else None
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Request schemas. Unknown top-level parameters are rejected (400) rather than silently ignored.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _OpenAISampling(_Strict):
+    model: Optional[str] = None  # one model per server: any name is accepted
+    n: Optional[int] = None
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1)  # extension, as in vLLM; -1 and 0 switch it off
+    max_tokens: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None  # accepted and ignored
+    # Accepted only at their neutral value, since the engines do not implement them.
+    presence_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
+    frequency_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. tool_calls on assistant messages
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class GenerateSampling(_Strict):
+    n: int = 1
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    max_new_tokens: Optional[int] = None
+    max_tokens: Optional[int] = None  # alias of max_new_tokens
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    logprobs: bool = True
+
+
+class GenerateRequest(_Strict):
+    input_ids: list[StrictInt] = Field(min_length=1)
+    sampling_params: GenerateSampling = Field(default_factory=GenerateSampling)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param_of(loc: Sequence[Any]) -> str | None:
+    """The parameter a pydantic error is about, e.g. ``messages[0].role``; union-branch tags
+    (``str``, ``list[str]``) that pydantic adds to locations are left out."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
+            param += ("." if param else "") + part
+        else:
+            break
+    return param or None
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors()[0]
+    param = _param_of(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if err.get("type") == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if param is None:
+        return APIError(400, f"Invalid request body: {err.get('msg')}.")
+    return APIError(400, f"Invalid value for '{param}': {err.get('msg')}.", param=param, code="invalid_value")
+
+
+class _Server:
+    """The state behind the routes: engine, worker thread, limits."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, model_name: str, *, max_request_bytes: int,
+                 max_prompt_tokens: int, max_queue: int, max_n: int, max_tokens_limit: int,
+                 default_max_tokens: int) -> None:
+        for name, value, low in [("max_request_bytes", max_request_bytes, 1), ("max_prompt_tokens", max_prompt_tokens, 1),
+                                 ("max_queue", max_queue, 0), ("max_n", max_n, 1), ("max_tokens_limit", max_tokens_limit, 1),
+                                 ("default_max_tokens", default_max_tokens, 1)]:
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.engine = engine
+        try:
+            self.tokenizer = copy.deepcopy(tokenizer)
+        except Exception:  # pragma: no cover - a tokenizer that cannot be copied is used as is
+            self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_request_bytes = max_request_bytes
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_queue = max_queue
+        self.max_n = max_n
+        self.max_tokens_limit = max_tokens_limit
+        self.default_max_tokens = min(default_max_tokens, max_tokens_limit)
+        self.created = int(time.time())
+        self.vocab_size = len(self.tokenizer)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-engine")
+        self.engine_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.admitted = 0  # running + waiting engine calls
+
+    # -- request bodies ----------------------------------------------------------------------
+
+    async def read_json(self, request: Request, schema: type[BaseModel]) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise APIError(400, "Invalid Content-Length header.") from None
+            if declared > self.max_request_bytes:
+                raise self._too_large()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_request_bytes:
+                raise self._too_large()
+        try:
+            data = json.loads(bytes(body))
+        except (ValueError, RecursionError):
+            raise APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.",
+                           code="invalid_json") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than the server's limit of {self.max_request_bytes} bytes.",
+                        code="request_too_large")
+
+    # -- sampling parameters -----------------------------------------------------------------
+
+    def sampling_params(self, *, n: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
+                        max_tokens: int | None, max_tokens_param: str, stop: str | list[str] | None,
+                        seed: int | None, logprobs: bool) -> SamplingParams:
+        n = 1 if n is None else n
+        if not 1 <= n <= self.max_n:
+            raise APIError(400, f"Invalid value for 'n': must be between 1 and {self.max_n}, got {n}.",
+                           param="n", code="invalid_value")
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.max_tokens_limit:
+            raise APIError(400, f"Invalid value for '{max_tokens_param}': must be between 1 and "
+                           f"{self.max_tokens_limit}, got {max_tokens}.", param=max_tokens_param, code="invalid_value")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}.",
+                           param="stop", code="invalid_value")
+        if any(s == "" for s in stops):
+            raise APIError(400, "Invalid value for 'stop': stop strings must not be empty.", param="stop",
+                           code="invalid_value")
+        return SamplingParams(
+            n=n,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=max(top_k or 0, 0),
+            max_tokens=max_tokens,
+            stop=stops,
+            seed=seed,
+            logprobs=logprobs,
+        )
+
+    def check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"Invalid value for '{param}': the prompt is empty (0 tokens).", param=param,
+                           code="invalid_value")
+        if len(ids) > self.max_prompt_tokens:
+            raise APIError(400, f"The prompt has {len(ids)} tokens, more than this server's limit of "
+                           f"{self.max_prompt_tokens}. Shorten the prompt.", param=param,
+                           code="context_length_exceeded")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"Invalid value for '{param}': token id {bad} is outside the vocabulary "
+                           f"[0, {self.vocab_size}).", param=param, code="invalid_value")
+        return ids
+
+    # -- the engine --------------------------------------------------------------------------
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        with self._count_lock:
+            if self.admitted > self.max_queue:  # one running, max_queue waiting
+                raise APIError(429, f"The server is busy: {self.max_queue} requests are already waiting. "
+                               "Retry later.", type="rate_limit_error", code="queue_full")
+            self.admitted += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self._generate_locked, prompts, params)
+        except APIError:
+            raise
+        except Exception as exc:
+            logger.exception("engine failed")
+            raise APIError(500, f"The engine failed: {type(exc).__name__}: {exc}", type="server_error") from None
+        finally:
+            with self._count_lock:
+                self.admitted -= 1
+
+    def _generate_locked(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        with self.engine_lock:
+            return self.engine.generate(prompts, params)
+
+    # -- response pieces ---------------------------------------------------------------------
+
+    def visible_text(self, completion: Completion, stops: list[str]) -> str:
+        """The completion text as the OpenAI API returns it: without the stop string."""
+        text = completion.text
+        cuts = [text.find(s) for s in stops if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def reported_tokens(self, completion: Completion) -> list[tuple[int, float]]:
+        """Sampled tokens and logprobs to report, without special tokens such as EOS."""
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        return [(t, lp) for t, lp in zip(completion.token_ids, completion.logprobs) if t not in special]
+
+    def usage(self, prompts: list[list[int]], groups: list[list[Completion]]) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(c.token_ids) for g in groups for c in g)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(events: list[dict[str, Any]]) -> StreamingResponse:
+    async def stream():
+        for event in events:
+            yield f"data: {json.dumps(event)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    model_name: str,
+    *,
+    max_request_bytes: int = 1 << 20,
+    max_prompt_tokens: int = 4096,
+    max_queue: int = 64,
+    max_n: int = 64,
+    max_tokens_limit: int = 4096,
+    default_max_tokens: int = 256,
+) -> FastAPI:
+    """The FastAPI app serving ``engine`` under the name ``model_name``.
+
+    ``tokenizer`` formats chat messages (its chat template) and turns text into token ids.
+    Limits: request bodies over ``max_request_bytes`` get 413; prompts over ``max_prompt_tokens``,
+    ``n`` over ``max_n`` and ``max_tokens`` over ``max_tokens_limit`` get 400; when ``max_queue``
+    requests already wait for the engine, more get 429. ``default_max_tokens`` applies when a
+    request gives no ``max_tokens``."""
+    server = _Server(engine, tokenizer, model_name, max_request_bytes=max_request_bytes,
+                     max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, max_n=max_n,
+                     max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        server.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="posttrain", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = (exc.errors() or [{}])[0]
+        param = _param_of(err.get("loc", ())[1:])
+        return APIError(400, f"Invalid request: {err.get('msg', 'validation failed')}.", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_name, "requests_in_engine": server.admitted}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "posttrain"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != server.model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{server.model_name}'.",
+                           type="not_found_error", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await server.read_json(request, ChatCompletionRequest)
+        if req.top_logprobs:
+            raise APIError(400, "'top_logprobs' is not supported: the engine returns only the logprob of each "
+                           "sampled token. Use logprobs=true without top_logprobs.", param="top_logprobs",
+                           code="unsupported_parameter")
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise APIError(400, "Give only one of 'max_tokens' and 'max_completion_tokens'.",
+                           param="max_completion_tokens", code="invalid_value")
+        use_mct = req.max_completion_tokens is not None
+        params = server.sampling_params(
+            n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            max_tokens=req.max_completion_tokens if use_mct else req.max_tokens,
+            max_tokens_param="max_completion_tokens" if use_mct else "max_tokens",
+            stop=req.stop, seed=req.seed, logprobs=bool(req.logprobs),
+        )
+        prompt = server.check_prompt(_chat_prompt_ids(server.tokenizer, req.messages), "messages")
+        [group] = await server.generate([prompt], params)
+
+        def logprobs_of(c: Completion) -> dict[str, Any] | None:
+            if not req.logprobs:
+                return None
+            content = []
+            for token_id, lp in server.reported_tokens(c):
+                token = server.tokenizer.decode([token_id])
+                content.append({"token": token, "logprob": lp, "bytes": list(token.encode("utf-8")),
+                                "top_logprobs": []})
+            return {"content": content}
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        texts = [server.visible_text(c, params.stop) for c in group]
+        usage = server.usage([prompt], [group])
+        if not req.stream:
+            return {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": server.model_name,
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs_of(c),
+                     "finish_reason": c.finish_reason}
+                    for i, (c, text) in enumerate(zip(group, texts))
+                ],
+                "usage": usage,
+            }
+        head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+                "system_fingerprint": None}
+        events = []
+        for i, (c, text) in enumerate(zip(group, texts)):
+            events.append({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            events.append({**head, "choices": [{"index": i, "delta": {"content": text}, "logprobs": logprobs_of(c),
+                                                "finish_reason": None}]})
+            events.append({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                "finish_reason": c.finish_reason}]})
+        if req.stream_options and req.stream_options.include_usage:
+            events.append({**head, "choices": [], "usage": usage})
+        return _sse(events)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await server.read_json(request, CompletionRequest)
+        if req.logprobs:
+            raise APIError(400, f"logprobs={req.logprobs} asks for the top {req.logprobs} alternatives per token, "
+                           "which is not supported: the engine returns only the logprob of each sampled token. "
+                           "Use logprobs=0.", param="logprobs", code="unsupported_parameter")
+        if req.echo:
+            raise APIError(400, "'echo' is not supported.", param="echo", code="unsupported_parameter")
+        if req.suffix:
+            raise APIError(400, "'suffix' is not supported.", param="suffix", code="unsupported_parameter")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise APIError(400, "'best_of' is not supported (other than equal to n).", param="best_of",
+                           code="unsupported_parameter")
+        params = server.sampling_params(
+            n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=req.max_tokens,
+            max_tokens_param="max_tokens", stop=req.stop, seed=req.seed, logprobs=req.logprobs is not None,
+        )
+        prompts = [server.check_prompt(ids, "prompt") for ids in _completion_prompt_ids(server.tokenizer, req.prompt)]
+        groups = await server.generate(prompts, params)
+
+        def logprobs_of(c: Completion) -> dict[str, Any] | None:
+            if req.logprobs is None:
+                return None
+            tokens, token_logprobs, offsets, offset = [], [], [], 0
+            for token_id, lp in server.reported_tokens(c):
+                token = server.tokenizer.decode([token_id])
+                tokens.append(token)
+                token_logprobs.append(lp)
+                offsets.append(offset)
+                offset += len(token)
+            return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": None, "text_offset": offsets}
+
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        choices = [
+            {"index": p * params.n + j, "text": server.visible_text(c, params.stop), "logprobs": logprobs_of(c),
+             "finish_reason": c.finish_reason}
+            for p, group in enumerate(groups) for j, c in enumerate(group)
+        ]
+        usage = server.usage(prompts, groups)
+        head = {"id": completion_id, "object": "text_completion", "created": created, "model": server.model_name,
+                "system_fingerprint": None}
+        if not req.stream:
+            return {**head, "choices": choices, "usage": usage}
+        events = [{**head, "choices": [choice]} for choice in choices]
+        if req.stream_options and req.stream_options.include_usage:
+            events.append({**head, "choices": [], "usage": usage})
+        return _sse(events)
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        req: GenerateRequest = await server.read_json(request, GenerateRequest)
+        sp = req.sampling_params
+        if sp.max_new_tokens is not None and sp.max_tokens is not None:
+            raise APIError(400, "Give only one of 'max_new_tokens' and 'max_tokens'.",
+                           param="sampling_params.max_tokens", code="invalid_value")
+        use_new = sp.max_tokens is None
+        params = server.sampling_params(
+            n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+            max_tokens=sp.max_new_tokens if use_new else sp.max_tokens,
+            max_tokens_param="sampling_params." + ("max_new_tokens" if use_new else "max_tokens"),
+            stop=sp.stop, seed=sp.seed, logprobs=sp.logprobs,
+        )
+        prompt = server.check_prompt(list(req.input_ids), "input_ids")
+        [group] = await server.generate([prompt], params)
+        outputs = [
+            {"output_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs if sp.logprobs else None,
+             "finish_reason": c.finish_reason,
+             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(c.token_ids),
+                       "total_tokens": len(prompt) + len(c.token_ids)}}
+            for c in group
+        ]
+        return outputs[0] if params.n == 1 else outputs
+
+    return app
+
+
+def _message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions with a text prompt.",
+                       param="messages", code="unsupported_endpoint")
+    rendered = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template itself may reject a conversation (e.g. role order)
+        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
+                       code="invalid_value") from None
+    # The chat template already holds any BOS token; adding special tokens again would double it.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "Invalid value for 'prompt': the list is empty.", param="prompt", code="invalid_value")
+    if all(isinstance(p, int) for p in prompt):  # one prompt given as token ids
+        return [list(prompt)]
+    if all(isinstance(p, list) for p in prompt):  # several prompts given as token ids
+        return [list(p) for p in prompt]
+    return [list(ids) for ids in tokenizer(list(prompt), add_special_tokens=True)["input_ids"]]
