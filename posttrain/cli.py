@@ -1,4 +1,5 @@
-"""Command line: ``posttrain grpo [--config FILE] [--print-config] [--resume [PATH]] [key=value ...]``."""
+"""Command line: ``posttrain {grpo,ppo,sft,dpo} [--config FILE] [--print-config] [--resume [PATH]] [key=value ...]``,
+``posttrain merge`` and ``posttrain serve``."""
 
 from __future__ import annotations
 
