@@ -25,7 +25,6 @@ import math
 import re
 from typing import Any
 
-import torch
 
 from posttrain.envs.base import Environment, EnvironmentReturn, MessageLog
 from posttrain.errors import ConfigError
@@ -111,15 +110,9 @@ class CelsiusToFahrenheitEnv(Environment):
                 {"role": "environment", "content": "correct" if correct else f"incorrect: expected {expected:g}"}
             )
             out_metadata.append({**meta, "correct": correct, "answered": predicted is not None})
-        n = len(rewards)
-        return EnvironmentReturn(
-            observations=observations,
-            metadata=out_metadata,
-            next_stop_strings=[None] * n,
-            rewards=torch.tensor(rewards, dtype=torch.float32),
-            terminateds=torch.ones(n, dtype=torch.bool),
-            answers=answers,
-        )
+        # ``final``: every episode ends here (single-turn); a multi-turn environment builds an
+        # EnvironmentReturn itself with per-sample terminateds and next_stop_strings.
+        return EnvironmentReturn.final(rewards, observations=observations, metadata=out_metadata, answers=answers)
 
     def global_post_process_and_metrics(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """Batch-level metrics, logged as ``reward/accuracy`` and ``reward/answered``.

@@ -31,6 +31,26 @@ class EnvironmentReturn:
     terminateds: torch.Tensor
     answers: list[str | None]
 
+    @classmethod
+    def final(
+        cls,
+        rewards: list[float],
+        *,
+        observations: list[dict[str, Any]],
+        metadata: list[dict[str, Any] | None],
+        answers: list[str | None],
+    ) -> "EnvironmentReturn":
+        """A return that ends every episode (single-turn scoring): no next stop strings."""
+        n = len(rewards)
+        return cls(
+            observations=observations,
+            metadata=metadata,
+            next_stop_strings=[None] * n,
+            rewards=torch.tensor(rewards, dtype=torch.float32),
+            terminateds=torch.ones(n, dtype=torch.bool),
+            answers=answers,
+        )
+
 
 class Environment:
     """Base class of reward environments.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 
 from posttrain.envs.base import Environment, EnvironmentReturn, MessageLog
 from posttrain.envs.sandbox import run_python
@@ -136,15 +135,7 @@ class CodeEnvironment(Environment):
                 {"role": "environment", "content": f"passed {stats['tests_passed']}/{stats['tests_total']} tests"}
             )
             answers.append(code)
-        n = len(rewards)
-        return EnvironmentReturn(
-            observations=observations,
-            metadata=out_meta,
-            next_stop_strings=[None] * n,
-            rewards=torch.tensor(rewards, dtype=torch.float32),
-            terminateds=torch.ones(n, dtype=torch.bool),
-            answers=answers,
-        )
+        return EnvironmentReturn.final(rewards, observations=observations, metadata=out_meta, answers=answers)
 
     def global_post_process_and_metrics(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """all_passed_rate, timeout_rate (samples with a timed-out test), crash_rate."""

@@ -12,7 +12,6 @@ import logging
 import re
 from typing import Any
 
-import torch
 
 from posttrain.envs.base import Environment, EnvironmentReturn, MessageLog
 from posttrain.errors import ConfigError, PosttrainError
@@ -175,15 +174,7 @@ class MathEnvironment(Environment):
                 {"role": "environment", "content": "correct" if correct else f"incorrect: expected {gold}"}
             )
             answers.append(predicted)
-        n = len(rewards)
-        return EnvironmentReturn(
-            observations=observations,
-            metadata=out_meta,
-            next_stop_strings=[None] * n,
-            rewards=torch.tensor(rewards, dtype=torch.float32),
-            terminateds=torch.ones(n, dtype=torch.bool),
-            answers=answers,
-        )
+        return EnvironmentReturn.final(rewards, observations=observations, metadata=out_meta, answers=answers)
 
     def global_post_process_and_metrics(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """Metrics over the whole batch: accuracy (mean correct) and format_rate (mean boxed)."""

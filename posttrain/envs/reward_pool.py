@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from posttrain.envs.base import Environment, MessageLog
-from posttrain.envs.registry import env_specs
-from posttrain.envs.worker import SINGLE_TASK, EnvSpecs, _Worker, build_envs, exception_text, failed, score_one
+from posttrain.envs.registry import SINGLE_TASK, env_specs
+from posttrain.envs.worker import EnvSpecs, _Worker, build_envs, exception_text, failed, score_one
 from posttrain.errors import ConfigError, PosttrainError
 
 logger = logging.getLogger("posttrain.envs")

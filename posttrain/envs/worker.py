@@ -19,7 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from posttrain.envs.base import Environment, EnvironmentReturn
-from posttrain.envs.registry import SINGLE_TASK, resolve_env_class
+from posttrain.envs.registry import resolve_env_class
 
 _POLL_S = 1.0  # how often an idle worker checks that its parent is still alive
 

@@ -35,6 +35,12 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
     return output_dir, resume_ckpt
 
 
+def due(step: int, every: int, last_step: int | None = None) -> bool:
+    """Whether a periodic action (log, validate, checkpoint) runs after ``step``: every ``every``
+    steps (0 = never), skipping ``last_step``, whose end-of-run action happens anyway."""
+    return bool(every) and step % every == 0 and step != last_step
+
+
 def save_on_interrupt(completed: int, start_step: int, save_checkpoint, write) -> None:
     """Ctrl-C: checkpoint the last whole step, if this process completed any."""
     if completed > start_step:

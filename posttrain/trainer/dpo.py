@@ -27,7 +27,7 @@ from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, re
 from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model, lora_enabled
-from posttrain.trainer.common import save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
     compute_reference_logps,
@@ -152,11 +152,11 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
                     completed, sampler_state = step, sampler.state_dict()
 
                 progress.update(step, {"loss": step_metrics["loss"], "acc": step_metrics["rewards/accuracy"]})
-                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                if due(step, cfg.logging.console_every):
                     progress.write(format_console_line(step, max_steps, step_metrics))
-                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step != max_steps and val_pairs:
+                if due(step, cfg.trainer.eval_every, max_steps) and val_pairs:
                     run_validation(step)
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != max_steps:
+                if due(step, cfg.checkpoint.every, max_steps):
                     save_checkpoint()
 
             if val_pairs and completed > start_step:

@@ -43,7 +43,7 @@ from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
-from posttrain.trainer.common import masked_mean, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import due, masked_mean, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
@@ -51,6 +51,7 @@ from posttrain.trainer.rollouts import (
     recompute_old_logprobs,
     rollout_metrics,
     shaping_metrics,
+    timing_metrics,
 )
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
@@ -185,23 +186,18 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                         "critic/warmup": float(warming_up),
                         "lr": scheduler.get_last_lr()[0],
                         "critic/lr": critic_scheduler.get_last_lr()[0],
-                        "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
-                        "perf/gen_tokens_per_s": num_response_tokens / rollouts.generate_s,
-                        "time/generate": rollouts.generate_s,
-                        "time/score": t_scored - step_start - rollouts.generate_s,
-                        "time/train": t_trained - t_scored,
-                        "time/step": t_trained - step_start,
+                        **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
                         "data/epoch": float(sampler.epoch),
                     }
                     metrics_log.log(step, step_metrics)
                     completed, sampler_state = step, sampler.state_dict()
 
                 progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
-                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                if due(step, cfg.logging.console_every):
                     progress.write(format_console_line(step, cfg.trainer.max_steps, step_metrics))
-                if cfg.validation.every and step % cfg.validation.every == 0 and step != cfg.trainer.max_steps:
+                if due(step, cfg.validation.every, cfg.trainer.max_steps):
                     run_validation(step)
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.trainer.max_steps:
+                if due(step, cfg.checkpoint.every, cfg.trainer.max_steps):
                     save_checkpoint()
 
             if cfg.validation.at_end and val_prompts and completed > start_step:

@@ -131,6 +131,20 @@ def rollout_metrics(rollouts: Rollouts, env_metrics: dict[str, float], group_siz
     return metrics
 
 
+def timing_metrics(
+    rollouts: Rollouts, num_response_tokens: int, step_start: float, t_scored: float, t_trained: float
+) -> dict[str, float]:
+    """Throughput and the generate / score / train split of one step (perf_counter times)."""
+    return {
+        "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
+        "perf/gen_tokens_per_s": num_response_tokens / rollouts.generate_s,
+        "time/generate": rollouts.generate_s,
+        "time/score": t_scored - step_start - rollouts.generate_s,
+        "time/train": t_trained - t_scored,
+        "time/step": t_trained - step_start,
+    }
+
+
 def generate_and_score(
     engine: HFEngine,
     rewards: RewardPool,

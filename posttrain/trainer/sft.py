@@ -35,7 +35,7 @@ from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import checkpoint_prefix
-from posttrain.trainer.common import save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 
@@ -138,11 +138,11 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                     completed, data_state = step, batcher.state_dict()
 
                 progress.update(step, {"loss": step_metrics["loss"]})
-                if cfg.logging.console_every and step % cfg.logging.console_every == 0:
+                if due(step, cfg.logging.console_every):
                     progress.write(format_console_line(step, max_steps, step_metrics))
-                if evaluate and step % cfg.trainer.eval_every == 0 and step != max_steps:
+                if evaluate and due(step, cfg.trainer.eval_every, max_steps):
                     run_validation(step)
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != max_steps:
+                if due(step, cfg.checkpoint.every, max_steps):
                     save_checkpoint()
 
             if evaluate and completed > start_step:
