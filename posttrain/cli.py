@@ -1,11 +1,12 @@
 """Command line: ``posttrain {grpo,ppo,sft,dpo} [--config FILE] [--print-config] [--resume [PATH]] [key=value ...]``,
-``posttrain merge`` and ``posttrain serve``."""
+``posttrain merge``, ``posttrain serve`` and ``posttrain convert``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
     _add_merge_parser(commands)
     _add_serve_parser(commands)
+    _add_convert_parser(commands)
+    _add_rollout_api_parser(commands)
     return parser
 
 
@@ -128,7 +131,9 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Load a model and serve /v1/chat/completions, /v1/completions, /v1/models, /generate "
-        "(token ids in and out, for RL clients) and /health. Needs the serve extra: pip install "
+        "(token ids in and out, for RL clients), /health, and SGLang-compatible weight-update endpoints "
+        "(/init_weights_update_group, /update_weights_from_distributed, /update_weights_from_disk, ...; "
+        "see docs/weight_sync.md). Needs the serve extra: pip install "
         "'posttrain[serve]'. See docs/server.md.",
         epilog="examples:\n  posttrain serve                                  # the embedded SmolLM2 on 127.0.0.1:8000\n"
         "  posttrain serve --model runs/grpo-20261123-101500/checkpoints/step_000050 --port 8001\n"
@@ -154,6 +159,52 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens (default: 4096)")
     serve.add_argument("--default-max-tokens", type=int, default=256,
                        help="max_tokens when a request gives none (default: 256)")
+    proxy = serve.add_argument_group("prompt proxy (no model is loaded; see docs/server.md)")
+    proxy.add_argument("--proxy", default="", metavar="BASE_URL",
+                       help="forward to this OpenAI-compatible backend, applying --prompt-config")
+    proxy.add_argument("--prompt-config", default="", metavar="NAME",
+                       help="prompt template: a preset in posttrain/server/prompts (math, gsm8k, plain) or a YAML file")
+    proxy.add_argument("--env", default="", metavar="NAME",
+                       help="score /generate completions with this environment (a name such as math, or an import path)")
+    proxy.add_argument("--dry-run", action="store_true",
+                       help="call no backend: print each formatted prompt and answer with it")
+    serve.add_argument("--enable-tensor-updates", action="store_true",
+                       help="allow /update_weights_from_tensor, which unpickles its request (trusted trainers only)")
+
+
+def _add_rollout_api_parser(commands: argparse._SubParsersAction) -> None:
+    """``posttrain rollout-api``: the queue between environment processes and a trainer."""
+    api = commands.add_parser(
+        "rollout-api",
+        help="serve the rollout API: environments submit scored groups, the trainer pulls batches",
+        description="An Atropos-style rollout API: environment processes POST /register and POST /groups "
+        "(scored groups of token ids); a trainer with rollout.source=api pulls batches with GET /batch. "
+        "Bounded queue (429 when full), stale groups dropped and counted, a JSONL journal survives restarts. "
+        "Needs the serve extra. See docs/rollout_api.md.",
+        epilog="examples:\n  posttrain rollout-api --port 8100 --journal runs/rollout_api.jsonl\n"
+        "  posttrain grpo rollout.source=api rollout.api_url=http://127.0.0.1:8100\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8100, help="port to listen on (default: 8100)")
+    api.add_argument("--max-queue-groups", type=int, default=256,
+                     help="groups that may wait for the trainer; more submissions get 429 (default: 256)")
+    api.add_argument("--max-staleness", type=int, default=1,
+                     help="drop groups generated more than this many policy versions ago; -1: never (default: 1)")
+    api.add_argument("--journal", default="", metavar="PATH",
+                     help="JSONL file the queue is persisted to and restored from (default: none, in memory)")
+    api.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                     help="larger request bodies get 413 (default: 64 MiB)")
+    api.add_argument("--prompts", default="", metavar="FILE",
+                     help="JSONL rows served at GET /prompts, shuffled per epoch (default: none)")
+    api.add_argument("--seed", type=int, default=0, help="shuffle seed of --prompts (default: 0)")
+
+
+def _rollout_api(args: argparse.Namespace) -> int:
+    _setup_console_logging()
+    from posttrain.server.rollout_api import run_rollout_api  # fastapi/uvicorn only now
+
+    return run_rollout_api(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -176,6 +227,42 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
+    """``posttrain convert``: not a trainer, so it is not in COMMANDS."""
+    convert = commands.add_parser(
+        "convert",
+        help="convert a sharded (multi-process) checkpoint to a Hugging Face model folder",
+        description="Gather the shards of a checkpoint written by a multi-process run (checkpoints/step_N with a "
+        "dcp/ folder) into a Hugging Face model folder (config, tokenizer, safetensors) that "
+        "AutoModelForCausalLM.from_pretrained loads. Runs in one process. See docs/distributed.md.",
+        epilog="examples:\n  posttrain convert runs/grpo-20261123-101500/checkpoints/step_000050 hf_model/\n"
+        "  posttrain convert runs/grpo-20261123-101500 hf_model/   # the run's latest checkpoint\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("source", metavar="SRC", help="a sharded checkpoint folder, or a run folder (its latest checkpoint)")
+    convert.add_argument("output", metavar="DST", help="new (or empty) folder for the Hugging Face model")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    _setup_console_logging()
+    from posttrain.checkpoint.sharded import convert_to_hf  # heavy imports only now
+
+    try:
+        output = convert_to_hf(args.source, args.output)
+    except PosttrainError as exc:
+        print(f"posttrain: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"converted: {output}")
+    return 0
+
+
+def _leave_process_group() -> None:
+    if "torch.distributed" in sys.modules:  # only a multi-process run has one to leave
+        from posttrain.distributed import destroy_process_group
+
+        destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args, so overrides may also follow an option: `grpo a=1 --config x b=2`.
@@ -192,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _merge(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "rollout-api":
+        return _rollout_api(args)
     try:
         cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
         resume = args.resume
@@ -206,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(config_to_yaml(cfg), end="")
         return 0
     _setup_console_logging()
+    num_processes = getattr(cfg.trainer, "num_processes", 1)
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet a torchrun worker: start them
+        from posttrain.distributed.launch import relaunch
+
+        return relaunch(num_processes, list(sys.argv[1:] if argv is None else argv), cfg.trainer.dist_timeout_s)
     module_name, function_name = COMMANDS[args.command][2].split(":")
     train = getattr(importlib.import_module(module_name), function_name)  # heavy imports only now
 
@@ -221,7 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The trainer has said which step it checkpointed (none when interrupted during set-up).
         print("posttrain: interrupted.", file=sys.stderr)
         return 130
-    print(f"done: {output_dir}")
+    finally:
+        _leave_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {output_dir}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -405,6 +406,10 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
              f"trainer.micro_batch_size={t.micro_batch_size} must divide trainer.mini_batch_size="
              f"{t.mini_batch_size} (gradients accumulate over whole micro-batches); e.g. "
              f"trainer.micro_batch_size={_near_divisors(t.mini_batch_size, t.micro_batch_size)}.")
+    need(t.micro_batch_tokens >= 0, f"trainer.micro_batch_tokens={t.micro_batch_tokens} must be >= 0 (0: "
+         "trainer.micro_batch_size padded rows; e.g. trainer.micro_batch_tokens=4096).")
+    need(t.packed_row_tokens >= 0, f"trainer.packed_row_tokens={t.packed_row_tokens} must be >= 0 (0: one row "
+         "per micro-batch; e.g. trainer.packed_row_tokens=2048).")
     need(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0: GRPO learns from differences "
          "between sampled completions, and 0 (greedy) makes a group's completions identical; try 1.0. "
          "(Validation is greedy regardless.)")
@@ -434,4 +439,113 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
                  f"{key}='{path}' does not exist (relative paths start at {Path.cwd()}); fix the path "
                  "or use hf:NAME for a hub dataset.")
     problems += lora_problems(cfg.model.lora)
+    problems += rollout_backend_problems(cfg)
+    problems += rollout_source_problems(cfg)
+    problems += distributed_problems(cfg)
+    return problems
+
+
+def rollout_source_problems(cfg: Any) -> list[str]:
+    """rollout.source=api: groups come from the rollout API (docs/rollout_api.md)."""
+    r = cfg.rollout
+    if r.source != "api":
+        return []
+    problems = []
+    if not r.api_url.startswith(("http://", "https://")):
+        problems.append(f"rollout.source=api needs rollout.api_url, the rollout API's address (got '{r.api_url}'); "
+                        "e.g. rollout.api_url=http://127.0.0.1:8100 after `posttrain rollout-api --port 8100`.")
+    if type(cfg) is not GRPOConfig:
+        problems.append("rollout.source=api is supported by the grpo command only; set rollout.source=generate.")
+    if r.max_turns > 1:
+        problems.append(f"rollout.source=api with rollout.max_turns={r.max_turns}: environments run their own "
+                        "episodes and submit token masks; set rollout.max_turns=1.")
+    if r.api_timeout_s <= 0:
+        problems.append(f"rollout.api_timeout_s={r.api_timeout_s} must be > 0 seconds.")
+    if getattr(cfg.trainer, "num_processes", 1) > 1:
+        problems.append(f"rollout.source=api with trainer.num_processes={cfg.trainer.num_processes}: one trainer "
+                        "process pulls the batches; set trainer.num_processes=1.")
+    return problems
+
+
+def rollout_backend_problems(cfg: Any) -> list[str]:
+    """Checks of rollout.backend and the sync section together: which sync modes fit which engine."""
+    r, s = cfg.rollout, cfg.sync
+    lora = cfg.model.lora.r > 0
+    problems: list[str] = []
+    if r.backend == "openai":
+        if type(cfg) is not GRPOConfig:
+            problems.append("rollout.backend=openai is supported by the grpo command only; set rollout.backend=engine or hf.")
+        if not r.base_url.startswith(("http://", "https://")):
+            problems.append(f"rollout.backend=openai needs rollout.base_url, the server's http(s) address, e.g. "
+                            f"rollout.base_url=http://127.0.0.1:8000 (got '{r.base_url}').")
+        if r.max_concurrency < 1:
+            problems.append(f"rollout.max_concurrency={r.max_concurrency} must be >= 1.")
+        if not r.request_timeout_s > 0:
+            problems.append(f"rollout.request_timeout_s={r.request_timeout_s} must be > 0 seconds.")
+        if lora and s.mode in ("broadcast", "checkpoint", "shared"):
+            problems.append(f"sync.mode={s.mode} sends full weights, but with model.lora.r > 0 the trainer's weights "
+                            "are a base model plus an adapter; use sync.mode=lora (or auto).")
+    elif s.mode not in ("auto", "shared"):
+        problems.append(f"sync.mode={s.mode} moves weights to a separate engine, but rollout.backend={r.backend} "
+                        "generates with the trainer's own modules; use sync.mode=shared (or auto), or "
+                        "rollout.backend=openai with rollout.base_url.")
+    if s.mode == "lora" and not lora:
+        problems.append("sync.mode=lora moves the LoRA adapter only and needs model.lora.r > 0; use "
+                        "sync.mode=checkpoint or broadcast for full weights.")
+    if s.interval < 1:
+        problems.append(f"sync.interval={s.interval} must be >= 1 (1: sync after every optimizer step).")
+    for key, value in [("sync.max_staleness", s.max_staleness), ("sync.timeout_s", s.timeout_s)]:
+        if value < 0:
+            problems.append(f"{key}={value} must be >= 0 (0: off).")
+    if not s.bucket_mb > 0:
+        problems.append(f"sync.bucket_mb={s.bucket_mb} must be > 0 (e.g. 512).")
+    if not s.collective_timeout_s > 0:
+        problems.append(f"sync.collective_timeout_s={s.collective_timeout_s} must be > 0 seconds.")
+    if not 0 <= s.master_port <= 65535:
+        problems.append(f"sync.master_port={s.master_port} must be a TCP port (0: pick a free one).")
+    return problems
+
+
+def launch_world_size(cfg: Any) -> int:
+    """Processes of this run: torchrun's WORLD_SIZE inside a torchrun worker, else trainer.num_processes."""
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.trainer.num_processes
+
+
+def distributed_problems(cfg: Any) -> list[str]:
+    """Checks of a multi-process (FSDP2) run: work must split evenly over the ranks, and the features
+    that do not run sharded yet are named."""
+    t, r = cfg.trainer, cfg.rollout
+    if t.num_processes < 1:
+        return [f"trainer.num_processes={t.num_processes} must be >= 1 (1: a single process)."]
+    problems: list[str] = []
+    if not t.dist_timeout_s > 0:
+        problems.append(f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0 seconds.")
+    world = launch_world_size(cfg)
+    if world == 1:
+        if t.fsdp_cpu_offload:
+            problems.append("trainer.fsdp_cpu_offload=true offloads FSDP shards and needs trainer.num_processes > 1.")
+        return problems
+    where = f"{world} processes (trainer.num_processes or torchrun's --nproc-per-node)"
+    if type(cfg) is not GRPOConfig:
+        problems.append(f"{where}: only the grpo command runs on several processes so far; use trainer.num_processes=1.")
+    groups = r.batch_size // max(r.group_size, 1)
+    if groups % world:
+        problems.append(f"{where}: the {groups} prompt groups per step (rollout.batch_size / rollout.group_size) "
+                        f"must split evenly over the ranks; e.g. rollout.batch_size={_near_multiples(r.batch_size, r.group_size * world)}.")
+    if t.mini_batch_size % (r.group_size * world):
+        problems.append(f"{where}: trainer.mini_batch_size={t.mini_batch_size} must be a multiple of rollout.group_size "
+                        f"x {world} (each rank holds whole prompt groups of every mini-batch); e.g. trainer.mini_batch_size="
+                        f"{_near_multiples(t.mini_batch_size, r.group_size * world)}.")
+    if cfg.algorithm.dynamic_sampling:
+        problems.append(f"{where}: algorithm.dynamic_sampling=true is not supported on several processes yet "
+                        "(ranks would keep different numbers of groups); set it to false or trainer.num_processes=1.")
+    if cfg.model.lora.r > 0:
+        problems.append(f"{where}: LoRA (model.lora.r > 0) is not supported with FSDP yet; a LoRA run fits one "
+                        "GPU: use trainer.num_processes=1.")
+    if r.backend == "openai":  # (backend=engine generates with transformers on sharded models; see rollout/builder.py)
+        problems.append(f"{where}: rollout.backend={r.backend} is not supported on several processes yet; use rollout.backend=hf.")
+    if getattr(r, "source", "generate") != "generate":
+        problems.append(f"{where}: rollout.source={r.source} is not supported on several processes yet; use rollout.source=generate.")
     return problems

@@ -68,7 +68,12 @@ class ModelConfig:
     )
     device: str = opt("auto", "Device to train and generate on: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     attn_implementation: str = opt(
-        "sdpa", "Attention kernel passed to transformers.", ("sdpa", "eager", "flash_attention_2", "flex_attention")
+        "sdpa",
+        "Attention kernel passed to transformers. 'sdpa_flex': FlexAttention for packed training rows (its "
+        "block mask skips attention across packed completions; GPU) and sdpa for everything else, such as "
+        "generation. sdpa and eager compute a packed row's attention densely (see trainer.packed_row_tokens "
+        "and docs/training_speed.md).",
+        ("sdpa", "eager", "flash_attention_2", "flex_attention", "sdpa_flex"),
     )
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, about 30% more train time."
@@ -84,10 +89,12 @@ class ModelConfig:
         "(empty: $POSTTRAIN_CACHE or ~/.cache/posttrain).",
     )
     chunked_logprobs: int = opt(
-        0,
+        1024,
         "Chunk size in tokens for computing logprobs and entropy from the final hidden states "
         "without holding the full (tokens x vocab) logits, forward or backward; 0 = off (the model's "
-        "own LM head over all response positions). Models with logit soft-capping or scaling use the plain path.",
+        "own LM head over all response positions). Same results as 0 to float rounding. 1024 keeps a "
+        "chunk's float32 logits at 0.6 GB for a 150k vocabulary while each chunk's matmul is still "
+        "large enough to run at full speed. Models with logit soft-capping or scaling use the plain path.",
     )
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft); off while r is 0. See docs/lora.md.")
 
@@ -180,8 +187,65 @@ class EnvConfig:
 
 
 @dataclass
+class EngineConfig:
+    """posttrain's own generation engine (rollout.backend=engine). See docs/engine.md."""
+
+    max_num_seqs: int = opt(
+        256, "Most sequences decoding at once (continuous batching); more raise throughput until memory or compute runs out."
+    )
+    max_num_batched_tokens: int = opt(16384, "Most new prompt tokens computed in one prefill step.")
+    block_size: int = opt(16, "Tokens per KV-cache block; also the granularity of prefix sharing.")
+    kv_cache_memory_fraction: float = opt(
+        0.5,
+        "GPU: fraction of the device memory free at wake-up given to the KV cache (the trainer keeps the rest; "
+        "the cache is freed again while it trains). Capped at what max_num_seqs full-length sequences need.",
+    )
+    cpu_kv_cache_gb: float = opt(2.0, "CPU: KV-cache size in GiB (capped at what max_num_seqs full-length sequences need).")
+    max_model_len: int = opt(
+        0,
+        "Longest prompt + completion in tokens. 0: data.max_prompt_tokens + rollout.max_new_tokens (per turn for "
+        "multi-turn episodes, plus 512 observation tokens per turn), within the model's max_position_embeddings.",
+    )
+    cuda_graphs: bool = opt(True, "Capture decode steps in CUDA graphs (GPU); false: eager steps, for debugging.")
+    compile: bool = opt(
+        True,
+        "GPU: torch.compile the per-layer work around attention (norms, projections, rotary, MLP) into fused "
+        "kernels; the first rollout compiles for about half a minute. Falls back to eager if compilation fails.",
+    )
+    enable_prefix_caching: bool = opt(
+        True, "Share KV blocks between sequences with the same prefix (a group's samples, repeated prompts, later turns)."
+    )
+
+
+@dataclass
 class RolloutConfig:
-    backend: str = opt("hf", "Generation engine. 'hf': batched transformers generate on the policy's own modules.", ("hf",))
+    backend: str = opt(
+        "engine",
+        "Generation engine. 'engine': posttrain's own (paged KV cache, continuous batching, prefix sharing, CUDA "
+        "graphs) on the policy's own modules; Llama, Qwen2, Qwen3 and Mistral families (other models fall back to "
+        "'hf' with a warning). 'hf': batched transformers generate on the policy's own modules (the reference "
+        "implementation). 'openai': a remote OpenAI-compatible server at rollout.base_url (`posttrain serve`, "
+        "vLLM, SGLang); weights reach it as sync.mode says. See docs/engine.md and docs/weight_sync.md.",
+        ("engine", "hf", "openai"),
+    )
+    engine: EngineConfig = section(EngineConfig, "The posttrain engine (rollout.backend=engine).")
+    recompute_logprobs: bool = opt(
+        True,
+        "backend=engine/openai: recompute the old logprobs of the PPO ratio with the trainer's forward pass "
+        "(the engine's differ by kernel rounding, about 1e-2 in bf16); the engine/trainer difference is logged "
+        "as rollout/logprob_mismatch_mean and _max. false: use the engine's logprobs as they are.",
+    )
+    base_url: str = opt(
+        "", "backend=openai: the server's address, e.g. http://127.0.0.1:8000 (with or without a trailing /v1)."
+    )
+    api_key: str = opt("", "backend=openai: bearer token sent to the server (empty: none; $OPENAI_API_KEY is not read).")
+    model_name: str = opt(
+        "", "backend=openai: the `model` field of requests (empty: the first model the server lists at /v1/models)."
+    )
+    max_concurrency: int = opt(
+        32, "backend=openai: requests in flight at once; each samples one prompt's group (n completions)."
+    )
+    request_timeout_s: float = opt(600.0, "backend=openai: seconds one generation request may take before it fails.")
     batch_size: int = opt(128, "Completions generated per training step (prompts per step x group_size).")
     group_size: int = opt(8, "Completions sampled per prompt (the GRPO group).")
     max_new_tokens: int = opt(128, "Maximum tokens generated per completion; longer ones are truncated.")
@@ -199,6 +263,18 @@ class RolloutConfig:
         "appended and the model continues, up to max_turns generations; the episode's reward is the "
         "final step's, observation tokens get no loss. GRPO only; needs model.use_chat_template=true. "
         "See docs/environments.md.",
+    )
+    source: str = opt(
+        "generate",
+        "Where a step's scored groups come from. 'generate': the trainer generates (rollout.backend) and "
+        "scores (env). 'api': environment processes generate and score, and submit groups to the rollout "
+        "API at rollout.api_url (`posttrain rollout-api`); the trainer pulls batch_size/group_size groups "
+        "per step. GRPO only. See docs/rollout_api.md.",
+        ("generate", "api"),
+    )
+    api_url: str = opt("", "source=api: the rollout API's address, e.g. http://127.0.0.1:8100.")
+    api_timeout_s: float = opt(
+        600.0, "source=api: seconds a step waits for enough groups before the run stops with an error."
     )
 
 
@@ -297,7 +373,27 @@ class TrainerConfig:
         128, "Completions per optimizer step; rollout.batch_size / mini_batch_size optimizer steps per PPO epoch."
     )
     micro_batch_size: int = opt(
-        16, "Completions per forward/backward; gradients accumulate to the mini-batch exactly."
+        16,
+        "Completions per forward/backward when trainer.micro_batch_tokens is 0; gradients accumulate "
+        "to the mini-batch exactly.",
+    )
+    micro_batch_tokens: int = opt(
+        4096,
+        "Token budget (prompt + response tokens) of one forward/backward of the policy update and of "
+        "the reference/old logprob passes. Completions are packed into as few micro-batches as fit, "
+        "balanced by token count, each one row with no padding (documents kept apart by restarting "
+        "position ids); loss and gradient equal the padded path's. 0: trainer.micro_batch_size padded "
+        "rows. 4096 uses about the memory of 16 padded rows at the default lengths; raise it on a large "
+        "GPU (16384 on an H100 for a 0.5B model). See docs/training_speed.md.",
+    )
+    packed_row_tokens: int = opt(
+        0,
+        "Longest row of a packed micro-batch: its completions are packed into rows of at most this many "
+        "tokens (first-fit decreasing, rows right-padded to the longest). 0 picks by the attention kernel: "
+        "one row with no padding for kernels that skip attention across packed completions (sdpa_flex, "
+        "flex_attention, flash_attention_2); for sdpa and eager, which compute a row's attention densely "
+        "(masking, not skipping), rows no longer than the micro-batch's longest completion, which cost no "
+        "more attention than padded rows.",
     )
     lr: float = opt(2e-5, "Peak learning rate of AdamW.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
@@ -310,6 +406,39 @@ class TrainerConfig:
     warmup_steps: int = opt(0, "Optimizer steps of linear warmup from 0 to lr.")
     min_lr_ratio: float = opt(0.0, "Final lr as a fraction of lr for 'linear' and 'cosine'.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    num_processes: int = opt(
+        1,
+        "Training processes (one per GPU). > 1 re-launches the command under torchrun on this machine and "
+        "shards policy, reference and optimizer states with FSDP2; each rank generates and trains on its "
+        "share of the step's prompt groups. Under `torchrun --nproc-per-node N` the world size is torchrun's. "
+        "See docs/distributed.md.",
+    )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        "With num_processes > 1: keep parameter shards, gradients and optimizer states in CPU memory and "
+        "copy each layer to the GPU for its compute (much less GPU memory, slower steps).",
+    )
+    param_dtype: str = opt(
+        "float32",
+        "Dtype parameters and optimizer states are stored in. 'float32': master weights; forward passes run "
+        "in model.dtype (autocast, and bf16 all-gathers under FSDP). 'bfloat16': half the memory of weights, "
+        "gradients and AdamW states, but updates smaller than bf16's precision are lost (lr 1e-6 on a 0.02 "
+        "weight rounds to no change); for large models at larger learning rates only.",
+        ("float32", "bfloat16"),
+    )
+    fused_adamw: bool = opt(
+        True, "Use the fused AdamW kernel (one kernel for all parameters) when parameters are on a GPU."
+    )
+    compile_loss: bool = opt(
+        False,
+        "torch.compile the policy loss (fuses its element-wise ops: less memory and time for long "
+        "responses). Compiles once per new shape class on the first steps; needs a C++ compiler on CPU.",
+    )
+    dist_timeout_s: float = opt(
+        1800.0,
+        "With num_processes > 1: seconds a rank waits in a collective before the run fails. Must exceed the "
+        "longest rank-0-only phase (validation, checkpoint writing).",
+    )
     output_dir: str = opt(
         "", "Run folder for metrics and checkpoints. Empty: runs/grpo-YYYYmmdd-HHMMSS (or the resumed run's folder)."
     )
@@ -344,6 +473,58 @@ class CheckpointConfig:
 
 
 @dataclass
+class SyncConfig:
+    mode: str = opt(
+        "auto",
+        "How new policy weights reach the engine. 'shared': the engine reads the trainer's parameters in "
+        "place (0 bytes): in-process (rollout.backend=engine or hf), or a `posttrain serve "
+        "--enable-tensor-updates` on the same machine and device, through CUDA IPC or shared memory. "
+        "'broadcast': trainer rank 0 broadcasts bucketed tensors over a torch.distributed group (NCCL on "
+        "GPU, gloo on CPU) to the server. 'checkpoint': safetensors written to shared memory (/dev/shm) and "
+        "reloaded by the server straight to its device. 'lora': only the LoRA adapter moves (model.lora.r "
+        "> 0). 'auto': shared for an in-process engine, lora for a LoRA policy on a server, else checkpoint. "
+        "See docs/weight_sync.md.",
+        ("auto", "shared", "broadcast", "checkpoint", "lora"),
+    )
+    interval: int = opt(
+        1, "Sync after every k-th optimizer step (1: after every policy update, so rollouts are on-policy)."
+    )
+    max_staleness: int = opt(
+        0,
+        "Force a sync when the engine's weights are more than this many policy versions (optimizer steps) "
+        "behind the trainer's (0: off; interval alone decides).",
+    )
+    timeout_s: float = opt(0.0, "Force a sync at least every this many seconds when the policy has changed (0: off).")
+    bucket_mb: float = opt(
+        512.0, "broadcast: megabytes per bucket (one HTTP call and a run of broadcasts each); bounds the extra memory."
+    )
+    dtype: str = opt(
+        "auto",
+        "Dtype of the weights sent (broadcast, checkpoint): 'auto' keeps the trainer's (float32 master "
+        "weights); bfloat16 halves the bytes when the engine computes in bfloat16.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    collective_timeout_s: float = opt(
+        120.0,
+        "broadcast: seconds for the engine to join the group or to finish a collective; then the run stops "
+        "with an error naming the engine and the step, instead of hanging.",
+    )
+    master_address: str = opt(
+        "127.0.0.1", "broadcast: address of the trainer that the engine connects to (the group's rendezvous)."
+    )
+    master_port: int = opt(0, "broadcast: port of the group's rendezvous on the trainer (0: a free port).")
+    backend: str = opt(
+        "auto", "broadcast: torch.distributed backend; 'auto' is nccl when the policy is on a GPU, else gloo.",
+        ("auto", "nccl", "gloo"),
+    )
+    checkpoint_dir: str = opt(
+        "",
+        "checkpoint and lora: folder the weights are written to; the server must read the same path. "
+        "Empty: a folder under /dev/shm (memory) when it exists, else under the system temp folder.",
+    )
+
+
+@dataclass
 class GRPOConfig:
     seed: int = opt(42, "Seed for data order, sampling and initialisation; the same seed reproduces a run.")
     model: ModelConfig = section(ModelConfig, "The policy model.")
@@ -355,3 +536,4 @@ class GRPOConfig:
     validation: ValidationConfig = section(ValidationConfig, "Held-out greedy evaluation.")
     logging: LoggingConfig = section(LoggingConfig, "Metrics and console output.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    sync: SyncConfig = section(SyncConfig, "Moving new weights to the rollout engine, and when. See docs/weight_sync.md.")

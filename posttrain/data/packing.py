@@ -79,6 +79,22 @@ def pack_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def balance_documents(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of documents per bin: as many bins as :func:`pack_documents` needs, filled as evenly
+    as possible (longest first, each into the bin with the fewest tokens), so micro-batches cost
+    about the same. Falls back to first-fit decreasing when the even split would overfill a bin."""
+    packed = pack_documents(lengths, capacity)
+    bins: list[list[int]] = [[] for _ in packed]
+    loads = [0] * len(packed)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = min(range(len(bins)), key=loads.__getitem__)
+        if loads[b] and loads[b] + lengths[i] > capacity:
+            return packed
+        bins[b].append(i)
+        loads[b] += lengths[i]
+    return bins
+
+
 def group_rows(row_lengths: Sequence[int], micro_batch_tokens: int) -> list[list[int]]:
     """Rows per micro-batch: longest first, adding rows while rows x longest <= the budget."""
     groups: list[list[int]] = []

@@ -8,7 +8,8 @@ from posttrain.models.loading import (
     resolve_compute_dtype,
     resolve_device,
 )
-from posttrain.models.logprobs import TokenBatch, make_token_batch, response_logprobs
+from posttrain.models import packed_attention  # noqa: F401  registers attn_implementation="sdpa_flex"
+from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_token_batch, response_logprobs
 
 __all__ = [
     "TokenBatch",
@@ -17,6 +18,7 @@ __all__ = [
     "format_prompt",
     "load_model_and_tokenizer",
     "make_reference_model",
+    "make_packed_token_batch",
     "make_token_batch",
     "model_source",
     "resolve_compute_dtype",

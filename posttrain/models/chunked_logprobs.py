@@ -19,23 +19,91 @@ The matmul runs in the dtype of ``h`` and ``W`` (the caller casts both to the au
 autocast would for the LM head on the plain path, so the two paths agree); the softmax, logsumexp,
 entropy and their gradients are float32. Gradients w.r.t. ``W`` and the bias are accumulated in
 float32 across chunks.
+
+The matmuls run in cuBLAS; the element-wise work on each chunk's logits (:func:`chunk_stats`,
+:func:`chunk_logit_grad`: about ten memory-bound passes over ``(chunk, V)`` float32 when run
+eagerly, a large share of the update's time at a 150k vocabulary) is compiled with
+``torch.compile`` on a GPU into one or two fused passes, and falls back to eager with a warning if
+compiling fails.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
+logger = logging.getLogger("posttrain.models")
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """(c, H) hidden states -> (c, V) float32 logits divided by the temperature."""
-    logits = h @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    logits = logits.float()
+
+def chunk_stats(logits: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
+                with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A chunk's ``(c, V)`` matmul output -> float32 ``(logprobs, lse, entropy)``, each ``(c,)``
+    (entropy zeros unless ``with_entropy``). Element-wise work only, so that compiled it is one
+    or two fused passes over the logits instead of ~10."""
+    z = logits if bias is None else logits + bias
+    z = z.float()
     if temperature != 1.0:
-        logits = logits / temperature
-    return logits
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logprobs = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if with_entropy:
+        # H = lse - E_p[z], on max-centred logits (no cancellation for large logits).
+        centred = z - z.amax(dim=-1, keepdim=True)
+        centred_lse = torch.logsumexp(centred, dim=-1, keepdim=True)
+        probs = torch.exp(centred - centred_lse)
+        entropy = centred_lse.squeeze(-1) - (probs * centred).sum(dim=-1)
+    else:
+        entropy = torch.zeros_like(lse)
+    return logprobs, lse, entropy
+
+
+def chunk_logit_grad(logits: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor, entropy: Tensor,
+                     grad_logprobs: Tensor, grad_entropy: Tensor | None, temperature: float,
+                     out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The gradient w.r.t. a chunk's matmul output ``(c, V)`` (in ``out_dtype``) and, with a bias,
+    its float32 sum over tokens ``(V,)`` (the bias gradient; else None), from the incoming
+    per-token gradients."""
+    z = logits if bias is None else logits + bias
+    z = z.float()
+    if temperature != 1.0:
+        z = z / temperature
+    log_probs = z - lse.unsqueeze(-1)
+    probs = torch.exp(log_probs)
+    # d lp / d z = onehot - p, times the incoming gradient.
+    grad = probs * -grad_logprobs.unsqueeze(-1)
+    grad = grad.scatter_add(-1, targets.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+    if grad_entropy is not None:
+        # d H / d z = -p (log p + H).
+        grad = grad - probs * (log_probs + entropy.unsqueeze(-1)) * grad_entropy.unsqueeze(-1)
+    if temperature != 1.0:
+        grad = grad / temperature
+    return grad.to(out_dtype), (grad.sum(dim=0) if bias is not None else None)
+
+
+# On these device types the per-chunk element-wise functions run compiled (fused); elsewhere eager.
+COMPILE_DEVICE_TYPES = {"cuda"}
+_compiled: dict = {}
+
+
+def _chunk_fn(fn, device: torch.device):
+    """``fn`` compiled on COMPILE_DEVICE_TYPES, eager elsewhere or once compiling has failed."""
+    if device.type not in COMPILE_DEVICE_TYPES or _compiled.get(fn) is False:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=None)  # the last, shorter chunk makes the length dynamic
+
+    def run(*args):
+        try:
+            return _compiled[fn](*args)
+        except Exception as exc:  # a compiler problem must not stop training: same math, eager
+            logger.warning("model.chunked_logprobs: compiling %s failed (%s: %s); running it eagerly.",
+                           fn.__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            _compiled[fn] = False
+            return fn(*args)
+
+    return run
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -48,20 +116,13 @@ class ChunkedLogprobs(torch.autograd.Function):
         logprobs = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(logprobs)
         entropy = torch.zeros_like(logprobs)
+        stats = _chunk_fn(chunk_stats, h.device)
         with torch.autocast(device_type=h.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                logits = _chunk_logits(h[start:end], weight, bias, temperature)
-                chunk_lse = torch.logsumexp(logits, dim=-1)
-                lse[start:end] = chunk_lse
-                logprobs[start:end] = logits.gather(-1, targets[start:end].unsqueeze(-1)).squeeze(-1) - chunk_lse
-                if with_entropy:
-                    # H = lse - E_p[z], on max-centred logits (no cancellation for large logits).
-                    centred = logits - logits.amax(dim=-1, keepdim=True)
-                    centred_lse = torch.logsumexp(centred, dim=-1, keepdim=True)
-                    probs = torch.exp(centred - centred_lse)
-                    entropy[start:end] = centred_lse.squeeze(-1) - (probs * centred).sum(dim=-1)
-                del logits
+                logprobs[start:end], lse[start:end], entropy[start:end] = stats(
+                    h[start:end] @ weight.t(), bias, targets[start:end], temperature, with_entropy
+                )
         ctx.save_for_backward(h, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -80,26 +141,18 @@ class ChunkedLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        logit_grad = _chunk_fn(chunk_logit_grad, h.device)
         n = h.shape[0]
         with torch.autocast(device_type=h.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 h_chunk = h[start:end]
-                logits = _chunk_logits(h_chunk, weight, bias, temperature)
-                log_probs = logits - lse[start:end].unsqueeze(-1)
-                probs = torch.exp(log_probs)
-                # d lp / d z = onehot - p, times the incoming gradient.
-                grad = probs * -grad_logprobs[start:end].unsqueeze(-1)
-                grad.scatter_add_(-1, targets[start:end].unsqueeze(-1), grad_logprobs[start:end].unsqueeze(-1))
-                if use_entropy:
-                    # d H / d z = -p (log p + H).
-                    grad -= probs * (log_probs + entropy[start:end].unsqueeze(-1)) * grad_entropy[start:end].unsqueeze(-1)
-                del logits, log_probs, probs
-                if temperature != 1.0:
-                    grad = grad / temperature
+                grad, grad_sum = logit_grad(
+                    h_chunk @ weight.t(), bias, targets[start:end], lse[start:end], entropy[start:end],
+                    grad_logprobs[start:end], grad_entropy[start:end] if use_entropy else None, temperature, h.dtype,
+                )
                 if need_b:
-                    grad_b += grad.sum(dim=0)
-                grad = grad.to(h.dtype)
+                    grad_b += grad_sum
                 if need_h:
                     grad_h[start:end] = grad @ weight
                 if need_w:

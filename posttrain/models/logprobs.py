@@ -11,6 +11,12 @@ the response positions go to :func:`~posttrain.models.chunked_logprobs.chunked_l
 never holds more than ``chunk_size`` tokens' logits (forward or backward). Models whose logits are
 not a plain ``Linear`` of the last hidden state (soft-capping, logit scaling, a LoRA-wrapped head)
 use the plain path instead, with a one-time log line.
+
+A packed batch (:func:`make_packed_token_batch`) holds several samples per row, each
+[prompt + response] with position ids restarting at 0, and no attention mask: transformers then
+builds a block-diagonal causal mask from the position restarts (see posttrain/data/packing.py), so
+no token sees another sample's. Logits are computed only at the positions that predict response
+tokens, on either path, and the results are laid out (B, R) per sample as for a padded batch.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 from posttrain.algorithms import entropy_from_logits
 from posttrain.models.chunked_logprobs import chunked_logprobs
+from posttrain.distributed.fsdp import forward_through_root
 
 logger = logging.getLogger("posttrain.models")
 
@@ -39,17 +46,34 @@ _fallback_logged: weakref.WeakSet = weakref.WeakSet()
 
 @dataclass
 class TokenBatch:
-    """input_ids/attention_mask/position_ids: (B, L); prompt_lens: (B,); response_mask: (B, R)."""
+    """Padded: input_ids/attention_mask/position_ids (B, L), one sample per row.
+    Packed (``response_starts`` set): input_ids/position_ids (rows, T), several samples per row,
+    attention_mask None. Both: prompt_lens (B,); response_mask (B, R)."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     prompt_lens: torch.Tensor
     response_mask: torch.Tensor
+    response_starts: torch.Tensor | None = None  # packed: (B,) column of each sample's first response token
+    sample_rows: torch.Tensor | None = None  # packed: (B,) row holding each sample
 
     @property
     def response_len(self) -> int:
         return self.response_mask.shape[1]
+
+    @property
+    def is_packed(self) -> bool:
+        return self.response_starts is not None
+
+    def prediction_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` of every response token in the (B, R) layout, and ``(seq_rows, positions)``
+        of the input position whose logits predict it (one before the token: response token r of
+        sample b sits at its first response column + r)."""
+        rows, cols = self.response_mask.nonzero(as_tuple=True)
+        if self.response_starts is None:
+            return rows, cols, rows, self.prompt_lens[rows] - 1 + cols
+        return rows, cols, self.sample_rows[rows], self.response_starts[rows] - 1 + cols
 
 
 def make_token_batch(
@@ -73,6 +97,40 @@ def make_token_batch(
     )
 
 
+def make_packed_token_batch(
+    prompts: list[list[int]], responses: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu",
+    rows: list[list[int]] | None = None,
+) -> TokenBatch:
+    """Samples packed into rows, [prompt + response] after each other, with position ids restarting
+    at 0 per sample (see the module docstring for the document masking). ``rows``: the sample
+    indices of each row (None: all in one row, no padding). Shorter rows are right-padded; the
+    padding restarts its positions too, so it is a document of its own that no sample sees."""
+    rows = [list(range(len(prompts)))] if rows is None else rows
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    response_starts = torch.zeros(len(prompts), dtype=torch.long)
+    sample_rows = torch.zeros(len(prompts), dtype=torch.long)
+    for row, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            input_ids[row, offset: offset + lengths[i]] = torch.tensor(list(prompts[i]) + list(responses[i]))
+            position_ids[row, offset: offset + lengths[i]] = torch.arange(lengths[i])
+            response_starts[i], sample_rows[i] = offset + len(prompts[i]), row
+            offset += lengths[i]
+        position_ids[row, offset:] = torch.arange(width - offset)
+    R = max(max((len(r) for r in responses), default=0), 1)
+    response_mask = torch.zeros((len(prompts), R), dtype=torch.float32)
+    for i, r in enumerate(responses):
+        response_mask[i, : len(r)] = 1
+    return TokenBatch(
+        input_ids.to(device), None, position_ids.to(device),
+        torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device), response_mask.to(device),
+        response_starts.to(device), sample_rows.to(device),
+    )
+
+
 def response_logprobs(
     model: torch.nn.Module,
     batch: TokenBatch,
@@ -93,10 +151,14 @@ def response_logprobs(
     if chunk_size > 0:
         parts = _backbone_and_head(model)
         if parts is not None:
-            return _chunked_response_logprobs(
-                *parts, batch, temperature=temperature, with_entropy=with_entropy,
+            # Through the root's forward: under FSDP that gathers the head's (tied) weight.
+            return forward_through_root(
+                model, _chunked_response_logprobs, *parts, batch, temperature=temperature, with_entropy=with_entropy,
                 entropy_grad=entropy_grad, chunk_size=chunk_size,
             )
+    if batch.is_packed:
+        return _packed_response_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy,
+                                         entropy_grad=entropy_grad)
     L = batch.input_ids.shape[1]
     R = batch.response_len
     first = int(batch.prompt_lens.min()) - 1  # first position whose logits predict a response token
@@ -121,6 +183,34 @@ def response_logprobs(
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits)
     return logprobs, entropy
+
+
+def _packed_response_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, *, temperature: float, with_entropy: bool, entropy_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The plain path for a packed batch: the model's LM head at the predicting positions only."""
+    rows, cols, seq_rows, positions = batch.prediction_index()
+    # Logits only at the columns that predict a response token in some row.
+    keep, column = torch.unique(positions, return_inverse=True)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=None,  # the position-id restarts are the document boundaries
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    logits = out.logits[seq_rows, column].float()  # (N, V)
+    if temperature != 1.0 and temperature > 0:
+        logits = logits / temperature
+    targets = batch.input_ids[seq_rows, positions + 1]
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    shape = batch.response_mask.shape
+    full_entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits)
+            full_entropy = entropy.new_zeros(shape).index_put((rows, cols), entropy)
+    return logprobs.new_zeros(shape).index_put((rows, cols), logprobs), full_entropy
 
 
 def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
@@ -161,7 +251,6 @@ def _chunked_response_logprobs(
     entropy_grad: bool,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    L = batch.input_ids.shape[1]
     B, R = batch.response_mask.shape
     out = backbone(
         input_ids=batch.input_ids,
@@ -169,14 +258,12 @@ def _chunked_response_logprobs(
         position_ids=batch.position_ids,
         use_cache=False,
     )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
-    # Response token r of row i sits at prompt_len_i + r and is predicted at one before. Only the
-    # unmasked positions are computed; padded entries of the result are 0.
-    rows, cols = batch.response_mask.nonzero(as_tuple=True)
-    positions = batch.prompt_lens[rows] - 1 + cols
-    targets = batch.input_ids[rows, (positions + 1).clamp(max=L - 1)]
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H) or packed (1, T, H)
+    # Only the positions that predict response tokens are computed; padded entries of the result are 0.
+    rows, cols, seq_rows, positions = batch.prediction_index()
+    targets = batch.input_ids[seq_rows, positions + 1]
     logprobs, entropy = chunked_logprobs(
-        hidden[rows, positions], head.weight, targets, bias=head.bias, temperature=temperature,
+        hidden[seq_rows, positions], head.weight, targets, bias=head.bias, temperature=temperature,
         chunk_size=chunk_size, with_entropy=with_entropy,
     )
     full_logprobs = logprobs.new_zeros(B, R).index_put((rows, cols), logprobs)

@@ -21,6 +21,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: bool = True  # return the logprob of each sampled token
+    top_logprobs: int = 0  # also return this many most likely tokens' logprobs per position
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (0: off)
+    stop_token_ids: list[int] = field(default_factory=list)  # end a completion at any of these (kept, like EOS)
+    ignore_eos: bool = False  # keep generating after EOS, up to max_tokens (benchmarks)
 
 
 FinishReason = Literal["stop", "length"]
@@ -40,6 +44,7 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: FinishReason
+    top_logprobs: list[dict[int, float]] | None = None  # per position: token id -> logprob
 
 
 @runtime_checkable
@@ -51,5 +56,15 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Load new policy weights. Engines that share the trainer's modules ignore it."""
+        """The policy changed. ``named_tensors``: new weights to load; None: the engine shares the
+        trainer's modules, which were updated in place (it only drops state computed with the old
+        weights, e.g. cached prefixes)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release generation memory (KV cache, graphs) while the trainer runs on the same device."""
+        ...
+
+    def wake(self) -> None:
+        """Re-acquire what ``sleep`` released, before the next generation."""
         ...

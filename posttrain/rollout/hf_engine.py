@@ -1,6 +1,7 @@
 """The reference engine: batched ``transformers`` generation on the trainer's own modules.
 
-It shares the policy's parameters with the trainer, so ``update_weights`` moves nothing. Rollout
+In the trainer it shares the policy's parameters, so ``update_weights`` moves nothing; behind
+`posttrain serve` it owns its model and ``update_weights`` copies new weights in place. Rollout
 logprobs come from a teacher-forced forward pass of the same weights over the sampled tokens
 (``response_logprobs``), which is exactly what the trainer computes: the PPO ratio starts at 1.
 """
@@ -8,19 +9,24 @@ logprobs come from a teacher-forced forward pass of the same weights over the sa
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from posttrain.models.loading import autocast_context
+from posttrain.models.weights import WeightLoadError, load_named_tensors
 from posttrain.models.logprobs import make_token_batch, response_logprobs
 from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.rollout.stops import stop_string_end
 
 SCORE_CHUNK_ROWS = 16
 
 
 class HFEngine:
+    logprobs_match_trainer = True  # they come from the trainer's own forward pass (see _score)
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -47,7 +53,34 @@ class HFEngine:
         return autocast_context(self.device, self.compute_dtype)()
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """No-op: the engine generates with the trainer's modules themselves."""
+        """Copy ``named_tensors`` (Hugging Face names) into the model in place. ``None``: nothing
+        to do, because an engine built on the trainer's modules already sees every update."""
+        if named_tensors is not None:
+            load_named_tensors(self.model, named_tensors)
+
+    def sleep(self) -> None:
+        """Nothing to release: generate() allocates its cache per call."""
+
+    def wake(self) -> None:
+        """Nothing to re-acquire."""
+
+    def load_lora_adapter(self, adapter_dir: str) -> None:
+        """Apply the peft adapter saved in ``adapter_dir`` without a restart: the first call wraps
+        the model in it, later calls overwrite the adapter weights in place."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from posttrain.models.lora import is_peft_model, load_adapter
+
+        if not is_peft_model(self.model):
+            self.model = load_adapter(self.model, adapter_dir, trainable=False)
+            self.model.eval()
+            return
+        state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise WeightLoadError(f"The adapter in {adapter_dir} does not fit the loaded one: unexpected weights "
+                                  f"{result.unexpected_keys[:3]}; restart the server to change the adapter's shape.")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -110,22 +143,12 @@ class HFEngine:
         (kept: the model must learn to emit it) or the end of the first stop string."""
         end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_token_ids), None)
         if params.stop:
-            stop_end = self._stop_string_end(tokens[: end or len(tokens)], params.stop)
+            stop_end = stop_string_end(self.tokenizer, tokens[: end or len(tokens)], params.stop)
             if stop_end is not None:
                 return tokens[:stop_end], "stop"
         if end is not None:
             return tokens[:end], "stop"
         return tokens, "length"
-
-    def _stop_string_end(self, tokens: list[int], stops: list[str]) -> int | None:
-        text = self.tokenizer.decode(tokens)
-        if not any(s in text for s in stops):
-            return None
-        # Shortest prefix whose text holds a stop string; rare enough that a linear scan is fine.
-        for k in range(1, len(tokens) + 1):
-            if any(s in self.tokenizer.decode(tokens[:k]) for s in stops):
-                return k
-        return None
 
     def _score(self, prompts: list[list[int]], responses: list[list[int]], params: SamplingParams) -> list[list[float]]:
         temperature = params.temperature if params.temperature > 0 else 1.0

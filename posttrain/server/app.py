@@ -28,45 +28,25 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+from posttrain.server.protocol import APIError, _param_of, _Strict, read_json
+from posttrain.server.weight_routes import add_weight_routes
 
 logger = logging.getLogger("posttrain.server")
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
 
 
-class APIError(Exception):
-    """An error answered in the OpenAI error schema."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
 # ----------------------------------------------------------------------------------------------
 # Request schemas. Unknown top-level parameters are rejected (400) rather than silently ignored.
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -138,35 +118,6 @@ class GenerateRequest(_Strict):
 # ----------------------------------------------------------------------------------------------
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
-
-
-def _param_of(loc: Sequence[Any]) -> str | None:
-    """The parameter a pydantic error is about, e.g. ``messages[0].role``; union-branch tags
-    (``str``, ``list[str]``) that pydantic adds to locations are left out."""
-    param = ""
-    for part in loc:
-        if isinstance(part, int):
-            param += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
-            param += ("." if param else "") + part
-        else:
-            break
-    return param or None
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    err = exc.errors()[0]
-    param = _param_of(err.get("loc", ()))
-    if err.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
-    if err.get("type") == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    if param is None:
-        return APIError(400, f"Invalid request body: {err.get('msg')}.")
-    return APIError(400, f"Invalid value for '{param}': {err.get('msg')}.", param=param, code="invalid_value")
-
-
 class _Server:
     """The state behind the routes: engine, worker thread, limits."""
 
@@ -200,32 +151,7 @@ class _Server:
     # -- request bodies ----------------------------------------------------------------------
 
     async def read_json(self, request: Request, schema: type[BaseModel]) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise APIError(400, "Invalid Content-Length header.") from None
-            if declared > self.max_request_bytes:
-                raise self._too_large()
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_request_bytes:
-                raise self._too_large()
-        try:
-            data = json.loads(bytes(body))
-        except (ValueError, RecursionError):
-            raise APIError(400, "We could not parse the JSON body of your request: it is not valid JSON.",
-                           code="invalid_json") from None
-        try:
-            return schema.model_validate(data)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-
-    def _too_large(self) -> APIError:
-        return APIError(413, f"The request body is larger than the server's limit of {self.max_request_bytes} bytes.",
-                        code="request_too_large")
+        return await read_json(request, self.max_request_bytes, schema)
 
     # -- sampling parameters -----------------------------------------------------------------
 
@@ -336,6 +262,7 @@ def create_app(
     max_n: int = 64,
     max_tokens_limit: int = 4096,
     default_max_tokens: int = 256,
+    enable_tensor_updates: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under the name ``model_name``.
 
@@ -343,7 +270,8 @@ def create_app(
     Limits: request bodies over ``max_request_bytes`` get 413; prompts over ``max_prompt_tokens``,
     ``n`` over ``max_n`` and ``max_tokens`` over ``max_tokens_limit`` get 400; when ``max_queue``
     requests already wait for the engine, more get 429. ``default_max_tokens`` applies when a
-    request gives no ``max_tokens``."""
+    request gives no ``max_tokens``. The SGLang-compatible weight-update endpoints come from
+    ``weight_routes``; ``enable_tensor_updates`` allows the one that unpickles its request."""
     server = _Server(engine, tokenizer, model_name, max_request_bytes=max_request_bytes,
                      max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, max_n=max_n,
                      max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
@@ -355,6 +283,7 @@ def create_app(
 
     app = FastAPI(title="posttrain", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.state.weights = add_weight_routes(app, server, allow_pickled_tensors=enable_tensor_updates)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -13,6 +13,10 @@ logger = logging.getLogger("posttrain.server")
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; the exit code of ``posttrain serve``."""
+    if getattr(args, "proxy", "") or getattr(args, "prompt_config", "") or getattr(args, "dry_run", False):
+        from posttrain.server.proxy import serve_proxy  # a prompt proxy: no model to load
+
+        return serve_proxy(args)
     try:
         import uvicorn
 
@@ -39,6 +43,7 @@ def serve(args: argparse.Namespace) -> int:
         engine, tokenizer, args.served_model_name or args.model,
         max_request_bytes=args.max_request_bytes, max_prompt_tokens=max_prompt_tokens, max_queue=args.max_queue,
         max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+        enable_tensor_updates=getattr(args, "enable_tensor_updates", False),
     )
     logger.info("serving %s on http://%s:%d (device %s)", args.model, args.host, args.port, device)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

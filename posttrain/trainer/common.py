@@ -25,12 +25,18 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
     from posttrain.checkpoint.manager import CheckpointManager
     from posttrain.config.loader import config_to_yaml
 
+    from posttrain.distributed import broadcast_object, is_main_process
+
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
-    output_dir = resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, command)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_to_file(output_dir / "train.log")
-    (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    logging.getLogger("posttrain.trainer").info("Run folder: %s", output_dir)
+    # Several ranks: rank 0's clock names the folder; rank 0 alone writes the log and config.
+    output_dir = Path(broadcast_object(str(resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, command))))
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log_to_file(output_dir / "train.log")
+        (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        logging.getLogger("posttrain.trainer").info("Run folder: %s", output_dir)
+    else:
+        logging.getLogger("posttrain").setLevel(logging.WARNING)
     seed_everything(cfg.seed)
     return output_dir, resume_ckpt
 

@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 
 from posttrain.algorithms import get_advantage_estimator, informative_groups
 from posttrain.checkpoint.manager import CheckpointManager
+from posttrain.checkpoint.sharded import ShardedCheckpointManager, is_sharded_checkpoint
 from posttrain.config.loader import config_to_dict
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
+from posttrain.distributed import (
+    RankShardedSampler, all_gather_objects, all_reduce_max, gathered_for_generation, get_rank, init_process_group, is_distributed,
+    is_main_process, mean_across_ranks,
+)
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
+from posttrain.errors import PosttrainError
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.models import (
@@ -30,10 +37,13 @@ from posttrain.models import (
 )
 from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.hf_engine import HFEngine
+from posttrain.rollout.builder import build_engine
+from posttrain.sync import build_weight_sync
 from posttrain.trainer.interrupt import InterruptGuard
+from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
+from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.samples import Sample
 from posttrain.trainer.validation import validate
 
@@ -54,6 +64,9 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     """Run GRPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
     # Cheap checks first, so a bad environment fails before anything is loaded or written.
     env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))  # task -> class
+    # Under torchrun: join the process group (this rank's device); each rank then holds a shard of
+    # every model (FSDP2) and generates, scores and trains on its share of each step's prompt groups.
+    device = init_process_group(resolve_device(cfg.model.device), cfg.trainer.dist_timeout_s)
     output_dir, resume_ckpt = start_run(cfg, resume_from, "grpo")
 
     # ---- build the parts. Data first: rows the environment cannot score (e.g. no reference
@@ -64,19 +77,26 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     # Every row must reach an environment (with env.tasks: its task's) that can score it.
     check_task_data(env_classes, train_examples, "training prompts")
     check_task_data(env_classes, val_examples, "validation prompts")
-    device = resolve_device(cfg.model.device)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
     if device.type == "cpu" and cfg.rollout.batch_size * cfg.rollout.max_new_tokens >= 8192:
         logger.warning(
             "Training on CPU: each step generates %d completions of up to %d tokens and takes minutes. "
             "For a quick look use `--config cpu_quick`.", cfg.rollout.batch_size, cfg.rollout.max_new_tokens,
         )
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
+    # A sharded checkpoint (multi-process runs) is loaded into the sharded model further down.
+    sharded_resume = resume_ckpt is not None and is_sharded_checkpoint(resume_ckpt)
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, device, source=str(resume_ckpt) if resume_ckpt and not sharded_resume else None
+    )
     reference = None
     # LoRA: the reference is the policy itself with its adapters disabled (the frozen base), no copy.
     if cfg.algorithm.kl_coef > 0 and not is_peft_model(model):
         # The reference is always the starting model, also when resuming from a later checkpoint.
-        reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
+        reference = make_reference_model(
+            model if resume_ckpt is None or sharded_resume else load_model_and_tokenizer(cfg.model, device)[0]
+        )
+        prepare_for_training(reference, cfg.trainer, device, compute_dtype)
+    model = prepare_for_training(model, cfg.trainer, device, compute_dtype)  # before the optimizer sees it
     encode = dict(
         tokenizer=tokenizer,
         use_chat_template=cfg.model.use_chat_template,
@@ -85,18 +105,27 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     )
     train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
     val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
-    engine = HFEngine(
-        model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, compute_dtype=compute_dtype
-    )
+    engine = build_engine(cfg, model, tokenizer, compute_dtype)
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
+    if is_distributed():  # each rank: its share of every mini-batch's prompt groups
+        sampler = RankShardedSampler(sampler, prompts_per_mini_batch=cfg.trainer.mini_batch_size // group_size)
     optimizer_steps_per_step = cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, cfg.trainer.max_steps * optimizer_steps_per_step)
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
+    checkpoint_manager = ShardedCheckpointManager if is_distributed() else CheckpointManager
+    checkpoints = checkpoint_manager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
     start_step = 0
     if resume_ckpt is not None:
-        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
+        if sharded_resume:
+            state = ShardedCheckpointManager.load(resume_ckpt, model, optimizer, scheduler)
+        elif is_distributed():
+            raise PosttrainError(
+                f"'{resume_ckpt}' is a single-process checkpoint; resume it with trainer.num_processes=1, or start "
+                f"a new multi-process run from its weights (model.path={resume_ckpt})."
+            )
+        else:
+            state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
         follow_schedule(optimizer, scheduler, cfg.trainer.lr)
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
@@ -112,23 +141,43 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     algo = cfg.algorithm
     estimator = get_advantage_estimator(algo.advantage)
     target_groups = cfg.rollout.batch_size // group_size
+    # rollout.source=api: remote environments generate and score; each step pulls their groups.
+    api_source = (make_api_source(cfg, model, tokenizer, device, engine.autocast, start_version=start_step)
+                  if cfg.rollout.source == "api" else None)
     val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
 
     with contextlib.ExitStack() as stack:
         rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))
+        main = is_main_process()  # rank 0 logs metrics and shows progress; the others stay quiet
         metrics_log = stack.enter_context(
             MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
-        )
-        progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
+        ) if main else None
+        if not main:
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar and main)
         stack.callback(progress.close)
-        guard = stack.enter_context(InterruptGuard())
+        guard = stack.enter_context(InterruptGuard(defer_always=is_distributed()))
+        if hasattr(engine, "close"):
+            stack.callback(engine.close)
+        # Policy versions count optimizer steps; the engine starts with the weights of start_step.
+        weight_sync = build_weight_sync(cfg, model, engine, start_version=start_step * optimizer_steps_per_step)
+        stack.callback(weight_sync.close)
+
+        def next_round() -> Rollouts:
+            if api_source is not None:
+                return api_source.pull(target_groups)
+            return generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)
 
         def run_validation(step: int) -> None:
-            progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
-            val = validate(
-                engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
-                print_samples=cfg.validation.print_samples, write=progress.write,
-            )
+            # Rank 0 validates alone, with the gathered weights; the others wait in the next collective.
+            with gathered_for_generation(model):
+                if not main:
+                    return
+                progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
+                val = validate(
+                    engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
+                    print_samples=cfg.validation.print_samples, write=progress.write,
+                )
             metrics_log.log(step, val)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
 
@@ -145,24 +194,30 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             progress.write(f"saved checkpoint {path}")
 
         try:
+            weight_sync.start(start_step * optimizer_steps_per_step, resumed=resume_ckpt is not None)
             if cfg.validation.at_start and start_step == 0 and val_prompts:
                 run_validation(0)
             for step in range(start_step + 1, cfg.trainer.max_steps + 1):
                 step_start = time.perf_counter()
                 # Seeding per step makes sampling independent of anything before: resume is exact.
-                seed_everything(cfg.seed * 1_000_003 + step)
+                seed_everything(cfg.seed * 1_000_003 + step + 7919 * get_rank())
+                weight_sync.before_rollout((step - 1) * optimizer_steps_per_step, step)  # a restarted engine re-syncs
 
                 # ---- rollouts and rewards (worker processes). Dynamic sampling (DAPO) drops groups
                 # whose rewards are all equal and draws more rounds of prompts to refill the batch.
-                rounds = [generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)]
-                while (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
-                       and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds) < target_groups):
-                    rounds.append(generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg))
+                with gathered_for_generation(model):  # FSDP: ranks generate different lengths, without collectives
+                    rounds = [next_round()]
+                    while (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
+                           and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds) < target_groups):
+                        rounds.append(next_round())
+                engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
                 rollouts = Rollouts.concat(rounds)  # everything generated: the step's reward metrics
                 batch = rollouts.keep_informative_groups(group_size, target_groups) if algo.dynamic_sampling else rollouts
+                # Metrics cover every rank's completions; the batch trained on here is this rank's.
+                all_rollouts = Rollouts.concat(all_gather_objects(rollouts)) if is_distributed() else rollouts
                 _, env_metrics = rewards.post_process(
-                    {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
-                )
+                    {"rewards": all_rollouts.rewards, "metadata": all_rollouts.metadata, "message_logs": all_rollouts.message_logs, "answers": all_rollouts.answers}
+                ) if api_source is None else (None, {})  # remote environments scored these groups
 
                 # ---- reference logprobs and advantages of the completions trained on
                 samples = [
@@ -172,8 +227,9 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 ]
                 if cfg.algorithm.kl_coef > 0:
                     fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
-                if cfg.algorithm.is_correction_cap > 0:
-                    recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                mismatch_metrics = {}
+                if cfg.algorithm.is_correction_cap > 0 or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
+                    mismatch_metrics = recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 assign_advantages(estimator, samples, batch.shaped_rewards, cfg)
                 t_scored = time.perf_counter()
                 if not samples:
@@ -184,28 +240,39 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 with guard.deferred():
                     update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                     t_trained = time.perf_counter()
+                    # The cadence decides whether the engine gets the new weights now (sync/* metrics).
+                    sync_metrics = weight_sync.after_update(step * optimizer_steps_per_step, step)
 
                     # ---- metrics
-                    num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
+                    num_response_tokens = sum(len(c.token_ids) for c in all_rollouts.completions)
                     step_metrics = {
-                        **rollout_metrics(rollouts, env_metrics, group_size),
+                        **rollout_metrics(all_rollouts, env_metrics, group_size),
                         **shaping_metrics(cfg, rollouts, batch, samples, len(rounds), group_size),
                         **update_metrics,
+                        **mismatch_metrics,
+                        **(api_source.step_metrics() if api_source is not None else {}),
+                        **sync_metrics,
                         "lr": scheduler.get_last_lr()[0],
                         **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
                         "data/epoch": float(sampler.epoch),
                     }
-                    metrics_log.log(step, step_metrics)
+                    step_metrics = mean_across_ranks(step_metrics)  # per-rank ones (times, fractions): their mean
+                    if main:
+                        metrics_log.log(step, step_metrics)
                     completed, sampler_state = step, sampler.state_dict()
+                    if api_source is not None:  # acknowledge the step's groups, post the new policy version
+                        api_source.finish_step(step)
 
                 progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
-                if due(step, cfg.logging.console_every):
+                if main and due(step, cfg.logging.console_every):
                     progress.write(format_console_line(step, cfg.trainer.max_steps, step_metrics))
 
                 if due(step, cfg.validation.every, cfg.trainer.max_steps):
                     run_validation(step)
                 if due(step, cfg.checkpoint.every, cfg.trainer.max_steps):
                     save_checkpoint()
+                if is_distributed() and all_reduce_max(float(guard.pending)):
+                    raise KeyboardInterrupt  # Ctrl-C on any rank: all stop after this same whole step
 
             if cfg.validation.at_end and val_prompts and completed > start_step:
                 run_validation(completed)

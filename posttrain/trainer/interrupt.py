@@ -12,9 +12,14 @@ from typing import Iterator
 class InterruptGuard:
     """Ctrl-C raises KeyboardInterrupt as usual, except inside ``deferred()``: there the request
     is remembered and raised when the block ends. The training loop wraps the weight update in
-    ``deferred()`` so a checkpoint saved after an interrupt always holds whole steps."""
+    ``deferred()`` so a checkpoint saved after an interrupt always holds whole steps.
 
-    def __init__(self) -> None:
+    ``defer_always`` (multi-process runs): Ctrl-C never raises; the request is only recorded in
+    ``pending``, and the ranks agree at a step boundary to stop together (a rank that stopped alone
+    would leave the others waiting in a collective)."""
+
+    def __init__(self, defer_always: bool = False) -> None:
+        self.defer_always = defer_always
         self._deferring = False
         self._pending = False
         self._previous = None
@@ -29,7 +34,7 @@ class InterruptGuard:
             signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, signum, frame) -> None:
-        if self._deferring:
+        if self._deferring or self.defer_always:
             if not self._pending:
                 # Say why nothing happens yet: an update can take seconds. os.write, not print:
                 # a handler that prints while the main thread is printing gets a reentrant-call error.
@@ -46,6 +51,11 @@ class InterruptGuard:
             yield
         finally:
             self._deferring = False
-        if self._pending:
+        if self._pending and not self.defer_always:
             self._pending = False
             raise KeyboardInterrupt
+
+    @property
+    def pending(self) -> bool:
+        """Whether Ctrl-C was pressed and not yet acted on."""
+        return self._pending

@@ -11,14 +11,16 @@ from posttrain.config.schema import TrainerConfig
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    on_gpu = params[0].device.type == "cuda"
+    # One kernel for all parameters on GPU (trainer.fused_adamw); the for-each path on CPU, also for
+    # CPU-offloaded FSDP shards.
+    fused = params[0].device.type == "cuda" and getattr(cfg, "fused_adamw", True)
     return torch.optim.AdamW(
         params,
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
-        fused=on_gpu,  # one kernel for all parameters on GPU; the for-each path on CPU
+        fused=fused,
     )
 
 

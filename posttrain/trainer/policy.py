@@ -17,8 +17,11 @@ from posttrain.algorithms import (
     truncated_is_weights,
 )
 from posttrain.config.schema import GRPOConfig
+from posttrain.distributed import all_reduce_sum, clip_grad_norm, get_world_size
+from posttrain.trainer.memory import compiled
 from posttrain.models import response_logprobs
 from posttrain.trainer.common import masked_mean
+from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
 from posttrain.trainer.samples import Sample, chunks, collate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -63,16 +66,24 @@ def policy_update(
     num_tokens_total = 0.0
     grad_norms, losses = [], []
     skipped = 0
+    packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
+    # N ranks: each holds 1/N of every mini-batch (its own prompt groups). The loss normalisers are
+    # the mini-batch's global counts, and FSDP averages gradients over ranks, so each rank's loss is
+    # scaled by N: the summed gradient is then exactly the one-process gradient of the mini-batch.
+    world_size = get_world_size()
+    if trainer.compile_loss:
+        policy_loss = compiled(policy_loss)
     model.train()
     for _ in range(algo.ppo_epochs):
-        for mini_batch in chunks(samples, trainer.mini_batch_size):
+        for mini_batch in chunks(samples, trainer.mini_batch_size // world_size):
             trained = [s for s in mini_batch if s.trainable]
-            num_tokens = float(max(sum(s.num_loss_tokens for s in trained), 1))
-            num_sequences = float(max(len(trained), 1))
+            num_tokens, num_sequences = all_reduce_sum([sum(s.num_loss_tokens for s in trained), len(trained)])
+            num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
             loss_total = 0.0
             optimizer.zero_grad(set_to_none=True)
-            for micro_batch in chunks(mini_batch, trainer.micro_batch_size):
-                batch = collate(micro_batch, pad_token_id, device)
+            for micro_batch in split_micro_batches(mini_batch, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
+                batch = collate(micro_batch, pad_token_id, device, packed,
+                                packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
                 mask = batch.loss_mask
                 with autocast():
                     logprobs, entropy = response_logprobs(
@@ -85,10 +96,11 @@ def policy_update(
                 )
                 token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
                 if batch.rollout_logprobs is not None:
-                    is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
-                    per_token = per_token * is_weights
-                    token_terms["is_weight"] = is_weights
                     token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
+                    if algo.is_correction_cap > 0:
+                        is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
+                        per_token = per_token * is_weights
+                        token_terms["is_weight"] = is_weights
                 if batch.ref_logprobs is not None:
                     kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
                     if kl_in_loss:
@@ -100,7 +112,7 @@ def policy_update(
                     per_token, mask, algo.loss_agg_mode,
                     num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
                 )
-                loss.backward()
+                (loss * world_size).backward()
                 loss_total += loss.item()
                 # Token-weighted sums, so logged means do not depend on the micro-batch split.
                 micro_tokens = mask.sum().item()
@@ -108,8 +120,8 @@ def policy_update(
                 for name, value in {**pg_metrics, **{k: masked_mean(v, mask) for k, v in token_terms.items()}}.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
             max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-            losses.append(loss_total)
+            grad_norm = clip_grad_norm(model.parameters(), max_norm)  # global over ranks: all skip or none
+            losses.append(all_reduce_sum([loss_total])[0])
             if math.isfinite(grad_norm):
                 grad_norms.append(grad_norm)
                 optimizer.step()
@@ -121,6 +133,9 @@ def policy_update(
     for _ in range(scheduler_steps - len(losses)):
         scheduler.step()  # fewer kept samples than rollout.batch_size: keep the schedule on the step clock
     optimizer.zero_grad(set_to_none=True)
+    names = sorted(sums)  # the same names on every rank
+    num_tokens_total, *totals = all_reduce_sum([num_tokens_total, *(sums[k] for k in names)])
+    sums = dict(zip(names, totals))
     denom = max(num_tokens_total, 1.0)
     out = {f"actor/{k}": v / denom for k, v in sums.items()}
     out["loss/policy"] = sum(losses) / len(losses)

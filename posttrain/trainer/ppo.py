@@ -42,7 +42,7 @@ from posttrain.models.loading import load_model
 from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.hf_engine import HFEngine
+from posttrain.rollout.builder import build_engine
 from posttrain.trainer.common import due, masked_mean, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
@@ -88,7 +88,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                   system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
     train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
     val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
-    engine = HFEngine(model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size, compute_dtype=compute_dtype)
+    engine = build_engine(cfg, model, tokenizer, compute_dtype)
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     optimizer_steps = cfg.trainer.max_steps * cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
@@ -149,6 +149,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
 
                 # ---- rollouts and rewards
                 rollouts = generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)
+                engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
                 _, env_metrics = rewards.post_process(
                     {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
                 )
@@ -160,8 +161,9 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 # ---- reference logprobs, values, GAE
                 if algo.kl_coef > 0:
                     fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
-                if algo.is_correction_cap > 0:
-                    recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                mismatch_metrics = {}
+                if algo.is_correction_cap > 0 or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
+                    mismatch_metrics = recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 old_values = critic_values(critic, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
                 t_scored = time.perf_counter()
@@ -181,6 +183,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                         **rollout_metrics(rollouts, env_metrics, group_size),
                         **shaping_metrics(cfg, rollouts, rollouts, samples, 1, group_size),
                         **update_metrics,
+                        **mismatch_metrics,
                         **targets.metrics,
                         **critic_metrics,
                         "critic/warmup": float(warming_up),

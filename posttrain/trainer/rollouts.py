@@ -19,7 +19,8 @@ from posttrain.models.lora import adapters_disabled
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.episodes import Episode, episode_metrics, run_episodes
 from posttrain.rollout.hf_engine import HFEngine
-from posttrain.trainer.samples import Sample, chunks, collate, pad_rows, token_masks
+from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
+from posttrain.trainer.samples import Sample, collate, pad_rows, token_masks
 from posttrain.trainer.validation import per_task_means
 
 logger = logging.getLogger("posttrain.trainer")
@@ -198,27 +199,38 @@ def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, p
             s.ref_logprobs = logprobs
 
 
-def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
-    """Truncated IS correction: the trainer's own logprobs become the old logprobs of the ratio;
-    the engine's are kept as rollout logprobs for the importance weight."""
+def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> dict[str, float]:
+    """The trainer's own logprobs become the old logprobs of the ratio; the engine's are kept as
+    rollout logprobs (for truncated IS correction, ``algorithm.is_correction_cap``). Returns the
+    engine/trainer mismatch over trained tokens: ``rollout/logprob_mismatch_mean`` and ``_max``
+    (a growing mismatch is a known cause of RL collapse)."""
     was_training = model.training
     model.eval()
+    total, count, worst = 0.0, 0, 0.0
     try:
         for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg, pad_token_id, device, autocast)):
             s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
+            mask = s.response_mask if s.response_mask is not None else [1] * len(logprobs)
+            diffs = [abs(a - b) for a, b, m in zip(s.rollout_logprobs, logprobs, mask) if m]
+            total, count = total + sum(diffs), count + len(diffs)
+            worst = max([worst, *diffs])
     finally:
         model.train(was_training)
+    return {"rollout/logprob_mismatch_mean": total / max(count, 1), "rollout/logprob_mismatch_max": worst}
 
 
 @torch.no_grad()
 def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> list[list[float]]:
-    out: list[list[float]] = []
-    for micro_batch in chunks(samples, cfg.trainer.micro_batch_size):
-        batch = collate(micro_batch, pad_token_id, device)
+    trainer = cfg.trainer
+    packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
+    out: dict[int, list[float]] = {}  # by id: token-budget micro-batches do not keep the sample order
+    for micro_batch in split_micro_batches(samples, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
+        batch = collate(micro_batch, pad_token_id, device, packed,
+                        packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
         with autocast():
             logprobs, _ = response_logprobs(
                 model, batch.tokens, temperature=cfg.rollout.temperature, chunk_size=cfg.model.chunked_logprobs
             )
         logprobs = logprobs.float().cpu()
-        out += [logprobs[i, : len(s.response_ids)].tolist() for i, s in enumerate(micro_batch)]
-    return out
+        out.update((id(s), logprobs[i, : len(s.response_ids)].tolist()) for i, s in enumerate(micro_batch))
+    return [out[id(s)] for s in samples]

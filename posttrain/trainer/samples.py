@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.models.logprobs import TokenBatch, make_token_batch
+from posttrain.data.packing import pack_documents
+from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_token_batch
 
 
 @dataclass
@@ -25,6 +26,11 @@ class Sample:
     # Per response token: 1 for the model's own tokens, 0 for tokens it did not generate (the
     # observations of a multi-turn episode). None: every response token is the model's.
     response_mask: list[int] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt and response tokens: what the sample costs in a forward pass."""
+        return len(self.prompt_ids) + len(self.response_ids)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -55,8 +61,17 @@ def token_masks(samples: list[Sample], width: int) -> torch.Tensor:
                      for s in samples], width, "cpu")
 
 
-def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str) -> TrainBatch:
-    tokens = make_token_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_token_id, device)
+def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str, packed: bool = False,
+            row_tokens: int = 0) -> TrainBatch:
+    """``packed``: the samples are packed into rows of at most ``row_tokens`` tokens (first-fit
+    decreasing; 0: all in one row) with restarting position ids (``make_packed_token_batch``), else
+    one right-padded row per sample. The per-token tensors are (B, R) per sample either way."""
+    prompts, responses = [s.prompt_ids for s in samples], [s.response_ids for s in samples]
+    if packed:
+        rows = pack_documents([s.num_tokens for s in samples], row_tokens) if row_tokens > 0 else None
+        tokens = make_packed_token_batch(prompts, responses, pad_token_id, device, rows)
+    else:
+        tokens = make_token_batch(prompts, responses, pad_token_id, device)
     width = tokens.response_len
     has_ref = samples[0].ref_logprobs is not None
     return TrainBatch(

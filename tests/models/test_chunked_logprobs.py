@@ -161,3 +161,58 @@ def test_bf16_autocast_close_to_plain_path(dtype):
     torch.testing.assert_close(lp[mask], lp_ref[mask], rtol=2e-2, atol=2e-2)
     loss.backward()
     assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.slow  # compiling on the CPU takes ~15 s
+def test_compiled_chunk_functions_match_eager(monkeypatch):
+    """On a GPU the per-chunk element-wise functions run compiled; forced here on the CPU."""
+    import posttrain.models.chunked_logprobs as chunked
+
+    torch.manual_seed(0)
+    N, H, V = 11, 6, 13
+    h, w, b = torch.randn(N, H), torch.randn(V, H), torch.randn(V)
+    y = torch.randint(0, V, (N,))
+    g1, g2 = torch.randn(N), torch.randn(N)
+
+    def run():
+        params = [t.clone().requires_grad_() for t in (h, w, b)]
+        lp, ent = chunked_logprobs(params[0], params[1], y, bias=params[2], temperature=1.3, chunk_size=4,
+                                   with_entropy=True)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        return [lp.detach(), ent.detach()] + [p.grad for p in params]
+
+    eager = run()
+    monkeypatch.setattr(chunked, "COMPILE_DEVICE_TYPES", {"cpu"})
+    monkeypatch.setattr(chunked, "_compiled", {})
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        compiled_calls.append(fn.__name__)
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    for got, want in zip(run(), eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert compiled_calls == ["chunk_stats", "chunk_logit_grad"]
+    assert all(fn is not False for fn in chunked._compiled.values())  # compiled, not fallen back to eager
+
+
+def test_failed_compile_falls_back_to_eager(monkeypatch, caplog):
+    import posttrain.models.chunked_logprobs as chunked
+
+    def broken_compile(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+        return fail
+
+    model, batch = _setup()
+    expected, _ = _loss(model, batch, 4)[1:]
+    monkeypatch.setattr(chunked, "COMPILE_DEVICE_TYPES", {"cpu"})
+    monkeypatch.setattr(chunked, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    loss, got, _ = _loss(model, batch, 4)
+    loss.backward()  # the backward's function falls back too
+    torch.testing.assert_close(got, expected)
+    assert "compiling chunk_stats failed (RuntimeError: no compiler here)" in caplog.text
+    assert "compiling chunk_logit_grad failed" in caplog.text

@@ -38,6 +38,12 @@ class ScriptedEngine:
     def update_weights(self, named_tensors=None):
         pass
 
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

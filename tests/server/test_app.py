@@ -228,6 +228,12 @@ class _BlockingEngine:
     def update_weights(self, named_tensors=None):
         pass
 
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
 
 def test_full_queue_gets_429_and_engine_errors_get_500(tok):
     engine = _BlockingEngine()

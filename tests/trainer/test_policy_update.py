@@ -30,6 +30,7 @@ def _update(model, micro_batch_size, mode):
     cfg.rollout.batch_size = cfg.trainer.mini_batch_size = 8
     cfg.rollout.max_new_tokens = 16
     cfg.trainer.micro_batch_size = micro_batch_size
+    cfg.trainer.micro_batch_tokens = 0  # sample-count micro-batches (packed ones: test_packing_rl.py)
     cfg.trainer.lr = 1e-2
     # A large eps keeps Adam's first step linear in the gradient; with a tiny eps it is sign(g),
     # which turns float rounding of near-zero gradient entries into +-lr differences.
@@ -62,6 +63,7 @@ def _update_kept(model, micro_batch_size, mode, samples):
     cfg.rollout.batch_size, cfg.trainer.mini_batch_size = 8, 4
     cfg.rollout.max_new_tokens = 16
     cfg.trainer.micro_batch_size = micro_batch_size
+    cfg.trainer.micro_batch_tokens = 0  # sample-count micro-batches (packed ones: test_packing_rl.py)
     cfg.trainer.lr = 1e-2
     cfg.trainer.adam_eps = 1.0
     cfg.trainer.lr_scheduler = "linear"

@@ -1,0 +1,218 @@
+"""The engine: requests in, completions out. ``step()`` is schedule, run, postprocess.
+
+It implements the ``RolloutEngine`` protocol on the trainer's own modules. Between rollouts the
+trainer calls ``sleep()`` (the KV cache is freed, so training gets the memory back) and
+``wake()``; after an optimizer step ``update_weights()`` drops cached prefixes, whose keys and
+values the old weights computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Sequence as Seq
+
+import torch
+
+from posttrain.engine.block_manager import BlockManager
+from posttrain.engine.model_runner import ModelRunner
+from posttrain.engine.scheduler import Scheduler
+from posttrain.engine.sequence import Sequence, SequenceSampling, SequenceStatus
+from posttrain.errors import PosttrainError
+from posttrain.models.loading import autocast_context
+from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.rollout.stops import stop_string_end, tail_has_stop
+
+logger = logging.getLogger("posttrain.engine")
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_model_len: int,
+        compute_dtype: torch.dtype = torch.float32,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 16384,
+        kv_cache_memory_fraction: float = 0.5,
+        cpu_kv_cache_gb: float = 2.0,
+        cuda_graphs: bool = True,
+        enable_prefix_caching: bool = True,
+        compile: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.compute_dtype = compute_dtype
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        eos = tokenizer.eos_token_id
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = {eos} if eos is not None else set()
+        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_token_ids = sorted(ids)
+        self.runner = ModelRunner(
+            model, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            compute_dtype=compute_dtype, kv_cache_memory_fraction=kv_cache_memory_fraction,
+            cpu_kv_cache_gb=cpu_kv_cache_gb, cuda_graphs=cuda_graphs, compile=compile,
+        )
+        self.scheduler: Scheduler | None = None
+        self._next_request = 0
+        self.wake()
+
+    # ---- RolloutEngine
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, self.compute_dtype)()
+
+    @property
+    def is_awake(self) -> bool:
+        return self.scheduler is not None
+
+    def wake(self) -> None:
+        if self.is_awake:
+            return
+        num_blocks = self.runner.allocate_kv_cache()
+        self.scheduler = Scheduler(
+            BlockManager(num_blocks, self.block_size, self.enable_prefix_caching),
+            self.max_num_seqs, self.max_num_batched_tokens,
+        )
+
+    def sleep(self) -> None:
+        """Free the KV cache. CUDA graphs are kept: they reference the cache's address and are
+        recaptured only if the cache comes back elsewhere."""
+        if not self.is_awake:
+            return
+        if not self.scheduler.is_finished:
+            raise RuntimeError("sleep() with requests in flight")
+        self.scheduler = None
+        self.runner.free_kv_cache()
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if named_tensors:
+            from posttrain.models.weights import load_named_tensors
+
+            load_named_tensors(self.model, named_tensors)
+        if self.scheduler is not None:
+            self.scheduler.block_manager.reset_prefix_cache()
+
+    def generate(self, prompts: Seq[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; the samples of a prompt share its KV blocks."""
+        groups = [self.add_request(p, params) for p in prompts]
+        self.run_until_done()
+        return [[self.completion(s) for s in group] for group in groups]
+
+    # ---- requests and steps
+    def add_request(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
+        """Queue ``params.n`` sequences for one prompt; returns them (filled in as steps run)."""
+        if not self.is_awake:
+            self.wake()
+        if not prompt:
+            raise PosttrainError("empty prompt: give at least one token")
+        if len(prompt) >= self.max_model_len:
+            raise PosttrainError(
+                f"prompt of {len(prompt)} tokens does not fit the engine's max_model_len={self.max_model_len}; "
+                "shorten it (data.max_prompt_tokens) or raise rollout.engine.max_model_len."
+            )
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
+        request_id = self._next_request
+        self._next_request += 1
+        seqs = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            sampling = SequenceSampling(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+                max_tokens=max_tokens, ignore_eos=params.ignore_eos,
+                stop_token_ids=tuple(params.stop_token_ids) if params.stop_token_ids else (),
+                stop=tuple(params.stop), top_logprobs=params.top_logprobs, generator=generator,
+            )
+            seq = Sequence(list(prompt), sampling, request_id=request_id)
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        return seqs
+
+    def step(self) -> list[Sequence]:
+        """One prefill or decode step; returns the sequences that finished in it."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        out = self.runner.run(seqs, is_prefill)
+        return self._postprocess(seqs, out)
+
+    def run_until_done(self) -> None:
+        while not self.scheduler.is_finished:
+            self.step()
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler is not None and not self.scheduler.is_finished
+
+    def _postprocess(self, seqs: list[Sequence], out) -> list[Sequence]:
+        finished = []
+        block_manager = self.scheduler.block_manager
+        eos = set(self.eos_token_ids)
+        for i, seq in enumerate(seqs):
+            block_manager.register_filled_block(seq)  # this step wrote every current position
+            token = out.token_ids[i]
+            seq.token_ids.append(token)
+            seq.logprobs.append(out.logprobs[i])
+            if out.top_logprobs is not None:
+                seq.top_logprobs.append(out.top_logprobs[i])
+            s = seq.sampling
+            reason = None
+            if (token in eos and not s.ignore_eos) or token in s.stop_token_ids:
+                reason = "stop"
+            elif s.stop and tail_has_stop(self.tokenizer, seq.completion_token_ids, s.stop):
+                self._cut_at_stop(seq)
+                reason = "stop"
+            elif seq.num_completion_tokens >= s.max_tokens:
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        if finished:
+            self.scheduler.remove_finished()
+        return finished
+
+    def _cut_at_stop(self, seq: Sequence) -> None:
+        completion = seq.completion_token_ids
+        end = stop_string_end(self.tokenizer, completion, seq.sampling.stop)
+        if end is not None and end < len(completion):
+            drop = len(completion) - end
+            del seq.token_ids[-drop:]
+            del seq.logprobs[-drop:]
+            if seq.top_logprobs:
+                del seq.top_logprobs[-drop:]
+
+    def completion(self, seq: Sequence) -> Completion:
+        assert seq.status == SequenceStatus.FINISHED
+        tokens = seq.completion_token_ids
+        return Completion(
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=tokens,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            logprobs=list(seq.logprobs),
+            finish_reason=seq.finish_reason,
+            top_logprobs=list(seq.top_logprobs) if seq.sampling.top_logprobs else None,
+        )
+
+    # ---- metrics
+    def stats(self) -> dict[str, float]:
+        if self.scheduler is None:
+            return {}
+        bm = self.scheduler.block_manager
+        return {
+            "engine/preemptions": float(self.scheduler.num_preemptions),
+            "engine/prefix_cache_hit_tokens": float(bm.num_prefix_hits),
+            "engine/kv_blocks": float(bm.num_blocks),
+        }

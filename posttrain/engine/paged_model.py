@@ -1,0 +1,141 @@
+"""The forward pass of a Hugging Face decoder over the paged KV cache, using the model's own modules.
+
+The engine does not load or convert weights: it calls the trainer's ``nn.Module``s (embedding,
+norms, projections, MLP, LM head; LoRA-wrapped layers included) and replaces only what
+``transformers`` does around attention: the KV cache and the attention kernel. A weight update
+in colocated training therefore moves zero bytes.
+
+Supported families share the Llama layout: ``model.embed_tokens``, ``model.layers[i]`` with
+``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (biases as in Qwen2), optional per-head
+``q_norm``/``k_norm`` (Qwen3), ``post_attention_layernorm``, ``mlp``, then ``model.norm`` and
+``lm_head``, rotary embeddings with the half-rotation. Adding a family with that layout is one
+entry in ``SUPPORTED_MODEL_TYPES``; see docs/engine.md for one that differs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from posttrain.engine.attention import AttentionMetadata, write_kv
+from posttrain.errors import PosttrainError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PagedDecoder:
+    """Runs a causal LM's modules over flat token batches. Holds no weights of its own."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        config = base.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise PosttrainError(
+                f"the posttrain engine does not support model type {model_type!r} (supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}). Use rollout.backend=hf, which runs any "
+                "transformers causal LM, or add the family to posttrain/engine/paged_model.py (docs/engine.md)."
+            )
+        self.model = model
+        self.config = config
+        self.backbone = base.model
+        self.lm_head = base.lm_head
+        self.layers = list(self.backbone.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_layers = len(self.layers)
+        self.has_qk_norm = hasattr(attn, "q_norm")
+        self.sliding_window = self._sliding_window(config)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+        self.disable_compile()
+
+    @staticmethod
+    def _sliding_window(config) -> int | None:
+        window = getattr(config, "sliding_window", None)
+        if window is None:
+            return None
+        if getattr(config, "use_sliding_window", True) is False:  # Qwen2/Qwen3 carry a window they do not use
+            return None
+        return window
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embed_tokens.weight.device
+
+    @property
+    def hidden_dtype(self) -> torch.dtype:
+        return self.backbone.embed_tokens.weight.dtype
+
+    def build_rope_tables(self, max_positions: int) -> None:
+        """cos/sin for every position, computed by the model's own rotary module (so any rope
+        scaling it implements applies), then looked up per token: no per-step recomputation."""
+        if self.sliding_window is not None and self.sliding_window < max_positions:
+            raise PosttrainError(
+                f"this model uses sliding-window attention (window {self.sliding_window}) and sequences may reach "
+                f"{max_positions} tokens; the posttrain engine attends to the whole context. Use rollout.backend=hf "
+                f"or keep prompts plus rollout.max_new_tokens within {self.sliding_window} tokens."
+            )
+        positions = torch.arange(max_positions, device=self.device).unsqueeze(0)
+        probe = torch.zeros(1, max_positions, 1, device=self.device, dtype=self.hidden_dtype)
+        cos, sin = self.backbone.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (positions, 1, head_dim)
+
+    def enable_compile(self) -> None:
+        """torch.compile the per-layer work around attention. A decode step of a small model is
+        hundreds of tiny element-wise kernels (RMSNorm, rotary, SiLU, residuals); fused, a step
+        runs several times faster. Attention and the cache write stay outside."""
+        self._before_attention = torch.compile(_before_attention, dynamic=True, fullgraph=True)
+        self._after_attention = torch.compile(_after_attention, dynamic=True, fullgraph=True)
+
+    def disable_compile(self) -> None:
+        self._before_attention, self._after_attention = _before_attention, _after_attention
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata, attend: AttentionFn,
+    ) -> torch.Tensor:
+        """input_ids/positions: (num_tokens,) -> final hidden states (num_tokens, hidden)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        hidden = self.backbone.embed_tokens(input_ids)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            q, k, v = self._before_attention(layer, hidden, cos, sin, self.head_dim, self.has_qk_norm)
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            out = attend(q.to(k_cache.dtype), k_cache, v_cache, meta)
+            hidden = self._after_attention(layer, hidden, out)
+        return self.backbone.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def _before_attention(layer, hidden, cos, sin, head_dim: int, has_qk_norm: bool):
+    """Input norm, q/k/v projections, optional per-head q/k norm, rotary: (tokens, heads, head_dim) each."""
+    num_tokens = hidden.shape[0]
+    x = layer.input_layernorm(hidden)
+    attn = layer.self_attn
+    q = attn.q_proj(x).view(num_tokens, -1, head_dim)
+    k = attn.k_proj(x).view(num_tokens, -1, head_dim)
+    v = attn.v_proj(x).view(num_tokens, -1, head_dim)
+    if has_qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def _after_attention(layer, hidden, attn_out):
+    """Output projection and residual, then the MLP block and its residual."""
+    hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(hidden.shape[0], -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -1,0 +1,78 @@
+"""``build_engine``: the one place where ``rollout.backend`` becomes an engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from posttrain.models.loading import autocast_context
+from posttrain.rollout.base import RolloutEngine
+
+logger = logging.getLogger("posttrain.rollout")
+
+
+def build_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype) -> RolloutEngine:
+    """The rollout engine for ``cfg.rollout.backend`` (a GRPO-style config).
+
+    'hf' generates with ``model``'s own modules (weights shared, nothing to sync); 'openai' sends
+    requests to ``cfg.rollout.base_url`` and gets new weights through ``cfg.sync``."""
+    backend = cfg.rollout.backend
+    if backend == "engine":
+        from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        sharded = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if sharded:
+            # FSDP shards the modules the engine would read; generation gathers them per forward instead.
+            logger.info("rollout.backend=engine on %d FSDP ranks: generating with transformers (backend=hf)",
+                        torch.distributed.get_world_size())
+        elif model_type in SUPPORTED_MODEL_TYPES:
+            return build_posttrain_engine(cfg, model, tokenizer, compute_dtype)
+        else:
+            logger.warning("rollout.backend=engine supports %s, not %r: generating with transformers (backend=hf) instead",
+                           ", ".join(SUPPORTED_MODEL_TYPES), model_type)
+        backend = "hf"
+    if backend == "hf":
+        from posttrain.rollout.hf_engine import HFEngine
+
+        return HFEngine(model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size,
+                        compute_dtype=compute_dtype)
+    if backend == "openai":
+        from posttrain.rollout.openai_engine import OpenAIEngine
+
+        r = cfg.rollout
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        device = next(model.parameters()).device
+        return OpenAIEngine(r.base_url, tokenizer, api_key=r.api_key, model_name=r.model_name,
+                            max_concurrency=r.max_concurrency, timeout_s=r.request_timeout_s, eos_token_ids=eos,
+                            autocast=autocast_context(device, compute_dtype))
+    raise ValueError(f"unknown rollout.backend '{backend}'")
+
+
+def engine_max_model_len(cfg: Any, model: torch.nn.Module) -> int:
+    """rollout.engine.max_model_len, or what the run's prompts and completions can reach."""
+    r = cfg.rollout
+    if r.engine.max_model_len > 0:
+        return r.engine.max_model_len
+    turns = getattr(r, "max_turns", 1)
+    length = cfg.data.max_prompt_tokens + turns * r.max_new_tokens + (turns - 1) * 512
+    validation = getattr(cfg, "validation", None)
+    if validation is not None and validation.max_new_tokens:
+        length = max(length, cfg.data.max_prompt_tokens + turns * validation.max_new_tokens + (turns - 1) * 512)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(length, limit) if limit else length
+
+
+def build_posttrain_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype) -> RolloutEngine:
+    from posttrain.engine import Engine
+
+    e = cfg.rollout.engine
+    return Engine(
+        model, tokenizer, max_model_len=engine_max_model_len(cfg, model), compute_dtype=compute_dtype,
+        block_size=e.block_size, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+        kv_cache_memory_fraction=e.kv_cache_memory_fraction, cpu_kv_cache_gb=e.cpu_kv_cache_gb,
+        cuda_graphs=e.cuda_graphs, enable_prefix_caching=e.enable_prefix_caching, compile=e.compile,
+    )

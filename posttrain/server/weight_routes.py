@@ -1,0 +1,176 @@
+"""SGLang-compatible weight-update endpoints of `posttrain serve`.
+
+Request and response bodies follow SGLang's HTTP API, so one client (``posttrain.sync.client``)
+drives this server and an SGLang server alike. Updates answer ``{"success": true, "message"}``
+with 200, or ``{"success": false, "message"}`` with 400 when the update is refused or fails.
+
+Updates run on their own worker thread and hold the engine lock, so they wait for the running
+generation to finish and generation waits for them; ``/pause_generation`` takes that lock until
+``/continue_generation`` (updates made in between run without it). A broadcast update must not
+queue behind generation requests, since the trainer is blocked in the matching collective.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from posttrain.errors import PosttrainError
+from posttrain.sync.receiver import WeightReceiver
+
+logger = logging.getLogger("posttrain.server")
+
+
+class _Lenient(BaseModel):
+    # SGLang's requests carry fields we do not act on (abort_all_requests, torch_empty_cache, ...).
+    model_config = ConfigDict(extra="ignore")
+
+
+class InitGroupRequest(_Lenient):
+    master_address: str
+    master_port: StrictInt = Field(ge=1, le=65535)
+    rank_offset: StrictInt = Field(ge=1)
+    world_size: StrictInt = Field(ge=2)
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class DestroyGroupRequest(_Lenient):
+    group_name: str = "weight_update_group"
+
+
+class DistributedUpdateRequest(_Lenient):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[StrictInt]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    weight_version: Optional[str] = None
+    load_format: Optional[str] = None
+
+
+class DiskUpdateRequest(_Lenient):
+    model_path: str
+    load_format: Optional[str] = None
+    flush_cache: bool = True
+    weight_version: Optional[str] = None
+
+
+class TensorUpdateRequest(_Lenient):
+    serialized_named_tensors: list[str]
+    load_format: Optional[str] = None
+    flush_cache: bool = True
+    weight_version: Optional[str] = None
+
+
+class LoraRequest(_Lenient):
+    lora_name: str
+    lora_path: str
+
+
+def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool = False,
+                      group_timeout_s: float = 300.0) -> WeightReceiver:
+    """Add the weight-update routes to ``app`` (built by ``create_app``; ``server`` is its state)."""
+    receiver = WeightReceiver(server.engine, allow_pickled_tensors=allow_pickled_tensors)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-weights")
+    paused = threading.Event()
+
+    def exclusive(fn: Callable[[], str]) -> str:
+        if paused.is_set():  # /pause_generation already holds the engine
+            return fn()
+        with server.engine_lock:
+            return fn()
+
+    async def update(fn: Callable[[], str]) -> JSONResponse:
+        loop = asyncio.get_running_loop()
+        try:
+            message = await loop.run_in_executor(worker, exclusive, fn)
+        except PosttrainError as exc:
+            logger.warning("weight update refused: %s", exc)
+            return JSONResponse({"success": False, "message": str(exc)}, status_code=400)
+        except Exception as exc:
+            logger.exception("weight update failed")
+            return JSONResponse({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status_code=400)
+        return JSONResponse({"success": True, "message": message})
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request):
+        req: InitGroupRequest = await server.read_json(request, InitGroupRequest)
+        return await update(lambda: receiver.init_group(req.master_address, req.master_port, req.rank_offset,
+                                                        req.world_size, req.group_name, req.backend, group_timeout_s))
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request):
+        req: DestroyGroupRequest = await server.read_json(request, DestroyGroupRequest)
+        return await update(lambda: receiver.destroy_group(req.group_name))
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request):
+        req: DistributedUpdateRequest = await server.read_json(request, DistributedUpdateRequest)
+        return await update(lambda: receiver.receive_distributed(req.names, req.dtypes, req.shapes, req.group_name,
+                                                                 req.weight_version))
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        req: DiskUpdateRequest = await server.read_json(request, DiskUpdateRequest)
+        return await update(lambda: receiver.load_from_disk(req.model_path, req.load_format, req.weight_version))
+
+    @app.post("/update_weights_from_tensor")
+    async def update_weights_from_tensor(request: Request):
+        req: TensorUpdateRequest = await server.read_json(request, TensorUpdateRequest)
+        return await update(lambda: receiver.load_from_tensor(req.serialized_named_tensors, req.load_format,
+                                                              req.weight_version))
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        req: LoraRequest = await server.read_json(request, LoraRequest)
+        return await update(lambda: receiver.load_lora_adapter(req.lora_name, req.lora_path))
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        # The transformers engine keeps no cache between requests; an engine with a prefix cache
+        # offers flush_cache().
+        def flush() -> str:
+            engine_flush = getattr(server.engine, "flush_cache", None)
+            if engine_flush is None:
+                return "no cache to flush"
+            engine_flush()
+            return "cache flushed"
+
+        return await update(flush)
+
+    @app.post("/pause_generation")
+    async def pause_generation():
+        if not paused.is_set():
+            await asyncio.get_running_loop().run_in_executor(worker, server.engine_lock.acquire)
+            paused.set()
+        return {"success": True, "message": "generation paused"}
+
+    @app.post("/continue_generation")
+    async def continue_generation():
+        if paused.is_set():
+            paused.clear()
+            server.engine_lock.release()
+        return {"success": True, "message": "generation continued"}
+
+    @app.get("/get_weight_version")
+    async def get_weight_version():
+        return receiver.info()
+
+    @app.get("/weights_checksum")
+    async def checksum():
+        loop = asyncio.get_running_loop()
+        try:
+            value = await loop.run_in_executor(worker, exclusive, receiver.checksum)
+        except PosttrainError as exc:
+            return JSONResponse({"success": False, "message": str(exc)}, status_code=400)
+        return {"checksum": value, "weight_version": receiver.weight_version}
+
+    return receiver
