@@ -4,6 +4,7 @@ Same random-weight model (speed does not depend on the values) and the same prom
 backend, in one run. Workloads:
   a  256 prompts x 128 tokens, exactly 256 new tokens each
   b   64 prompts x 128 tokens, exactly 256 new tokens each
+  cpu 16 prompts x 128 tokens, exactly 128 new tokens each (the CPU comparison at batch 16)
   c  RL-like: 256 prompts x 8 samples sharing the prompt, each with its own output length drawn
      from a log-normal (median 200, capped at 1024). A static batch runs until its longest member
      is done; only the drawn lengths count as useful tokens.
@@ -67,9 +68,11 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
 def workload(name: str, vocab: int, scale: float, seed: int = 0):
     """Returns (prompts, per-sequence output lengths, samples per prompt)."""
     g = torch.Generator().manual_seed(seed)
-    num_prompts = {"a": 256, "b": 64, "c": 256}[name]
+    num_prompts = {"a": 256, "b": 64, "c": 256, "cpu": 16}[name]
     num_prompts = max(1, round(num_prompts * scale))
     prompts = torch.randint(3, vocab, (num_prompts, 128), generator=g).tolist()
+    if name == "cpu":
+        return prompts, [[128] for _ in prompts], 1
     if name in ("a", "b"):
         return prompts, [[max(1, round(256 * min(scale * 4, 1)))] for _ in prompts], 1
     lengths = torch.exp(torch.randn(num_prompts, 8, generator=g) * 0.8 + math.log(200)).round().clamp(1, 1024)

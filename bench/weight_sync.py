@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from posttrain.models.weights import iter_weight_buckets, load_named_tensors  # noqa: E402
 from posttrain.sync.base import DTYPES, transfer_dir  # noqa: E402
 from posttrain.sync.broadcast import WeightGroup, free_port  # noqa: E402
-from posttrain.sync.checkpoint import save_weights  # noqa: E402
+from posttrain.sync.checkpoint import StagingBuffer, save_weights  # noqa: E402
 
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = transfer_dir("", "bench", size)
         cleanup.append(folder)
-        save_s = timed(lambda: save_weights(trainer, folder), device, args.repeats)
+        staging = StagingBuffer()  # what CheckpointSync keeps between syncs
+        save_s = timed(lambda: save_weights(trainer, folder, staging=staging), device, args.repeats)
         load_s = timed(lambda: load_named_tensors(engine, load_file(os.path.join(folder, "model.safetensors"),
                                                                     device=str(device))), device, args.repeats)
         rows.append(("checkpoint", save_s + load_s, size, f"save {save_s:.3f}s + load to {device} {load_s:.3f}s in {folder.parent}"))

@@ -152,7 +152,20 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests that may wait for the engine; more get 429 (default: 64)")
     serve.add_argument("--max-prompt-tokens", type=int, default=0,
-                       help="longer prompts get 400 (default: the model's max_position_embeddings)")
+                       help="longer prompts get 400 (default: --max-model-len - 1 with posttrain's engine, "
+                       "else the model's max_position_embeddings)")
+    engine = serve.add_argument_group("engine (see docs/server.md)")
+    engine.add_argument("--engine", default="auto", choices=["auto", "posttrain", "hf"],
+                        help="auto (default): posttrain's engine (continuous batching across requests) for the "
+                        "Llama, Qwen2, Qwen3 and Mistral families, else transformers (one request at a time)")
+    engine.add_argument("--max-num-seqs", type=int, default=256,
+                        help="posttrain engine: most sequences decoding at once, over all requests (default: 256)")
+    engine.add_argument("--max-model-len", type=int, default=0,
+                        help="posttrain engine: longest prompt + completion in tokens "
+                        "(default: the model's max_position_embeddings, at most 8192)")
+    engine.add_argument("--kv-cache-memory-fraction", type=float, default=0.8,
+                        help="posttrain engine on GPU: fraction of the memory free after loading the model "
+                        "given to the KV cache (default: 0.8)")
     serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
                        help="larger request bodies get 413 (default: 1 MiB)")
     serve.add_argument("--max-n", type=int, default=64, help="largest n (completions per prompt) (default: 64)")

@@ -44,6 +44,7 @@ class AttentionMetadata:
     query_lens: torch.Tensor | None = None
     token_rows: torch.Tensor | None = None  # (num_tokens,) sequence index of each new token
     token_cols: torch.Tensor | None = None  # (num_tokens,) its index among its sequence's new tokens
+    gather_plan: tuple[torch.Tensor, torch.Tensor] | None = None  # attend_gathered's per-step indices and mask
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
@@ -58,33 +59,42 @@ def attend_gathered(
     """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim)."""
     num_seqs = meta.context_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
-    device = query.device
-    max_k = max(meta.max_context_len, 1)
-    num_blocks = (max_k + block_size - 1) // block_size
-    offsets = torch.arange(block_size, device=device)
-    slots = (meta.block_tables[:, :num_blocks].unsqueeze(-1) * block_size + offsets).reshape(num_seqs, -1)[:, :max_k]
+    slots, mask = _gather_plan(meta, block_size)  # the same for every layer of the step
     keys = k_cache[slots].transpose(1, 2)  # (seqs, kv_heads, max_k, head_dim)
     values = v_cache[slots].transpose(1, 2)
     if meta.is_prefill:
-        max_q = meta.max_query_len
-        padded = query.new_zeros(num_seqs, max_q, num_heads, head_dim)
+        padded = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
         padded[meta.token_rows, meta.token_cols] = query
-        query_lens = meta.query_lens
     else:
-        max_q = 1
         padded = query.view(num_seqs, 1, num_heads, head_dim)
-        query_lens = torch.ones_like(meta.context_lens)
-    # Query i of a sequence sits at position context_len - query_len + i and sees keys up to it.
-    query_pos = (meta.context_lens - query_lens).unsqueeze(1) + torch.arange(max_q, device=device)
-    key_pos = torch.arange(max_k, device=device)
-    mask = (key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)) & (key_pos.view(1, 1, -1) < meta.context_lens.view(-1, 1, 1))
     out = F.scaled_dot_product_attention(
-        padded.transpose(1, 2), keys.to(query.dtype), values.to(query.dtype), attn_mask=mask.unsqueeze(1),
+        padded.transpose(1, 2), keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
         scale=scale, enable_gqa=keys.shape[1] != num_heads,
     ).transpose(1, 2)  # (seqs, max_q, heads, head_dim)
     if meta.is_prefill:
         return out[meta.token_rows, meta.token_cols]
     return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _gather_plan(meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots of each sequence's context, (seqs, max_k), and the attention mask,
+    (seqs, 1, max_q, max_k): query i of a sequence sits at position context_len - query_len + i
+    and sees the keys up to it. Computed once per step and kept on ``meta``."""
+    if meta.gather_plan is not None:
+        return meta.gather_plan
+    device = meta.context_lens.device
+    num_seqs = meta.context_lens.shape[0]
+    max_k = max(meta.max_context_len, 1)
+    num_blocks = (max_k + block_size - 1) // block_size
+    offsets = torch.arange(block_size, device=device)
+    slots = (meta.block_tables[:, :num_blocks].unsqueeze(-1) * block_size + offsets).reshape(num_seqs, -1)[:, :max_k]
+    max_q = meta.max_query_len if meta.is_prefill else 1
+    query_lens = meta.query_lens if meta.is_prefill else torch.ones_like(meta.context_lens)
+    query_pos = (meta.context_lens - query_lens).unsqueeze(1) + torch.arange(max_q, device=device)
+    key_pos = torch.arange(max_k, device=device).view(1, 1, -1)
+    mask = (key_pos <= query_pos.unsqueeze(-1)) & (key_pos < meta.context_lens.view(-1, 1, 1))
+    meta.gather_plan = (slots, mask.unsqueeze(1))
+    return meta.gather_plan
 
 
 if triton is not None:

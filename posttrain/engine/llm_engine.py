@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from typing import Any, Sequence as Seq
 
 import torch
@@ -156,6 +157,28 @@ class Engine:
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler is not None and not self.scheduler.is_finished
+
+    def abort(self, seqs: Seq[Sequence]) -> None:
+        """Stop these sequences where they are (a failed step, a client that went away): their
+        blocks are freed and they finish with reason 'abort'."""
+        dropped = [s for s in seqs if not s.is_finished]
+        if not dropped or self.scheduler is None:
+            return
+        for seq in dropped:
+            self.scheduler.finish(seq, "abort")
+        self.scheduler.waiting = deque(s for s in self.scheduler.waiting if not s.is_finished)
+        self.scheduler.remove_finished()
+
+    def parameters_moved(self) -> None:
+        """Called after the model's parameters were pointed at other tensors (not copied into)."""
+        self.flush_cache()
+        self.runner.parameters_moved()
+
+    def flush_cache(self) -> None:
+        """Forget cached prefixes, e.g. after weights changed under the engine (sync.mode=shared)
+        or a step failed after registering blocks it never wrote."""
+        if self.scheduler is not None:
+            self.scheduler.block_manager.reset_prefix_cache()
 
     def _postprocess(self, seqs: list[Sequence], out) -> list[Sequence]:
         finished = []

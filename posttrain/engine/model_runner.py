@@ -95,6 +95,17 @@ class ModelRunner:
             self.capture_graphs()  # graphs hold the cache's address; a new address needs new graphs
         return num_blocks
 
+    def parameters_moved(self) -> None:
+        """The model's parameters now live in other memory (sync.mode=shared points them at the
+        trainer's): graphs captured with the old addresses would read stale memory, so capture them
+        again, now or at the next wake."""
+        if not self.graphs:
+            return
+        self.graphs.clear()
+        self._graph_kv_ptr = 0
+        if self.kv_cache is not None:
+            self.capture_graphs()
+
     def free_kv_cache(self) -> None:
         """The memory goes back to this process's caching allocator, not to the driver: the trainer
         in the same process reuses it, and the next ``allocate_kv_cache`` usually gets the same

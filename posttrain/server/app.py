@@ -8,8 +8,10 @@ Design notes:
 - Engines return whole completions, so ``stream: true`` is served after generation has finished:
   the text of each choice comes in one chunk (plus a role chunk and a finish chunk). Errors are
   therefore always reported with a proper status code, never in the middle of a stream.
-- Engine calls run one at a time on a single worker thread (the HF engine is not re-entrant), under
-  a lock. At most ``max_queue`` requests wait behind the running one; more get 429.
+- posttrain's ``Engine`` is stepped by one background thread (``engine_loop``): concurrent
+  requests join one continuously batched run. Other engines (HFEngine, not re-entrant) run one
+  call at a time on a single worker thread, under a lock. Either way at most ``max_queue + 1``
+  requests are admitted at once; more get 429.
 - Request bodies are read and validated here (not by FastAPI's body parsing), so that every bad
   input, from an oversized body to malformed JSON to an out-of-range parameter, gets a 4xx in
   the OpenAI error schema ``{"error": {"message", "type", "param", "code"}}``.
@@ -36,7 +38,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from posttrain.errors import PosttrainError
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+from posttrain.server.engine_loop import EngineLoop
 from posttrain.server.protocol import APIError, _param_of, _Strict, read_json
 from posttrain.server.weight_routes import add_weight_routes
 
@@ -145,6 +149,10 @@ class _Server:
         self.vocab_size = len(self.tokenizer)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-engine")
         self.engine_lock = threading.Lock()
+        # An engine that steps (posttrain's) is owned by a loop thread that batches all requests.
+        self.engine_loop = EngineLoop(engine) if hasattr(engine, "step") and hasattr(engine, "add_request") else None
+        if self.engine_loop is not None:  # leave room for at least one completion token
+            self.max_prompt_tokens = min(self.max_prompt_tokens, engine.max_model_len - 1)
         self._count_lock = threading.Lock()
         self.admitted = 0  # running + waiting engine calls
 
@@ -207,10 +215,14 @@ class _Server:
                                "Retry later.", type="rate_limit_error", code="queue_full")
             self.admitted += 1
         try:
+            if self.engine_loop is not None:
+                return await self.engine_loop.generate(prompts, params)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, self._generate_locked, prompts, params)
         except APIError:
             raise
+        except PosttrainError as exc:  # the engine refused the request (e.g. a prompt over max_model_len)
+            raise APIError(400, str(exc), code="invalid_value") from None
         except Exception as exc:
             logger.exception("engine failed")
             raise APIError(500, f"The engine failed: {type(exc).__name__}: {exc}", type="server_error") from None
@@ -271,7 +283,10 @@ def create_app(
     ``n`` over ``max_n`` and ``max_tokens`` over ``max_tokens_limit`` get 400; when ``max_queue``
     requests already wait for the engine, more get 429. ``default_max_tokens`` applies when a
     request gives no ``max_tokens``. The SGLang-compatible weight-update endpoints come from
-    ``weight_routes``; ``enable_tensor_updates`` allows the one that unpickles its request."""
+    ``weight_routes``; ``enable_tensor_updates`` allows the one that unpickles its request.
+    An engine that steps (posttrain's ``Engine``: ``add_request`` and ``step``) is driven by a
+    background thread that batches concurrent requests (``engine_loop``); its ``max_model_len - 1``
+    caps ``max_prompt_tokens``."""
     server = _Server(engine, tokenizer, model_name, max_request_bytes=max_request_bytes,
                      max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, max_n=max_n,
                      max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
@@ -279,6 +294,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        if server.engine_loop is not None:
+            server.engine_loop.stop()
         server.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="posttrain", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -1,14 +1,44 @@
-"""``posttrain serve``: load a model into an HFEngine and serve it with uvicorn."""
+"""``posttrain serve``: load a model into posttrain's engine (or an HFEngine) and serve it with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import Any
 
-from posttrain.errors import PosttrainError
+from posttrain.errors import ConfigError, PosttrainError
 
 logger = logging.getLogger("posttrain.server")
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, compute_dtype: Any) -> tuple[Any, int]:
+    """The engine ``--engine`` asks for, and the longest prompt it serves."""
+    from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
+
+    choice = getattr(args, "engine", "auto")
+    model_type = getattr(model.config, "model_type", None)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if choice == "auto" and model_type not in SUPPORTED_MODEL_TYPES:
+        logger.info("posttrain's engine supports %s, not %r: serving with transformers (one request at a time)",
+                    ", ".join(SUPPORTED_MODEL_TYPES), model_type)
+        choice = "hf"
+    if choice == "hf":
+        from posttrain.rollout.hf_engine import HFEngine
+
+        return HFEngine(model, tokenizer, compute_dtype=compute_dtype), args.max_prompt_tokens or positions or 4096
+    from posttrain.engine import Engine
+
+    max_model_len = args.max_model_len or min(positions or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    if args.max_prompt_tokens >= max_model_len:
+        raise ConfigError(f"--max-prompt-tokens {args.max_prompt_tokens} leaves no room to generate within "
+                          f"--max-model-len {max_model_len}; lower it or raise --max-model-len.")
+    engine = Engine(model, tokenizer, max_model_len=max_model_len, compute_dtype=compute_dtype,
+                    max_num_seqs=args.max_num_seqs, kv_cache_memory_fraction=args.kv_cache_memory_fraction)
+    logger.info("posttrain engine: continuous batching over up to %d sequences of up to %d tokens",
+                args.max_num_seqs, max_model_len)
+    return engine, args.max_prompt_tokens or max_model_len - 1
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -27,24 +57,24 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     from posttrain.config.schema import ModelConfig  # heavy imports only now
     from posttrain.models.loading import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
-    from posttrain.rollout.hf_engine import HFEngine
 
     try:
         cfg = ModelConfig(path=args.model, device=args.device, dtype=args.dtype)
         device = resolve_device(cfg.device)
         model, tokenizer = load_model_and_tokenizer(cfg, device)
+        model.eval()
+        compute_dtype = resolve_compute_dtype(cfg.dtype, device)
+        engine, max_prompt_tokens = build_serving_engine(args, model, tokenizer, compute_dtype)
     except PosttrainError as exc:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 1
-    model.eval()
-    engine = HFEngine(model, tokenizer, compute_dtype=resolve_compute_dtype(cfg.dtype, device))
-    max_prompt_tokens = args.max_prompt_tokens or getattr(model.config, "max_position_embeddings", None) or 4096
     app = create_app(
         engine, tokenizer, args.served_model_name or args.model,
         max_request_bytes=args.max_request_bytes, max_prompt_tokens=max_prompt_tokens, max_queue=args.max_queue,
         max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         enable_tensor_updates=getattr(args, "enable_tensor_updates", False),
     )
-    logger.info("serving %s on http://%s:%d (device %s)", args.model, args.host, args.port, device)
+    logger.info("serving %s on http://%s:%d (device %s, %s)", args.model, args.host, args.port, device,
+                type(engine).__name__)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

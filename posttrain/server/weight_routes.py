@@ -6,8 +6,10 @@ with 200, or ``{"success": false, "message"}`` with 400 when the update is refus
 
 Updates run on their own worker thread and hold the engine lock, so they wait for the running
 generation to finish and generation waits for them; ``/pause_generation`` takes that lock until
-``/continue_generation`` (updates made in between run without it). A broadcast update must not
-queue behind generation requests, since the trainer is blocked in the matching collective.
+``/continue_generation`` (updates made in between run without it). With posttrain's engine, which
+a loop thread steps (``engine_loop``), updates run on that thread between two steps instead, and
+pausing stops the stepping. A broadcast update must not queue behind generation requests, since
+the trainer is blocked in the matching collective.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool 
     paused = threading.Event()
 
     def exclusive(fn: Callable[[], str]) -> str:
+        if server.engine_loop is not None:  # between two steps, on the thread that owns the engine
+            return server.engine_loop.call(fn)
         if paused.is_set():  # /pause_generation already holds the engine
             return fn()
         with server.engine_lock:
@@ -149,7 +153,8 @@ def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool 
     @app.post("/pause_generation")
     async def pause_generation():
         if not paused.is_set():
-            await asyncio.get_running_loop().run_in_executor(worker, server.engine_lock.acquire)
+            hold = server.engine_loop.pause if server.engine_loop is not None else server.engine_lock.acquire
+            await asyncio.get_running_loop().run_in_executor(worker, hold)
             paused.set()
         return {"success": True, "message": "generation paused"}
 
@@ -157,7 +162,10 @@ def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool 
     async def continue_generation():
         if paused.is_set():
             paused.clear()
-            server.engine_lock.release()
+            if server.engine_loop is not None:
+                server.engine_loop.resume()
+            else:
+                server.engine_lock.release()
         return {"success": True, "message": "generation continued"}
 
     @app.get("/get_weight_version")

@@ -7,11 +7,12 @@ The file is written under a temporary name and renamed, so the engine never read
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 
 import torch
-from safetensors.torch import save_file
 
 from posttrain.models.weights import iter_weight_buckets
 from posttrain.sync.base import transfer_dir
@@ -20,17 +21,65 @@ from posttrain.sync.client import EngineClient
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_weights(model: torch.nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> int:
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class StagingBuffer:
+    """A reusable host buffer (pinned when the weights are on a GPU): every tensor is copied into it
+    asynchronously, one synchronisation, then one write. safetensors' own ``save_file`` copies each
+    tensor to pageable memory with a sync, joins the bytes, then writes: about 3x slower."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < nbytes or self.buffer.is_pinned() != pinned:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        return self.buffer[:nbytes]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, staging: StagingBuffer | None = None,
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write ``tensors`` (any devices) as one safetensors file; returns the data bytes."""
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
+    on_gpu = any(t.is_cuda for t in tensors.values())
+    buffer = (staging or StagingBuffer()).get(offset, pinned=on_gpu)
+    position = 0
+    for t in tensors.values():
+        nbytes = t.numel() * t.element_size()
+        buffer[position : position + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8), non_blocking=True)
+        position += nbytes
+    if on_gpu:
+        torch.cuda.synchronize()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        f.write(memoryview(buffer.numpy()))
+    return offset
+
+
+def save_weights(model: torch.nn.Module, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                 staging: StagingBuffer | None = None) -> int:
     """Write the model's parameters (each tied weight once) to ``folder/model.safetensors``,
     atomically, with the model's config.json (SGLang reads it); returns the bytes written."""
-    tensors = {name: t.contiguous() for bucket in iter_weight_buckets(model, float("inf"), dtype) for name, t in bucket}
+    tensors = {name: t for bucket in iter_weight_buckets(model, float("inf"), dtype) for name, t in bucket}
     tmp = os.path.join(folder, WEIGHTS_FILE + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    written = write_safetensors(tensors, tmp, staging)
     os.replace(tmp, os.path.join(folder, WEIGHTS_FILE))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_file") and not os.path.exists(os.path.join(folder, "config.json")):
         config.to_json_file(os.path.join(folder, "config.json"))
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return written
 
 
 def weights_nbytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -48,12 +97,13 @@ class CheckpointSync:
         self.owns_folder = not folder
         self.folder = transfer_dir(folder, "weights", weights_nbytes(model, dtype))
         self.dtype = dtype
+        self.staging = StagingBuffer()  # kept between syncs: pinning a GB of host memory takes longer than the copy
 
     def connect(self, step: int = 0) -> None:
         pass
 
     def push(self, version: int, step: int) -> int:
-        written = save_weights(self.model, self.folder, self.dtype)
+        written = save_weights(self.model, self.folder, self.dtype, self.staging)
         self.client.update_weights_from_disk(str(self.folder), weight_version=str(version))
         return written
 

@@ -126,6 +126,9 @@ class WeightReceiver:
         named = ForkingPickler.loads(base64.b64decode(serialized_named_tensors[0]))
         if load_format == "shared":
             count = share_named_tensors(self._model(), named)
+            moved = getattr(self.engine, "parameters_moved", None)
+            if moved is not None:  # posttrain's engine: CUDA graphs hold parameter addresses
+                moved()
             self._set_version(weight_version)
             return f"sharing {count} tensors with the sender"
         self.engine.update_weights(dict(named))

@@ -40,6 +40,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)
     from posttrain.distributed import barrier, destroy_process_group, init_process_group
 
     init_process_group(torch.device("cpu"), timeout_s=60)
@@ -135,7 +138,7 @@ def train_checkpoint_resume(rank: int, world_size: int, workdir: str, mode: str,
 def generate_unequal_lengths(rank: int, world_size: int, workdir: str) -> None:
     """Ranks generate different numbers of tokens with a sharded model (no collective inside), and
     rank 0 alone generates once more (validation), then both train a step with activation
-    checkpointing."""
+    checkpointing; then a sharded critic takes a step."""
     from posttrain.distributed import gathered_for_generation
 
     cfg = make_config()
@@ -150,3 +153,30 @@ def generate_unequal_lengths(rank: int, world_size: int, workdir: str) -> None:
             model.generate(prompt, max_new_tokens=5, do_sample=False)
     metrics = update(model, optimizer, scheduler, cfg, make_samples(1))
     torch.save({"tokens": tokens, "loss": metrics["loss/policy"]}, f"{workdir}/gen_rank{rank}.pt")
+
+    from posttrain.checkpoint.sharded import full_model_state_dict
+
+    critic_state = full_model_state_dict(critic_step(make_samples(1), world_size))
+    if rank == 0:
+        torch.save(critic_state, f"{workdir}/critic.pt")
+
+
+def critic_step(samples: list[Sample], world_size: int = 1):
+    """A PPO critic (value head on the tiny Llama), sharded on several ranks, one SGD step on this
+    rank's share of ``samples`` with a loss normalised by the global token count. Returns the critic."""
+    from posttrain.distributed import all_reduce_sum, rank_share
+    from posttrain.models.value_model import ValueModel
+    from posttrain.trainer.memory import prepare_for_training
+    from posttrain.trainer.samples import collate
+
+    critic = ValueModel.from_causal_lm(make_tiny_llama(make_tokenizer()))
+    torch.manual_seed(1)
+    torch.nn.init.normal_(critic.head.weight)  # zero-initialised heads pass no gradient to the backbone
+    critic = prepare_for_training(critic, make_config().trainer, torch.device("cpu"), torch.float32)
+    optimizer = torch.optim.SGD(critic.parameters(), lr=0.5)
+    batch = collate(rank_share(samples), 0, "cpu")
+    num_tokens = all_reduce_sum([float(batch.loss_mask.sum())])[0]
+    values = critic(batch.tokens)
+    (((values - 1.0) ** 2 * batch.loss_mask).sum() / num_tokens * world_size).backward()
+    optimizer.step()
+    return critic

@@ -1,6 +1,8 @@
-"""FSDP2 on 2 gloo ranks (CPU): a policy update equals one process's, the full-weight iterator
-yields every parameter whole, resume from a sharded checkpoint equals an uninterrupted run, and
-`posttrain convert` gives a folder transformers loads with the same weights."""
+"""FSDP2 on 2 gloo ranks (CPU): a policy update equals one process's (also with CPU offload, and
+with activation checkpointing; a sharded critic's step too), the full-weight iterator yields every
+parameter whole, resume from a sharded checkpoint equals an uninterrupted run, `posttrain convert`
+gives a folder transformers loads with the same weights, and ranks generate different lengths (or
+alone) with a sharded model."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distributed.ranks import (
-    build, generate_unequal_lengths, make_config, make_samples, run_on_ranks, train_checkpoint_resume, update,
+    build, critic_step, generate_unequal_lengths, make_config, make_samples, run_on_ranks, train_checkpoint_resume,
+    update,
 )
 from helpers import make_tiny_llama, make_tokenizer
 from posttrain.cli import main
@@ -93,3 +96,8 @@ def test_sharded_generation_needs_no_matching_collectives_and_checkpointed_train
     cfg = make_config()  # one process, no activation checkpointing: the same loss
     model, _, optimizer, scheduler = build(cfg)
     assert update(model, optimizer, scheduler, cfg, make_samples(1))["loss/policy"] == pytest.approx(ranks[0]["loss"], rel=1e-5)
+    # The PPO critic (value head model) shards the same way and takes the one-process step.
+    critic = critic_step(make_samples(1))
+    _assert_same_weights(critic.state_dict(), torch.load(tmp_path / "critic.pt"))
+    start = make_tiny_llama(make_tokenizer()).model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(critic.state_dict()["backbone.layers.0.mlp.up_proj.weight"], start)  # it trained

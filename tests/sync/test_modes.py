@@ -135,3 +135,23 @@ def test_shared_with_a_server_points_its_parameters_at_the_trainer_memory(tok):
             trainer.model.norm.weight.add_(1.0)  # an optimizer step, seen by the server without a copy
         assert sync.push(1, 1) == 0
         assert client.weights_checksum() == weights_checksum(trainer)
+
+
+def test_write_safetensors_round_trips_through_the_safetensors_reader(tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.sync.checkpoint import StagingBuffer, write_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).view(2, 3)[:, 1:],  # non-contiguous
+        "d": torch.tensor([True, False]),
+    }
+    staging = StagingBuffer()
+    for _ in range(2):  # the staging buffer is reused
+        nbytes = write_safetensors(tensors, tmp_path / "w.safetensors", staging)
+        loaded = load_file(tmp_path / "w.safetensors")
+        assert set(loaded) == set(tensors) and nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
+        for name, t in tensors.items():
+            assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)

@@ -1,0 +1,228 @@
+"""Continuous batching across HTTP requests: one thread owns posttrain's ``Engine`` and steps it.
+
+Request handlers ``await loop.generate(prompts, params)``. The loop thread adds queued requests
+to the engine between two steps, so a request that arrives while others decode joins their batch
+at the next step instead of waiting for them to finish, and it resolves each request's future
+(through the request's event loop, ``call_soon_threadsafe``) once all its sequences are finished.
+
+Everything else that touches the engine (weight updates, cache flushes, checksums) runs on the
+same thread between steps, through ``call``; ``pause`` stops stepping until ``resume`` (calls
+still run). A step that raises fails every request in the engine (their sequences were in the
+failed batch or wait behind it in an engine whose state is now suspect: they are aborted and the
+prefix cache is dropped); the loop then serves the next requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import torch
+
+from posttrain.rollout.base import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from posttrain.engine import Engine
+    from posttrain.engine.sequence import Sequence
+
+logger = logging.getLogger("posttrain.server")
+T = TypeVar("T")
+
+
+class EngineLoopStopped(RuntimeError):
+    """The loop was stopped (server shutdown) before the request or call ran."""
+
+
+@dataclass
+class _Request:
+    prompts: list[list[int]]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    groups: list[list[Sequence]] = field(default_factory=list)  # one group of n sequences per prompt
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [s for group in self.groups for s in group]
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        """From the loop thread: settle the future on its event loop."""
+
+        def settle() -> None:
+            if self.future.done():  # cancelled: the client went away
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed: nobody waits any more
+            pass
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, *, name: str = "posttrain-engine-loop") -> None:
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._submitted: deque[_Request] = deque()
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._in_engine: list[_Request] = []  # only the loop thread touches these
+        self._paused = False
+        self._busy = False  # the loop thread is adding requests or stepping
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    # -- from other threads ----------------------------------------------------------------------
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, generated in the engine's running batch."""
+        loop = asyncio.get_running_loop()
+        request = _Request(prompts, params, loop, loop.create_future())
+        with self._cond:
+            if self._stopped:
+                raise EngineLoopStopped("the engine loop has stopped")
+            self._submitted.append(request)
+            self._cond.notify_all()
+        return await request.future
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the loop thread between two steps (also while paused); blocks until done."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopped:
+                raise EngineLoopStopped("the engine loop has stopped")
+            self._calls.append((fn, done))
+            self._cond.notify_all()
+        return done.result()
+
+    def pause(self) -> None:
+        """Stop stepping; returns once the running step has finished."""
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+            while self._busy:
+                self._cond.wait()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the running step, fail what is left and end the thread."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # -- the loop thread -------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        if self._calls:
+            return True
+        return not self._paused and bool(self._submitted or self.engine.has_unfinished)
+
+    def _run(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.set_device(self.engine.device)  # per thread; NCCL weight groups are joined here too
+        while True:
+            with self._cond:
+                while not self._stopped and not self._has_work():
+                    self._cond.wait()
+                if self._stopped:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                stepping = not self._paused
+                submitted = []
+                if stepping:
+                    submitted = list(self._submitted)
+                    self._submitted.clear()
+                self._busy = stepping
+            try:
+                for fn, done in calls:
+                    try:
+                        done.set_result(fn())
+                    except BaseException as exc:  # handed to the caller
+                        done.set_exception(exc)
+                if stepping:
+                    for request in submitted:
+                        self._admit(request)
+                    self._step()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        self._shut_down()
+
+    def _admit(self, request: _Request) -> None:
+        if request.future.cancelled():
+            return
+        try:
+            for prompt in request.prompts:
+                request.groups.append(self.engine.add_request(prompt, request.params))
+        except Exception as exc:  # e.g. a prompt longer than max_model_len: only this request fails
+            self.engine.abort(request.sequences)
+            request.resolve(error=exc)
+            return
+        self._in_engine.append(request)
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step() if self.engine.has_unfinished else []
+        except Exception as exc:
+            logger.exception("engine step failed: failing the %d requests in the engine", len(self._in_engine))
+            self.engine.abort([s for r in self._in_engine for s in r.sequences])
+            self.engine.flush_cache()  # the failed step may have registered blocks it never wrote
+            for request in self._in_engine:
+                request.resolve(error=exc)
+            self._in_engine = []
+            return
+        gone = [r for r in self._in_engine if r.future.cancelled()]
+        if gone:  # their clients went away: free the slots and blocks
+            self.engine.abort([s for r in gone for s in r.sequences])
+        if not (finished or gone or not self.engine.has_unfinished):
+            return
+        waiting = []
+        for request in self._in_engine:
+            if request.future.cancelled():
+                continue
+            if not all(s.is_finished for s in request.sequences):
+                waiting.append(request)
+                continue
+            try:
+                request.resolve([[self.engine.completion(s) for s in group] for group in request.groups])
+            except Exception as exc:
+                request.resolve(error=exc)
+        self._in_engine = waiting
+
+    def _shut_down(self) -> None:
+        error = EngineLoopStopped("the server is shutting down")
+        for request in self._in_engine + list(self._submitted):
+            request.resolve(error=error)
+        self.engine.abort([s for r in self._in_engine for s in r.sequences])
+        self._in_engine = []
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+            self._submitted.clear()
+        for _, done in calls:
+            done.set_exception(error)
