@@ -60,8 +60,9 @@ def attend_gathered(
     num_seqs = meta.context_lens.shape[0]
     num_heads, head_dim = query.shape[1], query.shape[2]
     slots, mask = _gather_plan(meta, block_size)  # the same for every layer of the step
-    keys = k_cache[slots].transpose(1, 2)  # (seqs, kv_heads, max_k, head_dim)
-    values = v_cache[slots].transpose(1, 2)
+    flat = slots.reshape(-1)
+    keys = k_cache.index_select(0, flat).view(num_seqs, -1, *k_cache.shape[1:]).transpose(1, 2)  # (seqs, kv_heads, max_k, head_dim)
+    values = v_cache.index_select(0, flat).view(num_seqs, -1, *v_cache.shape[1:]).transpose(1, 2)
     if meta.is_prefill:
         padded = query.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
         padded[meta.token_rows, meta.token_cols] = query

@@ -102,8 +102,7 @@ class Engine:
             from posttrain.models.weights import load_named_tensors
 
             load_named_tensors(self.model, named_tensors)
-        if self.scheduler is not None:
-            self.scheduler.block_manager.reset_prefix_cache()
+        self.flush_cache()
 
     def generate(self, prompts: Seq[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt; the samples of a prompt share its KV blocks."""
@@ -147,7 +146,15 @@ class Engine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        out = self.runner.run(seqs, is_prefill)
+        # The trainer leaves its modules in train mode; dropout (e.g. LoRA's) must not sample rollouts.
+        training = self.model.training
+        if training:
+            self.model.eval()
+        try:
+            out = self.runner.run(seqs, is_prefill)
+        finally:
+            if training:
+                self.model.train()
         return self._postprocess(seqs, out)
 
     def run_until_done(self) -> None:

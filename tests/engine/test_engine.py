@@ -167,3 +167,17 @@ def test_unsupported_architecture_is_a_clear_error():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(PosttrainError, match="rollout.backend=hf"):
         Engine(model, tok, max_model_len=32)
+
+
+def test_generation_runs_in_eval_mode_and_leaves_train_mode_alone():
+    tok = make_tokenizer()
+    model = _tiny("llama", tok)
+    model.config.attention_dropout = 0.0
+    prompt = tok(TEXTS[0], add_special_tokens=False).input_ids
+    engine = Engine(model, tok, max_model_len=64, block_size=4)
+    modes = []
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.train()
+    engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3))
+    handle.remove()
+    assert modes and not any(modes) and model.training
