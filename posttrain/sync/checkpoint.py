@@ -28,9 +28,9 @@ _SAFETENSORS_DTYPES = {
 
 
 class StagingBuffer:
-    """A reusable host buffer (pinned when the weights are on a GPU): every tensor is copied into it
-    asynchronously, one synchronisation, then one write. safetensors' own ``save_file`` copies each
-    tensor to pageable memory with a sync, joins the bytes, then writes: about 3x slower."""
+    """A reusable pinned host buffer for weights on a GPU: every tensor is copied into it
+    asynchronously, then one synchronisation and one write. safetensors' own ``save_file`` copies
+    each tensor to pageable memory with a sync per tensor before it writes."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
@@ -53,18 +53,20 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
     on_gpu = any(t.is_cuda for t in tensors.values())
-    buffer = (staging or StagingBuffer()).get(offset, pinned=on_gpu)
-    position = 0
-    for t in tensors.values():
-        nbytes = t.numel() * t.element_size()
-        buffer[position : position + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8), non_blocking=True)
-        position += nbytes
-    if on_gpu:
+    chunks = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors.values()]
+    if on_gpu:  # one asynchronous device-to-host copy per tensor into pinned memory, one sync
+        buffer = (staging or StagingBuffer()).get(offset, pinned=True)
+        position = 0
+        for chunk in chunks:
+            buffer[position : position + chunk.numel()].copy_(chunk, non_blocking=True)
+            position += chunk.numel()
         torch.cuda.synchronize()
+        chunks = [buffer]
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
-        f.write(memoryview(buffer.numpy()))
+        for chunk in chunks:  # CPU tensors are written from their own memory, without a copy
+            f.write(memoryview(chunk.numpy()))
     return offset
 
 
