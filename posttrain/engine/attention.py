@@ -68,10 +68,12 @@ def attend_gathered(
         padded[meta.token_rows, meta.token_cols] = query
     else:
         padded = query.view(num_seqs, 1, num_heads, head_dim)
+    # CPU SDPA with a mask is several times slower in bf16 than in fp32.
+    dtype = torch.float32 if query.device.type == "cpu" else query.dtype
     out = F.scaled_dot_product_attention(
-        padded.transpose(1, 2), keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
+        padded.transpose(1, 2).to(dtype), keys.to(dtype), values.to(dtype), attn_mask=mask,
         scale=scale, enable_gqa=keys.shape[1] != num_heads,
-    ).transpose(1, 2)  # (seqs, max_q, heads, head_dim)
+    ).transpose(1, 2).to(query.dtype)  # (seqs, max_q, heads, head_dim)
     if meta.is_prefill:
         return out[meta.token_rows, meta.token_cols]
     return out.reshape(num_seqs, num_heads, head_dim)

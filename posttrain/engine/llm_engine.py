@@ -43,6 +43,7 @@ class Engine:
         cuda_graphs: bool = True,
         enable_prefix_caching: bool = True,
         compile: bool = True,
+        cpu_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -62,6 +63,10 @@ class Engine:
             compute_dtype=compute_dtype, kv_cache_memory_fraction=kv_cache_memory_fraction,
             cpu_kv_cache_gb=cpu_kv_cache_gb, cuda_graphs=cuda_graphs, compile=compile,
         )
+        # CPU rollouts in bf16: generate() swaps the fp32 parameters for bf16 copies and back.
+        self.cpu_bf16 = self.runner.device.type == "cpu" and cpu_dtype == torch.bfloat16
+        if self.cpu_bf16:
+            self.runner.kv_dtype = torch.bfloat16
         self.scheduler: Scheduler | None = None
         self._next_request = 0
         self.wake()
@@ -106,9 +111,28 @@ class Engine:
 
     def generate(self, prompts: Seq[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """``params.n`` completions per prompt; the samples of a prompt share its KV blocks."""
-        groups = [self.add_request(p, params) for p in prompts]
-        self.run_until_done()
+        with self._cpu_bf16_weights():
+            groups = [self.add_request(p, params) for p in prompts]
+            self.run_until_done()
         return [[self.completion(s) for s in group] for group in groups]
+
+    @contextlib.contextmanager
+    def _cpu_bf16_weights(self):
+        """rollout.engine.cpu_dtype=bfloat16: for the duration of one generate() call the model's
+        fp32 parameters are replaced by bf16 copies (matmuls run 2-3x faster on CPUs with AVX-512
+        BF16 or AMX), then the fp32 tensors are put back untouched. Tied weights are one Parameter,
+        cast once."""
+        if not self.cpu_bf16:
+            yield
+            return
+        saved = [(p, p.data) for p in self.model.parameters() if p.dtype == torch.float32]
+        for p, data in saved:
+            p.data = data.to(torch.bfloat16)
+        try:
+            yield
+        finally:
+            for p, data in saved:
+                p.data = data
 
     # ---- requests and steps
     def add_request(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:

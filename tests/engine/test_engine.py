@@ -181,3 +181,20 @@ def test_generation_runs_in_eval_mode_and_leaves_train_mode_alone():
     engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3))
     handle.remove()
     assert modes and not any(modes) and model.training
+
+
+def test_cpu_bf16_rollouts_restore_the_fp32_weights_untouched():
+    tok = make_tokenizer()
+    model = _tiny("qwen3", tok)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    prompts = [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+    engine = Engine(model, tok, max_model_len=96, block_size=4, cpu_dtype=torch.bfloat16)
+    completions = [c for g in engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=1)) for c in g]
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1])
+    assert engine.runner.kv_dtype == torch.bfloat16
+    batch = make_token_batch([c.prompt_token_ids for c in completions], [c.token_ids for c in completions], tok.pad_token_id)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(model, batch, temperature=1.0)
+    diffs = torch.cat([(torch.tensor(c.logprobs) - logprobs[i, : len(c.token_ids)]).abs() for i, c in enumerate(completions)])
+    assert diffs.mean() < 0.05  # bf16 rounding, not a different model
