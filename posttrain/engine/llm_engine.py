@@ -200,6 +200,18 @@ class Engine:
         self.scheduler.waiting = deque(s for s in self.scheduler.waiting if not s.is_finished)
         self.scheduler.remove_finished()
 
+    def load_lora_adapter(self, adapter_dir: str) -> None:
+        """Apply the peft adapter saved in ``adapter_dir`` without a restart. The first adapter
+        changes the model's modules (peft wraps its linear layers), so the decode graphs are
+        captured again; later ones are copied in place and only drop cached prefixes."""
+        from posttrain.models.lora import hot_swap_adapter
+
+        self.model, modules_changed = hot_swap_adapter(self.model, adapter_dir)
+        if modules_changed:
+            self.parameters_moved()
+        else:
+            self.flush_cache()
+
     def parameters_moved(self) -> None:
         """Called after the model's parameters were pointed at other tensors (not copied into)."""
         self.flush_cache()

@@ -113,6 +113,30 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, trainable: boo
             ) from exc
 
 
+def hot_swap_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> tuple[torch.nn.Module, bool]:
+    """Apply the peft adapter saved in ``adapter_dir`` to a served model without a restart.
+
+    The first call wraps ``model`` in the adapter (peft injects its layers into the model's own
+    modules) and returns the wrapper, with True: modules changed. Later calls overwrite the adapter
+    weights in place and return ``model`` with False."""
+    import os
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not is_peft_model(model):
+        wrapped = load_adapter(model, adapter_dir, trainable=False)
+        wrapped.eval()
+        return wrapped, True
+    device = next(model.parameters()).device
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"), device=str(device))
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise PosttrainError(f"The adapter in {adapter_dir} does not fit the loaded one: unexpected weights "
+                             f"{result.unexpected_keys[:3]}; restart the server to change the adapter's shape.")
+    return model, False
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model`` as its frozen base: adapters off, eval mode (no dropout). A no-op wrapper for

@@ -9,14 +9,13 @@ logprobs come from a teacher-forced forward pass of the same weights over the sa
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from posttrain.models.loading import autocast_context
-from posttrain.models.weights import WeightLoadError, load_named_tensors
+from posttrain.models.weights import load_named_tensors
 from posttrain.models.logprobs import make_token_batch, response_logprobs
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.stops import stop_string_end
@@ -65,22 +64,10 @@ class HFEngine:
         """Nothing to re-acquire."""
 
     def load_lora_adapter(self, adapter_dir: str) -> None:
-        """Apply the peft adapter saved in ``adapter_dir`` without a restart: the first call wraps
-        the model in it, later calls overwrite the adapter weights in place."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        """Apply the peft adapter saved in ``adapter_dir`` without a restart (see hot_swap_adapter)."""
+        from posttrain.models.lora import hot_swap_adapter
 
-        from posttrain.models.lora import is_peft_model, load_adapter
-
-        if not is_peft_model(self.model):
-            self.model = load_adapter(self.model, adapter_dir, trainable=False)
-            self.model.eval()
-            return
-        state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"), device=str(self.device))
-        result = set_peft_model_state_dict(self.model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise WeightLoadError(f"The adapter in {adapter_dir} does not fit the loaded one: unexpected weights "
-                                  f"{result.unexpected_keys[:3]}; restart the server to change the adapter's shape.")
+        self.model, _ = hot_swap_adapter(self.model, adapter_dir)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
