@@ -38,6 +38,9 @@ def relaunch(num_processes: int, argv: Sequence[str], shutdown_timeout_s: float 
         monitor_interval=1,
     )
     logger.info("Starting %d training processes (torch.distributed elastic launch)", num_processes)
+    # The launcher installs its own signal handlers and leaves them behind; put ours back after it.
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT) if s is not None]
+    previous = {s: signal.getsignal(s) for s in handled}
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "posttrain.cli", *argv)
     except ChildFailedError as exc:
@@ -48,4 +51,8 @@ def relaunch(num_processes: int, argv: Sequence[str], shutdown_timeout_s: float 
         # them; they finished their update and saved a checkpoint of the last whole step.
         logger.warning("Stopped by signal %s; the workers have exited.", exc.sigval)
         return 130 if exc.sigval == signal.SIGINT else 128 + int(exc.sigval)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return 0

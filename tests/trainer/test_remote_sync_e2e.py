@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import save_tiny_model
@@ -89,7 +90,14 @@ def test_resume_pushes_the_resumed_weights_to_the_server(server, tmp_path, monke
     out = tmp_path / "run"
     assert main(run_args(model_dir, url, out, "checkpoint", max_steps=1)) == 0
     client = EngineClient(url)
-    client.update_weights_from_disk(model_dir)  # the server forgets: as if restarted from model.path
+    # The server forgets: other weights of the same shape (a step may leave the weights unchanged when
+    # every group's rewards are equal, so model.path's weights could equal the trained ones).
+    other = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    other.save_pretrained(tmp_path / "other")
+    client.update_weights_from_disk(str(tmp_path / "other"))
     trained = weights_checksum(AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_000001"))
     assert client.weights_checksum() != trained
     # Resuming at the last step runs no step: only the forced sync after the resume moves weights.
