@@ -14,3 +14,16 @@ def _isolated_caches(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "posttrain-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    # A shell that starts a job in the background makes it ignore SIGINT; the Ctrl-C tests need
+    # the handler a terminal gives (KeyboardInterrupt), so set it and restore the inherited one.
+    import signal
+
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
