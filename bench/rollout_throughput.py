@@ -115,7 +115,6 @@ def run_engine(model, prompts, lengths, device, dtype, max_num_seqs) -> dict:
     seconds, steps = go()
     stats = engine.stats()
     engine.sleep()
-    del engine
     return {"seconds": seconds, "tokens": sum(sum(l) for l in lengths), "setup_s": setup_s, "steps": steps,
             "prefix_hit_tokens": stats.get("engine/prefix_cache_hit_tokens", 0.0), "preemptions": stats.get("engine/preemptions", 0.0)}
 

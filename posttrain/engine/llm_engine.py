@@ -22,7 +22,7 @@ from posttrain.engine.sequence import Sequence, SequenceSampling, SequenceStatus
 from posttrain.errors import PosttrainError
 from posttrain.models.loading import autocast_context
 from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.rollout.stops import stop_string_end, tail_has_stop
+from posttrain.rollout.stops import eos_token_ids, stop_string_end, tail_has_stop
 
 logger = logging.getLogger("posttrain.engine")
 
@@ -53,11 +53,7 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        eos = tokenizer.eos_token_id
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids = {eos} if eos is not None else set()
-        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.eos_token_ids = sorted(ids)
+        self.eos_token_ids = eos_token_ids(tokenizer, model)
         self.runner = ModelRunner(
             model, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             compute_dtype=compute_dtype, kv_cache_memory_fraction=kv_cache_memory_fraction,

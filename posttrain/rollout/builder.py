@@ -41,14 +41,13 @@ def build_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype
                         compute_dtype=compute_dtype)
     if backend == "openai":
         from posttrain.rollout.openai_engine import OpenAIEngine
+        from posttrain.rollout.stops import eos_token_ids
 
         r = cfg.rollout
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
         device = next(model.parameters()).device
         return OpenAIEngine(r.base_url, tokenizer, api_key=r.api_key, model_name=r.model_name,
-                            max_concurrency=r.max_concurrency, timeout_s=r.request_timeout_s, eos_token_ids=eos,
-                            autocast=autocast_context(device, compute_dtype))
+                            max_concurrency=r.max_concurrency, timeout_s=r.request_timeout_s,
+                            eos_token_ids=eos_token_ids(tokenizer, model), autocast=autocast_context(device, compute_dtype))
     raise ValueError(f"unknown rollout.backend '{backend}'")
 
 

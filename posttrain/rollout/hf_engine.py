@@ -18,7 +18,7 @@ from posttrain.models.loading import autocast_context
 from posttrain.models.weights import load_named_tensors
 from posttrain.models.logprobs import make_token_batch, response_logprobs
 from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.rollout.stops import stop_string_end
+from posttrain.rollout.stops import eos_token_ids, stop_string_end
 
 SCORE_CHUNK_ROWS = 16
 
@@ -38,11 +38,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.generation_batch_size = generation_batch_size
         self.compute_dtype = compute_dtype
-        eos = tokenizer.eos_token_id
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        ids = {eos} if eos is not None else set()
-        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.eos_token_ids = sorted(ids)
+        self.eos_token_ids = eos_token_ids(tokenizer, model)
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,5 @@
-"""Stop strings: where a completion's text first contains one. Shared by every engine.
+"""What ends a completion, shared by every engine: the EOS token ids, and stop strings (where a
+completion's text first contains one).
 
 Stop strings are matched in the generated text only (as in the OpenAI API), never in text that
 straddles the prompt."""
@@ -6,6 +7,15 @@ straddles the prompt."""
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The tokenizer's EOS plus every EOS of the model's generation config (chat models often add
+    an end-of-turn token there)."""
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    return sorted(ids)
 
 
 def stop_window(stops: Sequence[str]) -> int:

@@ -33,15 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.errors import PosttrainError
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
 from posttrain.server.engine_loop import EngineLoop
-from posttrain.server.protocol import APIError, _param_of, _Strict, read_json
+from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
 from posttrain.server.weight_routes import add_weight_routes
 
 logger = logging.getLogger("posttrain.server")
@@ -302,20 +300,7 @@ def create_app(
     app.state.server = server
     app.state.weights = add_weight_routes(app, server, allow_pickled_tensors=enable_tensor_updates)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = (exc.errors() or [{}])[0]
-        param = _param_of(err.get("loc", ())[1:])
-        return APIError(400, f"Invalid request: {err.get('msg', 'validation failed')}.", param=param).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind).response()
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -93,3 +93,25 @@ async def read_json(request: Request, max_bytes: int, schema: type[BaseModel] | 
         return schema.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+def install_error_handlers(app: Any) -> None:
+    """Every error of a FastAPI app in the OpenAI error schema: our APIError, request validation
+    (400, naming the parameter) and routing errors (404/405)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = (exc.errors() or [{}])[0]
+        param = _param_of(err.get("loc", ())[1:])
+        return APIError(400, f"Invalid request: {err.get('msg', 'validation failed')}.", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind).response()

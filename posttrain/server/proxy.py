@@ -27,10 +27,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ConfigDict, Field
 from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.envs.base import Environment
-from posttrain.server.protocol import APIError, _Strict, read_json
+from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
 from posttrain.server.prompt_config import PromptConfig
 
 logger = logging.getLogger("posttrain.proxy")
@@ -86,14 +85,7 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
 
     app = FastAPI(title="posttrain prompt proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind).response()
+    install_error_handlers(app)
 
     def transport_error(exc: httpx.TransportError) -> APIError:
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):

@@ -33,13 +33,10 @@ import time
 from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import Field, StrictInt
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from posttrain.server.group_queue import MAX_ENVIRONMENTS, GroupQueue, PromptFeed, QueueFull, TooManyEnvironments
-from posttrain.server.protocol import APIError, _param_of, _Strict, read_json
+from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
 
 logger = logging.getLogger("posttrain.rollout_api")
 
@@ -117,20 +114,7 @@ def create_rollout_api_app(queue: GroupQueue, *, max_request_bytes: int = 64 << 
     app = FastAPI(title="posttrain rollout API", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.queue = queue
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = (exc.errors() or [{}])[0]
-        param = _param_of(err.get("loc", ())[1:])
-        return APIError(400, f"Invalid request: {err.get('msg', 'validation failed')}.", param=param).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind).response()
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
