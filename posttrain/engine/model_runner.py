@@ -139,7 +139,7 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> SamplerOutput:
         if is_prefill:
             input_ids, positions, meta, last = self._prepare_prefill(seqs)
-            logits = self._forward_logits(input_ids, positions, meta, last)
+            logits = self._or_eager(lambda: self._forward_logits(input_ids, positions, meta, last))
         else:
             logits = self._run_decode(seqs)
         return self.sampler(logits, [s.sampling for s in seqs])
@@ -240,7 +240,7 @@ class ModelRunner:
                 )
                 return self._forward_logits(rows[:, 0].contiguous(), rows[:, 1].contiguous(), meta, None)
 
-            self._warm_up(step)  # lazy initialisation and compilation must not happen during capture
+            self._or_eager(step)  # lazy initialisation and compilation must not happen during capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -251,17 +251,19 @@ class ModelRunner:
         self._graph_kv_ptr = self.kv_cache.data_ptr()
         logger.info("captured %d decode CUDA graphs in %.2f s", len(self.graphs), time.perf_counter() - start)
 
-    def _warm_up(self, step) -> None:
+    def _or_eager(self, forward):
+        """Run ``forward``; if torch.compile of the layers fails (the first compiled call compiles),
+        switch compilation off for good and run it eagerly: such a model must still generate."""
+        if not self.use_compile:
+            return forward()
         try:
-            step()
-        except Exception as exc:  # a model torch.compile cannot take must still generate
-            if not self.use_compile:
-                raise
+            return forward()
+        except Exception as exc:
             logger.warning("torch.compile of the engine's layers failed (%s: %s); running them eagerly",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.use_compile = False
             self.decoder.disable_compile()
-            step()
+            return forward()
 
     def release_graphs(self) -> None:
         self.graphs.clear()

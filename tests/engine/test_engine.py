@@ -198,3 +198,20 @@ def test_cpu_bf16_rollouts_restore_the_fp32_weights_untouched():
         logprobs, _ = response_logprobs(model, batch, temperature=1.0)
     diffs = torch.cat([(torch.tensor(c.logprobs) - logprobs[i, : len(c.token_ids)]).abs() for i, c in enumerate(completions)])
     assert diffs.mean() < 0.05  # bf16 rounding, not a different model
+
+
+def test_a_failing_compiled_layer_falls_back_to_eager_for_good(caplog):
+    tok = make_tokenizer()
+    model = _tiny("llama", tok)
+    prompt = tok(TEXTS[0], add_special_tokens=False).input_ids
+    engine = Engine(model, tok, max_model_len=64, block_size=4)
+    [[expected]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))
+
+    def broken(*args):
+        raise RuntimeError("inductor: unsupported op")
+
+    engine.runner.use_compile = True  # as on a GPU, with a compiled function that cannot run
+    engine.runner.decoder._before_attention = broken
+    [[got]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))
+    assert got.token_ids == expected.token_ids
+    assert not engine.runner.use_compile and "running them eagerly" in caplog.text
