@@ -214,7 +214,10 @@ def position_ids_isolate_documents(model: torch.nn.Module, autocast: Any = None)
                           use_cache=False).logits[0]
     finally:
         model.train(was_training)
-    diff = (packed.float().log_softmax(-1) - alone.float().log_softmax(-1)).abs().max().item()
-    # fp32 agrees to ~1e-6, bf16 to ~1e-2; attending across documents shifts log-probs by far more.
-    tolerance = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    # The largest L1 distance between next-token distributions. Compared as probabilities, not
+    # log-probs: with a 150k vocabulary, bf16 rounding moves some rare token's log-prob by more than
+    # 5e-2 even when two kernels agree (sdpa for the document alone, flex for the packed row), while
+    # its probability mass stays negligible. Attending across documents moves the distribution itself.
+    diff = (packed.float().softmax(-1) - alone.float().softmax(-1)).abs().sum(-1).max().item()
+    tolerance = 1e-3 if packed.dtype == torch.float32 else 0.1
     return diff < tolerance
