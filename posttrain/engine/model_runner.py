@@ -59,6 +59,7 @@ class ModelRunner:
             self.decoder.enable_compile()
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
+        self._kv_logged = False
         self.num_blocks = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_kv_ptr = 0
@@ -89,8 +90,10 @@ class ModelRunner:
         self.kv_cache = torch.zeros(2, d.num_layers, slots, d.num_kv_heads, d.head_dim, dtype=self.kv_dtype, device=self.device)
         self.num_blocks = num_blocks
         self.dummy_slot = num_blocks * self.block_size
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    self.kv_cache.numel() * self.kv_dtype.itemsize / 2**30)
+        # Once at INFO; every later wake-up (one per training step) at DEBUG.
+        logger.log(logging.DEBUG if self._kv_logged else logging.INFO, "KV cache: %d blocks of %d tokens (%.2f GiB)",
+                   num_blocks, self.block_size, self.kv_cache.numel() * self.kv_dtype.itemsize / 2**30)
+        self._kv_logged = True
         if self.use_cuda_graphs and self.kv_cache.data_ptr() != self._graph_kv_ptr:
             self.capture_graphs()  # graphs hold the cache's address; a new address needs new graphs
         return num_blocks

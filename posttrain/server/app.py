@@ -5,9 +5,10 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
 clients). See docs/server.md for parameters, limits and examples.
 
 Design notes:
-- Engines return whole completions, so ``stream: true`` is served after generation has finished:
-  the text of each choice comes in one chunk (plus a role chunk and a finish chunk). Errors are
-  therefore always reported with a proper status code, never in the middle of a stream.
+- ``stream: true`` over posttrain's ``Engine`` sends tokens as the engine loop produces them
+  (``_live_chunks``; text that a stop string could still cut is held back until the choice ends);
+  an error once the stream has begun comes as an error event before ``[DONE]``. Other engines
+  return whole completions, so their stream is sent after generation has finished.
 - posttrain's ``Engine`` is stepped by one background thread (``engine_loop``): concurrent
   requests join one continuously batched run. Other engines (HFEngine, not re-entrant) run one
   call at a time on a single worker thread, under a lock. Either way at most ``max_queue + 1``
@@ -30,7 +31,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -38,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from posttrain.errors import PosttrainError
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
-from posttrain.server.engine_loop import EngineLoop
+from posttrain.rollout.stops import stop_window
+from posttrain.server.engine_loop import EngineLoop, TokenStream, TokenUpdate
 from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
 from posttrain.server.weight_routes import add_weight_routes
 
@@ -217,16 +219,35 @@ class _Server:
                 return await self.engine_loop.generate(prompts, params)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, self._generate_locked, prompts, params)
-        except APIError:
-            raise
-        except PosttrainError as exc:  # the engine refused the request (e.g. a prompt over max_model_len)
-            raise APIError(400, str(exc), code="invalid_value") from None
         except Exception as exc:
-            logger.exception("engine failed")
-            raise APIError(500, f"The engine failed: {type(exc).__name__}: {exc}", type="server_error") from None
+            raise _api_error(exc) from None
         finally:
             with self._count_lock:
                 self.admitted -= 1
+
+    async def open_stream(self, prompts: list[list[int]], params: SamplingParams) -> TokenStream:
+        """Start a streaming request on the engine loop; returns once the engine admitted it, so a
+        refused request still gets a status code. Give the stream to ``close_stream`` when done."""
+        with self._count_lock:
+            if self.admitted > self.max_queue:
+                raise APIError(429, f"The server is busy: {self.max_queue} requests are already waiting. "
+                               "Retry later.", type="rate_limit_error", code="queue_full")
+            self.admitted += 1
+        try:
+            stream = self.engine_loop.open_stream(prompts, params)
+            await stream.started()
+            return stream
+        except BaseException as exc:
+            with self._count_lock:
+                self.admitted -= 1
+            if isinstance(exc, Exception):
+                raise _api_error(exc) from None
+            raise
+
+    def close_stream(self, stream: TokenStream) -> None:
+        stream.close()
+        with self._count_lock:
+            self.admitted -= 1
 
     def _generate_locked(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         with self.engine_lock:
@@ -236,9 +257,7 @@ class _Server:
 
     def visible_text(self, completion: Completion, stops: list[str]) -> str:
         """The completion text as the OpenAI API returns it: without the stop string."""
-        text = completion.text
-        cuts = [text.find(s) for s in stops if s in text]
-        return text[: min(cuts)] if cuts else text
+        return _cut_at_stops(completion.text, stops)
 
     def reported_tokens(self, completion: Completion) -> list[tuple[int, float]]:
         """Sampled tokens and logprobs to report, without special tokens such as EOS."""
@@ -250,6 +269,91 @@ class _Server:
         completion_tokens = sum(len(c.token_ids) for g in groups for c in g)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, PosttrainError):  # the engine refused the request (e.g. a prompt over max_model_len)
+        return APIError(400, str(exc), code="invalid_value")
+    logger.exception("engine failed", exc_info=exc)
+    return APIError(500, f"The engine failed: {type(exc).__name__}: {exc}", type="server_error")
+
+
+def _cut_at_stops(text: str, stops: list[str]) -> str:
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+class _StreamedChoice:
+    """One choice of a live stream: its tokens so far and how much of them was sent. Text is
+    decoded from all tokens each time (a token may end inside a UTF-8 character: a trailing U+FFFD
+    waits for the next token); with stop strings the last ``stop_window`` tokens wait until the
+    choice ends, since the engine may still cut them."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = stop_window(stops) if stops else 0
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.text = ""  # sent so far
+        self.num_reported = 0  # tokens whose logprobs were sent
+
+    def apply(self, update: TokenUpdate) -> None:
+        del self.token_ids[update.start:], self.logprobs[update.start:]
+        self.token_ids += update.token_ids
+        self.logprobs += update.logprobs
+        self.finish_reason = update.finish_reason
+
+    def delta(self) -> tuple[str, list[tuple[int, float]]]:
+        """New text, and the new (token id, logprob) pairs to report, since the last call."""
+        done = self.finish_reason is not None
+        ready = len(self.token_ids) if done else max(len(self.token_ids) - self.hold, 0)
+        text = self.tokenizer.decode(self.token_ids[:ready], skip_special_tokens=True)
+        text = _cut_at_stops(text, self.stops) if done else text.rstrip("\ufffd")
+        new = text[len(self.text):]
+        self.text += new
+        tokens = [(t, lp) for t, lp in zip(self.token_ids[self.num_reported:ready], self.logprobs[self.num_reported:ready])
+                  if t not in self.special]
+        self.num_reported = max(self.num_reported, ready)
+        return new, tokens
+
+
+async def _live_chunks(server: _Server, stream: TokenStream, choices: list[_StreamedChoice],
+                       on_delta: Callable[[int, _StreamedChoice, str, list[tuple[int, float]]], list[dict[str, Any]]],
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a live stream, from ``on_delta(index, choice, new_text, new_tokens)`` per update."""
+    for updates in stream:
+        for update in updates:
+            choice = choices[update.index]
+            choice.apply(update)
+            for chunk in on_delta(update.index, choice, *choice.delta()):
+                yield chunk
+
+
+def _live_sse(server: _Server, stream: TokenStream, head_chunks: list[dict[str, Any]],
+              chunks: AsyncIterator[dict[str, Any]], usage: Callable[[], dict[str, Any] | None]) -> StreamingResponse:
+    async def events():
+        try:
+            for event in head_chunks:
+                yield f"data: {json.dumps(event)}\n\n"
+            async for event in chunks:
+                yield f"data: {json.dumps(event)}\n\n"
+            last = usage()
+            if last is not None:
+                yield f"data: {json.dumps(last)}\n\n"
+        except Exception as exc:  # the response has begun: the error comes as an event
+            error = _api_error(exc)
+            body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+            yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            server.close_stream(stream)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _sse(events: list[dict[str, Any]]) -> StreamingResponse:

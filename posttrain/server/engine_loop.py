@@ -10,6 +10,10 @@ same thread between steps, through ``call``; ``pause`` stops stepping until ``re
 still run). A step that raises fails every request in the engine (their sequences were in the
 failed batch or wait behind it in an engine whose state is now suspect: they are aborted and the
 prefix cache is dropped); the loop then serves the next requests.
+
+A streaming request (``open_stream``) also gets, after every step, the tokens its sequences
+produced in it (``TokenUpdate``s, through an ``asyncio.Queue``), so the server can send them while
+the others decode. Closing the stream cancels the request; the loop aborts its sequences.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -39,12 +43,27 @@ class EngineLoopStopped(RuntimeError):
 
 
 @dataclass
+class TokenUpdate:
+    """Sequence ``index`` (``prompt * n + j``) now holds ``token_ids`` from completion position
+    ``start`` on. ``start`` can be below what was sent before: a stop string cuts the tail when the
+    sequence finishes (``finish_reason`` set), and the update then carries the cut completion."""
+
+    index: int
+    start: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Optional[str] = None
+
+
+@dataclass
 class _Request:
     prompts: list[list[int]]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     groups: list[list[Sequence]] = field(default_factory=list)  # one group of n sequences per prompt
+    updates: asyncio.Queue | None = None  # streaming requests only: lists of TokenUpdate, then None or an error
+    sent: list[int] = field(default_factory=list)  # per sequence: completion tokens pushed; -1 once finished
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -56,6 +75,8 @@ class _Request:
         def settle() -> None:
             if self.future.done():  # cancelled: the client went away
                 return
+            if self.updates is not None:
+                self.updates.put_nowait(error)  # None: the stream is complete
             if error is not None:
                 self.future.set_exception(error)
             else:
@@ -65,6 +86,62 @@ class _Request:
             self.loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the event loop is closed: nobody waits any more
             pass
+
+    def push_updates(self) -> None:
+        """From the loop thread: hand the streaming client what its sequences produced since the last push."""
+        updates = []
+        for index, seq in enumerate(self.sequences):
+            sent = self.sent[index]
+            if sent < 0:
+                continue
+            tokens = seq.completion_token_ids
+            if seq.is_finished:
+                start = min(sent, len(tokens))
+                updates.append(TokenUpdate(index, start, tokens[start:], list(seq.logprobs[start:]), seq.finish_reason))
+                self.sent[index] = -1
+            elif len(tokens) > sent:
+                updates.append(TokenUpdate(index, sent, tokens[sent:], list(seq.logprobs[sent:])))
+                self.sent[index] = len(tokens)
+        if updates:
+            self._put(updates)
+
+    def _put(self, item: Any) -> None:
+        def put() -> None:
+            if not self.future.done():
+                self.updates.put_nowait(item)
+
+        try:
+            self.loop.call_soon_threadsafe(put)
+        except RuntimeError:
+            pass
+
+
+class TokenStream:
+    """A streaming request's tokens as the engine produces them: iterate for lists of
+    ``TokenUpdate`` (an engine error is raised there); ``close`` cancels the request."""
+
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+
+    async def started(self) -> None:
+        """Wait until the loop admitted the request; raises what the engine refused it with."""
+        await self.__anext__()  # the loop's first item: an empty list once admitted, or the error
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> list[TokenUpdate]:
+        item = await self._request.updates.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """The client went away (or the stream ended): the loop aborts what is still running."""
+        if not self._request.future.done():
+            self._request.future.cancel()
 
 
 class EngineLoop:
@@ -100,6 +177,17 @@ class EngineLoop:
             self._submitted.append(request)
             self._cond.notify_all()
         return await request.future
+
+    def open_stream(self, prompts: list[list[int]], params: SamplingParams) -> TokenStream:
+        """Like ``generate``, but the tokens come as they are produced (call from an event loop)."""
+        loop = asyncio.get_running_loop()
+        request = _Request(prompts, params, loop, loop.create_future(), updates=asyncio.Queue())
+        with self._cond:
+            if self._stopped:
+                raise EngineLoopStopped("the engine loop has stopped")
+            self._submitted.append(request)
+            self._cond.notify_all()
+        return TokenStream(request)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the loop thread between two steps (also while paused); blocks until done."""
@@ -184,6 +272,9 @@ class EngineLoop:
             request.resolve(error=exc)
             return
         self._in_engine.append(request)
+        if request.updates is not None:
+            request.sent = [0] * len(request.sequences)
+            request._put([])  # admitted
 
     def _step(self) -> None:
         try:
@@ -196,6 +287,9 @@ class EngineLoop:
                 request.resolve(error=exc)
             self._in_engine = []
             return
+        for request in self._in_engine:
+            if request.updates is not None and not request.future.cancelled():
+                request.push_updates()
         gone = [r for r in self._in_engine if r.future.cancelled()]
         if gone:  # their clients went away: free the slots and blocks
             self.engine.abort([s for r in gone for s in r.sequences])
