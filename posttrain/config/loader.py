@@ -441,7 +441,28 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
     problems += lora_problems(cfg.model.lora)
     problems += rollout_backend_problems(cfg)
     problems += rollout_source_problems(cfg)
+    problems += engine_problems(cfg)
     problems += distributed_problems(cfg)
+    return problems
+
+
+def engine_problems(cfg: Any) -> list[str]:
+    """rollout.engine: sizes that cannot work, each with the fix."""
+    e = cfg.rollout.engine
+    problems = []
+    if e.block_size < 1 or e.block_size & (e.block_size - 1):
+        problems.append(f"rollout.engine.block_size={e.block_size} must be a power of two (16 is usual).")
+    if e.max_num_seqs < 1:
+        problems.append(f"rollout.engine.max_num_seqs={e.max_num_seqs} must be >= 1 (256 is usual).")
+    if e.max_num_batched_tokens < 1:
+        problems.append(f"rollout.engine.max_num_batched_tokens={e.max_num_batched_tokens} must be >= 1 (16384 is usual).")
+    if not 0 < e.kv_cache_memory_fraction <= 1:
+        problems.append(f"rollout.engine.kv_cache_memory_fraction={e.kv_cache_memory_fraction} must be in (0, 1]: "
+                        "the share of free GPU memory for the KV cache (0.5 is the default).")
+    if e.cpu_kv_cache_gb <= 0:
+        problems.append(f"rollout.engine.cpu_kv_cache_gb={e.cpu_kv_cache_gb} must be > 0 GiB.")
+    if e.max_model_len < 0:
+        problems.append(f"rollout.engine.max_model_len={e.max_model_len} must be >= 0 (0: derived from the length limits).")
     return problems
 
 

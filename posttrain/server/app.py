@@ -322,11 +322,11 @@ class _StreamedChoice:
         return new, tokens
 
 
-async def _live_chunks(server: _Server, stream: TokenStream, choices: list[_StreamedChoice],
+async def _live_chunks(stream: TokenStream, choices: list[_StreamedChoice],
                        on_delta: Callable[[int, _StreamedChoice, str, list[tuple[int, float]]], list[dict[str, Any]]],
                        ) -> AsyncIterator[dict[str, Any]]:
     """The chunks of a live stream, from ``on_delta(index, choice, new_text, new_tokens)`` per update."""
-    for updates in stream:
+    async for updates in stream:
         for update in updates:
             choice = choices[update.index]
             choice.apply(update)
@@ -354,6 +354,31 @@ def _live_sse(server: _Server, stream: TokenStream, head_chunks: list[dict[str, 
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _chat_logprobs(tokenizer: Any, tokens: list[tuple[int, float]]) -> dict[str, Any]:
+    content = []
+    for token_id, lp in tokens:
+        token = tokenizer.decode([token_id])
+        content.append({"token": token, "logprob": lp, "bytes": list(token.encode("utf-8")), "top_logprobs": []})
+    return {"content": content}
+
+
+def _completion_logprobs(tokenizer: Any, tokens: list[tuple[int, float]], offset: int = 0) -> dict[str, Any]:
+    """Text offsets start at ``offset``: where these tokens' text begins in the completion."""
+    texts, token_logprobs, offsets = [], [], []
+    for token_id, lp in tokens:
+        token = tokenizer.decode([token_id])
+        texts.append(token)
+        token_logprobs.append(lp)
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _sse(events: list[dict[str, Any]]) -> StreamingResponse:
@@ -442,20 +467,38 @@ def create_app(
             stop=req.stop, seed=req.seed, logprobs=bool(req.logprobs),
         )
         prompt = server.check_prompt(_chat_prompt_ids(server.tokenizer, req.messages), "messages")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream and server.engine_loop is not None:  # tokens as the engine produces them
+            head = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": server.model_name, "system_fingerprint": None}
+            stream = await server.open_stream([prompt], params)
+            choices = [_StreamedChoice(server.tokenizer, params.stop) for _ in range(params.n)]
+
+            def chat_chunks(i: int, choice: _StreamedChoice, text: str, tokens: list[tuple[int, float]]):
+                chunks = []
+                if text or (req.logprobs and tokens):
+                    chunks.append({**head, "choices": [{
+                        "index": i, "delta": {"content": text}, "finish_reason": None,
+                        "logprobs": _chat_logprobs(server.tokenizer, tokens) if req.logprobs else None}]})
+                if choice.finish_reason is not None:
+                    chunks.append({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                        "finish_reason": choice.finish_reason}]})
+                return chunks
+
+            def chat_usage():
+                if not (req.stream_options and req.stream_options.include_usage):
+                    return None
+                return {**head, "choices": [], "usage": _usage(len(prompt), sum(len(c.token_ids) for c in choices))}
+
+            roles = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                           "finish_reason": None}]} for i in range(params.n)]
+            return _live_sse(server, stream, roles, _live_chunks(stream, choices, chat_chunks), chat_usage)
         [group] = await server.generate([prompt], params)
 
         def logprobs_of(c: Completion) -> dict[str, Any] | None:
-            if not req.logprobs:
-                return None
-            content = []
-            for token_id, lp in server.reported_tokens(c):
-                token = server.tokenizer.decode([token_id])
-                content.append({"token": token, "logprob": lp, "bytes": list(token.encode("utf-8")),
-                                "top_logprobs": []})
-            return {"content": content}
+            return _chat_logprobs(server.tokenizer, server.reported_tokens(c)) if req.logprobs else None
 
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
         texts = [server.visible_text(c, params.stop) for c in group]
         usage = server.usage([prompt], [group])
         if not req.stream:
@@ -502,30 +545,43 @@ def create_app(
             max_tokens_param="max_tokens", stop=req.stop, seed=req.seed, logprobs=req.logprobs is not None,
         )
         prompts = [server.check_prompt(ids, "prompt") for ids in _completion_prompt_ids(server.tokenizer, req.prompt)]
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        head = {"id": completion_id, "object": "text_completion", "created": created, "model": server.model_name,
+                "system_fingerprint": None}
+        if req.stream and server.engine_loop is not None:  # tokens as the engine produces them
+            stream = await server.open_stream(prompts, params)
+            live = [_StreamedChoice(server.tokenizer, params.stop) for _ in range(len(prompts) * params.n)]
+            offsets = [0] * len(live)  # where each choice's next logprob token starts in its text
+
+            def text_chunks(i: int, choice: _StreamedChoice, text: str, tokens: list[tuple[int, float]]):
+                if not (text or choice.finish_reason is not None or (req.logprobs is not None and tokens)):
+                    return []
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = _completion_logprobs(server.tokenizer, tokens, offsets[i])
+                    offsets[i] += sum(len(t) for t in logprobs["tokens"])
+                return [{**head, "choices": [{"index": i, "text": text, "logprobs": logprobs,
+                                              "finish_reason": choice.finish_reason}]}]
+
+            def text_usage():
+                if not (req.stream_options and req.stream_options.include_usage):
+                    return None
+                return {**head, "choices": [], "usage": _usage(sum(len(p) for p in prompts),
+                                                               sum(len(c.token_ids) for c in live))}
+
+            return _live_sse(server, stream, [], _live_chunks(stream, live, text_chunks), text_usage)
         groups = await server.generate(prompts, params)
 
         def logprobs_of(c: Completion) -> dict[str, Any] | None:
-            if req.logprobs is None:
-                return None
-            tokens, token_logprobs, offsets, offset = [], [], [], 0
-            for token_id, lp in server.reported_tokens(c):
-                token = server.tokenizer.decode([token_id])
-                tokens.append(token)
-                token_logprobs.append(lp)
-                offsets.append(offset)
-                offset += len(token)
-            return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": None, "text_offset": offsets}
+            return None if req.logprobs is None else _completion_logprobs(server.tokenizer, server.reported_tokens(c))
 
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
         choices = [
             {"index": p * params.n + j, "text": server.visible_text(c, params.stop), "logprobs": logprobs_of(c),
              "finish_reason": c.finish_reason}
             for p, group in enumerate(groups) for j, c in enumerate(group)
         ]
         usage = server.usage(prompts, groups)
-        head = {"id": completion_id, "object": "text_completion", "created": created, "model": server.model_name,
-                "system_fingerprint": None}
         if not req.stream:
             return {**head, "choices": choices, "usage": usage}
         events = [{**head, "choices": [choice]} for choice in choices]

@@ -202,3 +202,10 @@ def test_yaml_round_trip(tmp_path):
     path = write(tmp_path, config_to_yaml(cfg), "printed.yaml")
     assert load_config(GRPOConfig, path) == cfg
     assert config_to_dict(cfg)["rollout"]["stop"] == ["\n\n", "</answer>"]
+
+
+def test_engine_sizes_that_cannot_work_are_config_errors():
+    message = error_of(overrides=["rollout.engine.block_size=12", "rollout.engine.max_num_seqs=0",
+                                  "rollout.engine.kv_cache_memory_fraction=1.5", "rollout.engine.cpu_kv_cache_gb=0"])
+    for key in ("block_size=12", "max_num_seqs=0", "kv_cache_memory_fraction=1.5", "cpu_kv_cache_gb=0"):
+        assert f"rollout.engine.{key}" in message
