@@ -233,11 +233,14 @@ class _Server:
                 raise APIError(429, f"The server is busy: {self.max_queue} requests are already waiting. "
                                "Retry later.", type="rate_limit_error", code="queue_full")
             self.admitted += 1
+        stream = None
         try:
             stream = self.engine_loop.open_stream(prompts, params)
             await stream.started()
             return stream
-        except BaseException as exc:
+        except BaseException as exc:  # refused, or the handler was cancelled while waiting
+            if stream is not None:
+                stream.close()
             with self._count_lock:
                 self.admitted -= 1
             if isinstance(exc, Exception):
@@ -312,8 +315,16 @@ class _StreamedChoice:
         """New text, and the new (token id, logprob) pairs to report, since the last call."""
         done = self.finish_reason is not None
         ready = len(self.token_ids) if done else max(len(self.token_ids) - self.hold, 0)
-        text = self.tokenizer.decode(self.token_ids[:ready], skip_special_tokens=True)
-        text = _cut_at_stops(text, self.stops) if done else text.rstrip("\ufffd")
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cut = _cut_at_stops(text, self.stops)
+        # A stop string in the visible text ends the choice's text as in the non-streamed answer, even
+        # before the engine (which matches text with special tokens) stops the sequence.
+        if not done and len(cut) == len(text):
+            if ready < len(self.token_ids):
+                text = self.tokenizer.decode(self.token_ids[:ready], skip_special_tokens=True)
+            text = text.rstrip("\ufffd")
+        else:
+            text = cut
         new = text[len(self.text):]
         self.text += new
         tokens = [(t, lp) for t, lp in zip(self.token_ids[self.num_reported:ready], self.logprobs[self.num_reported:ready])

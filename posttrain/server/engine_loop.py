@@ -75,9 +75,10 @@ class _Request:
         def settle() -> None:
             if self.future.done():  # cancelled: the client went away
                 return
-            if self.updates is not None:
-                self.updates.put_nowait(error)  # None: the stream is complete
-            if error is not None:
+            if self.updates is not None:  # the stream's reader gets the error (None: the stream is complete)
+                self.updates.put_nowait(error)
+                self.future.set_result(None)
+            elif error is not None:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(result)

@@ -151,9 +151,11 @@ def test_stop_strings_never_leak_past_the_cut(served):
     free = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
     assert len(free) >= 8
     stop = free[5:7]
+    whole = http.post("/v1/chat/completions", json={**chat, "stop": stop}).json()["choices"][0]
+    assert whole["message"]["content"] == free[: free.find(stop)]
     events = _stream(http, "/v1/chat/completions", {**chat, "stop": stop})
-    assert _streamed_texts(events, "chat")[0] == free[: free.find(stop)]
-    assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == "stop"
+    assert _streamed_texts(events, "chat")[0] == whole["message"]["content"]
+    assert [c["finish_reason"] for e in events for c in e["choices"]][-1] == whole["finish_reason"]
 
 
 def test_a_failing_step_mid_stream_sends_an_error_event_then_done(served):
