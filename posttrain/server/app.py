@@ -6,7 +6,7 @@ clients). See docs/server.md for parameters, limits and examples.
 
 Design notes:
 - ``stream: true`` over posttrain's ``Engine`` sends tokens as the engine loop produces them
-  (``_live_chunks``; text that a stop string could still cut is held back until the choice ends);
+  (``streaming.live_chunks``; text that a stop string could still cut is held back until the choice ends);
   an error once the stream has begun comes as an error event before ``[DONE]``. Other engines
   return whole completions, so their stream is sent after generation has finished.
 - posttrain's ``Engine`` is stepped by one background thread (``engine_loop``): concurrent
@@ -39,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from posttrain.errors import PosttrainError
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
-from posttrain.rollout.stops import stop_window
-from posttrain.server.engine_loop import EngineLoop, TokenStream, TokenUpdate
+from posttrain.server.engine_loop import EngineLoop, TokenStream
 from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
+from posttrain.server.streaming import StreamedChoice, cut_at_stops, live_chunks, sse_response
 from posttrain.server.weight_routes import add_weight_routes
 
 logger = logging.getLogger("posttrain.server")
@@ -260,7 +260,7 @@ class _Server:
 
     def visible_text(self, completion: Completion, stops: list[str]) -> str:
         """The completion text as the OpenAI API returns it: without the stop string."""
-        return _cut_at_stops(completion.text, stops)
+        return cut_at_stops(completion.text, stops)
 
     def reported_tokens(self, completion: Completion) -> list[tuple[int, float]]:
         """Sampled tokens and logprobs to report, without special tokens such as EOS."""
@@ -281,68 +281,6 @@ def _api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), code="invalid_value")
     logger.exception("engine failed", exc_info=exc)
     return APIError(500, f"The engine failed: {type(exc).__name__}: {exc}", type="server_error")
-
-
-def _cut_at_stops(text: str, stops: list[str]) -> str:
-    cuts = [text.find(s) for s in stops if s in text]
-    return text[: min(cuts)] if cuts else text
-
-
-class _StreamedChoice:
-    """One choice of a live stream: its tokens so far and how much of them was sent. Text is
-    decoded from all tokens each time (a token may end inside a UTF-8 character: a trailing U+FFFD
-    waits for the next token); with stop strings the last ``stop_window`` tokens wait until the
-    choice ends, since the engine may still cut them."""
-
-    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.hold = stop_window(stops) if stops else 0
-        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish_reason: str | None = None
-        self.text = ""  # sent so far
-        self.num_reported = 0  # tokens whose logprobs were sent
-
-    def apply(self, update: TokenUpdate) -> None:
-        del self.token_ids[update.start:], self.logprobs[update.start:]
-        self.token_ids += update.token_ids
-        self.logprobs += update.logprobs
-        self.finish_reason = update.finish_reason
-
-    def delta(self) -> tuple[str, list[tuple[int, float]]]:
-        """New text, and the new (token id, logprob) pairs to report, since the last call."""
-        done = self.finish_reason is not None
-        ready = len(self.token_ids) if done else max(len(self.token_ids) - self.hold, 0)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cut = _cut_at_stops(text, self.stops)
-        # A stop string in the visible text ends the choice's text as in the non-streamed answer, even
-        # before the engine (which matches text with special tokens) stops the sequence.
-        if not done and len(cut) == len(text):
-            if ready < len(self.token_ids):
-                text = self.tokenizer.decode(self.token_ids[:ready], skip_special_tokens=True)
-            text = text.rstrip("\ufffd")
-        else:
-            text = cut
-        new = text[len(self.text):]
-        self.text += new
-        tokens = [(t, lp) for t, lp in zip(self.token_ids[self.num_reported:ready], self.logprobs[self.num_reported:ready])
-                  if t not in self.special]
-        self.num_reported = max(self.num_reported, ready)
-        return new, tokens
-
-
-async def _live_chunks(stream: TokenStream, choices: list[_StreamedChoice],
-                       on_delta: Callable[[int, _StreamedChoice, str, list[tuple[int, float]]], list[dict[str, Any]]],
-                       ) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a live stream, from ``on_delta(index, choice, new_text, new_tokens)`` per update."""
-    async for updates in stream:
-        for update in updates:
-            choice = choices[update.index]
-            choice.apply(update)
-            for chunk in on_delta(update.index, choice, *choice.delta()):
-                yield chunk
 
 
 def _live_sse(server: _Server, stream: TokenStream, head_chunks: list[dict[str, Any]],
@@ -390,15 +328,6 @@ def _completion_logprobs(tokenizer: Any, tokens: list[tuple[int, float]], offset
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _sse(events: list[dict[str, Any]]) -> StreamingResponse:
-    async def stream():
-        for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def create_app(
@@ -484,9 +413,9 @@ def create_app(
             head = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                     "model": server.model_name, "system_fingerprint": None}
             stream = await server.open_stream([prompt], params)
-            choices = [_StreamedChoice(server.tokenizer, params.stop) for _ in range(params.n)]
+            choices = [StreamedChoice(server.tokenizer, params.stop) for _ in range(params.n)]
 
-            def chat_chunks(i: int, choice: _StreamedChoice, text: str, tokens: list[tuple[int, float]]):
+            def chat_chunks(i: int, choice: StreamedChoice, text: str, tokens: list[tuple[int, float]]):
                 chunks = []
                 if text or (req.logprobs and tokens):
                     chunks.append({**head, "choices": [{
@@ -504,7 +433,7 @@ def create_app(
 
             roles = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                            "finish_reason": None}]} for i in range(params.n)]
-            return _live_sse(server, stream, roles, _live_chunks(stream, choices, chat_chunks), chat_usage)
+            return _live_sse(server, stream, roles, live_chunks(stream, choices, chat_chunks), chat_usage)
         [group] = await server.generate([prompt], params)
 
         def logprobs_of(c: Completion) -> dict[str, Any] | None:
@@ -535,7 +464,7 @@ def create_app(
                                                 "finish_reason": c.finish_reason}]})
         if req.stream_options and req.stream_options.include_usage:
             events.append({**head, "choices": [], "usage": usage})
-        return _sse(events)
+        return sse_response(events)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -562,10 +491,10 @@ def create_app(
                 "system_fingerprint": None}
         if req.stream and server.engine_loop is not None:  # tokens as the engine produces them
             stream = await server.open_stream(prompts, params)
-            live = [_StreamedChoice(server.tokenizer, params.stop) for _ in range(len(prompts) * params.n)]
+            live = [StreamedChoice(server.tokenizer, params.stop) for _ in range(len(prompts) * params.n)]
             offsets = [0] * len(live)  # where each choice's next logprob token starts in its text
 
-            def text_chunks(i: int, choice: _StreamedChoice, text: str, tokens: list[tuple[int, float]]):
+            def text_chunks(i: int, choice: StreamedChoice, text: str, tokens: list[tuple[int, float]]):
                 if not (text or choice.finish_reason is not None or (req.logprobs is not None and tokens)):
                     return []
                 logprobs = None
@@ -581,7 +510,7 @@ def create_app(
                 return {**head, "choices": [], "usage": _usage(sum(len(p) for p in prompts),
                                                                sum(len(c.token_ids) for c in live))}
 
-            return _live_sse(server, stream, [], _live_chunks(stream, live, text_chunks), text_usage)
+            return _live_sse(server, stream, [], live_chunks(stream, live, text_chunks), text_usage)
         groups = await server.generate(prompts, params)
 
         def logprobs_of(c: Completion) -> dict[str, Any] | None:
@@ -598,7 +527,7 @@ def create_app(
         events = [{**head, "choices": [choice]} for choice in choices]
         if req.stream_options and req.stream_options.include_usage:
             events.append({**head, "choices": [], "usage": usage})
-        return _sse(events)
+        return sse_response(events)
 
     @app.post("/generate")
     async def generate(request: Request):
