@@ -19,6 +19,7 @@ from posttrain.engine.attention import AttentionMetadata, attend_gathered, paged
 from posttrain.engine.paged_model import PagedDecoder
 from posttrain.engine.sampler import Sampler, SamplerOutput
 from posttrain.engine.sequence import Sequence
+from posttrain.errors import PosttrainError
 
 logger = logging.getLogger("posttrain.engine")
 
@@ -80,7 +81,7 @@ class ModelRunner:
             budget = int(self.cpu_kv_cache_gb * 2**30)
         num_blocks = min(budget // bytes_per_block, needed)
         if num_blocks < self.max_blocks_per_seq:
-            raise RuntimeError(
+            raise PosttrainError(
                 f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {num_blocks} blocks of {self.block_size} tokens, "
                 f"fewer than one sequence of max_model_len={self.max_model_len} needs ({self.max_blocks_per_seq}). "
                 "Raise rollout.engine.kv_cache_memory_fraction (GPU) or rollout.engine.cpu_kv_cache_gb (CPU), "

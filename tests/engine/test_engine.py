@@ -215,3 +215,10 @@ def test_a_failing_compiled_layer_falls_back_to_eager_for_good(caplog):
     [[got]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))
     assert got.token_ids == expected.token_ids
     assert not engine.runner.use_compile and "running them eagerly" in caplog.text
+
+
+def test_a_kv_budget_too_small_for_one_sequence_names_the_setting():
+    tok = make_tokenizer()
+    model = _tiny("llama", tok)
+    with pytest.raises(PosttrainError, match="cpu_kv_cache_gb"):
+        Engine(model, tok, max_model_len=4096, block_size=4, cpu_kv_cache_gb=1e-6)
