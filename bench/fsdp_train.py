@@ -75,10 +75,13 @@ def run_variant(name: str, shape: str, steps, args, device: torch.device) -> dic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
+    losses = []
+
     def step(samples) -> None:
         samples = samples[: len(samples) // world * world]  # equal shares: one rank's is every world-th
         cfg.rollout.batch_size = cfg.trainer.mini_batch_size = len(samples)
-        policy_update(model, optimizer, scheduler, samples[get_rank()::world], cfg, 0, device, autocast)
+        metrics = policy_update(model, optimizer, scheduler, samples[get_rank()::world], cfg, 0, device, autocast)
+        losses.append(metrics["loss/policy"])  # already summed over ranks: the mini-batch's loss
 
     for samples in steps[: args.warmup]:
         step(samples)
@@ -108,7 +111,7 @@ def run_variant(name: str, shape: str, steps, args, device: torch.device) -> dic
     if get_rank() == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return dict(tokens_per_s=tokens / elapsed, mfu=6 * num_params * tokens / elapsed / (world * args.peak_tflops * 1e12),
-                peak_gib=peak, gather_s=gather_s, ckpt_s=ckpt_s, params=num_params)
+                peak_gib=peak, gather_s=gather_s, ckpt_s=ckpt_s, params=num_params, losses=losses)
 
 
 def main() -> None:
@@ -123,6 +126,9 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=None)
     parser.add_argument("--max-len", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU (H100/H200 bf16 dense: 989)")
+    parser.add_argument("--losses", action="store_true",
+                        help="print every step's loss (compare runs with different --nproc-per-node on the same "
+                        "--tokens-per-step: the same data, so the same loss curve within bf16 tolerance)")
     parser.add_argument("--ckpt-dir", default=None, help="where the checkpoint timing writes (default: system temp)")
     args = parser.parse_args()
     device = init_process_group(torch.device(args.device), timeout_s=600)
@@ -156,6 +162,10 @@ def main() -> None:
             else:
                 print(f"| {shape} | {variant} | {world} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
                       f"{r['peak_gib']:.1f} | {r['gather_s']:.2f} | {r['ckpt_s']:.2f} |")
+        if args.losses:
+            for shape, variant, r in rows:
+                if not isinstance(r, str):
+                    print(f"losses {shape} {variant} ranks={world}: " + " ".join(f"{x:.6f}" for x in r["losses"]))
     destroy_process_group()
 
 

@@ -17,9 +17,11 @@ Variants (``--variants``, comma-separated):
   PPO-style token-mean loss; float32 weights under bf16 autocast, fused AdamW.
 - ``posttrain``: ``posttrain.trainer.policy.policy_update`` with the defaults and
   trainer.micro_batch_tokens=--micro-batch-tokens (packed rows, chunked logprobs, fused AdamW).
-  Suffixes add options: ``+flex`` (model.attn_implementation=flex_attention), ``+sdpaflex``
+  ``posttrain`` alone is the default attention, sdpa_varlen (flash varlen for packed rows on a GPU).
+  Suffixes add options: ``+sdpa`` (model.attn_implementation=sdpa: dense masked rows),
+  ``+flex`` (model.attn_implementation=flex_attention), ``+sdpaflex``
   (sdpa_flex: flex for the packed training rows, sdpa for the rest; the same kernels here), ``+eager``,
-  ``+compile`` (torch.compile of each decoder layer, regional compilation), ``+bf16``
+  ``+compile`` (trainer.compile_layers=true: torch.compile of each decoder layer), ``+bf16``
   (trainer.param_dtype=bfloat16), ``+ckpt`` (activation checkpointing), ``+compileloss``
   (trainer.compile_loss=true), ``+padded`` (trainer.micro_batch_tokens=0, micro_batch_size=--naive-rows),
   ``+nochunk`` (model.chunked_logprobs=0), ``+rowsN`` (trainer.packed_row_tokens=N: rows of at most N
@@ -41,6 +43,7 @@ is emptied between variants, and variants that would start after --time-budget s
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import datetime
 import gc
@@ -85,7 +88,8 @@ SUFFIXES = {
     "ckpt": ["model.gradient_checkpointing=true"],
     "compileloss": ["trainer.compile_loss=true"],
     "nochunk": ["model.chunked_logprobs=0"],
-    "compile": [],  # handled by compile_decoder_layers
+    "compile": ["trainer.compile_layers=true"],
+    "sdpa": ["model.attn_implementation=sdpa"],
     "padded": [],  # handled in run_variant
     "eagerchunks": [],  # handled in run_variant
 }
@@ -120,13 +124,6 @@ def build_model(shape: str, device: torch.device, attn: str, gradient_checkpoint
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
-
-
-def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """Regional compilation: each decoder layer is compiled (one graph reused by all layers); mask
-    construction and the loss stay eager. Dynamic shapes: packed rows change length every micro-batch."""
-    for layer in model.model.layers:
-        layer.compile(dynamic=True)
 
 
 def naive_update(model, optimizer, samples: list[Sample], rows: int, device, autocast, max_grad_norm: float) -> None:
@@ -172,6 +169,112 @@ def packed_vs_padded(model, samples: list[Sample], cfg: GRPOConfig, device, auto
     return ((packed - padded).abs() * layouts[1].response_mask).max().item()
 
 
+def profile_context(rows: int, device: torch.device):
+    """torch.profiler over the timed steps when --profile is given (timings then include its overhead)."""
+    if not rows:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities)
+
+
+def print_profile(profiler, device: torch.device, name: str, rows: int) -> None:
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# profile of {name} (timed steps, sorted by {sort})")
+    print(profiler.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70))
+    if device.type == "cuda":
+        print_gpu_gaps(profiler, rows)
+
+
+# Phases of policy_update, labelled in profiles so that idle GPU time can be charged to one of them.
+PHASES = {"collate": "collate", "response_logprobs": "forward", "clip_grad_norm": "clip_grad_norm",
+          "split_micro_batches": "split_micro_batches", "aggregate_loss": "loss", "packs_samples": "packs_samples"}
+
+
+@contextlib.contextmanager
+def labelled_phases():
+    """Wrap the phases of posttrain.trainer.policy in torch.profiler.record_function ranges."""
+    from posttrain.trainer import policy
+
+    def labelled(fn, label):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"phase:{label}"):
+                return fn(*args, **kwargs)
+        return run
+
+    originals = {name: getattr(policy, name) for name in PHASES}
+    for name, label in PHASES.items():
+        setattr(policy, name, labelled(originals[name], label))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(policy, name, fn)
+
+
+def print_gpu_gaps(profiler, rows: int) -> None:
+    """Where the GPU sat idle: the kernel timeline's gaps, charged to the innermost labelled phase
+    and CPU op (any thread, the autograd engine's included) running at each gap's middle, plus the
+    device-synchronising runtime calls inside the gaps."""
+    import json
+    import os
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    profiler.export_chrome_trace(path)
+    with open(path) as f:
+        events = [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not gpu:
+        print("# no GPU events in the trace")
+        return
+    busy, gaps, (start, end) = 0.0, [], gpu[0]
+    for s, e in gpu[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((end, s))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = gpu[-1][1] - gpu[0][0]
+    cpu = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")),
+                 key=lambda e: e["ts"])
+    runtime = sorted((e for e in events if e.get("cat") == "cuda_runtime"
+                      and ("Synchronize" in e["name"] or e["name"] == "cudaMemcpy")), key=lambda e: e["ts"])
+    # Sweep the gaps in time order, keeping the CPU events that have begun and not yet ended.
+    by_place: dict[tuple[str, str], list[float]] = {}
+    syncs: dict[str, float] = {}
+    active: list[dict] = []
+    next_event = 0
+    for g0, g1 in gaps:
+        mid = (g0 + g1) / 2
+        while next_event < len(cpu) and cpu[next_event]["ts"] <= mid:
+            active.append(cpu[next_event])
+            next_event += 1
+        active = [e for e in active if e["ts"] + e["dur"] >= mid]
+        phases = [e for e in active if e["name"].startswith("phase:")]
+        phase = min(phases, key=lambda e: e["dur"])["name"] if phases else "-"
+        op = min(active, key=lambda e: e["dur"])["name"] if active else "-"
+        key = ("(gaps under 20 us)", "") if g1 - g0 < 20 else (phase, op)
+        by_place.setdefault(key, []).append(g1 - g0)
+        for r in runtime[max(bisect.bisect_left(runtime, g0 - 1e6, key=lambda e: e["ts"]), 0):]:
+            if r["ts"] >= g1:
+                break
+            if r["ts"] + r["dur"] > g0:
+                syncs[r["name"]] = syncs.get(r["name"], 0.0) + min(g1, r["ts"] + r["dur"]) - max(g0, r["ts"])
+    idle = span - busy
+    print(f"# GPU timeline: span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f}%), "
+          f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps")
+    print("| idle ms | gaps | largest ms | phase | CPU op at the gap's middle |")
+    print("|---:|---:|---:|---|---|")
+    for (phase, op), durations in sorted(by_place.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        print(f"| {sum(durations) / 1e3:.2f} | {len(durations)} | {max(durations) / 1e3:.2f} | {phase} | {op[:70]} |")
+    for name, t in sorted(syncs.items(), key=lambda kv: -kv[1]):
+        print(f"# inside gaps: {name} {t / 1e3:.2f} ms")
+
+
 def run_variant(name: str, shape: str, steps: list[list[Sample]], args, device: torch.device) -> dict:
     base, *suffixes = name.split("+")
     unknown = [s for s in suffixes if s not in SUFFIXES and not re.fullmatch(r"(rows|chunk)\d+", s)]
@@ -197,8 +300,6 @@ def run_variant(name: str, shape: str, steps: list[list[Sample]], args, device: 
     autocast = autocast_context(device, dtype)
     model = build_model(shape, device, cfg.model.attn_implementation, cfg.model.gradient_checkpointing)
     prepare_for_training(model, cfg.trainer, device, dtype)  # trainer.param_dtype (FSDP only on several ranks)
-    if "compile" in suffixes:
-        compile_decoder_layers(model)
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, len(steps))
     num_params = sum(p.numel() for p in model.parameters())
@@ -220,11 +321,15 @@ def run_variant(name: str, shape: str, steps: list[list[Sample]], args, device: 
         for samples in steps[: args.warmup]:
             step(samples)
         sync()
+        profiler = profile_context(args.profile, device)
         start = time.perf_counter()
-        for samples in steps[args.warmup:]:
-            step(samples)
-        sync()
+        with profiler, (labelled_phases() if args.profile else contextlib.nullcontext()):
+            for samples in steps[args.warmup:]:
+                step(samples)
+            sync()
         elapsed = time.perf_counter() - start
+        if args.profile:
+            print_profile(profiler, device, name, args.profile)
     finally:
         chunked_logprobs.COMPILE_DEVICE_TYPES = compile_devices
     tokens = sum(s.num_tokens for samples in steps[args.warmup:] for s in samples)
@@ -246,9 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default="0.5b,1.5b", help=f"comma-separated: {', '.join(SHAPES)}")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated (see the module docstring); default on cuda: naive, posttrain, "
-                        "posttrain+sdpaflex, posttrain+sdpaflex+compile, posttrain+sdpaflex+compile+bf16, "
-                        "posttrain+compile, posttrain+sdpaflex+eagerchunks; on cpu: naive, "
+                        help="comma-separated (see the module docstring); default on cuda: naive, posttrain+sdpa, "
+                        "posttrain, posttrain+compile, posttrain+compile+bf16, posttrain+sdpaflex+compile; on cpu: naive, "
                         "posttrain, posttrain+padded (flex has no CPU backward, compiling takes minutes)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (compilation, autotuning)")
@@ -262,13 +366,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="device peak for MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--time-budget", type=float, default=420.0,
                         help="seconds; variants that would start later are skipped (a started one may take minutes)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="profile the timed steps and print the ROWS most expensive ops per variant")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every posttrain variant, e.g. --set trainer.compile_loss=true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.variants is None:
-        args.variants = ("naive,posttrain,posttrain+sdpaflex,posttrain+sdpaflex+compile,"
-                         "posttrain+sdpaflex+compile+bf16,posttrain+compile,posttrain+sdpaflex+eagerchunks"
+        args.variants = ("naive,posttrain+sdpa,posttrain,posttrain+compile,posttrain+compile+bf16,"
+                         "posttrain+sdpaflex+compile"
                          if device.type == "cuda"
                          else "naive,posttrain,posttrain+padded")
     began = time.perf_counter()

@@ -68,12 +68,13 @@ class ModelConfig:
     )
     device: str = opt("auto", "Device to train and generate on: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'.")
     attn_implementation: str = opt(
-        "sdpa",
-        "Attention kernel passed to transformers. 'sdpa_flex': FlexAttention for packed training rows (its "
-        "block mask skips attention across packed completions; GPU) and sdpa for everything else, such as "
-        "generation. sdpa and eager compute a packed row's attention densely (see trainer.packed_row_tokens "
-        "and docs/training_speed.md).",
-        ("sdpa", "eager", "flash_attention_2", "flex_attention", "sdpa_flex"),
+        "sdpa_varlen",
+        "Attention kernel passed to transformers. 'sdpa_varlen': flash attention's variable-length kernel "
+        "for packed training rows (only each completion's own tokens are attended, no mask is built; CUDA, "
+        "Llama/Qwen2/Qwen3/Mistral) and sdpa for everything else, such as generation and CPU. "
+        "'sdpa_flex': the same with FlexAttention's block mask. sdpa and eager compute a packed row's "
+        "attention densely (see trainer.packed_row_tokens and docs/training_speed.md).",
+        ("sdpa_varlen", "sdpa", "eager", "flash_attention_2", "flex_attention", "sdpa_flex"),
     )
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in the backward pass: less memory, about 30% more train time."
@@ -397,8 +398,8 @@ class TrainerConfig:
         0,
         "Longest row of a packed micro-batch: its completions are packed into rows of at most this many "
         "tokens (first-fit decreasing, rows right-padded to the longest). 0 picks by the attention kernel: "
-        "one row with no padding for kernels that skip attention across packed completions (sdpa_flex, "
-        "flex_attention, flash_attention_2); for sdpa and eager, which compute a row's attention densely "
+        "one row with no padding for kernels that skip attention across packed completions (sdpa_varlen and "
+        "sdpa_flex on a GPU, flex_attention, flash_attention_2); for sdpa and eager, which compute a row's attention densely "
         "(masking, not skipping), rows no longer than the micro-batch's longest completion, which cost no "
         "more attention than padded rows.",
     )
@@ -435,6 +436,12 @@ class TrainerConfig:
     )
     fused_adamw: bool = opt(
         True, "Use the fused AdamW kernel (one kernel for all parameters) when parameters are on a GPU."
+    )
+    compile_layers: bool = opt(
+        False,
+        "GPU: torch.compile each decoder layer for the forward and backward passes of training (fuses "
+        "norms, rotary embeddings and the MLP's element-wise work). The first steps compile (tens of "
+        "seconds); the speed-up is largest for small models. See docs/training_speed.md.",
     )
     compile_loss: bool = opt(
         False,

@@ -8,7 +8,7 @@ from posttrain.models.loading import (
     resolve_compute_dtype,
     resolve_device,
 )
-from posttrain.models import packed_attention  # noqa: F401  registers attn_implementation="sdpa_flex"
+from posttrain.models import packed_attention  # noqa: F401  registers attn_implementation="sdpa_flex" and "sdpa_varlen"
 from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_token_batch, response_logprobs
 
 __all__ = [

@@ -106,6 +106,22 @@ def _chunk_fn(fn, device: torch.device):
     return run
 
 
+_FLOAT32_OUT_MATMUL = {"cuda": True}  # device types whose 16-bit matmuls can write float32 (until one fails)
+
+
+def _accumulate_float32(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``total + a @ b`` with ``total`` float32 and ``a``, ``b`` possibly 16-bit. On a GPU the
+    matmul accumulates straight into float32 (``addmm(..., out_dtype=float32)``): no rounding of
+    each chunk's product to 16 bits, and no separate cast and add passes over the (V, H) gradient."""
+    device_type = a.device.type
+    if a.dtype != torch.float32 and _FLOAT32_OUT_MATMUL.get(device_type):
+        try:
+            return torch.addmm(total, a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the float32-output matmul
+            _FLOAT32_OUT_MATMUL[device_type] = False
+    return total.add_((a @ b).float())
+
+
 class ChunkedLogprobs(torch.autograd.Function):
     """``apply(h, weight, bias, targets, temperature, chunk_size, with_entropy)`` ->
     ``(logprobs (N,), entropy (N,))`` float32; entropy is zeros when ``with_entropy`` is False."""
@@ -156,7 +172,7 @@ class ChunkedLogprobs(torch.autograd.Function):
                 if need_h:
                     grad_h[start:end] = grad @ weight
                 if need_w:
-                    grad_w += (grad.t() @ h_chunk).float()
+                    grad_w = _accumulate_float32(grad_w, grad.t(), h_chunk)
                 del grad
         if need_w:
             grad_w = grad_w.to(weight.dtype)

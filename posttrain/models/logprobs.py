@@ -30,6 +30,7 @@ import torch
 from posttrain.algorithms import entropy_from_logits
 from posttrain.models.chunked_logprobs import chunked_logprobs
 from posttrain.distributed.fsdp import forward_through_root
+from posttrain.models.packed_attention import VARLEN_NAME, varlen_kwargs
 
 logger = logging.getLogger("posttrain.models")
 
@@ -57,6 +58,10 @@ class TokenBatch:
     response_mask: torch.Tensor
     response_starts: torch.Tensor | None = None  # packed: (B,) column of each sample's first response token
     sample_rows: torch.Tensor | None = None  # packed: (B,) row holding each sample
+    # packed: transformers' flash-attention keywords (document boundaries), computed on the host
+    document_kwargs: dict | None = None
+    # prediction_index(), computed on the host when the batch is built (no device sync to find it)
+    index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def response_len(self) -> int:
@@ -70,6 +75,8 @@ class TokenBatch:
         """``(rows, cols)`` of every response token in the (B, R) layout, and ``(seq_rows, positions)``
         of the input position whose logits predict it (one before the token: response token r of
         sample b sits at its first response column + r)."""
+        if self.index is not None:
+            return self.index
         rows, cols = self.response_mask.nonzero(as_tuple=True)
         if self.response_starts is None:
             return rows, cols, rows, self.prompt_lens[rows] - 1 + cols
@@ -91,9 +98,28 @@ def make_token_batch(
         response_mask[i, : len(r)] = 1
     position_ids = torch.arange(L).expand(B, L).contiguous()
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    host = TokenBatch(input_ids, attention_mask, position_ids, prompt_lens, response_mask)
+    host.index = host.prediction_index()
+    return _to_device(host, device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting: a copy from
+    pageable memory would first wait for all queued GPU work, stalling the CPU once per tensor."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _to_device(batch: TokenBatch, device: torch.device | str) -> TokenBatch:
+    move = (lambda t: None if t is None else to_device(t, device))
     return TokenBatch(
-        input_ids.to(device), attention_mask.to(device), position_ids.to(device), prompt_lens.to(device),
-        response_mask.to(device),
+        move(batch.input_ids), move(batch.attention_mask), move(batch.position_ids), move(batch.prompt_lens),
+        move(batch.response_mask), move(batch.response_starts), move(batch.sample_rows),
+        None if batch.document_kwargs is None else {k: move(v) if isinstance(v, torch.Tensor) else v
+                                                     for k, v in batch.document_kwargs.items()},
+        None if batch.index is None else tuple(move(t) for t in batch.index),
     )
 
 
@@ -124,11 +150,22 @@ def make_packed_token_batch(
     response_mask = torch.zeros((len(prompts), R), dtype=torch.float32)
     for i, r in enumerate(responses):
         response_mask[i, : len(r)] = 1
-    return TokenBatch(
-        input_ids.to(device), None, position_ids.to(device),
-        torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device), response_mask.to(device),
-        response_starts.to(device), sample_rows.to(device),
-    )
+    host = TokenBatch(input_ids, None, position_ids, torch.tensor([len(p) for p in prompts], dtype=torch.long),
+                      response_mask, response_starts, sample_rows, varlen_kwargs(position_ids))
+    host.index = host.prediction_index()
+    return _to_device(host, device)
+
+
+# attn_implementations that read the document boundaries of a packed batch from keywords.
+_BOUNDARY_KEYWORD_ATTENTION = {VARLEN_NAME, "flash_attention_2", "flash_attention_3"}
+
+
+def _document_kwargs(model: torch.nn.Module, batch: TokenBatch) -> dict:
+    """The packed batch's document boundaries for kernels that take them, else nothing."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if batch.document_kwargs is None or implementation not in _BOUNDARY_KEYWORD_ATTENTION:
+        return {}
+    return batch.document_kwargs
 
 
 def response_logprobs(
@@ -198,6 +235,7 @@ def _packed_response_logprobs(
         position_ids=batch.position_ids,
         logits_to_keep=keep,
         use_cache=False,
+        **_document_kwargs(model, batch),
     )
     logits = out.logits[seq_rows, column].float()  # (N, V)
     if temperature != 1.0 and temperature > 0:
@@ -257,6 +295,7 @@ def _chunked_response_logprobs(
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
+        **_document_kwargs(backbone, batch),
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H) or packed (1, T, H)
     # Only the positions that predict response tokens are computed; padded entries of the result are 0.

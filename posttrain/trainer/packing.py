@@ -27,6 +27,7 @@ import torch
 
 from posttrain.data.packing import balance_documents, group_rows, position_ids_isolate_documents
 from posttrain.distributed.balance import same_count_across_ranks
+from posttrain.models.packed_attention import FLEX_DEVICE_TYPES, VARLEN_DEVICE_TYPES, VARLEN_NAME, varlen_applies
 from posttrain.trainer.samples import Sample, chunks
 
 logger = logging.getLogger("posttrain.trainer")
@@ -50,7 +51,23 @@ def packs_samples(model: torch.nn.Module, micro_batch_tokens: int,
 
 
 # Attention implementations that skip (not just mask) attention between packed documents.
-SPARSE_PACKED_ATTENTION = {"sdpa_flex", "flex_attention", "flash_attention_2", "flash_attention_3"}
+SPARSE_PACKED_ATTENTION = {"sdpa_flex", "flex_attention", "flash_attention_2", "flash_attention_3", VARLEN_NAME}
+
+
+def skips_across_documents(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention skips, not just masks, attention between packed documents on
+    its device (sdpa_flex and sdpa_varlen are sdpa, a dense mask, off their GPU paths)."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in SPARSE_PACKED_ATTENTION:
+        return False
+    parameter = next(model.parameters(), None)
+    device_type = parameter.device.type if parameter is not None else "cpu"
+    if implementation == "sdpa_flex":
+        return device_type in FLEX_DEVICE_TYPES
+    if implementation == VARLEN_NAME:
+        return device_type in VARLEN_DEVICE_TYPES and varlen_applies(config)
+    return True
 
 
 def packed_row_tokens(model: torch.nn.Module, configured: int, samples: list[Sample]) -> int:
@@ -60,7 +77,7 @@ def packed_row_tokens(model: torch.nn.Module, configured: int, samples: list[Sam
     row, and rows that long cost no more attention than one padded row per sample would."""
     if configured > 0:
         return configured
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) in SPARSE_PACKED_ATTENTION:
+    if skips_across_documents(model):
         return 0
     return max(s.num_tokens for s in samples)
 

@@ -20,11 +20,15 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.distributed import all_reduce_sum, clip_grad_norm, get_world_size
 from posttrain.trainer.memory import compiled
 from posttrain.models import response_logprobs
-from posttrain.trainer.common import masked_mean
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
 from posttrain.trainer.samples import Sample, chunks, collate
 
 logger = logging.getLogger("posttrain.trainer")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """On the device (see the metric sums in policy_update)."""
+    return (values.detach().float() * mask).sum() / mask.sum().clamp(min=1)
 
 
 def policy_update(
@@ -62,8 +66,10 @@ def policy_update(
     )
     # REINFORCE++ puts the KL into the reward; it is then logged but not added to the loss again.
     kl_in_loss = not folds_kl_into_reward(get_advantage_estimator(algo.advantage))
-    sums: dict[str, float] = {}
-    num_tokens_total = 0.0
+    # Metrics are summed on the device and read once at the end: a read per micro-batch would make
+    # the CPU wait for each backward pass before it can queue the next micro-batch's work.
+    sums: dict[str, torch.Tensor] = {}
+    num_tokens_total = torch.zeros((), dtype=torch.float64, device=device)
     grad_norms, losses = [], []
     skipped = 0
     packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
@@ -79,7 +85,7 @@ def policy_update(
             trained = [s for s in mini_batch if s.trainable]
             num_tokens, num_sequences = all_reduce_sum([sum(s.num_loss_tokens for s in trained), len(trained)])
             num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
-            loss_total = 0.0
+            loss_total = torch.zeros((), dtype=torch.float64, device=device)
             optimizer.zero_grad(set_to_none=True)
             for micro_batch in split_micro_batches(mini_batch, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
                 batch = collate(micro_batch, pad_token_id, device, packed,
@@ -113,15 +119,16 @@ def policy_update(
                     num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
                 )
                 (loss * world_size).backward()
-                loss_total += loss.item()
+                loss_total += loss.detach()
                 # Token-weighted sums, so logged means do not depend on the micro-batch split.
-                micro_tokens = mask.sum().item()
+                micro_tokens = mask.sum().double()
                 num_tokens_total += micro_tokens
-                for name, value in {**pg_metrics, **{k: masked_mean(v, mask) for k, v in token_terms.items()}}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
+                for name, value in {**pg_metrics, **{k: _masked_mean(v, mask) for k, v in token_terms.items()}}.items():
+                    value = torch.as_tensor(value, device=device).detach().double()
+                    sums[name] = sums.get(name, 0.0) + value * micro_tokens
             max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
             grad_norm = clip_grad_norm(model.parameters(), max_norm)  # global over ranks: all skip or none
-            losses.append(all_reduce_sum([loss_total])[0])
+            losses.append(all_reduce_sum([float(loss_total)])[0])
             if math.isfinite(grad_norm):
                 grad_norms.append(grad_norm)
                 optimizer.step()
@@ -134,7 +141,8 @@ def policy_update(
         scheduler.step()  # fewer kept samples than rollout.batch_size: keep the schedule on the step clock
     optimizer.zero_grad(set_to_none=True)
     names = sorted(sums)  # the same names on every rank
-    num_tokens_total, *totals = all_reduce_sum([num_tokens_total, *(sums[k] for k in names)])
+    host_sums = torch.stack([num_tokens_total, *(sums[k] for k in names)]).tolist()  # the one read of them
+    num_tokens_total, *totals = all_reduce_sum(host_sums)
     sums = dict(zip(names, totals))
     denom = max(num_tokens_total, 1.0)
     out = {f"actor/{k}": v / denom for k, v in sums.items()}

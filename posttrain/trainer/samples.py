@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data.packing import pack_documents
-from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_token_batch
+from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_token_batch, to_device
 
 
 @dataclass
@@ -52,7 +52,7 @@ def pad_rows(rows: list[list[float]], width: int, device: torch.device | str) ->
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(device)
+    return to_device(out, device)
 
 
 def token_masks(samples: list[Sample], width: int) -> torch.Tensor:
@@ -87,9 +87,9 @@ def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str
 
 
 def _loss_mask(samples: list[Sample], response_mask: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    mask = response_mask * torch.tensor([[float(s.trainable)] for s in samples], device=device)
+    mask = response_mask * to_device(torch.tensor([[float(s.trainable)] for s in samples]), device)
     if any(s.response_mask is not None for s in samples):  # single-turn batches skip this: same tensors as before
-        mask = mask * token_masks(samples, mask.shape[1]).to(device)
+        mask = mask * to_device(token_masks(samples, mask.shape[1]), device)
     return mask
 
 

@@ -125,14 +125,24 @@ def test_token_budget_micro_batches_and_padded_fallback():
     assert split_micro_batches(samples, 4, 0, packed=False) == [samples[:4], samples[4:8], samples[8:]]
 
 
-def test_row_length_follows_the_attention_kernel():
+def test_row_length_follows_the_attention_kernel(monkeypatch):
+    from posttrain.models import packed_attention
+
     samples = _samples()
     longest = max(s.num_tokens for s in samples)
     model = make_tiny_llama(make_tokenizer())
+    model.config._attn_implementation = "sdpa"
     assert packed_row_tokens(model, 0, samples) == longest  # sdpa: dense over a row, so rows no longer than padded
     assert packed_row_tokens(model, 64, samples) == 64
-    model.config._attn_implementation = "sdpa_flex"
-    assert packed_row_tokens(model, 0, samples) == 0  # a block-sparse kernel: one row, no padding
+    for name, device_types in [("sdpa_flex", packed_attention.FLEX_DEVICE_TYPES),
+                               ("sdpa_varlen", packed_attention.VARLEN_DEVICE_TYPES)]:
+        model.config._attn_implementation = name
+        assert packed_row_tokens(model, 0, samples) == longest  # on CPU both are sdpa: dense rows
+        monkeypatch.setattr(packed_attention, "FLEX_DEVICE_TYPES" if name == "sdpa_flex" else "VARLEN_DEVICE_TYPES",
+                            device_types | {"cpu"})
+        monkeypatch.setattr("posttrain.trainer.packing." + ("FLEX_DEVICE_TYPES" if name == "sdpa_flex"
+                                                            else "VARLEN_DEVICE_TYPES"), device_types | {"cpu"})
+        assert packed_row_tokens(model, 0, samples) == 0  # a kernel that skips across documents: one row
     rows = collate(samples, 0, CPU, packed=True, row_tokens=longest).tokens.input_ids
     assert rows.shape[1] == longest and rows.shape[0] < len(samples)  # fewer rows than padding one per sample
 
