@@ -27,7 +27,8 @@ Variants (``--variants``, comma-separated):
   ``+nochunk`` (model.chunked_logprobs=0), ``+rowsN`` (trainer.packed_row_tokens=N: rows of at most N
   tokens; by default one row with sdpa_flex/flex, rows no longer than the longest completion with sdpa),
   ``+chunkN`` (model.chunked_logprobs=N: LM-head chunk of N tokens; 0 is the plain head),
-  ``+eagerchunks`` (the chunks' element-wise work eager instead of compiled).
+  ``+torchchunks`` (the chunks' element-wise work compiled by torch.compile instead of the Triton
+  kernels of posttrain/models/logit_kernels.py), ``+eagerchunks`` (that work eager, neither).
   ``--set KEY=VALUE`` adds any config override to all of them.
 
 Every variant runs in its own try/except (an error is printed and the next one runs), the CUDA cache
@@ -92,6 +93,7 @@ SUFFIXES = {
     "sdpa": ["model.attn_implementation=sdpa"],
     "padded": [],  # handled in run_variant
     "eagerchunks": [],  # handled in run_variant
+    "torchchunks": [],  # handled in run_variant
 }
 
 
@@ -213,6 +215,43 @@ def labelled_phases():
             setattr(policy, name, fn)
 
 
+def print_syncs(run_step, name: str) -> None:
+    """Runs one step with CUDA sync debugging on and prints where the host waited for the GPU
+    (each such wait idles the GPU until the host queues new work)."""
+    import warnings
+
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            place = f"{w.filename}:{w.lineno}"
+            counts[place] = counts.get(place, 0) + 1
+    print(f"# host-device syncs in one step of {name}: {sum(counts.values())}")
+    for place, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:5d}  {place}")
+
+
+def print_host_profile(run_step, name: str, rows: int) -> None:
+    """cProfile of one step: where the host's time goes (waits for the GPU show as the sync calls)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(run_step)
+    print(f"# host profile of one step of {name}: {time.perf_counter() - start:.3f} s wall (under cProfile)")
+    stats = pstats.Stats(profiler).sort_stats("tottime")
+    stats.print_stats(rows)
+    stats.print_callers("'item'")  # host reads of tensors: a sync when the tensor is on the GPU
+
+
 def print_gpu_gaps(profiler, rows: int) -> None:
     """Where the GPU sat idle: the kernel timeline's gaps, charged to the innermost labelled phase
     and CPU op (any thread, the autograd engine's included) running at each gap's middle, plus the
@@ -314,13 +353,19 @@ def run_variant(name: str, shape: str, steps: list[list[Sample]], args, device: 
             cfg.rollout.batch_size = cfg.trainer.mini_batch_size = len(samples)  # one optimizer step per step
             policy_update(model, optimizer, scheduler, samples, cfg, 0, device, autocast)
 
-    compile_devices = chunked_logprobs.COMPILE_DEVICE_TYPES
+    compile_devices, kernel_devices = chunked_logprobs.COMPILE_DEVICE_TYPES, dict(chunked_logprobs._KERNELS_OK)
     if "eagerchunks" in suffixes:
         chunked_logprobs.COMPILE_DEVICE_TYPES = set()
+    if "eagerchunks" in suffixes or "torchchunks" in suffixes:
+        chunked_logprobs._KERNELS_OK.clear()
     try:
         for samples in steps[: args.warmup]:
             step(samples)
         sync()
+        if args.find_syncs and device.type == "cuda":
+            print_syncs(lambda: step(steps[args.warmup]), name)
+        if args.host_profile:
+            print_host_profile(lambda: (step(steps[args.warmup]), sync()), name, args.host_profile)
         profiler = profile_context(args.profile, device)
         start = time.perf_counter()
         with profiler, (labelled_phases() if args.profile else contextlib.nullcontext()):
@@ -332,6 +377,7 @@ def run_variant(name: str, shape: str, steps: list[list[Sample]], args, device: 
             print_profile(profiler, device, name, args.profile)
     finally:
         chunked_logprobs.COMPILE_DEVICE_TYPES = compile_devices
+        chunked_logprobs._KERNELS_OK.update(kernel_devices)
     tokens = sum(s.num_tokens for samples in steps[args.warmup:] for s in samples)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     # A model whose attention ignored the position-id restarts would have trained on padded rows.
@@ -368,6 +414,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds; variants that would start later are skipped (a started one may take minutes)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="profile the timed steps and print the ROWS most expensive ops per variant")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="ROWS",
+                        help="before timing, print the ROWS costliest functions of one step under cProfile")
+    parser.add_argument("--find-syncs", action="store_true",
+                        help="before timing, print where one step makes the host wait for the GPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every posttrain variant, e.g. --set trainer.compile_loss=true")
     args = parser.parse_args(argv)

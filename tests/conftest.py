@@ -2,8 +2,14 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Without a GPU, Triton kernels (posttrain/models/logit_kernels.py) run in Triton's interpreter when
+# Triton is installed. triton.jit makes that choice when a kernel is defined: before posttrain loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -20,11 +20,12 @@ autocast would for the LM head on the plain path, so the two paths agree); the s
 entropy and their gradients are float32. Gradients w.r.t. ``W`` and the bias are accumulated in
 float32 across chunks.
 
-The matmuls run in cuBLAS; the element-wise work on each chunk's logits (:func:`chunk_stats`,
+The matmuls run in cuBLAS. The element-wise work on each chunk's logits (:func:`chunk_stats`,
 :func:`chunk_logit_grad`: about ten memory-bound passes over ``(chunk, V)`` float32 when run
-eagerly, a large share of the update's time at a 150k vocabulary) is compiled with
-``torch.compile`` on a GPU into one or two fused passes, and falls back to eager with a warning if
-compiling fails.
+eagerly, a large share of the update's time at a 150k vocabulary) runs on a GPU in the one-pass
+Triton kernels of :mod:`posttrain.models.logit_kernels` (without an LM-head bias), else compiled
+with ``torch.compile``, else eagerly; a kernel or compiler failure logs a warning and falls back
+to the next of these, so training never stops for it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import logging
 
 import torch
 from torch import Tensor
+
+from posttrain.models import logit_kernels
 
 logger = logging.getLogger("posttrain.models")
 
@@ -106,6 +109,25 @@ def _chunk_fn(fn, device: torch.device):
     return run
 
 
+_KERNELS_OK = {"cuda": logit_kernels.AVAILABLE}  # device types that run logit_kernels (until one fails)
+
+
+def _run_kernel(device: torch.device, bias: Tensor | None, kernel, logits: Tensor, *args) -> bool:
+    """Runs ``kernel(logits, *args)`` where the Triton kernels apply (a GPU, no bias) and returns
+    True; False when they do not apply or failed to compile, and the caller takes the torch path
+    for this chunk (a failure to compile happens before the kernel has written anything)."""
+    if bias is not None or not _KERNELS_OK.get(device.type):
+        return False
+    try:
+        kernel(logits, *args)
+        return True
+    except Exception as exc:  # a Triton/driver problem must not stop training: same math in torch
+        logger.warning("model.chunked_logprobs: the Triton kernel %s failed (%s: %s); using torch from now on.",
+                       kernel.__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        _KERNELS_OK[device.type] = False
+        return False
+
+
 _FLOAT32_OUT_MATMUL = {"cuda": True}  # device types whose 16-bit matmuls can write float32 (until one fails)
 
 
@@ -136,9 +158,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         with torch.autocast(device_type=h.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                logprobs[start:end], lse[start:end], entropy[start:end] = stats(
-                    h[start:end] @ weight.t(), bias, targets[start:end], temperature, with_entropy
-                )
+                logits = h[start:end] @ weight.t()
+                out = logprobs[start:end], lse[start:end], entropy[start:end]
+                if not _run_kernel(h.device, bias, logit_kernels.chunk_stats, logits, targets[start:end],
+                                   temperature, with_entropy, out):
+                    out[0][:], out[1][:], out[2][:] = stats(logits, bias, targets[start:end], temperature, with_entropy)
+                del logits
         ctx.save_for_backward(h, weight, bias, targets, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -163,10 +188,11 @@ class ChunkedLogprobs(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 h_chunk = h[start:end]
-                grad, grad_sum = logit_grad(
-                    h_chunk @ weight.t(), bias, targets[start:end], lse[start:end], entropy[start:end],
-                    grad_logprobs[start:end], grad_entropy[start:end] if use_entropy else None, temperature, h.dtype,
-                )
+                grad, grad_sum = h_chunk @ weight.t(), None
+                chunk_args = (targets[start:end], lse[start:end], entropy[start:end], grad_logprobs[start:end],
+                              grad_entropy[start:end] if use_entropy else None, temperature)
+                if not _run_kernel(h.device, bias, logit_kernels.chunk_logit_grad_, grad, *chunk_args):
+                    grad, grad_sum = logit_grad(grad, bias, *chunk_args[:-1], temperature, h.dtype)
                 if need_b:
                     grad_b += grad_sum
                 if need_h:

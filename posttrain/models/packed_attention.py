@@ -27,14 +27,23 @@ anything else, generation included, is sdpa. The callers that build packed batch
 boundaries as transformers' flash-attention keywords (``cu_seq_lens_q`` ..., see
 :func:`varlen_kwargs`); without them they are derived from the position ids.
 
-Importing this module registers both names (posttrain.models does).
+transformers finds packed documents itself, from the position ids, in every forward pass that has
+no attention mask (``masking_utils.find_packed_sequence_indices``), and that check reads a GPU
+value: the host waits for all queued work before each micro-batch's forward. Packed batches
+therefore compute the same document ids on the host, and while the model runs on one
+(:func:`known_documents`) transformers gets those for its position ids without a sync.
+
+Importing this module registers both names and that hook (posttrain.models does).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import transformers.masking_utils
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
@@ -137,6 +146,41 @@ def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
     cu_seqlens = torch.cat([starts.new_zeros(1), ends]).to(torch.int32)
     return cu_seqlens, int((ends - starts).max())
+
+
+_find_packed_sequence_indices = getattr(transformers.masking_utils, "find_packed_sequence_indices", None)
+_known_documents: tuple[torch.Tensor, torch.Tensor] | None = None  # (position_ids, their document ids)
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """transformers' document ids of packed rows (None: one document per row, or a transformers
+    without them), computed where ``position_ids`` are: on the host, no sync."""
+    return None if _find_packed_sequence_indices is None else _find_packed_sequence_indices(position_ids)
+
+
+def _find_known_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
+    if _known_documents is not None and position_ids is _known_documents[0]:
+        return _known_documents[1]
+    return _find_packed_sequence_indices(position_ids)
+
+
+@contextlib.contextmanager
+def known_documents(position_ids: torch.Tensor, ids: torch.Tensor | None) -> Iterator[None]:
+    """While a forward pass runs on ``position_ids`` (the very tensor), transformers takes ``ids``
+    (from :func:`document_ids` on the host, moved to their device) as their document ids instead
+    of finding them with a device sync. ``ids`` None changes nothing."""
+    global _known_documents
+    previous = _known_documents
+    if ids is not None:
+        _known_documents = (position_ids, ids)
+    try:
+        yield
+    finally:
+        _known_documents = previous
+
+
+if _find_packed_sequence_indices is not None:
+    transformers.masking_utils.find_packed_sequence_indices = _find_known_packed_sequence_indices
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from posttrain.trainer.dpo_reference import (
     save_reference,
 )
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
+from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 from posttrain.trainer.samples import chunks
 
 logger = logging.getLogger("posttrain.trainer")
@@ -212,13 +212,10 @@ def preference_update(
         for name, values in {"loss": losses.detach(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(values.float().sum())
     max_norm = cfg.trainer.max_grad_norm if cfg.trainer.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    grad_norm = float(clip_and_step(optimizer, model.parameters(), max_norm))
     skipped = not math.isfinite(grad_norm)
     if skipped:
-        # A NaN/inf gradient would poison the weights for good: drop this update instead.
         logger.warning("non-finite gradient norm; optimizer step skipped")
-    else:
-        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     out = {name: total / len(pairs) for name, total in sums.items()}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from posttrain.config.schema import TrainerConfig
+from posttrain.distributed import clip_grad_norm
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
@@ -22,6 +24,31 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.A
         weight_decay=cfg.weight_decay,
         fused=fused,
     )
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float) -> torch.Tensor:
+    """Clips the gradients to a global norm of ``max_norm`` and takes the optimizer step, unless
+    their norm is not finite (a NaN/inf gradient would poison the weights for good). Returns the
+    norm before clipping, a 0-d tensor; the caller reads it when it needs the value.
+
+    With a fused AdamW and unsharded gradients the host does not wait for the backward pass here:
+    the norm stays on the device, and the fused kernel skips the whole update (moments and step
+    count included) when it is not finite, through the ``found_inf`` input AMP's GradScaler uses.
+    Otherwise (for-each AdamW, FSDP's sharded gradients) the norm is read on the host, global over
+    ranks, and the step skipped there."""
+    params = [p for p in parameters if p.grad is not None]
+    if getattr(optimizer, "defaults", {}).get("fused") and not any(isinstance(p.grad, DTensor) for p in params):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.found_inf = (~norm.isfinite()).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return norm
+    norm = clip_grad_norm(params, max_norm)
+    if math.isfinite(norm):
+        optimizer.step()
+    return torch.tensor(norm)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:

@@ -17,8 +17,9 @@ from posttrain.algorithms import (
     truncated_is_weights,
 )
 from posttrain.config.schema import GRPOConfig
-from posttrain.distributed import all_reduce_sum, clip_grad_norm, get_world_size
+from posttrain.distributed import all_reduce_sum, get_world_size
 from posttrain.trainer.memory import compiled
+from posttrain.trainer.optim import clip_and_step
 from posttrain.models import response_logprobs
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
 from posttrain.trainer.samples import Sample, chunks, collate
@@ -71,7 +72,6 @@ def policy_update(
     sums: dict[str, torch.Tensor] = {}
     num_tokens_total = torch.zeros((), dtype=torch.float64, device=device)
     grad_norms, losses = [], []
-    skipped = 0
     packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
     # N ranks: each holds 1/N of every mini-batch (its own prompt groups). The loss normalisers are
     # the mini-batch's global counts, and FSDP averages gradients over ranks, so each rank's loss is
@@ -80,74 +80,81 @@ def policy_update(
     if trainer.compile_loss:
         policy_loss = compiled(policy_loss)
     model.train()
-    for _ in range(algo.ppo_epochs):
-        for mini_batch in chunks(samples, trainer.mini_batch_size // world_size):
-            trained = [s for s in mini_batch if s.trainable]
-            num_tokens, num_sequences = all_reduce_sum([sum(s.num_loss_tokens for s in trained), len(trained)])
-            num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
-            loss_total = torch.zeros((), dtype=torch.float64, device=device)
-            optimizer.zero_grad(set_to_none=True)
-            for micro_batch in split_micro_batches(mini_batch, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
-                batch = collate(micro_batch, pad_token_id, device, packed,
-                                packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
-                mask = batch.loss_mask
-                with autocast():
-                    logprobs, entropy = response_logprobs(
-                        model, batch.tokens, temperature=cfg.rollout.temperature,
-                        with_entropy=True, entropy_grad=algo.entropy_coef > 0,
-                        chunk_size=cfg.model.chunked_logprobs,
-                    )
-                per_token, pg_metrics = policy_loss(
-                    logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
+    mini_batches = [(mini_batch, split_micro_batches(mini_batch, trainer.micro_batch_size, trainer.micro_batch_tokens, packed))
+                    for _ in range(algo.ppo_epochs) for mini_batch in chunks(samples, trainer.mini_batch_size // world_size)]
+    # Collated one ahead, after the current micro-batch's work is queued: the host builds the next
+    # batch while the GPU runs, also across the gradient-norm sync that ends each mini-batch.
+    collated = (collate(micro_batch, pad_token_id, device, packed,
+                        packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
+                for _, micro_batches in mini_batches for micro_batch in micro_batches)
+    next_batch = next(collated)
+    for mini_batch, micro_batches in mini_batches:
+        trained = [s for s in mini_batch if s.trainable]
+        num_tokens, num_sequences = all_reduce_sum([sum(s.num_loss_tokens for s in trained), len(trained)])
+        num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in micro_batches:
+            batch = next_batch
+            mask = batch.loss_mask
+            with autocast():
+                logprobs, entropy = response_logprobs(
+                    model, batch.tokens, temperature=cfg.rollout.temperature,
+                    with_entropy=True, entropy_grad=algo.entropy_coef > 0,
+                    chunk_size=cfg.model.chunked_logprobs,
                 )
-                token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
-                if batch.rollout_logprobs is not None:
-                    token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
-                    if algo.is_correction_cap > 0:
-                        is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
-                        per_token = per_token * is_weights
-                        token_terms["is_weight"] = is_weights
-                if batch.ref_logprobs is not None:
-                    kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
-                    if kl_in_loss:
-                        per_token = per_token + algo.kl_coef * kl
-                    token_terms["kl"] = kl
-                if algo.entropy_coef > 0:
-                    per_token = per_token - algo.entropy_coef * entropy
-                loss = aggregate_loss(
-                    per_token, mask, algo.loss_agg_mode,
-                    num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
-                )
-                (loss * world_size).backward()
-                loss_total += loss.detach()
-                # Token-weighted sums, so logged means do not depend on the micro-batch split.
-                micro_tokens = mask.sum().double()
-                num_tokens_total += micro_tokens
-                for name, value in {**pg_metrics, **{k: _masked_mean(v, mask) for k, v in token_terms.items()}}.items():
-                    value = torch.as_tensor(value, device=device).detach().double()
-                    sums[name] = sums.get(name, 0.0) + value * micro_tokens
-            max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
-            grad_norm = clip_grad_norm(model.parameters(), max_norm)  # global over ranks: all skip or none
-            losses.append(all_reduce_sum([float(loss_total)])[0])
-            if math.isfinite(grad_norm):
-                grad_norms.append(grad_norm)
-                optimizer.step()
-            else:
-                # A NaN/inf gradient would poison the weights for good: drop this update instead.
-                skipped += 1
-                logger.warning("non-finite gradient norm; optimizer step skipped")
-            scheduler.step()
+            per_token, pg_metrics = policy_loss(
+                logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
+            )
+            token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
+            if batch.rollout_logprobs is not None:
+                token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
+                if algo.is_correction_cap > 0:
+                    is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
+                    per_token = per_token * is_weights
+                    token_terms["is_weight"] = is_weights
+            if batch.ref_logprobs is not None:
+                kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
+                if kl_in_loss:
+                    per_token = per_token + algo.kl_coef * kl
+                token_terms["kl"] = kl
+            if algo.entropy_coef > 0:
+                per_token = per_token - algo.entropy_coef * entropy
+            loss = aggregate_loss(
+                per_token, mask, algo.loss_agg_mode,
+                num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
+            )
+            (loss * world_size).backward()
+            loss_total += loss.detach()
+            # Token-weighted sums, so logged means do not depend on the micro-batch split.
+            micro_tokens = mask.sum().double()
+            num_tokens_total += micro_tokens
+            for name, value in {**pg_metrics, **{k: _masked_mean(v, mask) for k, v in token_terms.items()}}.items():
+                value = torch.as_tensor(value, device=device).detach().double()
+                sums[name] = sums.get(name, 0.0) + value * micro_tokens
+            next_batch = next(collated, None)
+        max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
+        # Global over ranks (all skip or none); read with the metrics at the end, not here.
+        grad_norms.append(clip_and_step(optimizer, model.parameters(), max_norm).to(device, torch.float64))
+        losses.append(loss_total)
+        scheduler.step()
     for _ in range(scheduler_steps - len(losses)):
         scheduler.step()  # fewer kept samples than rollout.batch_size: keep the schedule on the step clock
     optimizer.zero_grad(set_to_none=True)
     names = sorted(sums)  # the same names on every rank
-    host_sums = torch.stack([num_tokens_total, *(sums[k] for k in names)]).tolist()  # the one read of them
-    num_tokens_total, *totals = all_reduce_sum(host_sums)
+    # The one read of everything summed on the device: the host waits for the GPU only here.
+    host = torch.stack([num_tokens_total, *(sums[k] for k in names), *losses, *grad_norms]).tolist()
+    num_tokens_total, *totals = all_reduce_sum(host[: 1 + len(names) + len(losses)])
+    totals, losses, grad_norms = totals[: len(names)], totals[len(names):], host[1 + len(names) + len(losses):]
     sums = dict(zip(names, totals))
+    finite_norms = [norm for norm in grad_norms if math.isfinite(norm)]
+    skipped = len(grad_norms) - len(finite_norms)
+    for _ in range(skipped):
+        logger.warning("non-finite gradient norm; optimizer step skipped")
     denom = max(num_tokens_total, 1.0)
     out = {f"actor/{k}": v / denom for k, v in sums.items()}
     out["loss/policy"] = sum(losses) / len(losses)
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    out["grad_norm"] = sum(finite_norms) / len(finite_norms) if finite_norms else float("nan")
     out["actor/skipped_updates"] = float(skipped)
     if "actor/kl" in out:
         out["kl"] = out.pop("actor/kl")

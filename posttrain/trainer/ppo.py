@@ -54,7 +54,7 @@ from posttrain.trainer.rollouts import (
     timing_metrics,
 )
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
+from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
 from posttrain.trainer.validation import validate
 
@@ -348,11 +348,10 @@ def critic_update(
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + float(value) * micro_tokens
             max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), max_norm).item()
+            grad_norm = float(clip_and_step(optimizer, critic.parameters(), max_norm))
             losses.append(loss_total)
             if math.isfinite(grad_norm):
                 grad_norms.append(grad_norm)
-                optimizer.step()
             else:
                 logger.warning("non-finite critic gradient norm; critic optimizer step skipped")
             scheduler.step()

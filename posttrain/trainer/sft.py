@@ -37,7 +37,7 @@ from posttrain.models.loading import autocast_context
 from posttrain.models.lora import checkpoint_prefix
 from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
+from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 
 logger = logging.getLogger("posttrain.trainer")
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -188,12 +188,9 @@ def sft_update(
         (nll / num_loss_tokens).backward()  # the step's token count, not the micro-batch's
         nll_total += nll.item()
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    grad_norm = float(clip_and_step(optimizer, model.parameters(), max_norm))
     skipped = 0.0
-    if math.isfinite(grad_norm):
-        optimizer.step()
-    else:
-        # A NaN/inf gradient would poison the weights for good: drop this update instead.
+    if not math.isfinite(grad_norm):
         skipped = 1.0
         logger.warning("non-finite gradient norm; optimizer step skipped")
     scheduler.step()

@@ -170,3 +170,35 @@ def test_varlen_casts_autocast_float32_inputs_and_leaves_float32_passes_to_sdpa(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         response_logprobs(hybrid, batch, chunk_size=4)
     assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+
+
+def test_packed_batches_hand_transformers_their_document_ids_from_the_host(monkeypatch):
+    """transformers' own search for packed documents reads a device value (a sync per forward
+    pass); a packed batch brings the same ids, computed on the host, for its position ids."""
+    import transformers.masking_utils as masking_utils
+
+    model = make_tiny_llama(make_tokenizer()).eval()
+    batch = make_packed_token_batch(PROMPTS, RESPONSES, 0, rows=[[0, 2], [1]])
+    searched = []
+    original = packed_attention._find_packed_sequence_indices
+    monkeypatch.setattr(packed_attention, "_find_packed_sequence_indices",
+                        lambda position_ids: searched.append(position_ids) or original(position_ids))
+    assert masking_utils.find_packed_sequence_indices is packed_attention._find_known_packed_sequence_indices
+    torch.testing.assert_close(batch.document_ids, original(batch.position_ids))
+    assert batch.document_ids.tolist() == [[0] * 8 + [1] * 4, [0] * 7 + [1] * 5]  # padding: a document of its own
+    with torch.no_grad():
+        for chunk_size in (0, 4):
+            lp, _ = response_logprobs(model, batch, chunk_size=chunk_size)
+            assert searched == []  # not searched again
+            no_ids = copy.copy(batch)
+            no_ids.document_ids = None
+            lp_searched, _ = response_logprobs(model, no_ids, chunk_size=chunk_size)
+            assert len(searched) == 1 and searched.pop() is batch.position_ids
+            torch.testing.assert_close(lp, lp_searched, rtol=0, atol=0)
+    assert packed_attention._known_documents is None  # only while the forward pass runs
+    # Any other tensor is searched as before, even while a batch's ids are known.
+    other = batch.position_ids.clone()
+    with packed_attention.known_documents(batch.position_ids, batch.document_ids):
+        assert masking_utils.find_packed_sequence_indices(batch.position_ids) is batch.document_ids
+        torch.testing.assert_close(masking_utils.find_packed_sequence_indices(other), batch.document_ids)
+        assert searched == [other]

@@ -135,3 +135,27 @@ def test_truncated_is_correction_weights_the_policy_loss():
     assert weighted["actor/is_weight"] == pytest.approx(1.5)
     assert weighted["loss/policy"] == pytest.approx(1.5 * plain["loss/policy"], rel=1e-5)
     assert weighted["actor/rollout_logprob_diff"] == pytest.approx(math.log(2.0), rel=1e-5)
+
+
+def test_next_micro_batch_is_collated_before_the_gradient_norm_sync(monkeypatch):
+    """The host builds the next mini-batch's first micro-batch while the GPU finishes this one's
+    backward, not after the gradient-norm read that waits for it."""
+    import posttrain.trainer.policy as policy
+
+    events = []
+    real_collate, real_clip = policy.collate, policy.clip_and_step
+    monkeypatch.setattr(policy, "collate", lambda samples, *a: events.append(f"collate {len(samples)}") or
+                        real_collate(samples, *a))
+    monkeypatch.setattr(policy, "clip_and_step", lambda *a: events.append("clip") or real_clip(*a))
+    cfg = GRPOConfig()
+    cfg.rollout.batch_size, cfg.trainer.mini_batch_size, cfg.trainer.micro_batch_size = 8, 4, 2
+    cfg.trainer.micro_batch_tokens = 0
+    cfg.algorithm.ppo_epochs = 2
+    model = make_tiny_llama(make_tokenizer())
+    optimizer = build_optimizer(model, cfg.trainer)
+    policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 4), _samples(), cfg, 0,
+                  torch.device("cpu"), contextlib.nullcontext)
+    # 2 epochs x 2 mini-batches x 2 micro-batches, each collated one ahead of its use: before each
+    # gradient-norm sync but the last, the next mini-batch's first micro-batch is ready.
+    c = "collate 2"
+    assert events == [c, c, c, "clip", c, c, "clip", c, c, "clip", c, "clip"]
