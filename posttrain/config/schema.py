@@ -90,12 +90,14 @@ class ModelConfig:
         "(empty: $POSTTRAIN_CACHE or ~/.cache/posttrain).",
     )
     chunked_logprobs: int = opt(
-        1024,
+        4096,
         "Chunk size in tokens for computing logprobs and entropy from the final hidden states "
         "without holding the full (tokens x vocab) logits, forward or backward; 0 = off (the model's "
-        "own LM head over all response positions). Same results as 0 to float rounding. 1024 keeps a "
-        "chunk's float32 logits at 0.6 GB for a 150k vocabulary while each chunk's matmul is still "
-        "large enough to run at full speed. Models with logit soft-capping or scaling use the plain path.",
+        "own LM head over all response positions). Same results as 0 to float rounding. A chunk's "
+        "logits take chunk x vocab x 2 bytes in bf16 (1.2 GB at 4096 tokens and a 150k vocabulary; "
+        "float32 on CPU, twice that). Larger chunks run the LM head faster: 8192 gave 3 points more "
+        "MFU at 0.5B on an H100 for 1.2 GB more (docs/benchmarks.md). Models with logit soft-capping "
+        "or scaling use the plain path.",
     )
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft); off while r is 0. See docs/lora.md.")
 

@@ -16,8 +16,8 @@ with transformers that picks per forward pass:
 Both masks come from the same transformers mask function, so the results are those of either
 kernel alone.
 
-``sdpa_varlen`` does the same with flash attention's variable-length kernel
-(``torch.nn.attention.varlen``): a packed pass gets no mask at all, only the boundaries of its
+``sdpa_varlen`` does the same with flash attention's variable-length kernel (the aten op behind
+``torch.nn.attention.varlen``): a packed pass gets no mask at all, only the boundaries of its
 documents (cumulative lengths, from the position-id restarts), and the kernel attends within each
 document: no ``(T, T)`` mask is built and no block outside a document is visited. At 16k tokens of
 100-1024-token completions and the Qwen2.5-0.5B heads that is 0.7 ms per layer forward + backward
@@ -42,6 +42,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import transformers.masking_utils
 from torch.nn.attention.flex_attention import BlockMask
@@ -152,10 +153,16 @@ _find_packed_sequence_indices = getattr(transformers.masking_utils, "find_packed
 _known_documents: tuple[torch.Tensor, torch.Tensor] | None = None  # (position_ids, their document ids)
 
 
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """transformers' document ids of packed rows (None: one document per row, or a transformers
-    without them), computed where ``position_ids`` are: on the host, no sync."""
-    return None if _find_packed_sequence_indices is None else _find_packed_sequence_indices(position_ids)
+def document_ids(position_ids: np.ndarray | torch.Tensor) -> torch.Tensor | None:
+    """What transformers' ``find_packed_sequence_indices`` gives for these (host) position ids of
+    packed rows: per row, the index of each token's document (a new one wherever the position does
+    not go up by 1); None when every row is one document, or the transformers has no such search."""
+    if _find_packed_sequence_indices is None:
+        return None
+    position_ids = np.asarray(position_ids)
+    steps = np.diff(position_ids, axis=-1, prepend=position_ids[:, :1] - 1)
+    ids = np.cumsum(steps != 1, axis=-1)
+    return None if (ids[:, -1] == 0).all() else torch.from_numpy(ids)
 
 
 def _find_known_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -183,26 +190,36 @@ if _find_packed_sequence_indices is not None:
     transformers.masking_utils.find_packed_sequence_indices = _find_known_packed_sequence_indices
 
 
-def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
-    """transformers' flash-attention keywords for a packed batch, computed on the host from the
-    (CPU) position ids, so the forward pass needs no device sync to find the documents."""
-    cu_seqlens, longest = document_boundaries(position_ids.cpu())
+def varlen_kwargs(position_ids: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """transformers' flash-attention keywords for a packed batch, computed on the host from its
+    position ids (as :func:`document_boundaries` does on a device), so the forward pass needs no
+    device sync to find the documents."""
+    position_ids = np.asarray(position_ids)
+    starts = np.flatnonzero(position_ids.reshape(-1) == 0)
+    ends = np.append(starts[1:], position_ids.size)
+    cu_seqlens = torch.from_numpy(np.append(0, ends).astype(np.int32))
+    longest = int((ends - starts).max())
     return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
 
 
 def _varlen_kernel():
-    """``f(q, k, v, cu_seqlens, max_len) -> out``, all ``(tokens, heads, dim)``, causal within each
-    document; grouped-query heads are native to the kernel."""
-    try:
-        import inspect
+    """``f(q, k, v, cu_seqlens, max_len, scale) -> out``, all ``(tokens, heads, dim)``, causal within
+    each document; grouped-query heads are native to the kernel.
 
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch before 2.9: the aten op behind it (it has an autograd formula)
+    The aten flash op itself, which has a C++ autograd formula: the public ``varlen_attn`` wraps the
+    same op in a Python custom op whose dispatch costs about 0.2 ms of host time per call, forward
+    and backward, per layer and micro-batch, and the update is close to host-bound at 0.5B. The
+    public function is the fallback for a torch without the aten op."""
+    flash = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if flash is not None:
         def aten(q, k, v, cu_seqlens, max_len, scale):
-            return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True,
-                                                           False, scale=scale)[0]
+            return flash(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0]
 
         return aten
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
     params = inspect.signature(varlen_attn).parameters
     options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if "enable_gqa" in params:

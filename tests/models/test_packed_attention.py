@@ -103,7 +103,9 @@ def test_document_boundaries_of_packed_rows():
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]])
     cu_seqlens, longest = packed_attention.document_boundaries(position_ids)
     assert cu_seqlens.tolist() == [0, 3, 5, 6, 10, 11, 12] and cu_seqlens.dtype == torch.int32 and longest == 4
-    assert packed_attention.varlen_kwargs(position_ids)["max_length_q"] == 4
+    host = packed_attention.varlen_kwargs(position_ids.numpy())  # the same, in numpy on the host
+    assert host["cu_seq_lens_q"].tolist() == cu_seqlens.tolist() and host["cu_seq_lens_q"].dtype == torch.int32
+    assert host["max_length_q"] == 4
 
 
 def test_varlen_packed_pass_matches_padded_sdpa_forward_and_backward(varlen):
