@@ -24,7 +24,8 @@ Variants (``--variants``, comma-separated):
   ``+compile`` (trainer.compile_layers=true: torch.compile of each decoder layer), ``+bf16``
   (trainer.param_dtype=bfloat16), ``+ckpt`` (activation checkpointing), ``+compileloss``
   (trainer.compile_loss=true), ``+padded`` (trainer.micro_batch_tokens=0, micro_batch_size=--naive-rows),
-  ``+nochunk`` (model.chunked_logprobs=0), ``+rowsN`` (trainer.packed_row_tokens=N: rows of at most N
+  ``+nochunk`` (model.chunked_logprobs=0), ``+bf16logits`` (model.float32_logits=false),
+  ``+rowsN`` (trainer.packed_row_tokens=N: rows of at most N
   tokens; by default one row with sdpa_flex/flex, rows no longer than the longest completion with sdpa),
   ``+chunkN`` (model.chunked_logprobs=N: LM-head chunk of N tokens; 0 is the plain head),
   ``+torchchunks`` (the chunks' element-wise work compiled by torch.compile instead of the Triton
@@ -89,6 +90,7 @@ SUFFIXES = {
     "ckpt": ["model.gradient_checkpointing=true"],
     "compileloss": ["trainer.compile_loss=true"],
     "nochunk": ["model.chunked_logprobs=0"],
+    "bf16logits": ["model.float32_logits=false"],
     "compile": ["trainer.compile_layers=true"],
     "sdpa": ["model.attn_implementation=sdpa"],
     "padded": [],  # handled in run_variant

@@ -44,6 +44,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         compile: bool = True,
         cpu_dtype: torch.dtype = torch.float32,
+        float32_logits: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -57,7 +58,7 @@ class Engine:
         self.runner = ModelRunner(
             model, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             compute_dtype=compute_dtype, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            cpu_kv_cache_gb=cpu_kv_cache_gb, cuda_graphs=cuda_graphs, compile=compile,
+            cpu_kv_cache_gb=cpu_kv_cache_gb, cuda_graphs=cuda_graphs, compile=compile, float32_logits=float32_logits,
         )
         # CPU rollouts in bf16: generate() swaps the fp32 parameters for bf16 copies and back.
         self.cpu_bf16 = self.runner.device.type == "cpu" and cpu_dtype == torch.bfloat16

@@ -39,8 +39,9 @@ class ModelRunner:
         cpu_kv_cache_gb: float,
         cuda_graphs: bool,
         compile: bool = True,
+        float32_logits: bool = True,
     ) -> None:
-        self.decoder = PagedDecoder(model)
+        self.decoder = PagedDecoder(model, float32_logits=float32_logits)
         self.device = self.decoder.device
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs

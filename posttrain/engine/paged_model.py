@@ -19,9 +19,14 @@ from typing import Callable
 import torch
 
 from posttrain.engine.attention import AttentionMetadata, write_kv
+from posttrain.models.chunked_logprobs import matmul_float32_out
 from posttrain.errors import PosttrainError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+# Where the engine honours model.float32_logits. A CPU has no 16-bit matmul with a float32 output:
+# upcasting the head each step cost 40% of bf16 CPU rollout throughput (132 -> 81 tokens/s).
+FLOAT32_LOGITS_DEVICE_TYPES = {"cuda"}
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
@@ -34,7 +39,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class PagedDecoder:
     """Runs a causal LM's modules over flat token batches. Holds no weights of its own."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, *, float32_logits: bool = True) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
         config = base.config
         model_type = getattr(config, "model_type", None)
@@ -48,6 +53,8 @@ class PagedDecoder:
         self.config = config
         self.backbone = base.model
         self.lm_head = base.lm_head
+        # Float32 logits from a 16-bit head matmul, as the trainer computes them (model.float32_logits).
+        self.float32_logits = float32_logits and isinstance(self.lm_head, torch.nn.Linear)
         self.layers = list(self.backbone.layers)
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -117,7 +124,15 @@ class PagedDecoder:
         return self.backbone.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        if not self.float32_logits or hidden.device.type not in FLOAT32_LOGITS_DEVICE_TYPES:
+            return self.lm_head(hidden)
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else weight.dtype
+        if dtype == torch.float32:
+            return self.lm_head(hidden)
+        logits = matmul_float32_out(hidden.to(dtype), weight.to(dtype).t())
+        return logits if bias is None else logits + bias.to(dtype).float()
 
 
 def _before_attention(layer, hidden, cos, sin, head_dim: int, has_qk_norm: bool):

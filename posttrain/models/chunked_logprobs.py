@@ -16,8 +16,10 @@ With ``z = (h W^T + b) / T``, ``p = softmax(z)``, ``lp = z[y] - lse(z)`` and
 and ``d / d(h W^T + b) = (d / d z) / T``.
 
 The matmul runs in the dtype of ``h`` and ``W`` (the caller casts both to the autocast dtype, as
-autocast would for the LM head on the plain path, so the two paths agree); the softmax, logsumexp,
-entropy and their gradients are float32. Gradients w.r.t. ``W`` and the bias are accumulated in
+autocast would for the LM head on the plain path, so the two paths agree); with ``float32_logits``
+its output stays float32 instead of being rounded to that dtype, and the logits' gradient is
+written to a 16-bit buffer for the two backward matmuls. The softmax, logsumexp, entropy and their
+gradients are float32. Gradients w.r.t. ``W`` and the bias are accumulated in
 float32 across chunks.
 
 The matmuls run in cuBLAS. The element-wise work on each chunk's logits (:func:`chunk_stats`,
@@ -144,12 +146,27 @@ def _accumulate_float32(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return total.add_((a @ b).float())
 
 
+def matmul_float32_out(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` as float32, with 16-bit ``a`` and ``b`` multiplied as they are (the products and
+    their sum are float32 either way; only the output is not rounded back to 16 bits). On a GPU
+    this is the same cuBLAS matmul with a float32 output; elsewhere the operands are upcast."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    device_type = a.device.type
+    if _FLOAT32_OUT_MATMUL.get(device_type):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FLOAT32_OUT_MATMUL[device_type] = False
+    return a.float() @ b.float()
+
+
 class ChunkedLogprobs(torch.autograd.Function):
-    """``apply(h, weight, bias, targets, temperature, chunk_size, with_entropy)`` ->
+    """``apply(h, weight, bias, targets, temperature, chunk_size, with_entropy, float32_logits)`` ->
     ``(logprobs (N,), entropy (N,))`` float32; entropy is zeros when ``with_entropy`` is False."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, temperature, chunk_size, with_entropy):
+    def forward(ctx, h, weight, bias, targets, temperature, chunk_size, with_entropy, float32_logits):
         n = h.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(logprobs)
@@ -158,7 +175,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         with torch.autocast(device_type=h.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                logits = h[start:end] @ weight.t()
+                logits = _chunk_logits(h[start:end], weight, float32_logits)
                 out = logprobs[start:end], lse[start:end], entropy[start:end]
                 if not _run_kernel(h.device, bias, logit_kernels.chunk_stats, logits, targets[start:end],
                                    temperature, with_entropy, out):
@@ -168,6 +185,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.with_entropy = with_entropy
+        ctx.float32_logits = float32_logits
         ctx.set_materialize_grads(False)  # an unused (e.g. detached) entropy gets None, not zeros
         return logprobs, entropy
 
@@ -188,11 +206,15 @@ class ChunkedLogprobs(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
                 h_chunk = h[start:end]
-                grad, grad_sum = h_chunk @ weight.t(), None
+                logits, grad_sum = _chunk_logits(h_chunk, weight, ctx.float32_logits), None
                 chunk_args = (targets[start:end], lse[start:end], entropy[start:end], grad_logprobs[start:end],
                               grad_entropy[start:end] if use_entropy else None, temperature)
-                if not _run_kernel(h.device, bias, logit_kernels.chunk_logit_grad_, grad, *chunk_args):
-                    grad, grad_sum = logit_grad(grad, bias, *chunk_args[:-1], temperature, h.dtype)
+                # The gradient goes into the logits' memory, or, when those are float32 for 16-bit
+                # weights, into a 16-bit buffer for the matmuls below.
+                grad = logits if logits.dtype == h.dtype else torch.empty_like(logits, dtype=h.dtype)
+                if not _run_kernel(h.device, bias, logit_kernels.chunk_logit_grad_, logits, *chunk_args, grad):
+                    grad, grad_sum = logit_grad(logits, bias, *chunk_args[:-1], temperature, h.dtype)
+                del logits
                 if need_b:
                     grad_b += grad_sum
                 if need_h:
@@ -204,7 +226,11 @@ class ChunkedLogprobs(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _chunk_logits(h_chunk: Tensor, weight: Tensor, float32_logits: bool) -> Tensor:
+    return matmul_float32_out(h_chunk, weight.t()) if float32_logits else h_chunk @ weight.t()
 
 
 def chunked_logprobs(
@@ -216,6 +242,7 @@ def chunked_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
+    float32_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logprobs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -226,6 +253,8 @@ def chunked_logprobs(
         temperature: divides the logits (values <= 0 are treated as 1, as on the plain path).
         chunk_size: tokens per chunk; at most ``(chunk_size, V)`` logits exist at a time.
         with_entropy: also return the per-token entropy of that distribution.
+        float32_logits: keep the matmul's output in float32 when it runs in 16 bits, instead of
+            rounding the logits to 16 bits (``model.float32_logits``; see the config's doc).
 
     Returns:
         ``(N,)`` float32 logprobs and ``(N,)`` float32 entropies (None unless ``with_entropy``),
@@ -246,6 +275,6 @@ def chunked_logprobs(
     if bias is not None:
         bias = bias.to(dtype)
     logprobs, entropy = ChunkedLogprobs.apply(
-        hidden, weight, bias, targets, float(temperature), int(chunk_size), bool(with_entropy)
+        hidden, weight, bias, targets, float(temperature), int(chunk_size), bool(with_entropy), bool(float32_logits)
     )
     return logprobs, (entropy if with_entropy else None)

@@ -71,10 +71,12 @@ if AVAILABLE:
             tl.store(entropy_ptr + row, log_s - t / s)
 
     @triton.jit
-    def _grad_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
-                     n_cols, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    def _grad_kernel(logits_ptr, row_stride, out_ptr, out_row_stride, targets_ptr, lse_ptr, entropy_ptr,
+                     grad_logprob_ptr, grad_entropy_ptr, n_cols, inv_temp, WITH_ENTROPY: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * row_stride
+        out_base = out_ptr + row * out_row_stride
         offsets = tl.arange(0, BLOCK_SIZE)
         lse = tl.load(lse_ptr + row)
         g = tl.load(grad_logprob_ptr + row)
@@ -91,7 +93,8 @@ if AVAILABLE:
             if WITH_ENTROPY:
                 grad -= g_entropy * p * (log_p + entropy)
             grad = tl.where(cols == target, grad + g, grad) * inv_temp
-            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            # Each block is read before it is written, so out may be the logits themselves.
+            tl.store(out_base + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(logits: Tensor) -> None:
@@ -114,14 +117,17 @@ def chunk_stats(logits: Tensor, targets: Tensor, temperature: float, with_entrop
 
 
 def chunk_logit_grad_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logprobs: Tensor,
-                      grad_entropy: Tensor | None, temperature: float) -> Tensor:
-    """Overwrites ``logits`` with the gradient w.r.t. them (in their dtype) and returns it. Same
-    values as :func:`posttrain.models.chunked_logprobs.chunk_logit_grad` without a bias."""
+                      grad_entropy: Tensor | None, temperature: float, out: Tensor | None = None) -> Tensor:
+    """Writes the gradient w.r.t. ``logits`` into ``out`` (in its dtype; default: overwrite
+    ``logits``) and returns it. Same values as
+    :func:`posttrain.models.chunked_logprobs.chunk_logit_grad` without a bias."""
     _check(logits)
+    out = logits if out is None else out
+    _check(out)
     with_entropy = grad_entropy is not None
     _grad_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), targets, lse, entropy, grad_logprobs.float().contiguous(),
+        logits, logits.stride(0), out, out.stride(0), targets, lse, entropy, grad_logprobs.float().contiguous(),
         grad_entropy.float().contiguous() if with_entropy else lse, logits.shape[1], 1.0 / temperature,
         WITH_ENTROPY=with_entropy, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
     )
-    return logits
+    return out

@@ -210,6 +210,7 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
     chunk_size: int = 0,
+    float32_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprobs (B, R) of the response tokens under ``softmax(logits / temperature)``, and
     optionally the per-token entropy (B, R) of that distribution (detached unless ``entropy_grad``).
@@ -218,14 +219,19 @@ def response_logprobs(
     never materialised a second time. Padded positions hold arbitrary values: mask them.
 
     ``chunk_size > 0`` computes the same values chunk by chunk from the backbone's hidden states
-    (see the module docstring); 0 runs the model's own LM head over all kept positions."""
-    if chunk_size > 0:
+    (see the module docstring); 0 runs the model's own LM head over all kept positions.
+
+    ``float32_logits`` keeps the LM head's output in float32 when its matmul runs in 16 bits
+    (``model.float32_logits``). It takes the chunked path, in one chunk when ``chunk_size`` is 0;
+    a model that cannot (see the module docstring) gets its own head's logits."""
+    if chunk_size > 0 or float32_logits:
         parts = _backbone_and_head(model)
         if parts is not None:
             # Through the root's forward: under FSDP that gathers the head's (tied) weight.
             return forward_through_root(
                 model, _chunked_response_logprobs, *parts, batch, temperature=temperature, with_entropy=with_entropy,
-                entropy_grad=entropy_grad, chunk_size=chunk_size,
+                entropy_grad=entropy_grad, chunk_size=chunk_size if chunk_size > 0 else 1 << 30,
+                float32_logits=float32_logits,
             )
     if batch.is_packed:
         return _packed_response_logprobs(model, batch, temperature=temperature, with_entropy=with_entropy,
@@ -323,6 +329,7 @@ def _chunked_response_logprobs(
     with_entropy: bool,
     entropy_grad: bool,
     chunk_size: int,
+    float32_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, R = batch.response_mask.shape
     with known_documents(batch.position_ids, batch.document_ids):
@@ -339,7 +346,7 @@ def _chunked_response_logprobs(
     targets = batch.input_ids[seq_rows, positions + 1]
     logprobs, entropy = chunked_logprobs(
         hidden[seq_rows, positions], head.weight, targets, bias=head.bias, temperature=temperature,
-        chunk_size=chunk_size, with_entropy=with_entropy,
+        chunk_size=chunk_size, with_entropy=with_entropy, float32_logits=float32_logits,
     )
     full_logprobs = logprobs.new_zeros(B, R).index_put((rows, cols), logprobs)
     full_entropy = None

@@ -74,5 +74,5 @@ def build_posttrain_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, com
         block_size=e.block_size, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
         kv_cache_memory_fraction=e.kv_cache_memory_fraction, cpu_kv_cache_gb=e.cpu_kv_cache_gb,
         cuda_graphs=e.cuda_graphs, enable_prefix_caching=e.enable_prefix_caching, compile=e.compile,
-        cpu_dtype=getattr(torch, e.cpu_dtype),
+        cpu_dtype=getattr(torch, e.cpu_dtype), float32_logits=cfg.model.float32_logits,
     )

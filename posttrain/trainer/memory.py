@@ -4,12 +4,15 @@ when the model loads, posttrain/models/loading.py); fused AdamW is in optim.py."
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
 from posttrain.distributed import is_distributed, shard_model
 from posttrain.distributed.fsdp import decoder_layers
+
+logger = logging.getLogger("posttrain.trainer")
 
 _compiled: dict[Callable, Callable] = {}
 
@@ -29,6 +32,7 @@ def prepare_for_training(
     Also for the frozen reference (or a critic), so that it is sharded the same way."""
     if trainer_cfg.param_dtype == "bfloat16":
         model.to(torch.bfloat16)
+        _warn_if_updates_round_away(model, trainer_cfg.lr)
     if trainer_cfg.compile_layers and device.type == "cuda":
         # Regional compilation: one graph for all layers (same code, same shapes), compiled in seconds;
         # dynamic, since every packed micro-batch has another token count. Layers only: masks, the
@@ -39,3 +43,29 @@ def prepare_for_training(
     if is_distributed():
         shard_model(model, device, compute_dtype=compute_dtype, cpu_offload=trainer_cfg.fsdp_cpu_offload)
     return model
+
+
+def _warn_if_updates_round_away(model: torch.nn.Module, lr: float) -> None:
+    """An AdamW step moves a weight by about ``lr``; a bf16 weight ``w`` only changes when the step
+    exceeds half its spacing, about ``|w| * 2**-8``. Warns with the share of trained weights that
+    stay where they are. On SmolLM2 at the default lr 2e-5 that was most of them: GRPO accuracy
+    stayed near 14% over 30 steps with bf16 parameters and reached 41% by step 8 with float32 ones."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in trained)
+    if not total:
+        return
+    with torch.no_grad():
+        frozen = sum(int((p.detach().abs().float() * 2.0**-8 > lr).sum()) for p in trained)
+    if frozen / total > 0.1:
+        logger.warning(
+            "trainer.param_dtype=bfloat16: at trainer.lr=%g an AdamW step is smaller than half the bf16 "
+            "spacing of %.0f%% of the weights, so those weights never change and learning stalls. Use "
+            "trainer.param_dtype=float32 (the default: bf16 compute under autocast, float32 master "
+            "weights), or a learning rate of at least %.1e, where half of them move.", lr, 100 * frozen / total,
+            _median_abs(trained) * 2.0**-8,
+        )
+
+
+def _median_abs(params: list[torch.Tensor]) -> float:
+    sample = torch.cat([p.detach().reshape(-1)[:: max(1, p.numel() // 4096)].abs().float() for p in params])
+    return float(sample.median())

@@ -101,7 +101,7 @@ def policy_update(
                 logprobs, entropy = response_logprobs(
                     model, batch.tokens, temperature=cfg.rollout.temperature,
                     with_entropy=True, entropy_grad=algo.entropy_coef > 0,
-                    chunk_size=cfg.model.chunked_logprobs,
+                    chunk_size=cfg.model.chunked_logprobs, float32_logits=cfg.model.float32_logits,
                 )
             per_token, pg_metrics = policy_loss(
                 logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options

@@ -229,7 +229,8 @@ def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id
                         packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
         with autocast():
             logprobs, _ = response_logprobs(
-                model, batch.tokens, temperature=cfg.rollout.temperature, chunk_size=cfg.model.chunked_logprobs
+                model, batch.tokens, temperature=cfg.rollout.temperature, chunk_size=cfg.model.chunked_logprobs,
+                float32_logits=cfg.model.float32_logits,
             )
         logprobs = logprobs.float().cpu()
         out.update((id(s), logprobs[i, : len(s.response_ids)].tolist()) for i, s in enumerate(micro_batch))

@@ -26,6 +26,20 @@ def _train_step(cfg: GRPOConfig):
     return model, optimizer, metrics
 
 
+def test_bf16_parameters_warn_when_the_learning_rate_rounds_away(caplog):
+    cfg = make_config()
+    cfg.trainer.param_dtype = "bfloat16"
+    cfg.trainer.lr = 2e-5
+    with caplog.at_level("WARNING", logger="posttrain.trainer"):
+        prepare_for_training(make_tiny_llama(make_tokenizer()), cfg.trainer, torch.device("cpu"), torch.float32)
+    assert "learning stalls" in caplog.text and "trainer.lr=2e-05" in caplog.text
+    caplog.clear()
+    cfg.trainer.lr = 1e-2
+    with caplog.at_level("WARNING", logger="posttrain.trainer"):
+        prepare_for_training(make_tiny_llama(make_tokenizer()), cfg.trainer, torch.device("cpu"), torch.float32)
+    assert "learning stalls" not in caplog.text
+
+
 def test_bf16_parameters_train_and_keep_bf16_optimizer_states():
     cfg = make_config()
     cfg.trainer.param_dtype = "bfloat16"

@@ -222,3 +222,27 @@ def test_a_kv_budget_too_small_for_one_sequence_names_the_setting():
     model = _tiny("llama", tok)
     with pytest.raises(PosttrainError, match="cpu_kv_cache_gb"):
         Engine(model, tok, max_model_len=4096, block_size=4, cpu_kv_cache_gb=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_float32_logits_from_a_16bit_head(family, monkeypatch):
+    """model.float32_logits: the head's bf16 operands multiplied and summed in float32, not rounded
+    back to bf16 (as the trainer's chunked logprobs compute them); off, the head's own output.
+    The engine does this on GPUs only; the math is checked here on the CPU."""
+    from posttrain.engine import paged_model
+    from posttrain.engine.paged_model import PagedDecoder
+
+    monkeypatch.setattr(paged_model, "FLOAT32_LOGITS_DEVICE_TYPES", {"cuda", "cpu"})
+    tok = make_tokenizer()
+    model = _tiny(family, tok).to(torch.bfloat16)
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(len(tok)).bfloat16()) if family == "qwen2" else None
+    hidden = (torch.randn(5, model.config.hidden_size) * 4).bfloat16()
+    head = model.lm_head
+    want = hidden.float() @ head.weight.float().t() + (head.bias.float() if head.bias is not None else 0.0)
+    got = PagedDecoder(model).logits(hidden)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    rounded = PagedDecoder(model, float32_logits=False).logits(hidden)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, head(hidden))
+    monkeypatch.setattr(paged_model, "FLOAT32_LOGITS_DEVICE_TYPES", {"cuda"})
+    assert torch.equal(PagedDecoder(model).logits(hidden), head(hidden))  # CPU rollouts: the head's own

@@ -216,3 +216,50 @@ def test_failed_compile_falls_back_to_eager(monkeypatch, caplog):
     torch.testing.assert_close(got, expected)
     assert "compiling chunk_stats failed (RuntimeError: no compiler here)" in caplog.text
     assert "compiling chunk_logit_grad failed" in caplog.text
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_float32_logits_match_float32_math_on_16bit_operands(use_bias):
+    """float32_logits: the 16-bit operands' exact products summed and kept in float32, forward and
+    backward; without it the logits are rounded to bf16 first, which this data makes visible."""
+    torch.manual_seed(0)
+    N, H, V = 9, 16, 37
+    h = (torch.randn(N, H) * 3).bfloat16()
+    w = torch.randn(V, H).bfloat16()
+    b = torch.randn(V).bfloat16() if use_bias else None
+    y = torch.randint(0, V, (N,))
+    g1, g2 = torch.randn(N), torch.randn(N)
+
+    def run(fn):
+        params = [t.clone().requires_grad_() for t in (h, w) + ((b,) if use_bias else ())]
+        lp, ent = fn(*params)
+        grads = torch.autograd.grad((lp * g1).sum() + (ent * g2).sum(), params)
+        return lp.detach(), ent.detach(), grads
+
+    def reference(hh, ww, bb=None):
+        logits = hh.float() @ ww.float().t() + (bb.float() if bb is not None else 0.0)
+        logp = (logits / 0.9).log_softmax(-1)
+        return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    def chunked(hh, ww, bb=None, **kw):
+        return chunked_logprobs(hh, ww, y, bias=bb, temperature=0.9, chunk_size=4, with_entropy=True, **kw)
+
+    lp_ref, ent_ref, grads_ref = run(reference)
+    lp, ent, grads = run(lambda *p: chunked(*p, float32_logits=True))
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):  # bf16, as the weights: the logit gradient is rounded once
+        assert got.dtype == torch.bfloat16
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2 * scale)
+    lp_rounded, _, _ = run(lambda *p: chunked(*p))
+    assert (lp_rounded - lp_ref).abs().max() > 1e-3  # |logits| ~ 12 here: bf16 steps of 1/16
+
+
+def test_response_logprobs_float32_logits_without_chunking_takes_one_chunk():
+    model, batch = _setup()
+    mask = batch.response_mask.bool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp_one, _ = response_logprobs(model, batch, chunk_size=0, float32_logits=True)
+        lp_chunked, _ = response_logprobs(model, batch, chunk_size=3, float32_logits=True)
+    torch.testing.assert_close(lp_one[mask], lp_chunked[mask])

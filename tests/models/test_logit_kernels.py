@@ -98,3 +98,20 @@ def test_kernels_skip_a_head_with_bias(monkeypatch):
     h, w, b = torch.randn(3, 4), torch.randn(10, 4), torch.randn(10)
     chunked_logprobs(h, w, torch.tensor([1, 2, 3]), bias=b, chunk_size=2)
     assert calls == []
+
+
+def test_grad_kernel_writes_a_separate_16bit_buffer(kernels):
+    """float32 logits, bf16 gradient (model.float32_logits): the kernel reads one, writes the other."""
+    torch.manual_seed(2)
+    n, vocab = 5, logit_kernels.BLOCK + 77
+    logits = torch.randn(n, vocab, device=kernels) * 5
+    targets = torch.randint(0, vocab, (n,), device=kernels)
+    _, lse, entropy = chunk_stats(logits, None, targets, 1.0, True)
+    grad_lp, grad_entropy = torch.randn(n, device=kernels), torch.randn(n, device=kernels)
+    want, _ = chunk_logit_grad(logits, None, targets, lse, entropy, grad_lp, grad_entropy, 1.0, torch.bfloat16)
+    before = logits.clone()
+    out = torch.empty(n, vocab, device=kernels, dtype=torch.bfloat16)
+    got = logit_kernels.chunk_logit_grad_(logits, targets, lse, entropy, grad_lp, grad_entropy, 1.0, out)
+    assert got is out
+    torch.testing.assert_close(logits, before)  # the logits are left as they were
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-4)
