@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from posttrain.engine.attention import AttentionMetadata, write_kv
-from posttrain.models.chunked_logprobs import matmul_float32_out
 from posttrain.errors import PosttrainError
+from posttrain.models.chunked_logprobs import matmul_float32_out
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
