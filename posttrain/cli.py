@@ -1,5 +1,5 @@
-"""Command line: ``posttrain {grpo,ppo,sft,dpo} [--config FILE] [--print-config] [--resume [PATH]] [key=value ...]``,
-``posttrain merge``, ``posttrain serve`` and ``posttrain convert``."""
+"""Command line: ``posttrain {grpo,ppo,sft,dpo} [--config FILE] [--print-config] [--dry-run] [--resume [PATH]] [key=value ...]``,
+``posttrain merge``, ``posttrain serve``, ``posttrain convert``, ``posttrain report`` and ``posttrain view``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from posttrain import __version__
 from posttrain.config.loader import config_to_yaml, load_config
 from posttrain.config.reference import format_options_help
 from posttrain.config.commands import SCHEMAS
-from posttrain.errors import ConfigError, PosttrainError
+from posttrain.errors import (
+    EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, ConfigError, PosttrainError, describe_os_error,
+)
 
 EXAMPLES = {"grpo": """\
 examples:
@@ -25,6 +27,7 @@ examples:
   posttrain grpo data.task=prompts data.train_path=my.jsonl env.cls=my_pkg.envs.MyEnv
   posttrain grpo --resume runs/grpo-20261123-101500  # continue from its latest checkpoint
   posttrain grpo --print-config trainer.lr=1e-6     # show the resolved config and exit
+  posttrain grpo --dry-run rollout.batch_size=256   # estimate memory and step time; trains and writes nothing
 """, "sft": """\
 examples:
   posttrain sft data.train_path=chats.jsonl        # rows {"messages": [...]} or {"prompt": ..., "completion": ...}
@@ -47,6 +50,16 @@ examples:
   posttrain ppo critic.path=HuggingFaceTB/SmolLM2-360M-Instruct  # a larger critic than the policy
   posttrain ppo --resume runs/ppo-20261123-101500  # continue from its latest checkpoint
 """}
+
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}    success
+  {EXIT_RUNTIME}    runtime error (bad data, model or checkpoint files, disk full, ...): one line on stderr;
+       --debug shows the traceback
+  {EXIT_CONFIG}    invalid configuration or command line: nothing was started
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C): trainers save a checkpoint of the last whole step first
+"""
 
 
 # Command -> (one-line help, description, trainer entry point as "module:function"). A trainer
@@ -77,9 +90,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="posttrain", description="Reinforcement-learning post-training of language models."
+        prog="posttrain", description="Reinforcement-learning post-training of language models.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line (also accepted after COMMAND)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (short_help, description, _) in COMMANDS.items():
         sub = commands.add_parser(
@@ -94,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", "-c", metavar="FILE", help="YAML config file or preset name (see posttrain/config/presets)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
         sub.add_argument(
+            "--dry-run", action="store_true",
+            help="print the key settings, parameter counts, memory and KV-cache estimates, tokens per step and a "
+            "step time extrapolated from a short measurement on the device, with warnings; then exit without "
+            "training or writing anything (estimates are for a fresh run: --resume is not considered)",
+        )
+        sub.add_argument(
             "--resume", nargs="?", const="", default=None, metavar="PATH",
             help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir)",
         )
@@ -101,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(commands)
     _add_convert_parser(commands)
     _add_rollout_api_parser(commands)
+    _add_report_parsers(commands)
     return parser
 
 
@@ -131,7 +154,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Load a model and serve /v1/chat/completions, /v1/completions, /v1/models, /generate "
-        "(token ids in and out, for RL clients), /health, and SGLang-compatible weight-update endpoints "
+        "(token ids in and out, for RL clients), /health, /metrics (Prometheus), and SGLang-compatible weight-update endpoints "
         "(/init_weights_update_group, /update_weights_from_distributed, /update_weights_from_disk, ...; "
         "see docs/weight_sync.md). Needs the serve extra: pip install "
         "'posttrain[serve]'. See docs/server.md.",
@@ -172,6 +195,14 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens (default: 4096)")
     serve.add_argument("--default-max-tokens", type=int, default=256,
                        help="max_tokens when a request gives none (default: 256)")
+    serve.add_argument("--request-timeout-s", type=float, default=600.0,
+                       help="a generation request not answered by then gets 504 and is stopped (default: 600)")
+    serve.add_argument("--paused-wait-s", type=float, default=30.0,
+                       help="how long a request waits while generation is paused (/pause_generation) before "
+                       "503 with Retry-After (default: 30)")
+    serve.add_argument("--weight-sync-timeout-s", type=float, default=120.0,
+                       help="joining a trainer's weight-update group (/init_weights_update_group) gives up after "
+                       "this; generation goes on meanwhile (default: 120)")
     proxy = serve.add_argument_group("prompt proxy (no model is loaded; see docs/server.md)")
     proxy.add_argument("--proxy", default="", metavar="BASE_URL",
                        help="forward to this OpenAI-compatible backend, applying --prompt-config")
@@ -231,13 +262,9 @@ def _merge(args: argparse.Namespace) -> int:
     _setup_console_logging()
     from posttrain.models.lora import merge_adapter_checkpoint  # heavy imports only now
 
-    try:
-        output = merge_adapter_checkpoint(args.checkpoint, args.output, model_path=args.model_path, device=args.device)
-    except PosttrainError as exc:
-        print(f"posttrain: error: {exc}", file=sys.stderr)
-        return 1
+    output = merge_adapter_checkpoint(args.checkpoint, args.output, model_path=args.model_path, device=args.device)
     print(f"merged: {output}")
-    return 0
+    return EXIT_OK
 
 
 def _add_convert_parser(commands: argparse._SubParsersAction) -> None:
@@ -260,13 +287,57 @@ def _convert(args: argparse.Namespace) -> int:
     _setup_console_logging()
     from posttrain.checkpoint.sharded import convert_to_hf  # heavy imports only now
 
-    try:
-        output = convert_to_hf(args.source, args.output)
-    except PosttrainError as exc:
-        print(f"posttrain: error: {exc}", file=sys.stderr)
-        return 1
+    output = convert_to_hf(args.source, args.output)
     print(f"converted: {output}")
-    return 0
+    return EXIT_OK
+
+
+def _add_report_parsers(commands: argparse._SubParsersAction) -> None:
+    """``posttrain report`` and ``posttrain view``: look at run folders (docs/report.md)."""
+    report = commands.add_parser(
+        "report",
+        help="write an HTML report of one or more runs (plots, validation and rollout samples)",
+        description="Write one self-contained HTML page (and a PNG per plot) from run folders: reward, accuracy, "
+        "KL, entropy, response length, clip fraction, grad norm, timing, sync, staleness and more over steps "
+        "(several runs overlaid), the best and worst samples of each validation, and the rollout samples with "
+        "tokens coloured by engine/trainer logprob mismatch or entropy. Needs the report extra: "
+        "pip install 'posttrain[report]'. See docs/report.md.",
+        epilog="examples:\n  posttrain report runs/grpo-20261123-101500            # writes runs/grpo-.../report/report.html\n"
+        "  posttrain report runs/grpo-a runs/grpo-b --output compare/  # two runs overlaid\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (trainer.output_dir of a run)")
+    report.add_argument("--output", "-o", default="", metavar="DIR",
+                        help="folder for report.html and the PNGs (default: RUN_DIR/report for one run, "
+                        "./report for several)")
+    view = commands.add_parser(
+        "view",
+        help="show a run's rollout samples in the terminal, tokens coloured by mismatch or entropy",
+        description="Show the rollout samples of one step (samples.jsonl, written every logging.samples_every "
+        "steps): each GRPO group with its prompt, then its completions with reward, advantage and tokens "
+        "coloured by |trainer - rollout logprob| or by entropy. Plain text when not on a terminal. See docs/report.md.",
+        epilog="examples:\n  posttrain view runs/grpo-20261123-101500             # the last step with samples\n"
+        "  posttrain view runs/grpo-20261123-101500 --step 50 --color entropy\n"
+        "  posttrain view runs/grpo-20261123-101500 --html samples.html\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    view.add_argument("run_dir", metavar="RUN_DIR", help="a run folder")
+    view.add_argument("--step", type=int, default=None, help="the step to show (default: the last one with samples)")
+    view.add_argument("--color", "--colour", default="mismatch", choices=["mismatch", "entropy"],
+                      help="what the token colours show (default: mismatch)")
+    view.add_argument("--html", default="", metavar="OUT", help="write the view as a self-contained HTML file instead")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from posttrain.report.cli import report  # matplotlib only now
+
+    return report(args)
+
+
+def _view(args: argparse.Namespace) -> int:
+    from posttrain.report.cli import view
+
+    return view(args)
 
 
 def _leave_process_group() -> None:
@@ -277,6 +348,37 @@ def _leave_process_group() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure ends as one line on stderr and an exit code (EXIT_CODES_HELP)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (`posttrain --debug grpo` or `posttrain grpo ... --debug`): tracebacks instead of one line.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv, debug)
+    except KeyboardInterrupt:
+        # The trainer has said which step it checkpointed (none when interrupted during set-up).
+        print("posttrain: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"posttrain: {error_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_RUNTIME
+
+
+def error_line(exc: Exception) -> str:
+    """What the CLI prints for ``exc``: a PosttrainError's own message (written for users); for
+    anything else its type and first line, and how to see the traceback."""
+    if isinstance(exc, ConfigError):
+        return f"config error: {exc}"
+    if isinstance(exc, PosttrainError):
+        return f"error: {exc}"
+    text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)"
+
+
+def _run(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     # parse_known_args, so overrides may also follow an option: `grpo a=1 --config x b=2`.
     args, extra = parser.parse_known_args(argv)
@@ -285,9 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):
+        # `--resume trainer.lr=1e-4`: argparse took the override for --resume's optional PATH.
+        args.overrides, args.resume = [resume, *args.overrides], ""
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_CONFIG
     if args.command == "merge":
         return _merge(args)
     if args.command == "serve":
@@ -296,45 +402,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _convert(args)
     if args.command == "rollout-api":
         return _rollout_api(args)
-    try:
-        cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
-        resume = args.resume
-        if resume == "":
-            if not cfg.trainer.output_dir:
-                raise ConfigError("--resume without a PATH needs trainer.output_dir=<run folder> to find the latest checkpoint.")
-            resume = cfg.trainer.output_dir
-    except ConfigError as exc:
-        print(f"posttrain: config error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "report":
+        return _report(args)
+    if args.command == "view":
+        return _view(args)
+    cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
+    resume = args.resume
+    if resume == "":
+        if not cfg.trainer.output_dir:
+            raise ConfigError("--resume without a PATH needs trainer.output_dir=<run folder> to find the latest checkpoint.")
+        resume = cfg.trainer.output_dir
     if args.print_config:
         print(config_to_yaml(cfg), end="")
-        return 0
+        return EXIT_OK
     _setup_console_logging()
+    if args.dry_run:
+        from posttrain.trainer.dry_run import dry_run  # heavy imports only now
+
+        return dry_run(args.command, cfg)
     num_processes = getattr(cfg.trainer, "num_processes", 1)
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet a torchrun worker: start them
         from posttrain.distributed.launch import relaunch
 
-        return relaunch(num_processes, list(sys.argv[1:] if argv is None else argv), cfg.trainer.dist_timeout_s)
+        return relaunch(num_processes, argv + ["--debug"] * debug, cfg.trainer.dist_timeout_s)
     module_name, function_name = COMMANDS[args.command][2].split(":")
     train = getattr(importlib.import_module(module_name), function_name)  # heavy imports only now
 
     try:
         output_dir = train(cfg, resume_from=resume)
-    except ConfigError as exc:
-        print(f"posttrain: config error: {exc}", file=sys.stderr)
-        return 2
-    except PosttrainError as exc:
-        print(f"posttrain: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        # The trainer has said which step it checkpointed (none when interrupted during set-up).
-        print("posttrain: interrupted.", file=sys.stderr)
-        return 130
     finally:
         _leave_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {output_dir}")
-    return 0
+    return EXIT_OK
 
 
 def _setup_console_logging() -> None:

@@ -1,4 +1,21 @@
-"""Errors meant for users: each message names the problem and how to fix it."""
+"""Errors meant for users: each message names the problem and how to fix it.
+
+Exit codes of the CLI (``posttrain --help`` and README.md list them): EXIT_CONFIG for an invalid
+configuration (nothing was started), EXIT_RUNTIME for any other failure, EXIT_INTERRUPTED after
+Ctrl-C (the trainer has saved a checkpoint of the last whole step).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 class PosttrainError(Exception):
@@ -7,3 +24,58 @@ class PosttrainError(Exception):
 
 class ConfigError(PosttrainError):
     """An invalid configuration. The CLI prints it and exits with code 2 before any work starts."""
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit was reached (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def free_space(path: str | Path) -> str:
+    """Free space of the file system holding ``path`` (or its nearest existing parent), e.g. '1.2 GiB'."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"
+
+
+def write_failure(exc: BaseException, path: str | Path, what: str, extra: str = "") -> PosttrainError:
+    """A PosttrainError for a failed write of ``what`` to ``path``: the cause (disk full, read-only,
+    size limit, ...), the free space there, and the fix."""
+    os_error = exc
+    while os_error is not None and not isinstance(os_error, OSError):
+        os_error = os_error.__cause__ or os_error.__context__
+    code = getattr(os_error, "errno", None)
+    reason = _WRITE_HINTS.get(code) or (getattr(os_error, "strerror", None) or str(exc).splitlines()[0] or type(exc).__name__)
+    if code is None and "File too large" in str(exc):
+        reason = _WRITE_HINTS[errno.EFBIG]
+    elif code is None and "No space" in str(exc):
+        reason = _WRITE_HINTS[errno.ENOSPC]
+    where = Path(path).parent if not Path(path).is_dir() else Path(path)
+    message = (f"Could not write the {what} to '{path}': {reason} ({free_space(where)} free on that file system)."
+               + (f" {extra}" if extra else "")
+               + " Free some space, or point trainer.output_dir at a writable folder with room.")
+    return PosttrainError(message)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError that escaped to the CLI: what failed, on which path, and the free
+    space there when the cause is a full disk or a size limit."""
+    name = exc.filename
+    text = f"{exc.strerror or exc}" + (f": '{name}'" if name else "")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and name:
+        text += f" ({free_space(os.fspath(name))} free on that file system)"
+    return text

@@ -2,10 +2,13 @@
 `posttrain serve` server's /generate, scored by the built-in math environment, submitted as groups.
 
     posttrain rollout-api --port 8100 --journal runs/rollout_api.jsonl
-    posttrain serve --model runs/grpo-.../checkpoints/step_000010 --port 8000
+    posttrain serve --port 8000                     # the embedded model; or --model a checkpoint folder
     python examples/rollout_api_env/arithmetic_env.py --api http://127.0.0.1:8100 \
-        --server http://127.0.0.1:8000 --tokenizer runs/grpo-.../checkpoints/step_000010 --name arith-1
+        --server http://127.0.0.1:8000 --tokenizer embedded --name arith-1
     posttrain grpo rollout.source=api rollout.api_url=http://127.0.0.1:8100 rollout.group_size=8
+
+--tokenizer takes what model.path takes (embedded, a model folder, a hub id) and must match the
+server's model.
 
 Start as many as you like (different --name and --seed). Each one runs until --max-groups groups are
 submitted (0: until stopped). A full queue makes submit_group wait (429s are retried), so an
@@ -19,14 +22,15 @@ import logging
 import random
 
 import httpx
-from transformers import AutoTokenizer
 
+from posttrain.config.schema import ModelConfig
 from posttrain.data.arithmetic import generate_arithmetic_problems
 from posttrain.data.example import DEFAULT_MATH_INSTRUCTION
 from posttrain.data.prompts import append_instruction
 from posttrain.envs.client import RolloutAPIClient
 from posttrain.envs.math_env import MathEnvironment
 from posttrain.models.chat import format_prompt
+from posttrain.models.loading import load_tokenizer, model_source
 
 logger = logging.getLogger("arithmetic_env")
 
@@ -35,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--api", required=True, help="the rollout API, e.g. http://127.0.0.1:8100")
     parser.add_argument("--server", required=True, help="a `posttrain serve` server, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--tokenizer", required=True, help="the policy's tokenizer (model folder or hub id)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="the policy's tokenizer: 'embedded' (no download), a model folder or a hub id")
     parser.add_argument("--name", required=True, help="this environment's name (metrics: api/groups/NAME)")
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (= rollout.group_size)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -46,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name}: %(message)s")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    model = ModelConfig(path=args.tokenizer)  # the same names as model.path: embedded, a folder, a hub id
+    tokenizer = load_tokenizer(model_source(model), model)
     env = MathEnvironment()
     api = RolloutAPIClient(args.api, max_retries=None, max_backoff_s=2.0)  # wait for the trainer as long as it takes
     api.register(args.name, args.group_size)

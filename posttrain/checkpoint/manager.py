@@ -39,12 +39,12 @@ from typing import Any
 import torch
 
 from posttrain.checkpoint.rng import capture_rng_state, restore_rng_state
-from posttrain.errors import PosttrainError
+from posttrain.checkpoint.validate import TRAINER_STATE_FILE, checkpoint_problems, trainer_state_problem
+from posttrain.errors import PosttrainError, write_failure
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_SUBDIR = "checkpoints"
-TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
@@ -78,14 +78,21 @@ class CheckpointManager:
     # ------------------------------------------------------------------ saving
     def save(self, step: int, model: Any, tokenizer: Any, trainer_state: dict,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None) -> Path:
-        """Write the checkpoint of ``step`` atomically, prune old ones, return its folder."""
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint of ``step`` atomically, prune old ones, return its folder.
+
+        A write that fails (disk full, read-only folder, file size limit) removes the partial
+        folder and raises a PosttrainError naming the folder and the free space; earlier
+        checkpoints are never touched."""
         name = checkpoint_name(step, self.prefix)
         final_dir = self.checkpoints_dir / name
         tmp_dir = self.checkpoints_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
-        tmp_dir.mkdir()
+        try:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
+            tmp_dir.mkdir()
+        except OSError as exc:
+            raise write_failure(exc, tmp_dir, f"checkpoint of step {step}") from exc
         try:
             # trainer_state first: a non-serialisable value fails before the slow model write.
             state = {**trainer_state, "step": step}
@@ -103,9 +110,14 @@ class CheckpointManager:
             # durable while the weights it points at are not.
             _fsync_tree(tmp_dir)
             self._commit(tmp_dir, final_dir)
-        except BaseException:
+        except BaseException as exc:
             # BaseException: Ctrl-C mid-save must not leave a temp folder behind either.
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            if isinstance(exc, Exception) and _is_write_failure(exc):
+                previous = self.latest()
+                raise write_failure(exc, final_dir, f"checkpoint of step {step}",
+                                    f"The previous checkpoint {previous} is intact." if previous else
+                                    "No earlier checkpoint of this run exists.") from exc
             raise
         self._prune(keep=final_dir)
         return final_dir
@@ -175,15 +187,40 @@ class CheckpointManager:
     @staticmethod
     def resolve(path: str | Path) -> Path:
         """A checkpoint folder from ``path``: a checkpoint folder itself (holds
-        trainer_state.json), a run folder (its latest checkpoint) or a run's checkpoints/ folder."""
+        trainer_state.json), a run folder (its latest checkpoint) or a run's checkpoints/ folder.
+
+        Every candidate is validated first (checkpoint/validate.py). A broken latest checkpoint of a
+        run folder is skipped, with a warning naming the broken file, for the newest complete one;
+        a checkpoint folder given itself must be complete (the error names the one to use instead)."""
         path = Path(path)
-        if (path / TRAINER_STATE_FILE).is_file():
-            return path
+        if (path / TRAINER_STATE_FILE).is_file() or (_STEP_RE.match(path.name) and path.is_dir()):
+            problems = checkpoint_problems(path)
+            if not problems:
+                return path
+            siblings = [c for c in _list_checkpoints(path.parent) if c != path and not checkpoint_problems(c)]
+            hint = (f" The newest complete checkpoint of this run is {siblings[-1]}: resume from it, or from the "
+                    "run folder (which skips broken checkpoints)." if siblings else "")
+            raise PosttrainError(f"Cannot resume from checkpoint '{path}': " + "; ".join(problems) + "." + hint)
         if path.is_dir():
             for folder in (path / CHECKPOINTS_SUBDIR, path):
                 checkpoints = _list_checkpoints(folder)
-                if checkpoints:
-                    return checkpoints[-1]
+                broken = []
+                for ckpt in reversed(checkpoints):
+                    problems = checkpoint_problems(ckpt)
+                    if not problems:
+                        for bad, why in broken:
+                            logger.warning("Skipping checkpoint %s, which cannot be used: %s", bad, why)
+                        if broken:
+                            logger.warning("Resuming from %s, the newest complete checkpoint.", ckpt)
+                        return ckpt
+                    broken.append((ckpt, "; ".join(problems)))
+                if broken:
+                    raise PosttrainError(
+                        f"Cannot resume from '{path}': none of its {len(broken)} checkpoints is complete. "
+                        + " ".join(f"{bad.name}: {why}." for bad, why in broken)
+                        + " Start a new run (without --resume), or from the weights of a checkpoint "
+                        "that still has them (model.path=...)."
+                    )
             problem = (f"'{path}' holds no {TRAINER_STATE_FILE} and no checkpoints under {CHECKPOINTS_SUBDIR}/step_* "
                        f"or {CHECKPOINTS_SUBDIR}/{ADAPTER_STEP_PREFIX}_*")
         elif path.exists():
@@ -205,10 +242,10 @@ class CheckpointManager:
         ``models.loading.load_model_and_tokenizer(cfg, device, source=ckpt_dir)``).
         """
         ckpt_dir = Path(ckpt_dir)
-        state_file = ckpt_dir / TRAINER_STATE_FILE
-        if not state_file.is_file():
-            raise PosttrainError(f"'{ckpt_dir}' is not a checkpoint: {TRAINER_STATE_FILE} is missing.")
-        trainer_state = json.loads(state_file.read_text())
+        problem = trainer_state_problem(ckpt_dir)
+        if problem is not None:
+            raise PosttrainError(f"'{ckpt_dir}' is not a usable checkpoint: {TRAINER_STATE_FILE}: {problem}.")
+        trainer_state = json.loads((ckpt_dir / TRAINER_STATE_FILE).read_bytes())
         if optimizer is not None:
             optimizer_file = ckpt_dir / OPTIMIZER_FILE
             if not optimizer_file.is_file():
@@ -235,6 +272,19 @@ class CheckpointManager:
 
 
 # --------------------------------------------------------------------- helpers
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError anywhere in the chain, or safetensors' own error type (its Rust writer reports an
+    I/O error as SafetensorError, not OSError); torch.save's zip writer raises RuntimeError with
+    the OS message."""
+    while exc is not None:
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+            return True
+        if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("write", "No space", "File too large")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []

@@ -26,7 +26,8 @@ class DPODataConfig:
         "", "Validation pairs in the same format. Empty: carve `validation_size` rows off the training data."
     )
     validation_size: int = opt(
-        64, "Pairs held out for validation when validation_path is empty (0: no validation)."
+        64, "Pairs held out for validation when validation_path is empty (0: no validation). When it is not "
+        "smaller than the number of pairs, a tenth of the pairs is held out instead, with a warning."
     )
     split: str = opt("train", "Split to load for 'hf:NAME' datasets and DatasetDict folders.")
     prompt_column: str = opt(
@@ -100,6 +101,12 @@ class DPOTrainerConfig:
     )
     min_lr_ratio: float = opt(0.0, "Final lr as a fraction of lr for 'linear' and 'cosine'.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    max_skipped_steps: int = opt(
+        5,
+        "Stop the run with an error after this many training steps in a row whose optimizer updates were all "
+        "skipped for a non-finite (NaN/inf) loss or gradient: such a run learns nothing while reporting "
+        "progress. 0: never stop.",
+    )
     eval_every: int = opt(
         20, "Compute validation loss, reward accuracy and margins every N steps and at the end (0: only at the end)."
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -228,7 +230,7 @@ def validate_config(cfg: Any) -> None:
     """Check allowed values and cross-field constraints; raise one ConfigError listing every problem."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"validate_config expects a config dataclass instance, got {cfg!r}")
-    problems = _choice_problems(cfg, "")
+    problems = _choice_problems(cfg, "") + _nonfinite_problems(cfg, "") + common_problems(cfg)
     validator = VALIDATORS.get(type(cfg))
     if validator is not None:
         problems += validator(cfg)
@@ -253,6 +255,55 @@ def _choice_problems(cfg: Any, prefix: str) -> list[str]:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             problems.append(f"{key}={format_value(value)} is not allowed; choose one of: "
                             f"{', '.join(str(c) for c in choices)}.{hint}")
+    return problems
+
+
+def _nonfinite_problems(cfg: Any, prefix: str) -> list[str]:
+    """Every float option must be a finite number: inf or nan passes most range checks (inf > 0)
+    and then poisons training silently (trainer.lr=inf makes every update NaN)."""
+    problems: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += _nonfinite_problems(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}={value} must be a finite number (not inf or nan).")
+    return problems
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def output_dir_problems(output_dir: str, key: str = "trainer.output_dir") -> list[str]:
+    """A run folder that cannot be created: an existing file (or /dev/null), or a path below a file."""
+    if not output_dir:
+        return []
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return [f"{key}='{output_dir}' is a file, not a folder; the run writes config.yaml, metrics.jsonl and "
+                "checkpoints/ into it. Choose a folder path (new or existing)."]
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return [f"{key}='{output_dir}' cannot be created: '{parent}' is a file, not a folder."]
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{key}='{output_dir}' cannot be created: the folder '{parent}' is not writable."]
+    return []
+
+
+def common_problems(cfg: Any) -> list[str]:
+    """Checks every trainer's config shares: the run folder, the device, the skipped-step limit."""
+    problems: list[str] = []
+    trainer, model = getattr(cfg, "trainer", None), getattr(cfg, "model", None)
+    if trainer is not None and isinstance(getattr(trainer, "output_dir", None), str):
+        problems += output_dir_problems(trainer.output_dir)
+    if trainer is not None and getattr(trainer, "max_skipped_steps", 0) < 0:
+        problems.append(f"trainer.max_skipped_steps={trainer.max_skipped_steps} must be >= 0 (0: never stop).")
+    device = getattr(model, "device", None)
+    if isinstance(device, str) and not DEVICE_RE.match(device):
+        problems.append(f"model.device='{device}' is not a device posttrain trains on; use auto (cuda if "
+                        "available), cpu, cuda or cuda:N.")
     return problems
 
 
@@ -401,7 +452,9 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
              f"trainer.mini_batch_size={t.mini_batch_size} must divide rollout.batch_size={r.batch_size} "
              f"(optimizer steps take equal shares of the rollout); e.g. trainer.mini_batch_size="
              f"{_near_divisors(r.batch_size, t.mini_batch_size)}.")
-    if t.mini_batch_size >= 1 and t.micro_batch_size >= 1:
+    # trainer.micro_batch_size sizes micro-batches only without a token budget (and PPO's critic
+    # without critic.micro_batch_size, checked there): not validated where it is not used.
+    if t.mini_batch_size >= 1 and t.micro_batch_size >= 1 and t.micro_batch_tokens == 0:
         need(t.mini_batch_size % t.micro_batch_size == 0,
              f"trainer.micro_batch_size={t.micro_batch_size} must divide trainer.mini_batch_size="
              f"{t.mini_batch_size} (gradients accumulate over whole micro-batches); e.g. "
@@ -430,6 +483,11 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
         need(value >= 0, f"{key}={value} must be >= 0.")
     problems += env_tasks_problems(e)
     problems += data_mix_problems(d, e)
+    if d.task == "arithmetic":
+        for key, value in [("data.train_path", d.train_path), ("data.validation_path", d.validation_path)]:
+            need(not value, f"{key}='{value}' is set, but data.task=arithmetic generates its own problems and "
+                 "would ignore it. Set data.task=prompts to train on your file (or data.task=gsm8k for GSM8K "
+                 f"files), or drop {key}.")
     if d.task in ("gsm8k", "prompts"):
         need(bool(d.train_path) or bool(d.mix and d.task == "prompts"), f"data.train_path is required for data.task={d.task}: set it to "
              + ("the GSM8K train JSONL file, e.g. data.train_path=gsm8k/train.jsonl." if d.task == "gsm8k"

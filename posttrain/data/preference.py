@@ -25,7 +25,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.dpo_schema import DPODataConfig
-from posttrain.data.prompts import Row, _preview, read_rows, split_validation
+from posttrain.data.prompts import Row, _preview, check_roles, read_rows, split_validation
 from posttrain.errors import PosttrainError
 from posttrain.models.chat import format_prompt
 
@@ -64,6 +64,7 @@ def _messages(value: Any, where: str, column: str, config_key: str) -> Messages:
             f"{where}: column {column!r} must be a string or a non-empty list of {{\"role\": str, \"content\": str}} "
             f"messages, got {_preview(value)}. Fix the row, or set {config_key} to the right column."
         )
+    check_roles(value, where, column)
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -15,39 +16,56 @@ from posttrain.data.example import DEFAULT_MATH_INSTRUCTION, PromptExample
 from posttrain.errors import PosttrainError
 
 Row = dict[str, Any]
+logger = logging.getLogger("posttrain.data")
 
 JSON_EXTENSIONS = (".jsonl", ".json")
 PARQUET_EXTENSIONS = (".parquet",)
 
 
-def read_jsonl(path: str) -> list[Row]:
+# One row of a JSONL file larger than this is refused before it is parsed: no trainer uses more
+# than its length limit in tokens of a row, and parsing and tokenising a row of tens of MB takes
+# gigabytes of memory and minutes (such rows are almost always a broken export).
+MAX_ROW_BYTES = 16 << 20
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
+def read_jsonl(path: str, config_key: str = "data.train_path") -> list[Row]:
     """Read a JSON-lines file (one object per line; blank lines are skipped).
 
     A ``.json`` file holding one JSON array of objects is accepted too, because that is what
-    ``json.dump(rows)`` and many exports produce.
+    ``json.dump(rows)`` and many exports produce. The one text-reading path of every data file:
+    bytes are checked before parsing, so a binary file, text that is not UTF-8 or a row larger
+    than MAX_ROW_BYTES is a PosttrainError naming the file, the line and the fix.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
+    with open(path, "rb") as f:
+        head = f.read(8192)
+        if b"\0" in head:
             raise PosttrainError(
-                f"{path}:{e.lineno}: not valid JSON ({e.msg}). Fix the file, or write one JSON object per line."
-            ) from None
-        lines = list(enumerate(rows, start=1))
-    else:
-        lines = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise PosttrainError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a JSONL file must be one "
-                    "complete JSON object; fix or remove that line."
-                ) from None
+                f"{config_key}: '{path}' is a binary file, not JSON lines text (it contains NUL bytes). "
+                "Point it at a UTF-8 .jsonl file; Parquet files need the .parquet extension."
+            )
+        f.seek(0)
+        if path.endswith(".json") and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            lines = _json_array_rows(path, f.read())
+        else:
+            lines = []
+            for lineno, raw in enumerate(f, start=1):
+                if len(raw) > MAX_ROW_BYTES:
+                    raise PosttrainError(
+                        f"{path}:{lineno}: the line is {len(raw) / 2**20:.1f} MiB; rows over {MAX_ROW_BYTES >> 20} MiB "
+                        "are refused before parsing (a trainer keeps at most its length limit in tokens of a row). "
+                        "Split or shorten that row, or remove it."
+                    )
+                line = _decode(raw, path, lineno, first=lineno == 1)
+                if not line.strip():
+                    continue
+                try:
+                    lines.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise PosttrainError(
+                        f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a JSONL file must be one "
+                        "complete JSON object; fix or remove that line."
+                    ) from None
     for lineno, row in lines:
         if not isinstance(row, dict):
             raise PosttrainError(
@@ -55,6 +73,31 @@ def read_jsonl(path: str) -> list[Row]:
                 "Write each row as {\"prompt\": ..., ...}."
             )
     return [row for _, row in lines]
+
+
+def _decode(raw: bytes, path: str, lineno: int, first: bool = False) -> str:
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")  # utf-8-sig: a BOM some editors write
+    except UnicodeDecodeError as e:
+        raise PosttrainError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}). Save the file "
+            "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove that line."
+        ) from None
+
+
+def _json_array_rows(path: str, data: bytes) -> list[tuple[int, Any]]:
+    text = ""
+    try:
+        text = data.decode("utf-8-sig")
+        rows = json.loads(text)
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise PosttrainError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[e.start]:02x}). Save the file as UTF-8.") from None
+    except json.JSONDecodeError as e:
+        raise PosttrainError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg}). Fix the file, or write one JSON object per line."
+        ) from None
+    return list(enumerate(rows, start=1))
 
 
 def read_rows(source: str, *, split: str = "train", config_key: str = "data.train_path") -> list[Row]:
@@ -73,7 +116,7 @@ def read_rows(source: str, *, split: str = "train", config_key: str = "data.trai
         return _read_saved_dataset(source, split, config_key)
     lower = source.lower()
     if lower.endswith(JSON_EXTENSIONS):
-        return read_jsonl(source)
+        return read_jsonl(source, config_key)
     if lower.endswith(PARQUET_EXTENSIONS):
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -134,8 +177,20 @@ def _parse_messages(value: Any, where: str, column: str) -> list[dict[str, str]]
             f"{where}: column {column!r} must be a non-empty list of {{\"role\": str, \"content\": str}} "
             f"dicts, got {_preview(value)}. Fix the row, or set data.messages_column to the right column."
         )
+    check_roles(value, where, column)
     # Copy so that appending an instruction never edits the caller's rows.
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def check_roles(messages: list[dict[str, Any]], where: str, column: str) -> None:
+    """Every message role must be one the chat templates know; a typo ('asistant', 'human')
+    would otherwise be rendered as is by some templates and dropped by others, silently."""
+    for i, m in enumerate(messages, start=1):
+        if m["role"] not in MESSAGE_ROLES:
+            raise PosttrainError(
+                f"{where}: column {column!r}, message {i} has role {m['role']!r}; roles must be one of "
+                f"{', '.join(MESSAGE_ROLES)}. Rename it in the data (e.g. human -> user, gpt -> assistant)."
+            )
 
 
 def _preview(value: Any, limit: int = 80) -> str:
@@ -199,7 +254,7 @@ def append_instruction(example: PromptExample, instruction: str) -> PromptExampl
 
 
 def split_validation(
-    examples: list[PromptExample], validation_size: int, seed: int
+    examples: list[PromptExample], validation_size: int, seed: int, key: str = "data.validation_size"
 ) -> tuple[list[PromptExample], list[PromptExample]]:
     """Carve ``validation_size`` examples off ``examples`` at random (seeded, deterministic).
 
@@ -208,10 +263,13 @@ def split_validation(
     if validation_size < 0:
         raise PosttrainError(f"data.validation_size must be >= 0, got {validation_size}.")
     if validation_size >= len(examples):
-        raise PosttrainError(
-            f"data.validation_size={validation_size} leaves no training rows: the data has only "
-            f"{len(examples)} rows. Lower data.validation_size or set data.validation_path."
+        # A small file with the default validation_size should train, not fail: hold out a tenth.
+        clamped = len(examples) // 10
+        logger.warning(
+            "%s=%d is not smaller than the %d rows of the data: holding out a tenth (%d) for validation instead. "
+            "Set it below the row count, or set a validation_path.", key, validation_size, len(examples), clamped,
         )
+        validation_size = clamped
     # A stream separate from the sampler's ([seed, epoch]) so the two never share draws.
     rng = np.random.default_rng([seed % 2**64, 0x5EED_0F_7A1D])
     held_out = set(rng.permutation(len(examples))[:validation_size].tolist())
@@ -291,7 +349,8 @@ def load_mixed_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExamp
         else:
             size = source.get("validation_size")
             try:
-                train, validation = split_validation(train, cfg.validation_size if size is None else int(size), seed)
+                train, validation = split_validation(train, cfg.validation_size if size is None else int(size), seed,
+                                                     key=f"{key}.validation_size")
             except PosttrainError as e:
                 raise PosttrainError(f"{key} ({path}): {e}") from None
         trains.append(tag_task(train, source["task"]))

@@ -189,12 +189,36 @@ def tokenize_conversation(conv: Conversation, tokenizer: PreTrainedTokenizerBase
     return SFTExample(ids, mask)
 
 
+def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters of the vocabulary's longest token (byte-level vocabularies: bytes, which bound characters)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
+def cut_conversation(conv: Conversation, max_chars: int) -> Conversation:
+    """``conv`` with its message contents cut after ``max_chars`` characters in all (later messages
+    dropped); unchanged when it is shorter."""
+    if sum(len(m["content"]) for m in conv.messages) <= max_chars:
+        return conv
+    messages, left = [], max_chars
+    for m in conv.messages:
+        if left <= 0:
+            break
+        messages.append({"role": m["role"], "content": m["content"][:left]})
+        left -= len(m["content"])
+    return Conversation(messages, conv.from_prompt_completion)
+
+
 def tokenize_conversations(convs: list[Conversation], tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig,
                            max_seq_len: int, what: str = "training conversations") -> list[SFTExample]:
     """Tokenize and cut to ``max_seq_len`` tokens. Conversations left with no loss token after
     cutting (e.g. a prompt longer than max_seq_len) are dropped; both are counted in one warning."""
     examples, truncated, dropped = [], 0, 0
+    # Text this long surely has more than max_seq_len tokens (no token spans more characters than the
+    # vocabulary's longest), so it is cut before tokenising: a row of megabytes would otherwise take
+    # minutes and gigabytes to tokenise only to be cut to max_seq_len tokens afterwards.
+    max_chars = max_seq_len * longest_token_chars(tokenizer) + 1024
     for i, conv in enumerate(convs):
+        conv = cut_conversation(conv, max_chars)
         ex = tokenize_conversation(conv, tokenizer, model_cfg, where=f"{what}: row {i + 1}")
         if len(ex) > max_seq_len:
             truncated += 1

@@ -9,6 +9,7 @@ None (exit). Worker -> parent: ``("ready", None)``, ``("init_error", traceback)`
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -36,10 +37,15 @@ def unpack_single(ret: EnvironmentReturn, metadata: dict[str, Any]) -> dict[str,
     """Plain-Python result of a 1-sample step (plain data pickles safely over a pipe)."""
     if len(ret.rewards) != 1:
         raise ValueError(f"env.step returned {len(ret.rewards)} rewards for a batch of 1 sample")
+    reward = float(ret.rewards[0])
+    if not math.isfinite(reward):
+        # A NaN/inf reward would turn the group's advantages, the loss and every update into NaN;
+        # raised here, it is a failed reward like any other (reward 0, counted in reward/errors).
+        raise ValueError(f"env.step returned a non-finite reward ({reward}); rewards must be finite numbers")
     meta = ret.metadata[0] if ret.metadata and ret.metadata[0] is not None else dict(metadata)
     stops = ret.next_stop_strings[0] if ret.next_stop_strings else None
     return {
-        "reward": float(ret.rewards[0]),
+        "reward": reward,
         "terminated": bool(ret.terminateds[0]),
         "observation": ret.observations[0],
         "metadata": meta,

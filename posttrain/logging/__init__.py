@@ -1,4 +1,5 @@
-"""posttrain.logging: metric sinks (console, JSONL, TensorBoard, W&B) and the progress bar.
+"""posttrain.logging: metric sinks (console, JSONL, TensorBoard, W&B, MLflow), the progress bar,
+and the rollout and validation samples of a run folder (``samples.py``).
 
 The folder shares its name with the standard library's ``logging``; modules here import
 ``logging`` absolutely, which gives the standard library.

@@ -1,14 +1,16 @@
-"""Metric sinks: JSONL (always), TensorBoard and Weights & Biases (opt-in), console lines.
+"""Metric sinks: JSONL (always), TensorBoard, Weights & Biases and MLflow (opt-in), console lines.
 
 ``<output_dir>/metrics.jsonl`` holds one JSON object per :meth:`MetricsLogger.log` call,
 ``{"step": 3, "timestamp": 1718000000.0, "reward/mean": 0.43, ...}``, flushed line by line
-so a crash loses nothing that was logged. Non-finite floats are written as Python's json
-writes them (``NaN``, ``Infinity``), which ``json.loads`` and pandas read back.
+so a crash loses nothing that was logged. Every line is strict JSON (RFC 8259, which has no
+NaN or Infinity): a non-finite value is written as ``null`` and the line counts them in
+``nonfinite_metrics`` (the other sinks get the values as they are).
 
 On resume (``resume_step`` given), lines of steps after ``resume_step`` are dropped so the
 file matches that of an uninterrupted run; TensorBoard purges its events after that step the
 same way. W&B keeps its own history: a resumed W&B run continues under the same id and
-ignores steps it has already seen.
+ignores steps it has already seen; MLflow likewise continues its run (id in mlflow_run_id.txt) and
+skips the steps that run already holds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config.schema import LoggingConfig
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, write_failure
+from posttrain.logging.mlflow_sink import MLflowSink
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -48,9 +51,9 @@ _CONSOLE_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 
 class MetricsLogger:
-    """Writes metrics to metrics.jsonl and, when enabled, TensorBoard and W&B.
+    """Writes metrics to metrics.jsonl and, when enabled, TensorBoard, W&B and MLflow.
 
-    Use as a context manager or call :meth:`close`. TensorBoard and W&B are set up here,
+    Use as a context manager or call :meth:`close`. TensorBoard, W&B and MLflow are set up here,
     not at the first ``log``, so a missing package fails before any training work.
     """
 
@@ -61,19 +64,22 @@ class MetricsLogger:
         self.cfg = cfg
         self.path = self.output_dir / METRICS_FILE
         if resume_step is not None:
-            _truncate_jsonl(self.path, resume_step)
+            truncate_jsonl(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._file.tell() > 0 and not _ends_with_newline(self.path):
             # A crash mid-line (without resume truncation) must not glue two records together.
             self._file.write("\n")
         self._tb_writer: Any = None
         self._wandb_run: Any = None
+        self._mlflow: MLflowSink | None = None
         self._closed = False
         try:
             if cfg.tensorboard:
                 self._tb_writer = _open_tensorboard(self.output_dir / TENSORBOARD_SUBDIR, resume_step)
             if cfg.wandb:
                 self._wandb_run = _open_wandb(self.output_dir, cfg, run_config)
+            if cfg.mlflow:
+                self._mlflow = MLflowSink(self.output_dir, cfg, run_config)
         except BaseException:
             self.close()
             raise
@@ -91,8 +97,11 @@ class MetricsLogger:
             prefix += "/"
         values = {f"{prefix}{key}": _to_scalar(key, value) for key, value in metrics.items()}
         record = {"step": int(step), "timestamp": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(strict_json_line(record))
+            self._file.flush()
+        except OSError as exc:  # a full disk: name the file and the free space, not a bare errno
+            raise write_failure(exc, self.path, f"metrics of step {step}") from exc
         if self._tb_writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -100,17 +109,25 @@ class MetricsLogger:
             self._tb_writer.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=int(step))
+        if self._mlflow is not None:
+            self._mlflow.log(int(step), values, record["timestamp"])
 
     def close(self, failed: bool = False) -> None:
         """Flush and close every sink (idempotent). ``failed`` marks the W&B run as crashed."""
         if self._closed:
             return
         self._closed = True
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            if not failed:  # after a failed write (disk full) its error is the one to report
+                raise
         if self._tb_writer is not None:
             self._tb_writer.close()
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=1 if failed else 0)
+        if self._mlflow is not None:
+            self._mlflow.close(failed)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -157,7 +174,17 @@ def _to_scalar(key: str, value: Any) -> Any:
     raise TypeError(f"Metric '{key}' must be a number, got {type(value).__name__}.")
 
 
-def _truncate_jsonl(path: Path, resume_step: int) -> None:
+def strict_json_line(record: Mapping[str, Any]) -> str:
+    """``record`` as one line of strict JSON: non-finite floats become null, and their count is
+    added as ``nonfinite_metrics`` so a NaN loss is still visible in the file."""
+    nonfinite = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if nonfinite:
+        record = {**{k: (None if k in nonfinite else v) for k, v in record.items()},
+                  "nonfinite_metrics": len(nonfinite)}
+    return json.dumps(record, allow_nan=False) + "\n"
+
+
+def truncate_jsonl(path: Path, resume_step: int) -> None:
     """Drop lines with step > resume_step (and broken lines) by an atomic rewrite."""
     if not path.exists():
         return
@@ -169,7 +196,7 @@ def _truncate_jsonl(path: Path, resume_step: int) -> None:
             except json.JSONDecodeError:
                 continue  # a line cut off by a crash
             if isinstance(record, dict) and int(record.get("step", 0)) <= resume_step:
-                kept.append(json.dumps(record) + "\n")
+                kept.append(strict_json_line(record))  # also repairs NaN tokens older versions wrote
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)

@@ -11,16 +11,27 @@ at most every ``plain_interval_s`` seconds (default 30) and at the last step, an
 ``logging.console_every`` steps carry the details.
 
 Disabled (``enabled=False``): nothing but :meth:`write`'s plain prints.
+
+Every line printed here (the lines of :meth:`write` and the plain ``[progress]`` lines, not the
+tqdm bar itself) also goes to the ``posttrain.console`` logger, which the run's train.log
+listens to (``log_to_file``): train.log holds what the console shows.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+CONSOLE_LOGGER = "posttrain.console"
+# Not propagated: the console already shows these lines (printed), only train.log's handler wants them.
+console_log = logging.getLogger(CONSOLE_LOGGER)
+console_log.propagate = False
+console_log.setLevel(logging.INFO)
 
 
 class ProgressBar:
@@ -75,6 +86,7 @@ class ProgressBar:
 
     def write(self, line: str) -> None:
         """Print ``line`` above the bar (or plainly without one)."""
+        console_log.info(line)
         if self._bar is not None:
             self._bar.write(line)
         else:
@@ -106,6 +118,7 @@ class ProgressBar:
         if self._postfix:
             line += f" | {self._postfix}"
         print(line, flush=True)
+        console_log.info(line)
         self._last_plain = now
         self._last_plain_step = self._step
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from posttrain.config.schema import ModelConfig
+from posttrain.checkpoint.validate import validate_model_folder
+from posttrain.config.schema import ModelConfig, MoEConfig
 from posttrain.errors import PosttrainError
 from posttrain.models.lora import apply_lora, is_adapter_checkpoint, load_adapter, lora_enabled
 
@@ -42,11 +43,22 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``model.device``; a PosttrainError for a name torch does not know or a
+    device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise PosttrainError(f"model.device={name!r} is not a device; use auto (cuda if available), cpu, cuda or "
+                             "cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PosttrainError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PosttrainError(f"model.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PosttrainError(f"model.device={name} but MPS is not available here; use model.device=cpu or auto.")
     return device
 
 
@@ -80,10 +92,24 @@ def _gguf_location(cfg: ModelConfig) -> tuple[str, str] | None:
     if cfg.path.endswith(".gguf"):
         if not Path(cfg.path).is_file():
             raise PosttrainError(f"model.path={cfg.path!r}: no such GGUF file.")
+        _check_gguf_magic(Path(cfg.path), "model.path")
         return str(Path(cfg.path).parent), Path(cfg.path).name
     if cfg.gguf_file:
+        if (Path(cfg.path) / cfg.gguf_file).is_file():
+            _check_gguf_magic(Path(cfg.path) / cfg.gguf_file, "model.gguf_file")
         return cfg.path, cfg.gguf_file
     return None
+
+
+def _check_gguf_magic(path: Path, key: str) -> None:
+    """A GGUF file starts with b'GGUF'; anything else (an HTML error page, a safetensors file
+    renamed, an empty file) fails here instead of deep inside the GGUF reader."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"GGUF":
+        what = "is empty" if not head else f"starts with {head!r}, not b'GGUF'"
+        raise PosttrainError(f"{key}: '{path}' is not a GGUF file: it {what}. Re-download it, or point "
+                             "model.path at a model folder or hub id.")
 
 
 def _dequantized_gguf_folder(cfg: ModelConfig, folder: str, file_name: str) -> Path:
@@ -109,6 +135,11 @@ def _dequantized_gguf_folder(cfg: ModelConfig, folder: str, file_name: str) -> P
         )
     except ImportError as exc:
         raise PosttrainError(f"Loading GGUF files needs the 'gguf' package: pip install gguf ({exc})") from exc
+    except Exception as exc:  # the GGUF reader raises anything on a cut-off or garbled file
+        raise PosttrainError(
+            f"Could not read the GGUF file '{source}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "It may be truncated or corrupt: re-download it, or use a model folder or hub id."
+        ) from exc
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -128,12 +159,24 @@ def model_source(cfg: ModelConfig) -> str:
     return cfg.path
 
 
+def _check_local_folder(source: str, cfg: ModelConfig) -> None:
+    """A local folder is validated before transformers reads it (checkpoint/validate.py): a missing
+    tokenizer file otherwise reads as "install sentencepiece", a cut-off safetensors file as a Rust error."""
+    if os.path.isdir(source):
+        what = "model.path" if os.path.abspath(source) == os.path.abspath(cfg.path) else "the model folder"
+        if any(Path(source).glob("*.gguf")) and not (Path(source) / "config.json").exists():
+            raise PosttrainError(f"{what}='{source}' holds GGUF files but no config.json: set model.gguf_file to "
+                                 f"one of {sorted(p.name for p in Path(source).glob('*.gguf'))}.")
+        validate_model_folder(source, what)
+
+
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    _check_local_folder(source, cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, and the tokenizers library's own on a corrupt file
         raise PosttrainError(
-            f"Could not load a tokenizer from model.path={cfg.path!r} ({exc}). Pass a local model "
+            f"Could not load a tokenizer from '{source}' ({type(exc).__name__}: {exc}). Pass a local model "
             "folder, a .gguf file, a hub id (needs network), or 'embedded'."
         ) from exc
     if tokenizer.pad_token is None:
@@ -146,6 +189,7 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_model(source: str, cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """Load the policy in float32 (master weights) or in the configured dtype when it is float32."""
+    _check_local_folder(source, cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -155,9 +199,14 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device) -> PreTraine
         )
     except (OSError, ValueError) as exc:
         raise PosttrainError(
-            f"Could not load a causal LM from model.path={cfg.path!r} ({exc}). Pass a local model "
+            f"Could not load a causal LM from '{source}' ({exc}). Pass a local model "
             "folder, a .gguf file, a hub id (needs network), or 'embedded'."
         ) from exc
+    return _ready_for_training(model, cfg, device)
+
+
+def _ready_for_training(model: PreTrainedModel, cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+    """A loaded or freshly built policy: on ``device``, generation defaults cleared, checkpointing as configured."""
     model.to(device)
     if model.generation_config is not None:
         # Sampling is set per call by the engine; stale defaults (e.g. max_length=20) only warn.
@@ -169,9 +218,11 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device) -> PreTraine
 
 
 def load_model_and_tokenizer(
-    cfg: ModelConfig, device: torch.device, source: str | None = None
+    cfg: ModelConfig, device: torch.device, source: str | None = None, moe: MoEConfig | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Policy and tokenizer. ``source`` overrides ``cfg.path`` (e.g. a checkpoint folder on resume).
+    ``moe`` with ``random_init.family`` set and no ``source``: a random-init MoE policy built from
+    it, with the tokenizer of ``cfg.path`` (posttrain.models.moe; the GRPO demo ``moe_demo``).
 
     With ``cfg.lora.r > 0`` the policy comes back wrapped in LoRA adapters (a peft model, base
     frozen): fresh ones, or on resume those of ``source`` (an adapter checkpoint) on the base
@@ -189,7 +240,12 @@ def load_model_and_tokenizer(
         )
     weights = source if source is not None and adapter_dir is None else model_source(cfg)
     tokenizer = load_tokenizer(source or weights, cfg)  # an adapter checkpoint saves its tokenizer too
-    model = load_model(weights, cfg, device)
+    if source is None and moe is not None and moe.random_init.family:
+        from posttrain.models.moe import build_random_moe_model
+
+        model = _ready_for_training(build_random_moe_model(moe, tokenizer, cfg.attn_implementation), cfg, device)
+    else:
+        model = load_model(weights, cfg, device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if adapter_dir is not None:

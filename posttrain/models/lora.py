@@ -176,6 +176,7 @@ def merge_adapter_checkpoint(checkpoint: str | Path, output_dir: str | Path, mod
     (so embedded, GGUF and hub bases work), else the adapter's own ``base_model_name_or_path``."""
     import json
 
+    from posttrain.checkpoint.validate import validate_model_folder
     from posttrain.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_device
 
     checkpoint = Path(checkpoint)
@@ -184,6 +185,7 @@ def merge_adapter_checkpoint(checkpoint: str | Path, output_dir: str | Path, mod
             f"'{checkpoint}' is not a LoRA adapter checkpoint ({ADAPTER_CONFIG_FILE} is missing). Pass an "
             "adapter folder such as runs/NAME/checkpoints/adapter_step_000050."
         )
+    validate_model_folder(checkpoint, "a LoRA adapter checkpoint")  # a cut-off adapter file: named, not a traceback
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise PosttrainError(f"--output '{output_dir}' exists and is not empty; choose a new folder.")

@@ -1,6 +1,6 @@
 """An OpenAI-compatible server over any ``RolloutEngine``.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
+Endpoints: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` and ``POST /generate`` (token ids in, token ids and logprobs out, for RL
 clients). See docs/server.md for parameters, limits and examples.
 
@@ -13,6 +13,10 @@ Design notes:
   requests join one continuously batched run. Other engines (HFEngine, not re-entrant) run one
   call at a time on a single worker thread, under a lock. Either way at most ``max_queue + 1``
   requests are admitted at once; more get 429.
+- Every wait is bounded. A request that arrives while generation is paused (``/pause_generation``)
+  waits up to ``paused_wait_s`` for ``/continue_generation``, then gets 503 with ``Retry-After``;
+  a request that has not finished within ``request_timeout_s`` gets 504 and its sequences are
+  aborted. ``/health`` answers 200 only when a request would be served now (see docs/server.md).
 - Request bodies are read and validated here (not by FastAPI's body parsing), so that every bad
   input, from an oversized body to malformed JSON to an out-of-range parameter, gets a 4xx in
   the OpenAI error schema ``{"error": {"message", "type", "param", "code"}}``.
@@ -34,12 +38,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from posttrain.errors import PosttrainError
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
-from posttrain.server.engine_loop import EngineLoop, TokenStream
+from posttrain.server.engine_loop import EngineLoop, GenerationPaused, TokenStream
+from posttrain.server.metrics import add_metrics
 from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
 from posttrain.server.streaming import StreamedChoice, cut_at_stops, live_chunks, sse_response
 from posttrain.server.weight_routes import add_weight_routes
@@ -47,6 +52,7 @@ from posttrain.server.weight_routes import add_weight_routes
 logger = logging.getLogger("posttrain.server")
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
+MAX_PROMPTS = 2048  # prompts in one /v1/completions request, as in the OpenAI API
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,13 +81,13 @@ class _OpenAISampling(_Strict):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. tool_calls on assistant messages
+    model_config = ConfigDict(extra="ignore", strict=True)  # e.g. tool_calls on assistant messages
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
@@ -127,12 +133,13 @@ class _Server:
 
     def __init__(self, engine: RolloutEngine, tokenizer: Any, model_name: str, *, max_request_bytes: int,
                  max_prompt_tokens: int, max_queue: int, max_n: int, max_tokens_limit: int,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int, paused_wait_s: float, request_timeout_s: float) -> None:
         for name, value, low in [("max_request_bytes", max_request_bytes, 1), ("max_prompt_tokens", max_prompt_tokens, 1),
                                  ("max_queue", max_queue, 0), ("max_n", max_n, 1), ("max_tokens_limit", max_tokens_limit, 1),
-                                 ("default_max_tokens", default_max_tokens, 1)]:
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                                 ("default_max_tokens", default_max_tokens, 1), ("paused_wait_s", paused_wait_s, 0),
+                                 ("request_timeout_s", request_timeout_s, 1)]:
+            if not value >= low:  # NaN too
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {low}, got {value}")
         self.engine = engine
         try:
             self.tokenizer = copy.deepcopy(tokenizer)
@@ -155,6 +162,13 @@ class _Server:
             self.max_prompt_tokens = min(self.max_prompt_tokens, engine.max_model_len - 1)
         self._count_lock = threading.Lock()
         self.admitted = 0  # running + waiting engine calls
+        self.paused_wait_s = paused_wait_s
+        self.request_timeout_s = request_timeout_s
+        self.paused = threading.Event()  # set by /pause_generation, cleared by /continue_generation
+        self.activity: tuple[str, float] | None = None  # (weight-route name, time.monotonic() it began)
+        # The transformers engine's share of what /metrics reports (the engine loop counts its own).
+        self.hf_running_sequences = 0
+        self.hf_generated_tokens = 0
 
     # -- request bodies ----------------------------------------------------------------------
 
@@ -165,22 +179,24 @@ class _Server:
 
     def sampling_params(self, *, n: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
                         max_tokens: int | None, max_tokens_param: str, stop: str | list[str] | None,
-                        seed: int | None, logprobs: bool) -> SamplingParams:
+                        seed: int | None, logprobs: bool, prefix: str = "") -> SamplingParams:
+        """The engine's parameters, after the checks that depend on this server's limits (types and
+        fixed ranges are the schemas' job). ``prefix`` names nested parameters (``sampling_params.``)."""
         n = 1 if n is None else n
         if not 1 <= n <= self.max_n:
-            raise APIError(400, f"Invalid value for 'n': must be between 1 and {self.max_n}, got {n}.",
-                           param="n", code="invalid_value")
+            raise APIError(400, f"Invalid value for '{prefix}n': must be between 1 and {self.max_n}, got {n}.",
+                           param=f"{prefix}n", code="invalid_value")
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= self.max_tokens_limit:
             raise APIError(400, f"Invalid value for '{max_tokens_param}': must be between 1 and "
                            f"{self.max_tokens_limit}, got {max_tokens}.", param=max_tokens_param, code="invalid_value")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > MAX_STOP_STRINGS:
-            raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}.",
-                           param="stop", code="invalid_value")
+            raise APIError(400, f"Invalid value for '{prefix}stop': at most {MAX_STOP_STRINGS} stop strings, got "
+                           f"{len(stops)}.", param=f"{prefix}stop", code="invalid_value")
         if any(s == "" for s in stops):
-            raise APIError(400, "Invalid value for 'stop': stop strings must not be empty.", param="stop",
-                           code="invalid_value")
+            raise APIError(400, f"Invalid value for '{prefix}stop': stop strings must not be empty.",
+                           param=f"{prefix}stop", code="invalid_value")
         return SamplingParams(
             n=n,
             temperature=1.0 if temperature is None else temperature,
@@ -208,17 +224,48 @@ class _Server:
 
     # -- the engine --------------------------------------------------------------------------
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _admit(self) -> None:
         with self._count_lock:
             if self.admitted > self.max_queue:  # one running, max_queue waiting
                 raise APIError(429, f"The server is busy: {self.max_queue} requests are already waiting. "
                                "Retry later.", type="rate_limit_error", code="queue_full")
             self.admitted += 1
+
+    def still_paused(self) -> APIError:
+        return APIError(503, f"Generation is paused (POST /pause_generation, e.g. while the trainer updates the "
+                        f"weights) and did not resume within {self.paused_wait_s:g} s (--paused-wait-s). Retry later.",
+                        type="server_error", code="generation_paused", retry_after_s=max(1.0, self.paused_wait_s))
+
+    async def _wait_while_paused(self) -> None:
+        """The transformers engine: queue behind a pause for at most ``paused_wait_s`` (the engine
+        loop does the same for its requests, keeping them queued so that they batch on resume)."""
+        deadline = time.monotonic() + self.paused_wait_s
+        while self.paused.is_set():
+            if time.monotonic() >= deadline:
+                raise self.still_paused()
+            await asyncio.sleep(0.05)
+
+    def timed_out(self) -> APIError:
+        return APIError(504, f"The request did not finish within {self.request_timeout_s:g} s (--request-timeout-s); "
+                        "its generation was stopped. Ask for fewer tokens or retry later.", type="server_error",
+                        code="request_timeout")
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        self._admit()
+        deadline = time.monotonic() + self.request_timeout_s
         try:
             if self.engine_loop is not None:
-                return await self.engine_loop.generate(prompts, params)
+                return await asyncio.wait_for(self.engine_loop.generate(prompts, params, paused_wait_s=self.paused_wait_s),
+                                              self.request_timeout_s)
+            await self._wait_while_paused()
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self._generate_locked, prompts, params)
+            return await asyncio.wait_for(
+                loop.run_in_executor(self.executor, self._generate_locked, prompts, params, deadline),
+                self.request_timeout_s)
+        except asyncio.TimeoutError:  # the engine loop aborts a cancelled request at its next step
+            raise self.timed_out() from None
+        except GenerationPaused:
+            raise self.still_paused() from None
         except Exception as exc:
             raise _api_error(exc) from None
         finally:
@@ -228,21 +275,22 @@ class _Server:
     async def open_stream(self, prompts: list[list[int]], params: SamplingParams) -> TokenStream:
         """Start a streaming request on the engine loop; returns once the engine admitted it, so a
         refused request still gets a status code. Give the stream to ``close_stream`` when done."""
-        with self._count_lock:
-            if self.admitted > self.max_queue:
-                raise APIError(429, f"The server is busy: {self.max_queue} requests are already waiting. "
-                               "Retry later.", type="rate_limit_error", code="queue_full")
-            self.admitted += 1
+        self._admit()
         stream = None
         try:
-            stream = self.engine_loop.open_stream(prompts, params)
+            stream = self.engine_loop.open_stream(prompts, params, deadline=time.monotonic() + self.request_timeout_s,
+                                                  paused_wait_s=self.paused_wait_s)
             await stream.started()
             return stream
-        except BaseException as exc:  # refused, or the handler was cancelled while waiting
+        except BaseException as exc:  # refused, timed out, or the handler was cancelled while waiting
             if stream is not None:
                 stream.close()
             with self._count_lock:
                 self.admitted -= 1
+            if isinstance(exc, asyncio.TimeoutError):
+                raise self.timed_out() from None
+            if isinstance(exc, GenerationPaused):
+                raise self.still_paused() from None
             if isinstance(exc, Exception):
                 raise _api_error(exc) from None
             raise
@@ -252,9 +300,58 @@ class _Server:
         with self._count_lock:
             self.admitted -= 1
 
-    def _generate_locked(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        with self.engine_lock:
-            return self.engine.generate(prompts, params)
+    def _generate_locked(self, prompts: list[list[int]], params: SamplingParams,
+                         deadline: float) -> list[list[Completion]]:
+        # Bounded: the lock may be held by /pause_generation; the handler has answered 504 by then.
+        if not self.engine_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the engine stayed busy (paused?) past the request's deadline")
+        try:
+            self.hf_running_sequences = len(prompts) * params.n
+            groups = self.engine.generate(prompts, params)
+            self.hf_generated_tokens += sum(len(c.token_ids) for g in groups for c in g)
+            return groups
+        finally:
+            self.hf_running_sequences = 0
+            self.engine_lock.release()
+
+    # -- what /health and /metrics report ------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        """Admitted requests that wait: for a pause, or for the engine."""
+        if self.engine_loop is not None:
+            return max(0, self.admitted - self.engine_loop.num_requests_in_engine)
+        return max(0, self.admitted - (1 if self.hf_running_sequences else 0))
+
+    def num_sequences(self) -> tuple[int, int]:
+        """(running, waiting) sequences in the engine."""
+        if self.engine_loop is not None:
+            return self.engine_loop.num_sequences()
+        return self.hf_running_sequences, 0
+
+    def generated_tokens(self) -> int:
+        return self.engine_loop.num_generated_tokens if self.engine_loop is not None else self.hf_generated_tokens
+
+    def health(self, weight_version: str, weight_groups: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of /health: 200 only when a request would be served now."""
+        activity = self.activity
+        if self.engine_loop is not None and not self.engine_loop.is_alive:
+            status = "stopped"
+        elif activity is not None:
+            status = "updating_weights"
+        elif self.paused.is_set():
+            status = "paused"
+        else:
+            status = "ok"
+        running, waiting = self.num_sequences()
+        body = {
+            "status": status, "model": self.model_name, "engine": "posttrain" if self.engine_loop else "transformers",
+            "requests_in_engine": self.admitted, "queue_depth": self.queue_depth(), "running_sequences": running,
+            "waiting_sequences": waiting, "paused": self.paused.is_set(), "weight_version": weight_version,
+            "weight_groups": weight_groups,
+            "activity": None if activity is None else {"name": activity[0],
+                                                       "seconds": round(time.monotonic() - activity[1], 3)},
+        }
+        return (200 if status == "ok" else 503), body
 
     # -- response pieces ---------------------------------------------------------------------
 
@@ -279,6 +376,9 @@ def _api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, PosttrainError):  # the engine refused the request (e.g. a prompt over max_model_len)
         return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, TimeoutError):  # a stream's or the engine lock's deadline passed
+        return APIError(504, f"The request did not finish in time ({exc}).", type="server_error",
+                        code="request_timeout")
     logger.exception("engine failed", exc_info=exc)
     return APIError(500, f"The engine failed: {type(exc).__name__}: {exc}", type="server_error")
 
@@ -342,6 +442,9 @@ def create_app(
     max_tokens_limit: int = 4096,
     default_max_tokens: int = 256,
     enable_tensor_updates: bool = False,
+    paused_wait_s: float = 30.0,
+    request_timeout_s: float = 600.0,
+    weight_sync_timeout_s: float = 120.0,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under the name ``model_name``.
 
@@ -353,10 +456,13 @@ def create_app(
     ``weight_routes``; ``enable_tensor_updates`` allows the one that unpickles its request.
     An engine that steps (posttrain's ``Engine``: ``add_request`` and ``step``) is driven by a
     background thread that batches concurrent requests (``engine_loop``); its ``max_model_len - 1``
-    caps ``max_prompt_tokens``."""
+    caps ``max_prompt_tokens``. Waits: a request queues behind ``/pause_generation`` for at most
+    ``paused_wait_s`` (then 503 with Retry-After) and is answered within ``request_timeout_s``
+    (else 504); joining a weight-update group gives up after ``weight_sync_timeout_s``."""
     server = _Server(engine, tokenizer, model_name, max_request_bytes=max_request_bytes,
                      max_prompt_tokens=max_prompt_tokens, max_queue=max_queue, max_n=max_n,
-                     max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens)
+                     max_tokens_limit=max_tokens_limit, default_max_tokens=default_max_tokens,
+                     paused_wait_s=paused_wait_s, request_timeout_s=request_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -367,13 +473,17 @@ def create_app(
 
     app = FastAPI(title="posttrain", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    app.state.weights = add_weight_routes(app, server, allow_pickled_tensors=enable_tensor_updates)
+    receiver = add_weight_routes(app, server, allow_pickled_tensors=enable_tensor_updates,
+                                 group_timeout_s=weight_sync_timeout_s)
+    app.state.weights = receiver
 
     install_error_handlers(app)
+    add_metrics(app, server, receiver)  # outermost: it sees the status of every answer, 500s included
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_name, "requests_in_engine": server.admitted}
+    async def health() -> JSONResponse:
+        status, body = server.health(receiver.weight_version, receiver.group_states())
+        return JSONResponse(body, status_code=status)
 
     def model_card() -> dict[str, Any]:
         return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "posttrain"}
@@ -484,6 +594,10 @@ def create_app(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=req.max_tokens,
             max_tokens_param="max_tokens", stop=req.stop, seed=req.seed, logprobs=req.logprobs is not None,
         )
+        if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+                and len(req.prompt) > MAX_PROMPTS:  # else a 1 MiB body could ask for 250,000 sequences at once
+            raise APIError(400, f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request, got "
+                           f"{len(req.prompt)}. Split the batch.", param="prompt", code="invalid_value")
         prompts = [server.check_prompt(ids, "prompt") for ids in _completion_prompt_ids(server.tokenizer, req.prompt)]
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -541,7 +655,7 @@ def create_app(
             n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
             max_tokens=sp.max_new_tokens if use_new else sp.max_tokens,
             max_tokens_param="sampling_params." + ("max_new_tokens" if use_new else "max_tokens"),
-            stop=sp.stop, seed=sp.seed, logprobs=sp.logprobs,
+            stop=sp.stop, seed=sp.seed, logprobs=sp.logprobs, prefix="sampling_params.",
         )
         prompt = server.check_prompt(list(req.input_ids), "input_ids")
         [group] = await server.generate([prompt], params)

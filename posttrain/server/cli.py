@@ -68,12 +68,18 @@ def serve(args: argparse.Namespace) -> int:
     except PosttrainError as exc:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 1
-    app = create_app(
-        engine, tokenizer, args.served_model_name or args.model,
-        max_request_bytes=args.max_request_bytes, max_prompt_tokens=max_prompt_tokens, max_queue=args.max_queue,
-        max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-        enable_tensor_updates=getattr(args, "enable_tensor_updates", False),
-    )
+    try:
+        app = create_app(
+            engine, tokenizer, args.served_model_name or args.model,
+            max_request_bytes=args.max_request_bytes, max_prompt_tokens=max_prompt_tokens, max_queue=args.max_queue,
+            max_n=args.max_n, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+            enable_tensor_updates=getattr(args, "enable_tensor_updates", False),
+            request_timeout_s=args.request_timeout_s, paused_wait_s=args.paused_wait_s,
+            weight_sync_timeout_s=args.weight_sync_timeout_s,
+        )
+    except ValueError as exc:  # a limit out of range
+        print(f"posttrain: error: {exc}", file=sys.stderr)
+        return 2
     logger.info("serving %s on http://%s:%d (device %s, %s)", args.model, args.host, args.port, device,
                 type(engine).__name__)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -13,7 +13,9 @@ prefix cache is dropped); the loop then serves the next requests.
 
 A streaming request (``open_stream``) also gets, after every step, the tokens its sequences
 produced in it (``TokenUpdate``s, through an ``asyncio.Queue``), so the server can send them while
-the others decode. Closing the stream cancels the request; the loop aborts its sequences.
+the others decode. Closing the stream cancels the request; the loop aborts its sequences. A
+stream given a ``deadline`` raises ``TimeoutError`` once it passes, so a paused or stuck engine
+never holds a client forever.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
@@ -40,6 +43,10 @@ T = TypeVar("T")
 
 class EngineLoopStopped(RuntimeError):
     """The loop was stopped (server shutdown) before the request or call ran."""
+
+
+class GenerationPaused(RuntimeError):
+    """The request waited ``paused_wait_s`` while the loop was paused and was not admitted."""
 
 
 @dataclass
@@ -64,6 +71,7 @@ class _Request:
     groups: list[list[Sequence]] = field(default_factory=list)  # one group of n sequences per prompt
     updates: asyncio.Queue | None = None  # streaming requests only: lists of TokenUpdate, then None or an error
     sent: list[int] = field(default_factory=list)  # per sequence: completion tokens pushed; -1 once finished
+    admit_by: float | None = None  # time.monotonic(): while paused, not admitted by then -> GenerationPaused
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -121,8 +129,9 @@ class TokenStream:
     """A streaming request's tokens as the engine produces them: iterate for lists of
     ``TokenUpdate`` (an engine error is raised there); ``close`` cancels the request."""
 
-    def __init__(self, request: _Request) -> None:
+    def __init__(self, request: _Request, deadline: float | None = None) -> None:
         self._request = request
+        self.deadline = deadline  # time.monotonic() after which the stream raises TimeoutError
 
     async def started(self) -> None:
         """Wait until the loop admitted the request; raises what the engine refused it with."""
@@ -132,7 +141,10 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> list[TokenUpdate]:
-        item = await self._request.updates.get()
+        if self.deadline is None:
+            item = await self._request.updates.get()
+        else:
+            item = await asyncio.wait_for(self._request.updates.get(), max(0.0, self.deadline - time.monotonic()))
         if item is None:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
@@ -155,6 +167,7 @@ class EngineLoop:
         self._paused = False
         self._busy = False  # the loop thread is adding requests or stepping
         self._stopped = False
+        self.num_generated_tokens = 0  # completion tokens of every request that ended, for /metrics
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -166,12 +179,31 @@ class EngineLoop:
     def thread(self) -> threading.Thread:
         return self._thread
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_requests_in_engine(self) -> int:
+        """Requests added to the engine and not yet answered (read from any thread: a snapshot)."""
+        return len(self._in_engine)
+
+    def num_sequences(self) -> tuple[int, int]:
+        """(running, waiting) sequences in the engine's scheduler (a snapshot, from any thread)."""
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is None:
+            return 0, 0
+        return len(scheduler.running), len(scheduler.waiting)
+
     # -- from other threads ----------------------------------------------------------------------
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt, generated in the engine's running batch."""
+    async def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                       paused_wait_s: float | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, generated in the engine's running batch. A request
+        that waits more than ``paused_wait_s`` while the loop is paused fails with ``GenerationPaused``
+        (requests that arrive during a pause stay queued, so that they are batched together on resume)."""
         loop = asyncio.get_running_loop()
-        request = _Request(prompts, params, loop, loop.create_future())
+        request = _Request(prompts, params, loop, loop.create_future(), admit_by=_admit_by(paused_wait_s))
         with self._cond:
             if self._stopped:
                 raise EngineLoopStopped("the engine loop has stopped")
@@ -179,16 +211,19 @@ class EngineLoop:
             self._cond.notify_all()
         return await request.future
 
-    def open_stream(self, prompts: list[list[int]], params: SamplingParams) -> TokenStream:
-        """Like ``generate``, but the tokens come as they are produced (call from an event loop)."""
+    def open_stream(self, prompts: list[list[int]], params: SamplingParams, *,
+                    deadline: float | None = None, paused_wait_s: float | None = None) -> TokenStream:
+        """Like ``generate``, but the tokens come as they are produced (call from an event loop);
+        reading the stream past ``deadline`` (``time.monotonic()``) raises ``TimeoutError``."""
         loop = asyncio.get_running_loop()
-        request = _Request(prompts, params, loop, loop.create_future(), updates=asyncio.Queue())
+        request = _Request(prompts, params, loop, loop.create_future(), updates=asyncio.Queue(),
+                           admit_by=_admit_by(paused_wait_s))
         with self._cond:
             if self._stopped:
                 raise EngineLoopStopped("the engine loop has stopped")
             self._submitted.append(request)
             self._cond.notify_all()
-        return TokenStream(request)
+        return TokenStream(request, deadline)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the loop thread between two steps (also while paused); blocks until done."""
@@ -235,7 +270,7 @@ class EngineLoop:
         while True:
             with self._cond:
                 while not self._stopped and not self._has_work():
-                    self._cond.wait()
+                    self._cond.wait(self._expire_paused())
                 if self._stopped:
                     break
                 calls = list(self._calls)
@@ -261,6 +296,22 @@ class EngineLoop:
                     self._busy = False
                     self._cond.notify_all()
         self._shut_down()
+
+    def _expire_paused(self) -> float | None:
+        """(Under the lock, while nothing runs) fail queued requests whose pause wait is over;
+        returns the seconds until the next one is due (None: no deadline)."""
+        if not self._paused:
+            return None
+        now = time.monotonic()
+        kept: deque[_Request] = deque()
+        for request in self._submitted:
+            if request.admit_by is not None and now >= request.admit_by:
+                request.resolve(error=GenerationPaused("generation stayed paused"))
+            else:
+                kept.append(request)
+        self._submitted = kept
+        due = [r.admit_by - now for r in kept if r.admit_by is not None]
+        return max(0.01, min(due)) if due else None
 
     def _admit(self, request: _Request) -> None:
         if request.future.cancelled():
@@ -292,8 +343,9 @@ class EngineLoop:
             if request.updates is not None and not request.future.cancelled():
                 request.push_updates()
         gone = [r for r in self._in_engine if r.future.cancelled()]
-        if gone:  # their clients went away: free the slots and blocks
+        if gone:  # their clients went away (or timed out): free the slots and blocks
             self.engine.abort([s for r in gone for s in r.sequences])
+            self.num_generated_tokens += sum(len(s.completion_token_ids) for r in gone for s in r.sequences)
         if not (finished or gone or not self.engine.has_unfinished):
             return
         waiting = []
@@ -303,6 +355,7 @@ class EngineLoop:
             if not all(s.is_finished for s in request.sequences):
                 waiting.append(request)
                 continue
+            self.num_generated_tokens += sum(len(s.completion_token_ids) for s in request.sequences)
             try:
                 request.resolve([[self.engine.completion(s) for s in group] for group in request.groups])
             except Exception as exc:
@@ -321,3 +374,7 @@ class EngineLoop:
             self._submitted.clear()
         for _, done in calls:
             done.set_exception(error)
+
+
+def _admit_by(paused_wait_s: float | None) -> float | None:
+    return None if paused_wait_s is None else time.monotonic() + paused_wait_s

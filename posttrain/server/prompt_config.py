@@ -66,14 +66,22 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def _is_explicit_path(name_or_path: str) -> bool:
+    """``./math``, ``dir/math``, ``~/math`` and ``math.yaml`` name files; a bare ``math`` names a preset."""
+    return "/" in name_or_path or "\\" in name_or_path or name_or_path.startswith("~") or bool(Path(name_or_path).suffix)
+
+
 def load_prompt_config(name_or_path: str) -> PromptConfig:
-    """A preset name (``math``, ``gsm8k``, ``plain``) or the path of a YAML file."""
+    """A preset name (``math``, ``gsm8k``, ``plain``) or the path of a YAML file. A bare name is
+    the preset even when a file or folder of that name is in the working directory (a folder
+    named ``math`` is common); write ``./math`` to mean the file."""
     path = Path(name_or_path).expanduser()
-    if not path.suffix and not path.exists():
+    if not _is_explicit_path(name_or_path) and name_or_path in preset_names():
         path = PRESETS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"--prompt-config '{name_or_path}' is neither a preset ({', '.join(preset_names())}) nor a "
-                          "YAML file; give one of the presets or the path of a file (see docs/server.md).")
+        what = "a folder, not a YAML file" if path.is_dir() else "neither a preset nor a YAML file"
+        raise ConfigError(f"--prompt-config '{name_or_path}' is {what}; give one of the presets "
+                          f"({', '.join(preset_names())}) or the path of a YAML file (see docs/server.md).")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -106,6 +106,18 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
                         type="server_error" if resp.status_code >= 500 else "invalid_request_error",
                         code="backend_error").response()
 
+    def backend_json(resp: httpx.Response) -> dict[str, Any]:
+        """A successful backend answer as a JSON object; anything else is the backend's fault (502)."""
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise APIError(502, f"The backend at {root} answered HTTP {resp.status_code} with something other than a "
+                           f"JSON object: {resp.text[:200]!r}. Is --proxy an OpenAI-compatible server?",
+                           type="server_error", code="backend_error")
+        return data
+
     async def forward(path: str, body: dict[str, Any]) -> Response:
         if body.get("stream"):
             request = http.build_request("POST", path, json=body)
@@ -150,7 +162,7 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
             resp = await http.get("/v1/models")
         except httpx.TransportError as exc:
             raise transport_error(exc) from None
-        return backend_error(resp) if resp.status_code >= 400 else JSONResponse(resp.json())
+        return backend_error(resp) if resp.status_code >= 400 else JSONResponse(backend_json(resp))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -188,8 +200,9 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
                 resp = await http.get("/v1/models")
             except httpx.TransportError as exc:
                 raise transport_error(exc) from None
-            listed = resp.json().get("data") if resp.status_code == 200 else None
-            if not listed:
+            listed = backend_json(resp).get("data") if resp.status_code == 200 else None
+            if not (isinstance(listed, list) and listed and isinstance(listed[0], dict)
+                    and isinstance(listed[0].get("id"), str)):
                 raise APIError(502, f"The backend at {root} lists no model at /v1/models; give 'model' in the request.",
                                type="server_error", code="backend_error")
             default_model["name"] = listed[0]["id"]
@@ -218,9 +231,14 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
             raise transport_error(exc) from None
         if resp.status_code >= 400:
             return backend_error(resp)
-        out = resp.json()
-        choices = sorted(out.get("choices") or [], key=lambda c: c.get("index", 0))
-        texts = [(c.get("message") or {}).get("content") or "" for c in choices]
+        out = backend_json(resp)
+        choices = out.get("choices")
+        if not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+            raise APIError(502, f"The backend at {root} answered without a list of choices.", type="server_error",
+                           code="backend_error")
+        choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+        messages_out = [c.get("message") if isinstance(c.get("message"), dict) else {} for c in choices]
+        texts = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages_out]
         result: dict[str, Any] = {"messages": messages, "completions": texts,
                                   "finish_reasons": [c.get("finish_reason") for c in choices], "usage": out.get("usage")}
         if env is not None:

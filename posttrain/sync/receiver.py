@@ -3,6 +3,10 @@
 Framework-free, so it can be tested without HTTP: each method takes the fields of one
 SGLang-style request and loads the weights through ``engine.update_weights`` (which copies in
 place by Hugging Face name, see ``posttrain.models.weights``).
+
+``init_group`` touches no engine state and may run on any thread (the server runs it off the
+engine's, so generation goes on while the rendezvous waits); the other methods run where the
+engine is safe to change. ``group_states`` says which groups are joined and which still joining.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import base64
 import glob
 import logging
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -30,6 +35,9 @@ class WeightReceiver:
         self.engine = engine
         self.allow_pickled_tensors = allow_pickled_tensors
         self.groups: dict[str, WeightGroup] = {}
+        self._joining: dict[str, int] = {}  # group name -> id of the join under way
+        self._join_ids = 0
+        self._lock = threading.Lock()  # groups and _joining change on the group thread, are read by others
         self.weight_version = INITIAL_VERSION
         self.instance_id = uuid.uuid4().hex  # a restarted server has a new one: the trainer then re-syncs
 
@@ -46,17 +54,53 @@ class WeightReceiver:
 
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                    group_name: str, backend: str, timeout_s: float = 120.0) -> str:
-        if group_name in self.groups:
-            self.groups.pop(group_name).close()
+        """Join the trainer's group (blocks up to about ``timeout_s``); a ``SyncError`` names the
+        address when the rendezvous or a peer does not answer in time."""
+        if rank_offset >= world_size:
+            raise SyncError(f"rank_offset {rank_offset} must be below world_size {world_size}.")
+        with self._lock:
+            old = self.groups.pop(group_name, None)
+            self._join_ids += 1
+            join_id = self._joining[group_name] = self._join_ids
+        if old is not None:
+            old.close()
         if backend == "nccl" and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        # One engine process is one rank (no tensor parallelism): its rank is the offset.
-        self.groups[group_name] = WeightGroup(master_address, master_port, rank_offset, world_size, group_name,
-                                              backend, timeout_s)
+            torch.cuda.set_device(self.device)  # per thread: this one joins, the engine's receives
+        try:
+            # One engine process is one rank (no tensor parallelism): its rank is the offset.
+            group = WeightGroup(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s)
+        except (RuntimeError, ValueError, OSError) as exc:  # torch's DistError and socket errors
+            with self._lock:
+                if self._joining.get(group_name) == join_id:
+                    del self._joining[group_name]
+            reason = (str(exc).splitlines() or [""])[0][:300]
+            raise SyncError(f"Could not join weight-update group '{group_name}' at {master_address}:{master_port} "
+                            f"within {timeout_s:g} s ({type(exc).__name__}: {reason}). Check that the trainer is "
+                            "running there and that this server can reach the address, or raise "
+                            "--weight-sync-timeout-s.") from None
+        with self._lock:
+            wanted = self._joining.get(group_name) == join_id
+            if wanted:
+                del self._joining[group_name]
+                self.groups[group_name] = group
+        if not wanted:  # the request gave up waiting, or a newer join replaced this one
+            group.close()
+            raise SyncError(f"Joining weight-update group '{group_name}' was abandoned (timed out or replaced).")
         return f"joined group '{group_name}' as rank {rank_offset} of {world_size} ({backend})"
 
+    def abandon_group(self, group_name: str) -> None:
+        """The caller stopped waiting for a join: the group is closed if it forms later."""
+        with self._lock:
+            self._joining.pop(group_name, None)
+
+    def group_states(self) -> dict[str, str]:
+        """``{name: "joined" | "joining"}`` for /health."""
+        with self._lock:
+            return {**{name: "joined" for name in self.groups}, **{name: "joining" for name in self._joining}}
+
     def destroy_group(self, group_name: str) -> str:
-        group = self.groups.pop(group_name, None)
+        with self._lock:
+            group = self.groups.pop(group_name, None)
         if group is None:
             raise SyncError(f"No weight-update group named '{group_name}'.")
         group.close()
@@ -76,6 +120,9 @@ class WeightReceiver:
         device = self.device if group.backend == "nccl" else torch.device("cpu")
         received = {}
         # Every announced tensor is received, even if loading then fails, so the sender never hangs.
+        bad = next(((n, s) for n, s in zip(names, shapes) if any(d < 0 for d in s)), None)
+        if bad is not None:
+            raise SyncError(f"Shape {bad[1]} of '{bad[0]}' has a negative dimension.")
         for name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=DTYPES[dtype.removeprefix("torch.")], device=device)
             received[name] = group.broadcast(tensor)

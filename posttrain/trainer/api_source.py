@@ -11,6 +11,7 @@ groups back in the queue.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -127,14 +128,16 @@ class APIRolloutSource:
                 prompts.append(prompt)
             scores += g["scores"]
         self._fill_missing_logprobs(prompts, completions)
-        rewards = torch.tensor(scores, dtype=torch.float32)
+        # A NaN/inf score (JSON parsers accept NaN) is a failed reward: 0, and counted in reward/errors.
+        errors = [None if math.isfinite(float(x)) else f"the environment submitted a non-finite score ({x})" for x in scores]
+        rewards = torch.tensor([0.0 if e else float(x) for x, e in zip(scores, errors)], dtype=torch.float32)
         algo, lengths = self.cfg.algorithm, torch.tensor([len(c.token_ids) for c in completions])
         shaped = rewards + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, algo.overlong_buffer,
                                             algo.overlong_penalty)
         message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
         n = len(completions)
         return Rollouts(prompts, completions, message_logs, rewards, shaped, [dict(p.metadata) for p in prompts],
-                        [None] * n, [None] * n)
+                        [None] * n, errors)
 
     def _check(self, group: dict[str, Any], group_size: int) -> None:
         if len(group["completion_ids"]) != group_size:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+
+from posttrain.errors import PosttrainError
 
 
 def seed_everything(seed: int) -> None:
@@ -31,14 +35,81 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
     # Several ranks: rank 0's clock names the folder; rank 0 alone writes the log and config.
     output_dir = Path(broadcast_object(str(resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, command))))
     if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise PosttrainError(f"Cannot create the run folder '{output_dir}': it or a folder above it is a file. "
+                                 "Set trainer.output_dir to a folder path.") from None
         log_to_file(output_dir / "train.log")
-        (output_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        write_run_config(output_dir, config_to_yaml(cfg), resumed=resume_ckpt is not None)
         logging.getLogger("posttrain.trainer").info("Run folder: %s", output_dir)
     else:
         logging.getLogger("posttrain").setLevel(logging.WARNING)
     seed_everything(cfg.seed)
     return output_dir, resume_ckpt
+
+
+CONFIG_FILE = "config.yaml"
+CONFIG_HISTORY_SUBDIR = "config_history"
+
+
+def write_run_config(output_dir: Path, text: str, resumed: bool) -> None:
+    """Write the run's config.yaml. A resumed run whose settings differ from the saved ones keeps
+    the old file in config_history/ (numbered, oldest first) and warns with the changed keys, so
+    the settings each part of the run trained with stay on record."""
+    path = output_dir / CONFIG_FILE
+    if resumed and path.is_file():
+        old_text = path.read_text(encoding="utf-8", errors="replace")
+        if old_text != text:
+            history = output_dir / CONFIG_HISTORY_SUBDIR
+            history.mkdir(exist_ok=True)
+            kept = history / f"config-{len(list(history.glob('config-*.yaml'))) + 1:03d}.yaml"
+            kept.write_text(old_text, encoding="utf-8")
+            changes = config_changes(old_text, text)
+            shown = "; ".join(changes[:10]) + (f"; and {len(changes) - 10} more" if len(changes) > 10 else "")
+            logging.getLogger("posttrain.trainer").warning(
+                "Resuming with changed settings: %s. The previous config.yaml is kept as %s.",
+                shown or "(formatting only)", kept)
+    path.write_text(text, encoding="utf-8")
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> list[str]:
+    """``key: old -> new`` for every leaf option that differs between two config.yaml texts."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    try:
+        old, new = flat(yaml.safe_load(old_yaml) or {}), flat(yaml.safe_load(new_yaml) or {})
+    except yaml.YAMLError:
+        return ["(the previous config.yaml is not valid YAML)"]
+    missing = object()
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)]
+
+
+class SkippedStepGuard:
+    """Stops a run whose optimizer updates keep being skipped: a NaN/inf loss or gradient makes
+    every update a no-op while the run would otherwise report progress and end "done".
+    ``max_consecutive`` steps in a row with no update applied raise a PosttrainError (0: never)."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+
+    def record(self, step: int, applied: bool) -> None:
+        """After ``step``: ``applied`` is whether any of its optimizer updates was applied. Steps that
+        attempt no update (no informative group under dynamic sampling, critic warm-up) are not recorded."""
+        self.consecutive = 0 if applied else self.consecutive + 1
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise PosttrainError(
+                f"Stopped at step {step}: the last {self.consecutive} steps skipped every optimizer update because "
+                "the loss or gradient was not finite (NaN/inf), so the model has stopped learning. Usual causes: "
+                "a learning rate too high (lower trainer.lr), float16 overflow (model.dtype=bfloat16 or float32), "
+                "or non-finite rewards or data. metrics.jsonl shows where it began; the last checkpoint holds the "
+                "weights from before. trainer.max_skipped_steps=0 disables this check."
+            )
 
 
 def due(step: int, every: int, last_step: int | None = None) -> bool:
@@ -65,11 +136,59 @@ def resolve_output_dir(output_dir: str, resume_ckpt: Path | None, command: str) 
     return Path("runs") / f"{command}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+class _RunLogFormatter(logging.Formatter):
+    """Console lines (progress.CONSOLE_LOGGER) as printed after the time; other records with
+    their level and logger name, as the console shows them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from posttrain.logging.progress import CONSOLE_LOGGER
+
+        if record.name == CONSOLE_LOGGER:
+            return f"{self.formatTime(record)} {record.getMessage()}"
+        return super().format(record)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """train.log. When a write fails (disk full), logging would print a traceback for every
+    record; this says so once, and the console log goes on."""
+
+    _failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if not self._failed:
+            self._failed = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); "
+                             "the log goes on on the console only\n")
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)
+
+    def close(self) -> None:
+        try:
+            super().close()  # closing the file flushes its buffer once more
+        except OSError:
+            self.handleError(None)
+
+
 def log_to_file(path: Path) -> None:
-    """Also write posttrain's log records to ``path`` (the run's train.log)."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("posttrain").addHandler(handler)
+    """Write posttrain's log records and the console's lines (steps, validation, checkpoints) to
+    ``path`` (the run's train.log). Replaces the train.log handler of an earlier run in this
+    process, which would otherwise receive this run's lines too."""
+    from posttrain.logging.progress import CONSOLE_LOGGER
+
+    loggers = [logging.getLogger("posttrain"), logging.getLogger(CONSOLE_LOGGER)]
+    for log in loggers:
+        for old in [h for h in log.handlers if getattr(h, "posttrain_run_log", False)]:
+            log.removeHandler(old)
+            old.close()
+    handler = _RunLogHandler(path)
+    handler.posttrain_run_log = True
+    handler.setFormatter(_RunLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for log in loggers:
+        log.addHandler(handler)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

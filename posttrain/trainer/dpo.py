@@ -27,7 +27,7 @@ from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, re
 from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model, lora_enabled
-from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
     compute_reference_logps,
@@ -117,6 +117,7 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
 
         completed = start_step
         sampler_state = sampler.state_dict()
+        skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
             path = checkpoints.save(
@@ -149,6 +150,7 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
                         "data/epoch": float(sampler.epoch),
                     }
                     metrics_log.log(step, step_metrics)
+                    skipped_steps.record(step, not update_metrics["skipped_update"])
                     completed, sampler_state = step, sampler.state_dict()
 
                 progress.update(step, {"loss": step_metrics["loss"], "acc": step_metrics["rewards/accuracy"]})

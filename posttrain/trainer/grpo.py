@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -20,14 +21,16 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
 from posttrain.distributed import (
-    RankShardedSampler, all_gather_objects, all_reduce_max, gathered_for_generation, get_rank, init_process_group, is_distributed,
+    RankShardedSampler, all_gather_objects, all_reduce_max, gathered_for_generation, get_rank, get_world_size, init_process_group, is_distributed,
     is_main_process, mean_across_ranks,
 )
+from posttrain.distributed.layout import ParallelLayout
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.errors import PosttrainError
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
+from posttrain.logging.samples import SampleLog
 from posttrain.models import (
     encode_prompts,
     load_model_and_tokenizer,
@@ -36,12 +39,13 @@ from posttrain.models import (
     resolve_device,
 )
 from posttrain.models.lora import checkpoint_prefix, is_peft_model
+from posttrain.models.moe import check_moe_config, moe_checklist, prepare_moe_policy
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.builder import build_engine
 from posttrain.sync import build_weight_sync
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.memory import prepare_for_training
-from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.samples import Sample
@@ -67,6 +71,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     # Under torchrun: join the process group (this rank's device); each rank then holds a shard of
     # every model (FSDP2) and generates, scores and trains on its share of each step's prompt groups.
     device = init_process_group(resolve_device(cfg.model.device), cfg.trainer.dist_timeout_s)
+    check_moe_config(cfg, device)  # e.g. moe.expert_dtype=fp8 on a GPU without fp8
     output_dir, resume_ckpt = start_run(cfg, resume_from, "grpo")
 
     # ---- build the parts. Data first: rows the environment cannot score (e.g. no reference
@@ -85,15 +90,19 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         )
     # A sharded checkpoint (multi-process runs) is loaded into the sharded model further down.
     sharded_resume = resume_ckpt is not None and is_sharded_checkpoint(resume_ckpt)
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, device, source=str(resume_ckpt) if resume_ckpt and not sharded_resume else None
-    )
+
+    def load_policy(source: str | None = None):
+        # moe.random_init builds a random MoE policy; an MoE policy is checked and its router dtype set.
+        policy, policy_tokenizer = load_model_and_tokenizer(cfg.model, device, source=source, moe=cfg.moe)
+        return policy, policy_tokenizer, prepare_moe_policy(policy, cfg)
+
+    model, tokenizer, moe_shape = load_policy(str(resume_ckpt) if resume_ckpt and not sharded_resume else None)
     reference = None
     # LoRA: the reference is the policy itself with its adapters disabled (the frozen base), no copy.
     if cfg.algorithm.kl_coef > 0 and not is_peft_model(model):
         # The reference is always the starting model, also when resuming from a later checkpoint.
         reference = make_reference_model(
-            model if resume_ckpt is None or sharded_resume else load_model_and_tokenizer(cfg.model, device)[0]
+            model if resume_ckpt is None or sharded_resume else load_policy()[0]
         )
         prepare_for_training(reference, cfg.trainer, device, compute_dtype)
     model = prepare_for_training(model, cfg.trainer, device, compute_dtype)  # before the optimizer sees it
@@ -106,6 +115,8 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
     val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
     engine = build_engine(cfg, model, tokenizer, compute_dtype)
+    if moe_shape is not None:  # the layout and router checklist, before anything trains
+        logger.info(moe_checklist(moe_shape, cfg, ParallelLayout.from_world_size(get_world_size()), type(model).__name__))
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups
@@ -152,6 +163,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         metrics_log = stack.enter_context(
             MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
         ) if main else None
+        sample_log = SampleLog(output_dir, cfg.logging, resume_step=start_step if resume_ckpt else None) if main else None
         if not main:
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar and main)
@@ -174,15 +186,18 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 if not main:
                     return
                 progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
+                val_records: list[dict] = []
                 val = validate(
                     engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
-                    print_samples=cfg.validation.print_samples, write=progress.write,
+                    print_samples=cfg.validation.print_samples, write=progress.write, records=val_records,
                 )
             metrics_log.log(step, val)
+            sample_log.write_validation(step, val_records)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
 
         completed = start_step
         sampler_state = sampler.state_dict()
+        skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
             path = checkpoints.save(
@@ -237,8 +252,14 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
 
                 # ---- policy update and its metrics line. Ctrl-C waits for both, so a checkpoint
                 # holds whole steps and every checkpointed step has its line in metrics.jsonl.
+                # samples.jsonl: rank 0 records the trainer logprobs and entropy of its first samples.
+                num_recorded = sample_log.num_to_record(
+                    step, cfg.trainer.max_steps, len(samples), cfg.trainer.mini_batch_size // get_world_size(), group_size,
+                ) if main else 0
+                engine_version = weight_sync.engine_version
                 with guard.deferred():
-                    update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                    update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast,
+                                                   record_tokens=num_recorded)
                     t_trained = time.perf_counter()
                     # The cadence decides whether the engine gets the new weights now (sync/* metrics).
                     sync_metrics = weight_sync.after_update(step * optimizer_steps_per_step, step)
@@ -259,6 +280,11 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                     step_metrics = mean_across_ranks(step_metrics)  # per-rank ones (times, fractions): their mean
                     if main:
                         metrics_log.log(step, step_metrics)
+                        if num_recorded:
+                            sample_log.write_rollouts(step, batch, samples[:num_recorded], tokenizer, group_size,
+                                                      version=(step - 1) * optimizer_steps_per_step, engine_version=engine_version)
+                    if samples:  # grad_norm is NaN when every optimizer update of the step was skipped
+                        skipped_steps.record(step, math.isfinite(update_metrics["grad_norm"]))
                     completed, sampler_state = step, sampler.state_dict()
                     if api_source is not None:  # acknowledge the step's groups, post the new policy version
                         api_source.finish_step(step)

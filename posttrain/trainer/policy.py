@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -21,6 +22,7 @@ from posttrain.distributed import all_reduce_sum, get_world_size
 from posttrain.trainer.memory import compiled
 from posttrain.trainer.optim import clip_and_step
 from posttrain.models import response_logprobs
+from posttrain.models.moe import MoEUpdate
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
 from posttrain.trainer.samples import Sample, chunks, collate
 
@@ -41,6 +43,7 @@ def policy_update(
     pad_token_id: int,
     device: torch.device,
     autocast,
+    record_tokens: int = 0,
 ) -> dict[str, float]:
     """``ppo_epochs`` x mini-batches x micro-batches. Each micro-batch loss is normalised by its
     mini-batch's global token/sequence count, so accumulated gradients equal the mini-batch's.
@@ -50,7 +53,12 @@ def policy_update(
     a mini-batch is one mini-batch), and the lr scheduler is still advanced by the configured
     ``ppo_epochs * rollout.batch_size / mini_batch_size`` steps, so the lr schedule follows training
     steps. With no samples at all no update is made (the scheduler still advances). Untrainable
-    samples (``Sample.trainable``) have a zero loss mask and count in no normaliser."""
+    samples (``Sample.trainable``) have a zero loss mask and count in no normaliser.
+
+    ``record_tokens``: the first that many samples of the first mini-batch get ``trainer_logprobs``
+    and ``entropy`` per response token, from the forward pass of the first epoch. No optimizer step
+    has run before it, so these are the logprobs of the weights the step started with, at no extra
+    forward pass (samples.jsonl shows them beside the engine's)."""
     algo, trainer = cfg.algorithm, cfg.trainer
     scheduler_steps = algo.ppo_epochs * (cfg.rollout.batch_size // trainer.mini_batch_size)
     if not samples:
@@ -77,6 +85,8 @@ def policy_update(
     # the mini-batch's global counts, and FSDP averages gradients over ranks, so each rank's loss is
     # scaled by N: the summed gradient is then exactly the one-process gradient of the mini-batch.
     world_size = get_world_size()
+    # MoE policies: router losses join the policy loss, router metrics the update's (docs/moe.md).
+    moe = MoEUpdate.for_model(model, cfg.moe.router, device)
     if trainer.compile_loss:
         policy_loss = compiled(policy_loss)
     model.train()
@@ -88,21 +98,25 @@ def policy_update(
                         packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
                 for _, micro_batches in mini_batches for micro_batch in micro_batches)
     next_batch = next(collated)
-    for mini_batch, micro_batches in mini_batches:
+    record = {id(s) for s in mini_batches[0][0][:record_tokens]} if record_tokens else set()
+    recorded = []  # (micro-batch, logprobs, entropy) of the first mini-batch, read with the metrics
+    for index, (mini_batch, micro_batches) in enumerate(mini_batches):
         trained = [s for s in mini_batch if s.trainable]
         num_tokens, num_sequences = all_reduce_sum([sum(s.num_loss_tokens for s in trained), len(trained)])
         num_tokens, num_sequences = max(num_tokens, 1.0), max(num_sequences, 1.0)
         loss_total = torch.zeros((), dtype=torch.float64, device=device)
         optimizer.zero_grad(set_to_none=True)
-        for _ in micro_batches:
+        for micro_batch in micro_batches:
             batch = next_batch
             mask = batch.loss_mask
-            with autocast():
+            with autocast(), (moe.recording() if moe is not None else contextlib.nullcontext()) as routes:
                 logprobs, entropy = response_logprobs(
                     model, batch.tokens, temperature=cfg.rollout.temperature,
                     with_entropy=True, entropy_grad=algo.entropy_coef > 0,
                     chunk_size=cfg.model.chunked_logprobs, float32_logits=cfg.model.float32_logits,
                 )
+            if index == 0 and record:
+                recorded.append((micro_batch, logprobs.detach(), entropy.detach()))
             per_token, pg_metrics = policy_loss(
                 logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
             )
@@ -124,7 +138,8 @@ def policy_update(
                 per_token, mask, algo.loss_agg_mode,
                 num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
             )
-            (loss * world_size).backward()
+            router_loss = moe.loss_term(routes, batch.tokens, mask, num_tokens) if moe is not None else 0.0
+            ((loss + router_loss) * world_size).backward()
             loss_total += loss.detach()
             # Token-weighted sums, so logged means do not depend on the micro-batch split.
             micro_tokens = mask.sum().double()
@@ -147,6 +162,12 @@ def policy_update(
     num_tokens_total, *totals = all_reduce_sum(host[: 1 + len(names) + len(losses)])
     totals, losses, grad_norms = totals[: len(names)], totals[len(names):], host[1 + len(names) + len(losses):]
     sums = dict(zip(names, totals))
+    for micro_batch, logprobs, entropy in recorded:
+        logprobs, entropy = logprobs.float().cpu(), entropy.float().cpu()
+        for i, s in enumerate(micro_batch):
+            if id(s) in record:
+                n = len(s.response_ids)
+                s.trainer_logprobs, s.entropy = logprobs[i, :n].tolist(), entropy[i, :n].tolist()
     finite_norms = [norm for norm in grad_norms if math.isfinite(norm)]
     skipped = len(grad_norms) - len(finite_norms)
     for _ in range(skipped):
@@ -159,4 +180,6 @@ def policy_update(
     if "actor/kl" in out:
         out["kl"] = out.pop("actor/kl")
     out["entropy"] = out.pop("actor/entropy")
+    if moe is not None:
+        out.update(moe.metrics(all_reduce_sum))
     return out

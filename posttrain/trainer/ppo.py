@@ -36,6 +36,7 @@ from posttrain.envs.registry import check_task_data, env_specs, resolve_env_clas
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
+from posttrain.logging.samples import SampleLog
 from posttrain.models import encode_prompts, load_model_and_tokenizer, make_reference_model, model_source
 from posttrain.models import resolve_compute_dtype, resolve_device
 from posttrain.models.loading import load_model
@@ -43,7 +44,7 @@ from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.builder import build_engine
-from posttrain.trainer.common import due, masked_mean, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
@@ -117,19 +118,23 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
         metrics_log = stack.enter_context(
             MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
         )
+        sample_log = SampleLog(output_dir, cfg.logging, resume_step=start_step if resume_ckpt else None)
         progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
         stack.callback(progress.close)
         guard = stack.enter_context(InterruptGuard())
 
         def run_validation(step: int) -> None:
             progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
+            val_records: list[dict] = []
             val = validate(engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
-                           print_samples=cfg.validation.print_samples, write=progress.write)
+                           print_samples=cfg.validation.print_samples, write=progress.write, records=val_records)
             metrics_log.log(step, val)
+            sample_log.write_validation(step, val_records)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
 
         completed = start_step
         sampler_state = sampler.state_dict()
+        skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
             path = checkpoints.save(
@@ -171,9 +176,11 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 # ---- policy update (not during critic warm-up) and critic update
                 with guard.deferred():
                     warming_up = step <= cfg.critic.warmup_steps
+                    num_recorded = sample_log.num_to_record(step, cfg.trainer.max_steps, len(samples),
+                                                            cfg.trainer.mini_batch_size, group_size)
                     # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
                     update_metrics = policy_update(model, optimizer, scheduler, [] if warming_up else samples, cfg,
-                                                   tokenizer.pad_token_id, device, engine.autocast)
+                                                   tokenizer.pad_token_id, device, engine.autocast, record_tokens=num_recorded)
                     critic_metrics = critic_update(critic, critic_optimizer, critic_scheduler, samples, targets, cfg,
                                                    tokenizer.pad_token_id, device, engine.autocast)
                     t_trained = time.perf_counter()
@@ -193,6 +200,12 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                         "data/epoch": float(sampler.epoch),
                     }
                     metrics_log.log(step, step_metrics)
+                    if num_recorded:  # during critic warm-up without trainer logprobs and entropy
+                        sample_log.write_rollouts(step, rollouts, samples[:num_recorded], tokenizer, group_size,
+                                                  version=(step - 1) * optimizer_steps // cfg.trainer.max_steps)
+                    # Broken when the critic's updates (or, after warm-up, the policy's) were all skipped.
+                    skipped_steps.record(step, math.isfinite(critic_metrics["critic/grad_norm"])
+                                         and (warming_up or math.isfinite(update_metrics["grad_norm"])))
                     completed, sampler_state = step, sampler.state_dict()
 
                 progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})

@@ -28,6 +28,9 @@ class Sample:
     # Per response token: 1 for the model's own tokens, 0 for tokens it did not generate (the
     # observations of a multi-turn episode). None: every response token is the model's.
     response_mask: list[int] | None = None
+    # Per response token, set by policy_update(record_tokens=...) for the samples written to samples.jsonl.
+    trainer_logprobs: list[float] | None = None
+    entropy: list[float] | None = None
 
     @property
     def num_tokens(self) -> int:

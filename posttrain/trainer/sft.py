@@ -35,7 +35,7 @@ from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import checkpoint_prefix
-from posttrain.trainer.common import due, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 
@@ -65,9 +65,16 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
     batcher = TokenBudgetBatcher([len(ex) for ex in train_examples], cfg.trainer.batch_tokens, cfg.seed,
                                  cfg.data.shuffle)
     max_steps = cfg.trainer.max_steps or batcher.steps_for_epochs(cfg.trainer.num_epochs)
-    logger.info("%d training conversations (%d tokens), %d validation; %d steps of <= %d tokens; %s rows",
+    epochs = batcher.epochs_for_steps(max_steps)
+    logger.info("%d training conversations (%d tokens), %d validation; %d steps of <= %d tokens (%.3g epochs); %s rows",
                 len(train_examples), sum(batcher.lengths), len(val_examples), max_steps, cfg.trainer.batch_tokens,
-                "packed" if packed else "padded")
+                epochs, "packed" if packed else "padded")
+    if cfg.trainer.max_steps and epochs > 1 + 1e-9:
+        # trainer.max_steps wins over num_epochs; many passes over a small file overfit it.
+        logger.warning("trainer.max_steps=%d spans %.3g epochs: one pass over the %d training conversations takes "
+                       "about %d steps of trainer.batch_tokens=%d (metrics log data/epoch). Set trainer.max_steps=0 to "
+                       "train trainer.num_epochs=%g epochs instead.", max_steps, epochs, len(train_examples),
+                       batcher.steps_for_epochs(1.0), cfg.trainer.batch_tokens, cfg.trainer.num_epochs)
     optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same option names as GRPO's
     scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
     checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
@@ -94,6 +101,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
 
         completed = start_step
         data_state = batcher.state_dict()
+        skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
             path = checkpoints.save(
@@ -135,6 +143,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                         "time/step": elapsed,
                     }
                     metrics_log.log(step, step_metrics)
+                    skipped_steps.record(step, not update_metrics["optim/skipped_updates"])
                     completed, data_state = step, batcher.state_dict()
 
                 progress.update(step, {"loss": step_metrics["loss"]})

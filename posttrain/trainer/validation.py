@@ -18,8 +18,11 @@ def validate(
     stop: list[str],
     print_samples: int = 0,
     write: Callable[[str], None] = print,
+    records: list[dict] | None = None,
 ) -> dict[str, float]:
-    """Greedy-decode every prompt once, score it, and return ``val/*`` metrics."""
+    """Greedy-decode every prompt once, score it, and return ``val/*`` metrics. ``records``, when
+    given, gets one dict per prompt (prompt, completion, reward, answer, expected, finish_reason):
+    what validation_samples.jsonl holds."""
     params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, stop=list(stop), logprobs=False)
     completions = [group[0] for group in engine.generate([p.token_ids for p in prompts], params)]
     message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
@@ -36,11 +39,21 @@ def validate(
     }
     metrics.update(_per_level(prompts, scored.metadata, scored.rewards.tolist()))
     metrics.update(per_task_means(prompts, scored.rewards.tolist(), "val/{task}/reward_mean"))
+    if records is not None:
+        records.extend(
+            {"prompt": p.messages[-1]["content"], "completion": c.text, "reward": r, "answer": _jsonable(answer),
+             "expected": _jsonable(p.metadata.get("expected_answer")), "finish_reason": c.finish_reason}
+            for p, c, r, answer in zip(prompts, completions, scored.rewards.tolist(), scored.answers)
+        )
     for p, c, r, answer in list(zip(prompts, completions, scored.rewards.tolist(), scored.answers))[:print_samples]:
         question = p.messages[-1]["content"]
         expected = p.metadata.get("expected_answer", "?")
         write(f"  [val] Q: {question}\n        A: {c.text.strip()!r}\n        extracted={answer!r} expected={expected!r} reward={r:.2f}")
     return metrics
+
+
+def _jsonable(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def per_task_means(prompts: list[Any], rewards: list[float], name: str) -> dict[str, float]:

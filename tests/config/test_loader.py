@@ -142,7 +142,7 @@ def test_interpolation_errors_are_translated():
 
 def test_cross_field_problems_are_collected_together():
     message = error_of(overrides=[
-        "rollout.batch_size=100", "trainer.micro_batch_size=48", "rollout.temperature=0",
+        "rollout.batch_size=100", "trainer.micro_batch_size=48", "trainer.micro_batch_tokens=0", "rollout.temperature=0",
         "rollout.top_p=1.5", "trainer.lr=0", "data.arithmetic.difficulty=6", "env.timeout_s=0",
         "checkpoint.keep_last=-1",
     ])

@@ -123,10 +123,14 @@ def test_validation_carve_is_seeded_and_disjoint(tmp_path):
     assert len(vals) > 1
 
 
-def test_split_validation_errors():
-    exs = [PromptExample([{"role": "user", "content": "q"}], {}) for _ in range(3)]
-    with pytest.raises(PosttrainError, match="validation_size=3.*only 3 rows.*validation_path"):
-        split_validation(exs, 3, seed=0)
+def test_split_validation_clamps_a_size_the_data_cannot_give(caplog):
+    exs = [PromptExample([{"role": "user", "content": f"q{i}"}], {}) for i in range(30)]
+    with caplog.at_level("WARNING", logger="posttrain.data"):
+        train, val = split_validation(exs, 200, seed=0)
+    assert (len(train), len(val)) == (27, 3)  # a tenth held out
+    assert "validation_size=200" in caplog.text and "30 rows" in caplog.text
+    train, val = split_validation(exs[:3], 3, seed=0)
+    assert (len(train), len(val)) == (3, 0)
     with pytest.raises(PosttrainError, match=">= 0"):
         split_validation(exs, -1, seed=0)
 
@@ -203,10 +207,12 @@ def test_empty_dataset(tmp_path):
         load_prompt_data(cfg(train_path=str(tmp_path / "e.jsonl")), seed=0)
 
 
-def test_validation_size_too_large(tmp_path):
+def test_validation_size_too_large_is_clamped_with_a_warning(tmp_path, caplog):
     path = write_jsonl(tmp_path / "p.jsonl", PROMPT_ROWS)
-    with pytest.raises(PosttrainError, match=r"data\.validation_size=10.*only 10 rows"):
-        load_prompt_data(cfg(train_path=path, validation_size=10), seed=0)
+    with caplog.at_level("WARNING", logger="posttrain.data"):
+        train, val = load_prompt_data(cfg(train_path=path, validation_size=10), seed=0)
+    assert (len(train), len(val)) == (9, 1)
+    assert "data.validation_size=10 is not smaller than the 10 rows" in caplog.text
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "prompts"])
