@@ -17,9 +17,10 @@ Design notes:
   waits up to ``paused_wait_s`` for ``/continue_generation``, then gets 503 with ``Retry-After``;
   a request that has not finished within ``request_timeout_s`` gets 504 and its sequences are
   aborted. ``/health`` answers 200 only when a request would be served now (see docs/server.md).
-- Request bodies are read and validated here (not by FastAPI's body parsing), so that every bad
-  input, from an oversized body to malformed JSON to an out-of-range parameter, gets a 4xx in
-  the OpenAI error schema ``{"error": {"message", "type", "param", "code"}}``.
+- Request bodies are read and validated by ``protocol.read_json`` and the schemas in ``requests.py``
+  (not by FastAPI's body parsing), so that every bad input, from an oversized body to malformed
+  JSON to an out-of-range parameter, gets a 4xx in the OpenAI error schema
+  ``{"error": {"message", "type", "param", "code"}}``.
 - Request-side tokenization uses a private copy of the tokenizer: a fast tokenizer may refuse
   to be used from two threads at once ("Already borrowed"), and the engine decodes on its thread.
 """
@@ -35,17 +36,20 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel
 
 from posttrain.errors import PosttrainError
 from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
 from posttrain.server.engine_loop import EngineLoop, GenerationPaused, TokenStream
 from posttrain.server.metrics import add_metrics
-from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
+from posttrain.server.protocol import APIError, install_error_handlers, read_json
+from posttrain.server.requests import (
+    ChatCompletionRequest, CompletionRequest, GenerateRequest, chat_prompt_ids, completion_prompt_ids,
+)
 from posttrain.server.streaming import StreamedChoice, cut_at_stops, live_chunks, sse_response
 from posttrain.server.weight_routes import add_weight_routes
 
@@ -53,79 +57,6 @@ logger = logging.getLogger("posttrain.server")
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
 MAX_PROMPTS = 2048  # prompts in one /v1/completions request, as in the OpenAI API
-
-
-# ----------------------------------------------------------------------------------------------
-# Request schemas. Unknown top-level parameters are rejected (400) rather than silently ignored.
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _OpenAISampling(_Strict):
-    model: Optional[str] = None  # one model per server: any name is accepted
-    n: Optional[int] = None
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=-1)  # extension, as in vLLM; -1 and 0 switch it off
-    max_tokens: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None  # accepted and ignored
-    # Accepted only at their neutral value, since the engines do not implement them.
-    presence_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
-    frequency_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # e.g. tool_calls on assistant messages
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
-
-
-class ChatCompletionRequest(_OpenAISampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
-
-
-class CompletionRequest(_OpenAISampling):
-    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
-    echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
-
-
-class GenerateSampling(_Strict):
-    n: int = 1
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    max_new_tokens: Optional[int] = None
-    max_tokens: Optional[int] = None  # alias of max_new_tokens
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    logprobs: bool = True
-
-
-class GenerateRequest(_Strict):
-    input_ids: list[StrictInt] = Field(min_length=1)
-    sampling_params: GenerateSampling = Field(default_factory=GenerateSampling)
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 class _Server:
@@ -516,7 +447,7 @@ def create_app(
             max_tokens_param="max_completion_tokens" if use_mct else "max_tokens",
             stop=req.stop, seed=req.seed, logprobs=bool(req.logprobs),
         )
-        prompt = server.check_prompt(_chat_prompt_ids(server.tokenizer, req.messages), "messages")
+        prompt = server.check_prompt(chat_prompt_ids(server.tokenizer, req.messages), "messages")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream and server.engine_loop is not None:  # tokens as the engine produces them
@@ -598,7 +529,7 @@ def create_app(
                 and len(req.prompt) > MAX_PROMPTS:  # else a 1 MiB body could ask for 250,000 sequences at once
             raise APIError(400, f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request, got "
                            f"{len(req.prompt)}. Split the batch.", param="prompt", code="invalid_value")
-        prompts = [server.check_prompt(ids, "prompt") for ids in _completion_prompt_ids(server.tokenizer, req.prompt)]
+        prompts = [server.check_prompt(ids, "prompt") for ids in completion_prompt_ids(server.tokenizer, req.prompt)]
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": completion_id, "object": "text_completion", "created": created, "model": server.model_name,
@@ -670,36 +601,3 @@ def create_app(
 
     return app
 
-
-def _message_text(message: ChatMessage) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    return "".join(part.text for part in message.content)
-
-
-def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions with a text prompt.",
-                       param="messages", code="unsupported_endpoint")
-    rendered = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages]
-    try:
-        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template itself may reject a conversation (e.g. role order)
-        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages",
-                       code="invalid_value") from None
-    # The chat template already holds any BOS token; adding special tokens again would double it.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[list[int]]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "Invalid value for 'prompt': the list is empty.", param="prompt", code="invalid_value")
-    if all(isinstance(p, int) for p in prompt):  # one prompt given as token ids
-        return [list(prompt)]
-    if all(isinstance(p, list) for p in prompt):  # several prompts given as token ids
-        return [list(p) for p in prompt]
-    return [list(ids) for ids in tokenizer(list(prompt), add_special_tokens=True)["input_ids"]]
