@@ -8,23 +8,11 @@ is written exactly once: here.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
-    """A dataclass field with a help text (and optional allowed values)."""
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def section(cls: type, help: str) -> Any:
-    return field(default_factory=cls, metadata={"help": help})
+# opt and section are re-exported: the other schema modules import them from here.
+from posttrain.config.schema_fields import opt, section  # noqa: F401
+from posttrain.config.moe_schema import MoEConfig, MoERandomInitConfig, MoERouterConfig  # noqa: F401
 
 
 @dataclass
@@ -579,90 +567,6 @@ class SyncConfig:
         "",
         "checkpoint and lora: folder the weights are written to; the server must read the same path. "
         "Empty: a folder under /dev/shm (memory) when it exists, else under the system temp folder.",
-    )
-
-
-@dataclass
-class MoERouterConfig:
-    """The router of a mixture-of-experts policy. See docs/moe.md."""
-
-    num_experts: int = opt(
-        0,
-        "Experts per MoE layer. 0: the model's own (its config's num_local_experts / num_experts); a "
-        "loaded model with a different count stops the run, since the checkpoint fixes it. With "
-        "moe.random_init: the experts of the built model (0 builds 8).",
-    )
-    top_k: int = opt(
-        0,
-        "Experts each token is routed to (the config's num_experts_per_tok). 0: the model's own; a loaded "
-        "model with another value stops the run. With moe.random_init: 0 builds top-2 (Mixtral's).",
-    )
-    capacity_factor: float = opt(
-        0.0,
-        "Expert capacity as a multiple of the balanced load: an expert takes at most ceil(capacity_factor x "
-        "tokens x top_k / num_experts) tokens of a forward pass (Switch Transformer; Megatron's "
-        "--moe-expert-capacity-factor, typical 1.0-1.25). transformers' MoE blocks are dropless, so here it "
-        "only sets the logged moe/dropped_fraction: the share of routed tokens an engine with this capacity "
-        "would drop. 0: dropless, no metric.",
-    )
-    aux_loss_coef: float = opt(
-        1e-3,
-        "Weight of the load-balancing loss added to the policy loss (Switch Transformer, Fedus et al. 2021): "
-        "num_experts x sum_i f_i x P_i per MoE layer, f_i the fraction of routed tokens sent to expert i and "
-        "P_i its mean router probability, over the loss tokens; 1 under uniform routing. Summed over layers "
-        "like Megatron's --moe-aux-loss-coeff (its recommended start: 1e-2), so coefficients carry over; "
-        "transformers' load_balancing_loss_func pools layers and is top_k times larger. RL on a pretrained "
-        "MoE keeps it small (1e-3) or 0: a strong pull moves routing away from what the rollouts saw.",
-    )
-    z_loss_coef: float = opt(
-        0.0,
-        "Weight of the router z-loss (ST-MoE, Zoph et al. 2022): the mean squared logsumexp of each token's "
-        "router logits, per layer, summed over layers like Megatron's --moe-z-loss-coeff (recommended: 1e-3). "
-        "Keeps router logits small, so bf16 rounding flips fewer top-k choices. 0: off (still logged).",
-    )
-    dtype: str = opt(
-        "float32",
-        "Dtype of the router's logits matmul and softmax. 'float32': computed in float32 even when the rest "
-        "of the forward runs in bf16 (Megatron's --moe-router-dtype fp32): bf16 logits flip near-tied top-k "
-        "choices between rollout and training. Needs float32 router weights (trainer.param_dtype=float32). "
-        "'auto': model.dtype, like every other matmul.",
-        ("float32", "auto"),
-    )
-
-
-@dataclass
-class MoERandomInitConfig:
-    family: str = opt(
-        "",
-        "Build a randomly initialised MoE policy of this transformers family instead of loading the weights "
-        "of model.path, which then only gives the tokenizer: 'mixtral' (MixtralForCausalLM) or 'qwen3_moe' "
-        "(Qwen3MoeForCausalLM). Experts and top-k come from moe.router. For demos and tests of the MoE "
-        "path; a random model learns no task in a few steps. Empty: load model.path.",
-        ("", "mixtral", "qwen3_moe"),
-    )
-    hidden_size: int = opt(64, "Width of the residual stream.")
-    intermediate_size: int = opt(128, "Hidden width of each expert's MLP.")
-    num_layers: int = opt(2, "Decoder layers (every one an MoE layer).")
-    num_attention_heads: int = opt(4, "Attention heads; must divide hidden_size.")
-    num_key_value_heads: int = opt(2, "Key/value heads (grouped-query attention); must divide num_attention_heads.")
-    seed: int = opt(
-        0, "Seed of the initial weights: the same seed builds the same model (the KL reference on resume is rebuilt)."
-    )
-
-
-@dataclass
-class MoEConfig:
-    router: MoERouterConfig = section(MoERouterConfig, "The router: experts, top-k, capacity, aux and z-loss, dtype.")
-    expert_dtype: str = opt(
-        "auto",
-        "Dtype of the expert matmuls. 'auto': model.dtype like the rest of the model (bf16 on GPU). 'fp8' "
-        "needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); 'nvfp4' needs 10.0 or newer "
-        "(Blackwell). Both are checked against the GPU before loading, but their expert kernels are not "
-        "implemented yet, so for now they stop the run with a message saying so.",
-        ("auto", "fp8", "nvfp4"),
-    )
-    random_init: MoERandomInitConfig = section(
-        MoERandomInitConfig, "A random-init MoE policy built from these sizes (moe.random_init.family), for demos."
     )
 
 
