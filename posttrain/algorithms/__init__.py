@@ -1,7 +1,7 @@
 """posttrain.algorithms: the algorithm core as pure tensor functions (no models, no I/O).
 
-Advantage estimators, policy losses, KL estimators, entropy and loss aggregation, each
-registered by the name the config uses (see :mod:`posttrain.algorithms.registry`).
+Advantage estimators, policy losses, KL estimators, entropy, loss aggregation and off-policy
+corrections, each registered by the name the config uses (see :mod:`posttrain.algorithms.registry`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 from posttrain.algorithms.registry import (
     ADVANTAGE_ESTIMATORS,
     LOSS_AGGREGATIONS,
+    OFF_POLICY_CORRECTIONS,
     POLICY_LOSSES,
     Registry,
     get_advantage_estimator,
+    get_off_policy_correction,
     get_policy_loss,
 )
 from posttrain.algorithms.advantages import (
@@ -29,6 +31,11 @@ from posttrain.algorithms.losses import (
     gspo_loss,
     kl_penalty,
     ppo_clip_loss,
+)
+from posttrain.algorithms.off_policy import (
+    OffPolicyCorrection,
+    off_policy_metrics,
+    resolved_off_policy_correction,
     truncated_is_weights,
 )
 from posttrain.algorithms.shaping import informative_groups, overlong_penalty
@@ -51,6 +58,8 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "OFF_POLICY_CORRECTIONS",
+    "OffPolicyCorrection",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "Registry",
@@ -66,14 +75,17 @@ __all__ = [
     "explained_variance",
     "folds_kl_into_reward",
     "get_advantage_estimator",
+    "get_off_policy_correction",
     "get_policy_loss",
     "get_preference_loss",
     "gspo_loss",
     "informative_groups",
     "kl_penalty",
     "normalize_advantages",
+    "off_policy_metrics",
     "overlong_penalty",
     "ppo_clip_loss",
+    "resolved_off_policy_correction",
     "rlhf_token_rewards",
     "sequence_logps",
     "truncated_is_weights",

@@ -195,40 +195,6 @@ def gspo_loss(
     return loss, metrics
 
 
-def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
-    """Truncated importance-sampling weights for a rollout engine that differs from the trainer.
-
-    When the tokens are sampled by a fast inference engine (vLLM, SGLang), its probabilities
-    ``pi_rollout`` differ from the trainer's ``pi_old`` for the same weights (kernels, precision),
-    so the "on-policy" update is in fact off-policy. Yao et al. 2025, "Your Efficient RL Framework
-    Secretly Brings You Off-Policy RL Training" (https://fengyao.notion.site/off-policy-rl)
-    multiply each token's policy-gradient loss by ``w_t = min(pi_old(y_t) / pi_rollout(y_t), cap)``
-    (truncated importance sampling, TIS): the weight corrects the mismatch, the cap bounds
-    its variance.
-
-    The recipes use it when ``algorithm.is_correction_cap > 0``: the trainer then recomputes the
-    old logprobs and keeps the engine's as rollout logprobs. With the ``hf`` engine, which samples
-    with the trainer's own modules, every weight is 1; engines with their own kernels need it.
-
-    Args:
-        old_logprobs: ``(N, T)`` log-probabilities of the sampled tokens under the trainer's copy
-            of the sampling policy.
-        rollout_logprobs: ``(N, T)`` the same reported by the rollout engine.
-        mask: ``(N, T)`` valid tokens.
-        cap: the truncation ``C > 0`` (the post suggests e.g. 2).
-
-    Returns:
-        ``(N, T)`` float32 weights, detached, in ``(0, cap]`` on valid tokens and 0 on padding.
-    """
-    _check_same_shape(old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs, mask=mask)
-    if not cap > 0:
-        raise ValueError(f"cap must be > 0, got {cap}")
-    valid = mask.bool()
-    log_w = (old_logprobs.detach().float() - rollout_logprobs.detach().float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    weights = torch.exp(log_w).clamp(max=cap)
-    return torch.where(valid, weights, torch.zeros_like(weights))
-
-
 @KL_ESTIMATORS.register("k1")
 def _kl_k1(log_ratio: Tensor) -> Tensor:
     return log_ratio

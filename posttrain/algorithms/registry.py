@@ -5,9 +5,9 @@ The config names an advantage estimator, a policy loss and a loss aggregation by
 resolves them here. A typo becomes a :class:`~posttrain.errors.ConfigError` that lists what is
 registered and suggests the nearest name, instead of a bare ``KeyError``.
 
-The registries are filled when :mod:`posttrain.algorithms` is imported (``advantages.py`` and
-``losses.py`` register their functions at import time); importing this module goes through the
-package ``__init__`` first, so the getters below always see the built-in entries.
+The registries are filled when :mod:`posttrain.algorithms` is imported (``advantages.py``,
+``losses.py`` and ``off_policy.py`` register their functions at import time); importing this
+module goes through the package ``__init__`` first, so the getters below always see the built-in entries.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class Registry:
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 POLICY_LOSSES = Registry("policy loss")
 LOSS_AGGREGATIONS = Registry("loss aggregation mode")
+OFF_POLICY_CORRECTIONS = Registry("off-policy correction")
 
 
 def get_advantage_estimator(name: str) -> Callable:
@@ -100,3 +101,8 @@ def get_advantage_estimator(name: str) -> Callable:
 def get_policy_loss(name: str) -> Callable:
     """The policy loss registered as ``name`` (e.g. "ppo_clip"); ConfigError if unknown."""
     return POLICY_LOSSES.get(name)
+
+
+def get_off_policy_correction(name: str) -> Callable:
+    """The off-policy correction registered as ``name`` (e.g. "icepop"); ConfigError if unknown."""
+    return OFF_POLICY_CORRECTIONS.get(name)

@@ -77,8 +77,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, model: Any, tokenizer: Any, trainer_state: dict,
-             optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None) -> Path:
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
+             extra_files: dict[str, Any] | None = None) -> Path:
         """Write the checkpoint of ``step`` atomically, prune old ones, return its folder.
+        ``extra_files``: file name -> object written with torch.save (e.g. finished rollouts not
+        trained yet), read back with :meth:`load_extra`.
 
         A write that fails (disk full, read-only folder, file size limit) removes the partial
         folder and raises a PosttrainError naming the folder and the free space; earlier
@@ -106,6 +109,8 @@ class CheckpointManager:
             if scheduler is not None:
                 _torch_save(scheduler.state_dict(), tmp_dir / SCHEDULER_FILE)
             _torch_save(capture_rng_state(), tmp_dir / RNG_FILE)
+            for file_name, obj in (extra_files or {}).items():
+                _torch_save(obj, tmp_dir / file_name)
             # The model files too: otherwise after a power loss the rename below could be
             # durable while the weights it points at are not.
             _fsync_tree(tmp_dir)
@@ -233,6 +238,18 @@ class CheckpointManager:
         )
 
     # ----------------------------------------------------------------- loading
+    @staticmethod
+    def load_extra(ckpt_dir: str | Path, file_name: str) -> Any | None:
+        """An object saved with ``save(extra_files=...)``; None when the checkpoint has no such file."""
+        path = Path(ckpt_dir) / file_name
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)  # our own pickled rollouts
+        except Exception as exc:
+            raise PosttrainError(f"{path} is unreadable ({type(exc).__name__}: {exc}); delete it to resume "
+                                 "without those pending rollouts (their prompts are then skipped).") from exc
+
     @staticmethod
     def load_trainer_state(ckpt_dir: str | Path, optimizer: torch.optim.Optimizer | None = None,
                            scheduler: Any | None = None, map_location: str | torch.device = "cpu") -> dict:

@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from posttrain.config.cluster_checks import async_problems
 from posttrain.config.schema import GRPOConfig
 from posttrain.errors import ConfigError
 
@@ -323,6 +324,31 @@ def lora_problems(lora: Any, prefix: str = "model.lora") -> list[str]:
     return problems
 
 
+def off_policy_problems(a: Any) -> list[str]:
+    """Checks of ``algorithm.off_policy_*`` and its older form ``algorithm.is_correction_cap``."""
+    # Imports torch: only when a config is validated, not when the CLI starts.
+    from posttrain.algorithms import OFF_POLICY_CORRECTIONS
+
+    problems = []
+    try:
+        OFF_POLICY_CORRECTIONS.get(a.off_policy_correction)
+    except ConfigError as e:  # names the registered corrections and the nearest one
+        problems.append(f"algorithm.off_policy_correction: {e}")
+    if a.is_correction_cap > 0 and a.off_policy_correction not in ("none", "tis_token"):
+        problems.append(f"algorithm.is_correction_cap={a.is_correction_cap} is token-level truncated IS, and "
+                        f"algorithm.off_policy_correction={a.off_policy_correction} is another correction: set one. "
+                        "algorithm.is_correction_cap=0 keeps the latter (algorithm.off_policy_correction=tis_token "
+                        "with algorithm.off_policy_cap is the former).")
+    if not a.off_policy_cap > 0:
+        problems.append(f"algorithm.off_policy_cap={a.off_policy_cap} must be > 0 (the truncation of the importance "
+                        "weight; 2.0 is common).")
+    if not 0 < a.off_policy_low < 1 < a.off_policy_high:
+        problems.append(f"algorithm.off_policy_low={a.off_policy_low} and algorithm.off_policy_high={a.off_policy_high} "
+                        "must satisfy 0 < low < 1 < high: the range of ratios kept must contain 1, an on-policy "
+                        "token (e.g. 0.5 and 2.0).")
+    return problems
+
+
 MIX_KEYS = ("path", "task", "weight", "prompt_column", "messages_column", "answer_column", "validation_path",
             "validation_size")
 
@@ -438,6 +464,7 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
          "DAPO: a quarter of the limit).")
     need(a.overlong_penalty >= 0, f"algorithm.overlong_penalty={a.overlong_penalty} must be >= 0.")
     need(a.is_correction_cap >= 0, f"algorithm.is_correction_cap={a.is_correction_cap} must be >= 0 (0 turns it off; 2.0 is common).")
+    problems += off_policy_problems(a)
     need(a.max_sampling_rounds >= 1,
          f"algorithm.max_sampling_rounds={a.max_sampling_rounds} must be >= 1 (rounds of generation per step).")
     need(not a.dynamic_sampling or r.group_size >= 2,
@@ -501,6 +528,7 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
     problems += rollout_source_problems(cfg)
     problems += engine_problems(cfg)
     problems += distributed_problems(cfg)
+    problems += async_problems(cfg)
     return problems
 
 
@@ -550,6 +578,7 @@ def rollout_backend_problems(cfg: Any) -> list[str]:
     """Checks of rollout.backend and the sync section together: which sync modes fit which engine."""
     r, s = cfg.rollout, cfg.sync
     lora = cfg.model.lora.r > 0
+    ray_replicas = getattr(r, "mode", "sync") == "async" and getattr(getattr(cfg, "cluster", None), "backend", "") == "ray"
     problems: list[str] = []
     if r.backend == "openai":
         if type(cfg) is not GRPOConfig:
@@ -564,7 +593,7 @@ def rollout_backend_problems(cfg: Any) -> list[str]:
         if lora and s.mode in ("broadcast", "checkpoint", "shared"):
             problems.append(f"sync.mode={s.mode} sends full weights, but with model.lora.r > 0 the trainer's weights "
                             "are a base model plus an adapter; use sync.mode=lora (or auto).")
-    elif s.mode not in ("auto", "shared"):
+    elif s.mode not in ("auto", "shared") and not ray_replicas:  # Ray replicas are separate engines
         problems.append(f"sync.mode={s.mode} moves weights to a separate engine, but rollout.backend={r.backend} "
                         "generates with the trainer's own modules; use sync.mode=shared (or auto), or "
                         "rollout.backend=openai with rollout.base_url.")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 # opt and section are re-exported: the other schema modules import them from here.
 from posttrain.config.schema_fields import opt, section  # noqa: F401
 from posttrain.config.moe_schema import MoEConfig, MoERandomInitConfig, MoERouterConfig  # noqa: F401
+from posttrain.config.cluster_schema import ClusterConfig, EngineConfig  # noqa: F401
 
 
 @dataclass
@@ -195,44 +196,6 @@ class EnvConfig:
 
 
 @dataclass
-class EngineConfig:
-    """posttrain's own generation engine (rollout.backend=engine). See docs/engine.md."""
-
-    max_num_seqs: int = opt(
-        256, "Most sequences decoding at once (continuous batching); more raise throughput until memory or compute runs out."
-    )
-    max_num_batched_tokens: int = opt(16384, "Most new prompt tokens computed in one prefill step.")
-    block_size: int = opt(16, "Tokens per KV-cache block; also the granularity of prefix sharing.")
-    kv_cache_memory_fraction: float = opt(
-        0.5,
-        "GPU: fraction of the device memory free at wake-up given to the KV cache (the trainer keeps the rest; "
-        "the cache is freed again while it trains). Capped at what max_num_seqs full-length sequences need.",
-    )
-    cpu_kv_cache_gb: float = opt(2.0, "CPU: KV-cache size in GiB (capped at what max_num_seqs full-length sequences need).")
-    cpu_dtype: str = opt(
-        "float32",
-        "CPU: dtype rollouts compute in. 'bfloat16' casts the fp32 weights to bf16 for each generate call and back "
-        "after (2-3x faster matmuls on CPUs with AVX-512 BF16 or AMX; engine logprobs then differ from the "
-        "trainer's by bf16 rounding, which rollout.recompute_logprobs takes care of). 'float32': exact.",
-        ("float32", "bfloat16"),
-    )
-    max_model_len: int = opt(
-        0,
-        "Longest prompt + completion in tokens. 0: data.max_prompt_tokens + rollout.max_new_tokens (per turn for "
-        "multi-turn episodes, plus 512 observation tokens per turn), within the model's max_position_embeddings.",
-    )
-    cuda_graphs: bool = opt(True, "Capture decode steps in CUDA graphs (GPU); false: eager steps, for debugging.")
-    compile: bool = opt(
-        True,
-        "GPU: torch.compile the per-layer work around attention (norms, projections, rotary, MLP) into fused "
-        "kernels; the first rollout compiles for about half a minute. Falls back to eager if compilation fails.",
-    )
-    enable_prefix_caching: bool = opt(
-        True, "Share KV blocks between sequences with the same prefix (a group's samples, repeated prompts, later turns)."
-    )
-
-
-@dataclass
 class RolloutConfig:
     backend: str = opt(
         "engine",
@@ -287,6 +250,32 @@ class RolloutConfig:
         "per step. GRPO only. See docs/rollout_api.md.",
         ("generate", "api"),
     )
+    mode: str = opt(
+        "sync",
+        "'sync': each step generates its own batch with the newest weights, then trains (on-policy). 'async': "
+        "engine replicas (cluster.backend) generate the next batches while the trainer trains, up to "
+        "max_staleness policy versions ahead; the old logprobs are recomputed by the trainer and the engine's "
+        "behaviour logprobs feed algorithm.off_policy_correction. See docs/scale-out.md.",
+        ("sync", "async"),
+    )
+    max_staleness: int = opt(
+        1,
+        "async: most policy versions (training steps) a trained sample may lag behind the trainer. At most "
+        "max_staleness + 1 batches of prompts are accepted or running at once (admission control), so nothing "
+        "generated is dropped for being stale. 0: every batch is generated with the newest weights (equals sync).",
+    )
+    num_replicas: int = opt(1, "async: engine replicas generating in parallel; each step's prompt groups are split among them.")
+    gpus_per_replica: float = opt(
+        0.0,
+        "async with cluster.backend=ray: GPUs each replica actor reserves; fractions share a GPU (0.5: two per GPU, "
+        "or one beside the trainer). 0: CPU replicas.",
+    )
+    partial_rollouts: bool = opt(
+        True,
+        "async, rollout.backend=engine: a weight update pauses the engine between decode steps, swaps the weights "
+        "and resumes the requests in flight under the new version (each token records the version that sampled "
+        "it). false: updates wait until the replica's current requests finish.",
+    )
     api_url: str = opt("", "source=api: the rollout API's address, e.g. http://127.0.0.1:8100.")
     api_timeout_s: float = opt(
         600.0, "source=api: seconds a step waits for enough groups before the run stops with an error."
@@ -338,8 +327,22 @@ class AlgorithmConfig:
         "correcting for engine/trainer mismatch; 2.0 is a common cap. 0: off. With rollout.backend=engine (the "
         "default) the weights stay near 1 (the engine's kernels round differently from the trainer's); with "
         "rollout.backend=hf, whose logprobs come from the trainer's own forward pass, they are exactly 1; with "
-        "rollout.backend=openai they also correct for the server's numerics.",
+        "rollout.backend=openai they also correct for the server's numerics. The older spelling of "
+        "off_policy_correction=tis_token: when > 0 it selects that correction with this cap (overriding "
+        "off_policy_cap); it cannot be combined with another off_policy_correction.",
     )
+    off_policy_correction: str = opt(
+        "none",
+        "Correction for samples the engine drew from another policy (async staleness, engine numerics), by "
+        "registered name, weighting or masking each token's loss by the ratio pi_old / pi_behaviour (trainer over "
+        "engine logprobs): 'none'; 'tis_token': min(ratio, off_policy_cap) per token; 'tis_seq': the sequence's "
+        "product of ratios, capped, on all its tokens; 'geo_mask': drops sequences whose geometric-mean ratio is "
+        "outside [off_policy_low, off_policy_high]; 'icepop': drops tokens whose ratio is outside that range. "
+        "Anything but 'none' makes the trainer recompute the old logprobs.",
+    )
+    off_policy_cap: float = opt(2.0, "tis_token / tis_seq: the truncation of the importance weight.")
+    off_policy_low: float = opt(0.5, "geo_mask / icepop: the lowest ratio kept.")
+    off_policy_high: float = opt(2.0, "geo_mask / icepop: the highest ratio kept.")
     kl_coef: float = opt(
         0.0,
         "Weight of the KL penalty to the frozen reference model. 0 skips the reference model "
@@ -583,6 +586,9 @@ class GRPOConfig:
     logging: LoggingConfig = section(LoggingConfig, "Metrics and console output.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
     sync: SyncConfig = section(SyncConfig, "Moving new weights to the rollout engine, and when. See docs/weight_sync.md.")
+    cluster: ClusterConfig = section(
+        ClusterConfig, "Where asynchronous rollouts run: in this process or as Ray actors. See docs/scale-out.md."
+    )
     moe: MoEConfig = section(
         MoEConfig, "Mixture-of-experts policies: router, aux losses, expert dtype, a random-init demo model. See docs/moe.md."
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import torch
 
@@ -66,6 +66,10 @@ class Engine:
             self.runner.kv_dtype = torch.bfloat16
         self.scheduler: Scheduler | None = None
         self._next_request = 0
+        # The policy version of the current weights (set by whoever loads them); every sampled
+        # token records it, so a completion that spans a weight update says which tokens came from which.
+        self.weight_version = 0
+        self._fp32_params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # cpu_bf16: the masters during generate()
         self.wake()
 
     # ---- RolloutEngine
@@ -103,14 +107,23 @@ class Engine:
         if named_tensors:
             from posttrain.models.weights import load_named_tensors
 
-            load_named_tensors(self.model, named_tensors)
+            if self._fp32_params:  # mid-generate under cpu_dtype=bfloat16: update the fp32 masters, then recast
+                for p, data in self._fp32_params:
+                    p.data = data
+                load_named_tensors(self.model, named_tensors)
+                for p, data in self._fp32_params:
+                    p.data = data.to(torch.bfloat16)
+            else:
+                load_named_tensors(self.model, named_tensors)
         self.flush_cache()
 
-    def generate(self, prompts: Seq[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions per prompt; the samples of a prompt share its KV blocks."""
+    def generate(self, prompts: Seq[list[int]], params: SamplingParams,
+                 before_step: Callable[[], None] | None = None) -> list[list[Completion]]:
+        """``params.n`` completions per prompt; the samples of a prompt share its KV blocks.
+        ``before_step`` runs before every step (e.g. to load new weights between two decode steps)."""
         with self._cpu_bf16_weights():
             groups = [self.add_request(p, params) for p in prompts]
-            self.run_until_done()
+            self.run_until_done(before_step)
         return [[self.completion(s) for s in group] for group in groups]
 
     @contextlib.contextmanager
@@ -125,9 +138,11 @@ class Engine:
         saved = [(p, p.data) for p in self.model.parameters() if p.dtype == torch.float32]
         for p, data in saved:
             p.data = data.to(torch.bfloat16)
+        self._fp32_params = saved
         try:
             yield
         finally:
+            self._fp32_params = []
             for p, data in saved:
                 p.data = data
 
@@ -178,8 +193,10 @@ class Engine:
                 self.model.train()
         return self._postprocess(seqs, out)
 
-    def run_until_done(self) -> None:
+    def run_until_done(self, before_step: Callable[[], None] | None = None) -> None:
         while not self.scheduler.is_finished:
+            if before_step is not None:
+                before_step()
             self.step()
 
     @property
@@ -224,11 +241,13 @@ class Engine:
         finished = []
         block_manager = self.scheduler.block_manager
         eos = set(self.eos_token_ids)
+        version = self.weight_version
         for i, seq in enumerate(seqs):
             block_manager.register_filled_block(seq)  # this step wrote every current position
             token = out.token_ids[i]
             seq.token_ids.append(token)
             seq.logprobs.append(out.logprobs[i])
+            seq.token_versions.append(version)
             if out.top_logprobs is not None:
                 seq.top_logprobs.append(out.top_logprobs[i])
             s = seq.sampling
@@ -254,6 +273,7 @@ class Engine:
             drop = len(completion) - end
             del seq.token_ids[-drop:]
             del seq.logprobs[-drop:]
+            del seq.token_versions[-drop:]
             if seq.top_logprobs:
                 del seq.top_logprobs[-drop:]
 
@@ -267,6 +287,7 @@ class Engine:
             logprobs=list(seq.logprobs),
             finish_reason=seq.finish_reason,
             top_logprobs=list(seq.top_logprobs) if seq.sampling.top_logprobs else None,
+            token_versions=list(seq.token_versions),
         )
 
     # ---- metrics

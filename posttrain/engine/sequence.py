@@ -50,6 +50,7 @@ class Sequence:
     num_cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    token_versions: list[int] = field(default_factory=list)  # the engine's weight_version per generated token
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:

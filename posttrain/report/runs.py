@@ -56,6 +56,9 @@ PANELS: tuple[Panel, ...] = (
     # time/step's end (its own panel).
     Panel("timing", "Time per step", ("time/generate", "time/score", "time/train", "time/step"), "seconds",
           stacked=True),
+    # rollout.mode=async: generation overlaps the step, which waits for it (time/wait_rollouts) instead.
+    Panel("async_timing", "Trainer time per step (async)", ("time/wait_rollouts", "time/prepare", "time/train"),
+          "seconds", stacked=True),
     Panel("throughput", "Throughput", ("perf/tokens_per_s", "perf/gen_tokens_per_s"), "tokens / s"),
     Panel("sync", "Weight sync", ("sync/seconds",), "seconds"),
     Panel("staleness", "Staleness", ("sync/staleness", "api/staleness_mean", "off_policy/staleness*"),

@@ -45,6 +45,9 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     top_logprobs: list[dict[int, float]] | None = None  # per position: token id -> logprob
+    # Per token: the engine's weight version that sampled it. One completion can span versions
+    # when weights change mid-generation (partial rollouts); None: the engine does not know.
+    token_versions: list[int] | None = None
 
 
 @runtime_checkable

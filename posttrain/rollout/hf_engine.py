@@ -39,6 +39,7 @@ class HFEngine:
         self.generation_batch_size = generation_batch_size
         self.compute_dtype = compute_dtype
         self.eos_token_ids = eos_token_ids(tokenizer, model)
+        self.weight_version = 0  # the policy version of the weights; every token of a completion records it
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +116,7 @@ class HFEngine:
                 text=self.tokenizer.decode(r, skip_special_tokens=True),
                 logprobs=lp,
                 finish_reason=reason,
+                token_versions=[self.weight_version] * len(r),
             )
             for p, r, lp, reason in zip(prompts, responses, logprobs, reasons)
         ]

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from posttrain.algorithms import resolved_off_policy_correction
 from posttrain.config.schema import LoRAConfig, ModelConfig
 from posttrain.models.loading import (
     autocast_context, load_model_and_tokenizer, load_tokenizer, model_source, resolve_compute_dtype, resolve_device,
@@ -406,7 +407,7 @@ def _rl_plan(cfg: Any, tokenizer: Any) -> StepPlan:
     seq = sum(len(p.token_ids) for p in prompts) / len(prompts) + r.max_new_tokens
     per_step = r.batch_size * seq
     # Old logprobs are recomputed unless the engine's match the trainer's (the hf backend scores with it).
-    recompute = a.is_correction_cap > 0 or (r.recompute_logprobs and r.backend != "hf")
+    recompute = resolved_off_policy_correction(a).name != "none" or (r.recompute_logprobs and r.backend != "hf")
     passes = ["reference logprobs"] * (a.kl_coef > 0) + ["old logprobs recomputed"] * recompute
     num_val = min(len(val), v.max_prompts) if v.max_prompts else len(val)
     # As the recipes do: before step 1, every `every` steps but the last, after the last.

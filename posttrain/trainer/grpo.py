@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 
-from posttrain.algorithms import get_advantage_estimator, informative_groups
+from posttrain.algorithms import get_advantage_estimator, resolved_off_policy_correction
 from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.checkpoint.sharded import ShardedCheckpointManager, is_sharded_checkpoint
 from posttrain.config.loader import config_to_dict
@@ -48,6 +48,11 @@ from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
 from posttrain.trainer.api_source import make_api_source
+from posttrain.trainer.async_rollouts import (
+    PENDING_ROLLOUTS_FILE, AsyncRollouts, PoolEngine, ReadyBatch, SerializedRewards, load_pending, save_pending, staleness_metrics,
+)
+from posttrain.rollout.replica import build_replica_pool
+from posttrain.models.loading import autocast_context
 from posttrain.trainer.samples import Sample
 from posttrain.trainer.validation import validate
 
@@ -58,6 +63,7 @@ from posttrain.trainer.rollouts import (
     assign_advantages,
     fill_reference_logprobs,
     generate_and_score,
+    needs_another_round,
     recompute_old_logprobs,
     rollout_metrics,
     shaping_metrics,
@@ -114,10 +120,16 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     )
     train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
     val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
-    engine = build_engine(cfg, model, tokenizer, compute_dtype)
+    asynchronous = cfg.rollout.mode == "async"
+    # async: engine replicas on their own copies of the policy generate while this process trains.
+    engine = None if asynchronous else build_engine(cfg, model, tokenizer, compute_dtype)
+    autocast = autocast_context(device, compute_dtype) if asynchronous else engine.autocast
     if moe_shape is not None:  # the layout and router checklist, before anything trains
         logger.info(moe_checklist(moe_shape, cfg, ParallelLayout.from_world_size(get_world_size()), type(model).__name__))
     group_size = cfg.rollout.group_size
+
+    def step_seed(step: int) -> int:  # the same per step in sync and async runs: K=0 reproduces sync
+        return cfg.seed * 1_000_003 + step + 7919 * get_rank()
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups
         sampler = RankShardedSampler(sampler, prompts_per_mini_batch=cfg.trainer.mini_batch_size // group_size)
@@ -127,6 +139,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     checkpoint_manager = ShardedCheckpointManager if is_distributed() else CheckpointManager
     checkpoints = checkpoint_manager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
     start_step = 0
+    pending: list[ReadyBatch] = []  # async: batches generated before the checkpoint, not trained yet
     if resume_ckpt is not None:
         if sharded_resume:
             state = ShardedCheckpointManager.load(resume_ckpt, model, optimizer, scheduler)
@@ -140,6 +153,8 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         follow_schedule(optimizer, scheduler, cfg.trainer.lr)
         start_step = state["step"]
         sampler.load_state_dict(state["sampler"])
+        if asynchronous:
+            pending = load_pending(CheckpointManager.load_extra(resume_ckpt, PENDING_ROLLOUTS_FILE), start_step)
         logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
     sampling = SamplingParams(
         n=group_size,
@@ -153,7 +168,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     estimator = get_advantage_estimator(algo.advantage)
     target_groups = cfg.rollout.batch_size // group_size
     # rollout.source=api: remote environments generate and score; each step pulls their groups.
-    api_source = (make_api_source(cfg, model, tokenizer, device, engine.autocast, start_version=start_step)
+    api_source = (make_api_source(cfg, model, tokenizer, device, autocast, start_version=start_step)
                   if cfg.rollout.source == "api" else None)
     val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
 
@@ -169,11 +184,34 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar and main)
         stack.callback(progress.close)
         guard = stack.enter_context(InterruptGuard(defer_always=is_distributed()))
-        if hasattr(engine, "close"):
-            stack.callback(engine.close)
-        # Policy versions count optimizer steps; the engine starts with the weights of start_step.
-        weight_sync = build_weight_sync(cfg, model, engine, start_version=start_step * optimizer_steps_per_step)
-        stack.callback(weight_sync.close)
+        if asynchronous:
+            # Policy versions count steps here; the replicas start with the weights of start_step.
+            rewards = SerializedRewards(rewards)  # the producer thread scores while validation may too
+            pool = build_replica_pool(cfg, model, tokenizer, compute_dtype, start_version=start_step)
+            stack.callback(pool.close)
+            engine = PoolEngine(pool, tokenizer)  # validation's view of the replicas
+            producer_engine = PoolEngine(pool, tokenizer)
+
+            def make_batch(step: int) -> list[Rollouts]:
+                rounds: list[Rollouts] = []
+                while not rounds or needs_another_round(rounds, cfg):
+                    producer_engine.seed = step_seed(step) + 104_729 * len(rounds)
+                    rounds.append(generate_and_score(producer_engine, rewards, sampler, train_prompts, sampling, cfg))
+                return rounds
+
+            producer = AsyncRollouts(
+                make_batch, sampler, first_step=start_step + 1, last_step=cfg.trainer.max_steps,
+                published_version=start_step, max_staleness=cfg.rollout.max_staleness, timeout_s=cfg.cluster.wait_timeout_s,
+                describe_source=lambda: f"{pool.num_replicas} engine replica(s) (cluster.backend={cfg.cluster.backend})",
+                ready=pending,
+            )
+            stack.callback(producer.close)
+        else:
+            if hasattr(engine, "close"):
+                stack.callback(engine.close)
+            # Policy versions count optimizer steps; the engine starts with the weights of start_step.
+            weight_sync = build_weight_sync(cfg, model, engine, start_version=start_step * optimizer_steps_per_step)
+            stack.callback(weight_sync.close)
 
         def next_round() -> Rollouts:
             if api_source is not None:
@@ -199,33 +237,43 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         sampler_state = sampler.state_dict()
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
-        def save_checkpoint() -> None:
+        def save_checkpoint(interrupted: bool = False) -> None:
+            resume_sampler, extra = sampler_state, None
+            if asynchronous:  # finished batches not trained yet survive; after Ctrl-C running ones are re-queued
+                resume_sampler, ready = producer.pending_state(sampler_state, wait=not interrupted)
+                extra = {PENDING_ROLLOUTS_FILE: save_pending(ready)}
             path = checkpoints.save(
                 completed, model, tokenizer,
-                {"sampler": sampler_state, "seed": cfg.seed},
+                {"sampler": resume_sampler, "seed": cfg.seed},
                 optimizer if cfg.checkpoint.save_optimizer else None,
                 scheduler if cfg.checkpoint.save_optimizer else None,
+                extra_files=extra,
             )
             progress.write(f"saved checkpoint {path}")
 
         try:
-            weight_sync.start(start_step * optimizer_steps_per_step, resumed=resume_ckpt is not None)
+            if asynchronous:
+                producer.start()
+            else:
+                weight_sync.start(start_step * optimizer_steps_per_step, resumed=resume_ckpt is not None)
             if cfg.validation.at_start and start_step == 0 and val_prompts:
                 run_validation(0)
             for step in range(start_step + 1, cfg.trainer.max_steps + 1):
                 step_start = time.perf_counter()
-                # Seeding per step makes sampling independent of anything before: resume is exact.
-                seed_everything(cfg.seed * 1_000_003 + step + 7919 * get_rank())
-                weight_sync.before_rollout((step - 1) * optimizer_steps_per_step, step)  # a restarted engine re-syncs
-
                 # ---- rollouts and rewards (worker processes). Dynamic sampling (DAPO) drops groups
                 # whose rewards are all equal and draws more rounds of prompts to refill the batch.
-                with gathered_for_generation(model):  # FSDP: ranks generate different lengths, without collectives
-                    rounds = [next_round()]
-                    while (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
-                           and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds) < target_groups):
-                        rounds.append(next_round())
-                engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
+                if asynchronous:  # generated ahead by the producer (which seeds each batch as below)
+                    ready = producer.get(step)
+                    rounds, wait_s = ready.rounds, time.perf_counter() - step_start
+                else:
+                    # Seeding per step makes sampling independent of anything before: resume is exact.
+                    seed_everything(step_seed(step))
+                    weight_sync.before_rollout((step - 1) * optimizer_steps_per_step, step)  # a restarted engine re-syncs
+                    with gathered_for_generation(model):  # FSDP: ranks generate different lengths, without collectives
+                        rounds = [next_round()]
+                        while needs_another_round(rounds, cfg):
+                            rounds.append(next_round())
+                    engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
                 rollouts = Rollouts.concat(rounds)  # everything generated: the step's reward metrics
                 batch = rollouts.keep_informative_groups(group_size, target_groups) if algo.dynamic_sampling else rollouts
                 # Metrics cover every rank's completions; the batch trained on here is this rank's.
@@ -241,10 +289,11 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                     for p, c, r in zip(batch.prompts, batch.completions, batch.shaped_rewards.tolist())
                 ]
                 if cfg.algorithm.kl_coef > 0:
-                    fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                    fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, autocast)
                 mismatch_metrics = {}
-                if cfg.algorithm.is_correction_cap > 0 or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
-                    mismatch_metrics = recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
+                # async: the trainer's logprobs are the proximal policy of the ratio; the engine's the behaviour one.
+                if asynchronous or resolved_off_policy_correction(cfg.algorithm).name != "none" or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
+                    mismatch_metrics = recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, autocast)
                 assign_advantages(estimator, samples, batch.shaped_rewards, cfg)
                 t_scored = time.perf_counter()
                 if not samples:
@@ -256,13 +305,17 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 num_recorded = sample_log.num_to_record(
                     step, cfg.trainer.max_steps, len(samples), cfg.trainer.mini_batch_size // get_world_size(), group_size,
                 ) if main else 0
-                engine_version = weight_sync.engine_version
+                engine_version = ready.admitted_version if asynchronous else weight_sync.engine_version
                 with guard.deferred():
-                    update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, engine.autocast,
+                    update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, autocast,
                                                    record_tokens=num_recorded)
                     t_trained = time.perf_counter()
-                    # The cadence decides whether the engine gets the new weights now (sync/* metrics).
-                    sync_metrics = weight_sync.after_update(step * optimizer_steps_per_step, step)
+                    if asynchronous:  # every step's weights go out as policy version `step`
+                        sync_metrics = {**pool.push_weights(model, step), **pool.metrics(), "time/wait_rollouts": wait_s,
+                                        **staleness_metrics(ready, batch, rollouts, policy_version=step - 1)}
+                        producer.publish(step)
+                    else:  # the cadence decides whether the engine gets the new weights now (sync/* metrics)
+                        sync_metrics = weight_sync.after_update(step * optimizer_steps_per_step, step)
 
                     # ---- metrics
                     num_response_tokens = sum(len(c.token_ids) for c in all_rollouts.completions)
@@ -274,7 +327,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                         **(api_source.step_metrics() if api_source is not None else {}),
                         **sync_metrics,
                         "lr": scheduler.get_last_lr()[0],
-                        **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
+                        **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained, wait_s if asynchronous else None),
                         "data/epoch": float(sampler.epoch),
                     }
                     step_metrics = mean_across_ranks(step_metrics)  # per-rank ones (times, fractions): their mean
@@ -285,7 +338,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                                                       version=(step - 1) * optimizer_steps_per_step, engine_version=engine_version)
                     if samples:  # grad_norm is NaN when every optimizer update of the step was skipped
                         skipped_steps.record(step, math.isfinite(update_metrics["grad_norm"]))
-                    completed, sampler_state = step, sampler.state_dict()
+                    completed, sampler_state = step, (ready.sampler_state if asynchronous else sampler.state_dict())
                     if api_source is not None:  # acknowledge the step's groups, post the new policy version
                         api_source.finish_step(step)
 
@@ -304,6 +357,6 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 run_validation(completed)
             save_checkpoint()
         except KeyboardInterrupt:
-            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
+            save_on_interrupt(completed, start_step, lambda: save_checkpoint(interrupted=True), progress.write)
             raise
     return output_dir

@@ -7,24 +7,27 @@ import logging
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from posttrain.algorithms import (
+    OffPolicyCorrection,
     aggregate_loss,
     folds_kl_into_reward,
     get_advantage_estimator,
     get_policy_loss,
     kl_penalty,
-    truncated_is_weights,
+    off_policy_metrics,
+    resolved_off_policy_correction,
 )
 from posttrain.config.schema import GRPOConfig
-from posttrain.distributed import all_reduce_sum, get_world_size
+from posttrain.distributed import all_gather_objects, all_reduce_sum, get_world_size
 from posttrain.trainer.memory import compiled
 from posttrain.trainer.optim import clip_and_step
 from posttrain.models import response_logprobs
 from posttrain.models.moe import MoEUpdate
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
-from posttrain.trainer.samples import Sample, chunks, collate
+from posttrain.trainer.samples import Sample, chunks, collate, pad_rows, token_masks
 
 logger = logging.getLogger("posttrain.trainer")
 
@@ -73,6 +76,10 @@ def policy_update(
         clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip_c=algo.dual_clip_c,
         gspo_clip_low=algo.gspo_clip_low, gspo_clip_high=algo.gspo_clip_high,
     )
+    # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
+    # algorithm.off_policy_correction and the off_policy/* metrics.
+    correction = resolved_off_policy_correction(algo)
+    step_metrics = _off_policy_step_metrics(samples, correction) if samples[0].rollout_logprobs is not None else {}
     # REINFORCE++ puts the KL into the reward; it is then logged but not added to the loss again.
     kl_in_loss = not folds_kl_into_reward(get_advantage_estimator(algo.advantage))
     # Metrics are summed on the device and read once at the end: a read per micro-batch would make
@@ -123,8 +130,8 @@ def policy_update(
             token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
             if batch.rollout_logprobs is not None:
                 token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
-                if algo.is_correction_cap > 0:
-                    is_weights = truncated_is_weights(batch.old_logprobs, batch.rollout_logprobs, mask, algo.is_correction_cap)
+                if correction.name != "none":
+                    is_weights = correction.weights(batch.old_logprobs, batch.rollout_logprobs, mask)
                     per_token = per_token * is_weights
                     token_terms["is_weight"] = is_weights
             if batch.ref_logprobs is not None:
@@ -182,4 +189,21 @@ def policy_update(
     out["entropy"] = out.pop("actor/entropy")
     if moe is not None:
         out.update(moe.metrics(all_reduce_sum))
+    out.update(step_metrics)
     return out
+
+
+def _off_policy_step_metrics(samples: list[Sample], correction: OffPolicyCorrection) -> dict[str, float]:
+    """``off_policy_metrics`` over every trained token of the step, on all ranks. Computed once from
+    the samples (old and behaviour logprobs do not change during the update); quantiles need every
+    token, so ranks gather their valid tokens' (old, behaviour, weight) values."""
+    width = max(len(s.response_ids) for s in samples)
+    mask = token_masks(samples, width) * torch.tensor([[float(s.trainable)] for s in samples])
+    old = pad_rows([s.old_logprobs for s in samples], width, "cpu")
+    behaviour = pad_rows([s.rollout_logprobs for s in samples], width, "cpu")
+    weights = correction.weights(old, behaviour, mask)
+    valid = mask.bool()
+    # Only valid tokens travel; every metric is a per-token statistic, so one flat row is exact.
+    local = torch.stack([old[valid], behaviour[valid], weights[valid]]).numpy()
+    tokens = torch.from_numpy(np.concatenate(all_gather_objects(local), axis=1))
+    return off_policy_metrics(tokens[0:1], tokens[1:2], torch.ones_like(tokens[0:1]), tokens[2:3])

@@ -23,6 +23,7 @@ from posttrain.algorithms import (
     explained_variance,
     kl_penalty,
     normalize_advantages,
+    resolved_off_policy_correction,
     rlhf_token_rewards,
     value_loss,
 )
@@ -167,7 +168,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 if algo.kl_coef > 0:
                     fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 mismatch_metrics = {}
-                if algo.is_correction_cap > 0 or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
+                if resolved_off_policy_correction(algo).name != "none" or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
                     mismatch_metrics = recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 old_values = critic_values(critic, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
                 targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)

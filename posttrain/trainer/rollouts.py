@@ -133,17 +133,34 @@ def rollout_metrics(rollouts: Rollouts, env_metrics: dict[str, float], group_siz
 
 
 def timing_metrics(
-    rollouts: Rollouts, num_response_tokens: int, step_start: float, t_scored: float, t_trained: float
+    rollouts: Rollouts, num_response_tokens: int, step_start: float, t_scored: float, t_trained: float,
+    wait_s: float | None = None,
 ) -> dict[str, float]:
-    """Throughput and the generate / score / train split of one step (perf_counter times)."""
-    return {
+    """Throughput and the generate / score / train split of one step (perf_counter times).
+    ``wait_s``: asynchronous rollouts, where generation and scoring ran in the background and the
+    step only waited ``wait_s`` for them; ``time/prepare`` is then the trainer's own work before
+    the update (reference and old logprobs, advantages)."""
+    metrics = {
         "perf/tokens_per_s": num_response_tokens / (t_trained - step_start),
         "perf/gen_tokens_per_s": num_response_tokens / rollouts.generate_s,
         "time/generate": rollouts.generate_s,
-        "time/score": t_scored - step_start - rollouts.generate_s,
         "time/train": t_trained - t_scored,
         "time/step": t_trained - step_start,
     }
+    if wait_s is None:
+        metrics["time/score"] = t_scored - step_start - rollouts.generate_s
+    else:
+        metrics["time/prepare"] = t_scored - step_start - wait_s
+    return metrics
+
+
+def needs_another_round(rounds: list[Rollouts], cfg: GRPOConfig) -> bool:
+    """Dynamic sampling (DAPO): another round of prompts while fewer than a batch's worth of groups
+    have differing rewards, up to algorithm.max_sampling_rounds."""
+    algo, group_size = cfg.algorithm, cfg.rollout.group_size
+    return (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
+            and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds)
+            < cfg.rollout.batch_size // group_size)
 
 
 def generate_and_score(
@@ -201,7 +218,7 @@ def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, p
 
 def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> dict[str, float]:
     """The trainer's own logprobs become the old logprobs of the ratio; the engine's are kept as
-    rollout logprobs (for truncated IS correction, ``algorithm.is_correction_cap``). Returns the
+    rollout logprobs (the behaviour policy of ``algorithm.off_policy_correction``). Returns the
     engine/trainer mismatch over trained tokens: ``rollout/logprob_mismatch_mean`` and ``_max``
     (a growing mismatch is a known cause of RL collapse)."""
     was_training = model.training

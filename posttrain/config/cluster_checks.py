@@ -1,0 +1,54 @@
+"""Cross-field checks of asynchronous rollouts and their cluster (rollout.mode=async, cluster.*)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def async_problems(cfg: Any) -> list[str]:
+    """One message per problem, each naming its keys and the fix."""
+    r, c = cfg.rollout, cfg.cluster
+    problems: list[str] = []
+    if r.max_staleness < 0:
+        problems.append(f"rollout.max_staleness={r.max_staleness} must be >= 0 (0: every batch uses the newest weights).")
+    if r.num_replicas < 1:
+        problems.append(f"rollout.num_replicas={r.num_replicas} must be >= 1.")
+    if r.gpus_per_replica < 0:
+        problems.append(f"rollout.gpus_per_replica={r.gpus_per_replica} must be >= 0 (0: CPU replicas).")
+    if c.wait_timeout_s <= 0:
+        problems.append(f"cluster.wait_timeout_s={c.wait_timeout_s} must be > 0 seconds.")
+    if c.max_replica_restarts < 0:
+        problems.append(f"cluster.max_replica_restarts={c.max_replica_restarts} must be >= 0.")
+    if r.mode != "async":
+        if c.backend == "ray":
+            problems.append("cluster.backend=ray places the engine replicas of asynchronous rollouts; set "
+                            "rollout.mode=async too (synchronous runs generate in the trainer's process).")
+        return problems
+    from posttrain.config.schema import GRPOConfig
+
+    if type(cfg) is not GRPOConfig:
+        problems.append("rollout.mode=async is supported by the grpo command only; set rollout.mode=sync.")
+    if r.source != "generate":
+        problems.append(f"rollout.mode=async with rollout.source={r.source}: the rollout API is asynchronous already "
+                        "(environments push groups as they finish); set rollout.mode=sync.")
+    if r.backend == "openai":
+        problems.append("rollout.mode=async runs its own engine replicas (rollout.backend=engine or hf); for a "
+                        "remote server use rollout.mode=sync with sync.interval / sync.max_staleness instead.")
+    if r.max_turns > 1:
+        problems.append(f"rollout.mode=async with rollout.max_turns={r.max_turns}: multi-turn episodes are "
+                        "synchronous for now; set rollout.max_turns=1 or rollout.mode=sync.")
+    if cfg.env.num_workers < 1:
+        problems.append("rollout.mode=async scores in a background thread, which needs reward worker processes "
+                        "(math-verify's timeouts work only in a main thread): set env.num_workers >= 1.")
+    if getattr(cfg.trainer, "num_processes", 1) > 1:
+        problems.append(f"rollout.mode=async with trainer.num_processes={cfg.trainer.num_processes}: one trainer "
+                        "process drives the replicas for now; set trainer.num_processes=1 and add "
+                        "rollout.num_replicas instead.")
+    if cfg.model.lora.r > 0:
+        problems.append("rollout.mode=async with a LoRA policy (model.lora.r > 0) is not supported yet; use "
+                        "rollout.mode=sync (adapters hot-swap there) or full fine-tuning.")
+    if cfg.sync.mode in ("shared", "lora"):
+        problems.append(f"sync.mode={cfg.sync.mode} with rollout.mode=async: replicas hold their own copy of the "
+                        "weights, so they cannot read the trainer's in place; use sync.mode=auto (or broadcast / "
+                        "checkpoint with cluster.backend=ray).")
+    return problems
