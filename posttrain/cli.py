@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from posttrain import __version__
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=short_help,
             description=description + " Settings come from the defaults below, then --config, then "
-            "key=value overrides.",
+            "key=value overrides; with --resume, from the run's saved config.yaml, then --config, then the overrides.",
             epilog=(EXAMPLES.get(name, "") + "\n" + format_options_help(SCHEMAS[name])).lstrip("\n"),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -113,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--dry-run", action="store_true",
             help="print the key settings, parameter counts, memory and KV-cache estimates, tokens per step and a "
             "step time extrapolated from a short measurement on the device, with warnings; then exit without "
-            "training or writing anything (estimates are for a fresh run: --resume is not considered)",
+            "training or writing anything (estimates are for a fresh run: with --resume, of the run's settings, "
+            "not its progress)",
         )
         sub.add_argument(
             "--resume", nargs="?", const="", default=None, metavar="PATH",
-            help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir)",
+            help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir) "
+            "with the run's saved config.yaml; --config and key=value overrides change it where given",
         )
     _add_merge_parser(commands)
     _add_serve_parser(commands)
@@ -406,16 +409,28 @@ def _run(argv: list[str], debug: bool) -> int:
         return _report(args)
     if args.command == "view":
         return _view(args)
-    cfg = load_config(SCHEMAS[args.command], args.config, args.overrides)
-    resume = args.resume
+    schema = SCHEMAS[args.command]
+    resume, run_config = args.resume, None
     if resume == "":
-        if not cfg.trainer.output_dir:
+        # Not validated yet: options the saved config holds (data.train_path) may be missing here.
+        output_dir = load_config(schema, args.config, args.overrides, validate=False).trainer.output_dir
+        if not output_dir:
             raise ConfigError("--resume without a PATH needs trainer.output_dir=<run folder> to find the latest checkpoint.")
-        resume = cfg.trainer.output_dir
+        resume = output_dir
+    if resume is not None:
+        # A resume continues the run as it was configured: its saved config.yaml, then --config and
+        # the overrides where given (e.g. a larger trainer.max_steps).
+        run_config = saved_run_config(resume)
+    cfg = load_config(schema, args.config, args.overrides, run_config=run_config)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return EXIT_OK
     _setup_console_logging()
+    if resume is not None and run_config is None:
+        logging.getLogger("posttrain").warning(
+            "No %s found for the run of '%s' (in the run folder, next to checkpoints/): resuming with the defaults, "
+            "--config and the overrides alone. Give the run's settings with --config FILE if they differ.",
+            RUN_CONFIG_FILE, resume)
     if args.dry_run:
         from posttrain.trainer.dry_run import dry_run  # heavy imports only now
 
@@ -430,11 +445,35 @@ def _run(argv: list[str], debug: bool) -> int:
 
     try:
         output_dir = train(cfg, resume_from=resume)
+    except BaseException:
+        if resume is not None:
+            from posttrain.trainer.common import undo_failed_resume
+
+            undo_failed_resume()  # a resume that never saved a checkpoint leaves config.yaml as it was
+        raise
     finally:
         _leave_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {output_dir}")
     return EXIT_OK
+
+
+# trainer/common.CONFIG_FILE and checkpoint/manager.CHECKPOINTS_SUBDIR, spelled out here because
+# those modules import torch, which the CLI imports only once it trains.
+RUN_CONFIG_FILE = "config.yaml"
+RUN_CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+def saved_run_config(resume: str) -> Path | None:
+    """The config.yaml of the run that ``--resume PATH`` names (PATH: a run folder, its checkpoints/
+    folder or a checkpoint in it), or None where there is none."""
+    path = Path(resume)
+    folders = [path]
+    if path.name == RUN_CHECKPOINTS_SUBDIR:
+        folders.append(path.parent)
+    if path.parent.name == RUN_CHECKPOINTS_SUBDIR:
+        folders.append(path.parent.parent)
+    return next((f / RUN_CONFIG_FILE for f in folders if (f / RUN_CONFIG_FILE).is_file()), None)
 
 
 def _setup_console_logging() -> None:

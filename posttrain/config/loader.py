@@ -54,14 +54,28 @@ def resolve_config_file(name_or_path: str | Path) -> Path:
                       f"presets: {', '.join(list_presets())}.")
 
 
-def load_config(schema: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(schema: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = (),
+                run_config: str | Path | None = None, validate: bool = True) -> T:
     """Build a validated ``schema`` instance from its defaults, a YAML file and ``KEY=VALUE`` overrides.
 
-    Later sources win. ``config_file`` is a path or a preset name. Raises ConfigError.
+    Later sources win. ``config_file`` is a path or a preset name. ``run_config``: the config.yaml of
+    a run being resumed, applied after the defaults and before ``config_file``, so a resume continues
+    with the run's own settings where the command line gives none. ``validate=False`` skips the
+    checks across options (types are still checked). Raises ConfigError.
     """
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         raise TypeError(f"schema must be a dataclass type, got {schema!r}")
     cfg = OmegaConf.structured(schema)
+    if run_config:
+        run_config = Path(run_config)
+        layer = _read_yaml(run_config)
+        trainer = layer.get("trainer")
+        saved_dir = trainer.get("output_dir") if isinstance(trainer, dict) else None
+        if saved_dir and Path(str(saved_dir)).resolve() != run_config.parent.resolve():
+            # The run folder was moved or copied (or the saved path was relative to another working
+            # folder): the resumed run goes on where its config.yaml is now, not at the old path.
+            trainer["output_dir"] = str(run_config.parent)
+        _apply(cfg, schema, layer, f"in the run's saved config {run_config}")
     if config_file:
         path = resolve_config_file(config_file)
         _apply(cfg, schema, _read_yaml(path), f"in file {path}")
@@ -75,7 +89,8 @@ def load_config(schema: type[T], config_file: str | Path | None = None, override
         obj = OmegaConf.to_object(cfg)  # resolves ${...} interpolations, checks the types again
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
-    validate_config(obj)
+    if validate:
+        validate_config(obj)
     return obj  # type: ignore[return-value]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -31,6 +32,7 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
 
     from posttrain.distributed import broadcast_object, is_main_process
 
+    _remember_resumed_run(None)  # forget an earlier run of this process
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
     # Several ranks: rank 0's clock names the folder; rank 0 alone writes the log and config.
     output_dir = Path(broadcast_object(str(resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, command))))
@@ -41,6 +43,8 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
             raise PosttrainError(f"Cannot create the run folder '{output_dir}': it or a folder above it is a file. "
                                  "Set trainer.output_dir to a folder path.") from None
         log_to_file(output_dir / "train.log")
+        if resume_ckpt is not None:
+            _remember_resumed_run(output_dir)
         write_run_config(output_dir, config_to_yaml(cfg), resumed=resume_ckpt is not None)
         logging.getLogger("posttrain.trainer").info("Run folder: %s", output_dir)
     else:
@@ -51,6 +55,65 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
 
 CONFIG_FILE = "config.yaml"
 CONFIG_HISTORY_SUBDIR = "config_history"
+
+
+# What start_run found in the folder of the run it resumes, for undo_failed_resume: the run
+# folder, its config.yaml text (None: there was none), the config_history/ files and the
+# checkpoints (name, inode: a checkpoint saved again under its name is a new folder) it held.
+_resumed_run: tuple[Path, str | None, set[str], set[tuple[str, int]]] | None = None
+
+
+def _remember_resumed_run(output_dir: Path | None) -> None:
+    global _resumed_run
+    if output_dir is None:
+        _resumed_run = None
+        return
+    path = output_dir / CONFIG_FILE
+    old_text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+    _resumed_run = (output_dir, old_text, _history_files(output_dir), _checkpoint_ids(output_dir))
+
+
+def _history_files(output_dir: Path) -> set[str]:
+    return {p.name for p in (output_dir / CONFIG_HISTORY_SUBDIR).glob("config-*.yaml")}
+
+
+def _checkpoint_ids(output_dir: Path) -> set[tuple[str, int]]:
+    from posttrain.checkpoint.manager import CHECKPOINTS_SUBDIR
+
+    folder = output_dir / CHECKPOINTS_SUBDIR
+    return {(p.name, p.stat().st_ino) for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+
+
+def undo_failed_resume() -> None:
+    """After a resumed run failed (an error or Ctrl-C): if it saved no checkpoint, its settings
+    never trained anything, so the run's config.yaml is put back as it was and the copy that
+    start_run moved to config_history/ is removed; the next resume then compares with the settings
+    the checkpoints really have. A run that saved a checkpoint keeps the new config.yaml: that
+    checkpoint was trained with it. Does nothing when no resume was started in this process."""
+    global _resumed_run
+    if _resumed_run is None:
+        return
+    output_dir, old_text, history_before, checkpoints_before = _resumed_run
+    _resumed_run = None
+    try:
+        if _checkpoint_ids(output_dir) - checkpoints_before:
+            return
+        path = output_dir / CONFIG_FILE
+        if old_text is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(old_text, encoding="utf-8")
+        for name in _history_files(output_dir) - history_before:
+            (output_dir / CONFIG_HISTORY_SUBDIR / name).unlink()
+        with contextlib.suppress(OSError):  # only when empty: the history of earlier resumes stays
+            (output_dir / CONFIG_HISTORY_SUBDIR).rmdir()
+    except OSError as e:  # the run's own error is the one to report; this one is a warning
+        logging.getLogger("posttrain.trainer").warning(
+            "The resume failed, and restoring the run's previous %s failed too (%s): the previous one is the "
+            "newest file in %s.", CONFIG_FILE, e, output_dir / CONFIG_HISTORY_SUBDIR)
+        return
+    logging.getLogger("posttrain.trainer").info(
+        "The resume failed before saving a checkpoint: %s is as it was before it.", path)
 
 
 def write_run_config(output_dir: Path, text: str, resumed: bool) -> None:
