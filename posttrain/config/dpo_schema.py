@@ -85,6 +85,13 @@ class DPOTrainerConfig:
     )
     max_steps: int = opt(0, "Optimizer steps. 0: as many as num_epochs passes over the training pairs take.")
     num_epochs: int = opt(1, "Passes over the training pairs when max_steps is 0 (DPO overfits quickly: 1-3).")
+    steps_cross_epochs: bool = opt(
+        False,
+        "Let a step take pairs of the next epoch to fill trainer.batch_size. False: the last step of each "
+        "epoch takes the pairs the epoch has left (a smaller step), so num_epochs passes show each pair "
+        "num_epochs times, also with fewer pairs than batch_size (then each step is one pass). True: every "
+        "step has batch_size pairs; with fewer pairs than that, each step repeats them.",
+    )
     lr: float = opt(
         1e-6,
         "Peak learning rate of AdamW. DPO needs far smaller steps than SFT because its loss keeps "

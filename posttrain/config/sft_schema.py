@@ -59,6 +59,13 @@ class SFTTrainerConfig:
         "next one would exceed it, so every step sees about the same number of tokens however long "
         "the conversations are. Must be >= data.max_seq_len.",
     )
+    steps_cross_epochs: bool = opt(
+        False,
+        "Let a step take conversations of the next epoch to fill trainer.batch_tokens. False: the last step "
+        "of each epoch takes what the epoch has left (a smaller step), so num_epochs passes show each "
+        "conversation num_epochs times, also on a file smaller than one step (then each step is one pass). "
+        "True: every step is full; on a file smaller than one step, each step repeats its conversations.",
+    )
     micro_batch_tokens: int = opt(
         4096,
         "Token budget of one forward/backward (rows x longest row, padding included); gradients "

@@ -148,11 +148,15 @@ def build_micro_batches(examples: Sequence[SFTExample], *, micro_batch_tokens: i
 class TokenBudgetBatcher:
     """Seeded, resumable stream of optimizer steps: each step takes whole documents in epoch
     order (an EpochSampler's) until the next one would push it past ``batch_tokens``; that one
-    opens the next step. State: the sampler's plus that pending document."""
+    opens the next step. With ``epoch_bounded`` a step also ends with its epoch: the last step of
+    each epoch holds what the epoch has left, so no step repeats a document (on data smaller than
+    ``batch_tokens``, each step is one whole epoch). State: the sampler's plus that pending document."""
 
-    def __init__(self, lengths: Sequence[int], batch_tokens: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, lengths: Sequence[int], batch_tokens: int, seed: int, shuffle: bool = True,
+                 epoch_bounded: bool = False) -> None:
         self.lengths = list(lengths)
         self.batch_tokens = batch_tokens
+        self.epoch_bounded = epoch_bounded
         self.sampler = EpochSampler(len(self.lengths), 1, seed, shuffle)
         self.pending: int | None = None
 
@@ -161,6 +165,8 @@ class TokenBudgetBatcher:
         step: list[int] = []
         tokens = 0
         while True:
+            if step and self.epoch_bounded and self.pending is None and self.sampler.position == 0:
+                return step  # the document just taken was its epoch's last
             index = self.pending if self.pending is not None else self.sampler.next_batch()[0]
             self.pending = None
             if step and tokens + self.lengths[index] > self.batch_tokens:
@@ -180,7 +186,7 @@ class TokenBudgetBatcher:
 
     def steps_for_epochs(self, num_epochs: float) -> int:
         """Steps a fresh stream with these settings takes to hand out ``num_epochs`` passes."""
-        probe = TokenBudgetBatcher(self.lengths, self.batch_tokens, int(self.sampler.seed), self.sampler.shuffle)
+        probe = self._fresh()
         steps = 0
         while probe.epochs_done < num_epochs - 1e-9:
             probe.next_step()
@@ -189,10 +195,14 @@ class TokenBudgetBatcher:
 
     def epochs_for_steps(self, num_steps: int) -> float:
         """Passes over the data a fresh stream with these settings hands out in ``num_steps`` steps."""
-        probe = TokenBudgetBatcher(self.lengths, self.batch_tokens, int(self.sampler.seed), self.sampler.shuffle)
+        probe = self._fresh()
         for _ in range(num_steps):
             probe.next_step()
         return probe.epochs_done
+
+    def _fresh(self) -> TokenBudgetBatcher:
+        return TokenBudgetBatcher(self.lengths, self.batch_tokens, int(self.sampler.seed), self.sampler.shuffle,
+                                  self.epoch_bounded)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "pending": self.pending}

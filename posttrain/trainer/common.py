@@ -181,6 +181,25 @@ def due(step: int, every: int, last_step: int | None = None) -> bool:
     return bool(every) and step % every == 0 and step != last_step
 
 
+def log_small_data(rows: int, size: int, budget: int, budget_key: str, what: str, unit: str,
+                   cross_epochs: bool) -> None:
+    """Say what a step is when all the training data (``size`` ``unit`` in ``rows`` ``what``) is
+    smaller than one step's ``budget``: one whole pass (steps end with their epoch), or the data
+    repeated within the step (trainer.steps_cross_epochs=true), which trains many epochs per step."""
+    if size >= budget:
+        return
+    if cross_epochs:
+        logging.getLogger("posttrain.trainer").warning(
+            "The %d training %s (%d %s) are fewer than %s=%d, and trainer.steps_cross_epochs=true fills each step "
+            "by repeating them: every step trains about %.3g epochs. Set trainer.steps_cross_epochs=false for one "
+            "pass per step.", rows, what, size, unit, budget_key, budget, budget / size)
+    else:
+        logging.getLogger("posttrain.trainer").info(
+            "The %d training %s (%d %s) are fewer than %s=%d: each step is one pass over them, none repeated "
+            "(trainer.steps_cross_epochs=true would fill each step by repeating them).",
+            rows, what, size, unit, budget_key, budget)
+
+
 def save_on_interrupt(completed: int, start_step: int, save_checkpoint, write) -> None:
     """Ctrl-C: checkpoint the last whole step, if this process completed any."""
     if completed > start_step:

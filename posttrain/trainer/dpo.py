@@ -27,7 +27,9 @@ from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, re
 from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model, lora_enabled
-from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import (
+    SkippedStepGuard, due, log_small_data, save_on_interrupt, seed_everything, start_run,
+)
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
     compute_reference_logps,
@@ -87,8 +89,13 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
         model, _ = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
 
     batch_size = cfg.trainer.batch_size
-    max_steps = cfg.trainer.max_steps or max(1, math.ceil(cfg.trainer.num_epochs * len(train_pairs) / batch_size))
-    sampler = EpochSampler(len(train_pairs), batch_size, cfg.seed, cfg.data.shuffle)
+    sampler = EpochSampler(len(train_pairs), batch_size, cfg.seed, cfg.data.shuffle,
+                           epoch_bounded=not cfg.trainer.steps_cross_epochs)
+    max_steps = cfg.trainer.max_steps or sampler.steps_for_epochs(cfg.trainer.num_epochs)
+    logger.info("%d steps of <= %d pairs (%.3g epochs)", max_steps, batch_size,
+                sampler.epochs_for_steps(max_steps))
+    log_small_data(len(train_pairs), len(train_pairs), batch_size, "trainer.batch_size", "pairs", "pairs",
+                   cfg.trainer.steps_cross_epochs)
     optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same field names as GRPO's
     scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
     checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
@@ -148,6 +155,7 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
                         "perf/tokens_per_s": num_tokens / elapsed,
                         "time/step": elapsed,
                         "data/epoch": float(sampler.epoch),
+                        "data/pairs": float(len(batch)),  # fewer than batch_size at the end of an epoch
                     }
                     metrics_log.log(step, step_metrics)
                     skipped_steps.record(step, not update_metrics["skipped_update"])

@@ -432,9 +432,12 @@ def _sft_plan(cfg: Any, tokenizer: Any) -> StepPlan:
     train, val = load_sft_conversations(cfg.data, cfg.seed)
     examples = tokenize_conversations(train[:PROMPT_SAMPLE], tokenizer, cfg.model, cfg.data.max_seq_len)
     mean = sum(len(ex) for ex in examples) / max(len(examples), 1)
-    steps = t.max_steps or math.ceil(len(train) * mean * t.num_epochs / t.batch_tokens)
+    steps = t.max_steps or _sft_steps(cfg, [len(ex) for ex in examples], len(train))
     evaluate = t.eval_every > 0 and bool(val)
-    return StepPlan(sequence_tokens=mean, trained_tokens=min(t.batch_tokens, len(train) * mean), forward_tokens=0.0,
+    # A step repeats conversations only with trainer.steps_cross_epochs (else it ends with its epoch).
+    data_tokens = len(train) * mean
+    trained = t.batch_tokens if t.steps_cross_epochs else min(t.batch_tokens, data_tokens)
+    return StepPlan(sequence_tokens=mean, trained_tokens=trained, forward_tokens=0.0,
                     micro_batch_tokens=t.micro_batch_tokens, steps=steps,
                     validation=f"loss on {len(val)} conversations" if evaluate else "",
                     num_validations=2 + (steps - 1) // t.eval_every if evaluate else 0,
@@ -442,8 +445,26 @@ def _sft_plan(cfg: Any, tokenizer: Any) -> StepPlan:
                     sequences=[ex.input_ids for ex in examples])
 
 
+def _sft_steps(cfg: Any, lengths: list[int], num_rows: int) -> int:
+    """The steps of trainer.num_epochs, as the SFT recipe counts them: exactly (its batcher) when
+    every row was tokenized, else from the mean length of the rows that were."""
+    from posttrain.data.packing import TokenBudgetBatcher
+
+    t = cfg.trainer
+    if len(lengths) == num_rows:
+        return TokenBudgetBatcher(lengths, t.batch_tokens, cfg.seed, cfg.data.shuffle,
+                                  epoch_bounded=not t.steps_cross_epochs).steps_for_epochs(t.num_epochs)
+    epoch_tokens = num_rows * sum(lengths) / max(len(lengths), 1)
+    if t.steps_cross_epochs:
+        return max(1, math.ceil(epoch_tokens * t.num_epochs / t.batch_tokens))
+    per_epoch = epoch_tokens / t.batch_tokens
+    whole, fraction = divmod(t.num_epochs, 1)
+    return max(1, int(whole) * math.ceil(per_epoch) + math.ceil(fraction * per_epoch))
+
+
 def _dpo_plan(cfg: Any, tokenizer: Any) -> StepPlan:
     from posttrain.data.preference import load_preference_examples, tokenize_pairs
+    from posttrain.data.sampler import EpochSampler
 
     d, t = cfg.data, cfg.trainer
     train, val = load_preference_examples(d, cfg.seed)
@@ -453,8 +474,11 @@ def _dpo_plan(cfg: Any, tokenizer: Any) -> StepPlan:
     # Chosen and rejected each go through the model with the prompt: two sequences per pair.
     sequences = [s for p in pairs for s in (p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids)]
     per_pair = sum(len(s) for s in sequences) / max(len(pairs), 1)
-    steps = t.max_steps or math.ceil(len(train) * t.num_epochs / t.batch_size)
-    return StepPlan(sequence_tokens=per_pair / 2, trained_tokens=t.batch_size * per_pair, forward_tokens=0.0,
+    # Steps and pairs per step as the DPO recipe's sampler hands them out.
+    sampler = EpochSampler(len(train), t.batch_size, cfg.seed, d.shuffle, epoch_bounded=not t.steps_cross_epochs)
+    steps = t.max_steps or sampler.steps_for_epochs(t.num_epochs)
+    pairs_per_step = t.batch_size if t.steps_cross_epochs else min(t.batch_size, len(train))
+    return StepPlan(sequence_tokens=per_pair / 2, trained_tokens=pairs_per_step * per_pair, forward_tokens=0.0,
                     micro_batch_tokens=int(t.micro_batch_size * per_pair), steps=steps,
                     once_forward_tokens=(len(train) + len(val)) * per_pair,
                     validation=f"loss and margins on {len(val)} pairs" if val else "",

@@ -35,7 +35,9 @@ from posttrain.logging.progress import ProgressBar
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import checkpoint_prefix
-from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.common import (
+    SkippedStepGuard, due, log_small_data, save_on_interrupt, seed_everything, start_run,
+)
 from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 
@@ -63,12 +65,14 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                     packed=packed, pad_token_id=tokenizer.pad_token_id)
     val_batches = build_micro_batches(val_examples, **batching)
     batcher = TokenBudgetBatcher([len(ex) for ex in train_examples], cfg.trainer.batch_tokens, cfg.seed,
-                                 cfg.data.shuffle)
+                                 cfg.data.shuffle, epoch_bounded=not cfg.trainer.steps_cross_epochs)
     max_steps = cfg.trainer.max_steps or batcher.steps_for_epochs(cfg.trainer.num_epochs)
     epochs = batcher.epochs_for_steps(max_steps)
     logger.info("%d training conversations (%d tokens), %d validation; %d steps of <= %d tokens (%.3g epochs); %s rows",
                 len(train_examples), sum(batcher.lengths), len(val_examples), max_steps, cfg.trainer.batch_tokens,
                 epochs, "packed" if packed else "padded")
+    log_small_data(len(train_examples), sum(batcher.lengths), cfg.trainer.batch_tokens, "trainer.batch_tokens",
+                   "conversations", "tokens", cfg.trainer.steps_cross_epochs)
     if cfg.trainer.max_steps and epochs > 1 + 1e-9:
         # trainer.max_steps wins over num_epochs; many passes over a small file overfit it.
         logger.warning("trainer.max_steps=%d spans %.3g epochs: one pass over the %d training conversations takes "

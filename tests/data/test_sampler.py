@@ -77,3 +77,34 @@ def test_constructor_validation_and_negative_seed():
     with pytest.raises(PosttrainError, match="batch_size"):
         EpochSampler(3, 0, seed=0)
     assert len(EpochSampler(3, 2, seed=-1).next_batch()) == 2
+
+
+@pytest.mark.parametrize("num_items,batch_size", [(7, 3), (8, 32), (10, 5), (5, 1)])
+def test_epoch_bounded_batches_never_repeat_an_item_and_end_with_their_epoch(num_items, batch_size):
+    s = EpochSampler(num_items, batch_size, seed=2, epoch_bounded=True)
+    steps = s.steps_for_epochs(2)
+    assert steps == 2 * -(-num_items // batch_size)
+    batches = take(s, steps)
+    assert all(len(set(b)) == len(b) <= batch_size for b in batches)
+    flat = sum(batches, [])
+    assert sorted(flat[:num_items]) == sorted(flat[num_items:]) == list(range(num_items))  # two whole epochs
+    assert s.epoch == 2 and s.position == 0
+    assert EpochSampler(num_items, batch_size, 2, epoch_bounded=True).epochs_for_steps(steps) == 2.0
+
+
+def test_small_data_is_one_batch_per_epoch_unless_batches_cross_epochs():
+    bounded = EpochSampler(8, 32, seed=0, epoch_bounded=True)
+    assert bounded.steps_for_epochs(1) == 1 and sorted(bounded.next_batch()) == list(range(8))
+    crossing = EpochSampler(8, 32, seed=0)
+    assert crossing.steps_for_epochs(1) == 1 and len(crossing.next_batch()) == 32  # 4 epochs in one batch
+    assert crossing.epochs_for_steps(1) == 4.0
+
+
+def test_epoch_bounded_resume_continues_exactly():
+    reference = take(EpochSampler(10, 4, seed=5, epoch_bounded=True), 6)
+    first = EpochSampler(10, 4, seed=5, epoch_bounded=True)
+    take(first, 2)
+    resumed = EpochSampler(10, 4, seed=5, epoch_bounded=True)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert take(resumed, 4) == reference[2:]
+    assert [len(b) for b in reference] == [4, 4, 2, 4, 4, 2]

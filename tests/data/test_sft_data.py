@@ -179,3 +179,30 @@ def test_token_budget_batcher_budget_epochs_and_exact_resume():
     assert [fresh.next_step() for _ in range(2)] == steps[2:]
     one_epoch = TokenBudgetBatcher(lengths, 10, seed=1).steps_for_epochs(1)
     assert 3 <= one_epoch <= 6 and TokenBudgetBatcher(lengths, 10, seed=1).steps_for_epochs(2) > one_epoch
+
+
+def test_epoch_bounded_steps_end_with_their_epoch_and_never_repeat_a_document():
+    lengths = [3, 5, 2, 7, 4, 6]  # 27 tokens
+    bounded = TokenBudgetBatcher(lengths, batch_tokens=10, seed=1, epoch_bounded=True)
+    steps = [bounded.next_step() for _ in range(bounded.steps_for_epochs(2))]
+    for step in steps:
+        assert len(set(step)) == len(step) and sum(lengths[i] for i in step) <= 10
+    flat = [i for s in steps for i in s]
+    assert sorted(flat[:6]) == sorted(flat[6:]) == list(range(6))  # exactly two passes
+    assert bounded.epochs_done == 2.0
+    # Resume in the middle, with a pending document, continues exactly.
+    first = TokenBudgetBatcher(lengths, 10, seed=1, epoch_bounded=True)
+    first.next_step()
+    resumed = TokenBudgetBatcher(lengths, 10, seed=1, epoch_bounded=True)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.next_step() for _ in range(len(steps) - 1)] == steps[1:]
+
+
+def test_data_smaller_than_a_step_is_one_pass_per_step_unless_steps_cross_epochs():
+    lengths = [40, 39, 41, 38, 40, 39, 40, 38]  # 315 tokens, as the 8 conversations
+    bounded = TokenBudgetBatcher(lengths, batch_tokens=16384, seed=0, epoch_bounded=True)
+    assert bounded.steps_for_epochs(1) == 1 and bounded.epochs_for_steps(1) == 1.0
+    assert sorted(bounded.next_step()) == list(range(8))
+    assert bounded.steps_for_epochs(3) == 3
+    crossing = TokenBudgetBatcher(lengths, batch_tokens=16384, seed=0)
+    assert crossing.steps_for_epochs(1) == 1 and len(crossing.next_step()) > 400  # 52 epochs in one step

@@ -186,3 +186,33 @@ def test_preference_margin_and_accuracy_rise(tmp_path):
     assert all(b > a for a, b in zip(margins, margins[1:])) and margins[-1] > 1.0, margins
     assert val_metrics[-1]["val/rewards/accuracy"] > 0.9
     assert val_metrics[-1]["val/loss"] < 0.3, val_metrics[-1]
+
+
+@pytest.mark.parametrize("epochs,cross", [(1, False), (2, False), (1, True)])
+def test_num_epochs_with_fewer_pairs_than_a_batch_and_dry_run_agrees(tmp_path, capsys, caplog, epochs, cross):
+    """8 pairs and trainer.batch_size=32: num_epochs steps of the 8 pairs, none repeated within a
+    step, unless trainer.steps_cross_epochs=true asks for full batches."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_pairs(tmp_path / "pairs.jsonl", 8)
+    run_dir = tmp_path / "run"
+    args = ["dpo", f"model.path={model_dir}", "model.device=cpu", f"data.train_path={data}",
+            f"trainer.output_dir={run_dir}", "data.validation_size=0", "trainer.batch_size=32",
+            "trainer.micro_batch_size=8", f"trainer.num_epochs={epochs}", f"trainer.steps_cross_epochs={cross}",
+            "logging.progress_bar=false"]
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    metrics = read_metrics(run_dir)
+    if cross:
+        assert sorted(metrics) == [1] and metrics[1]["data/pairs"] == 32 and metrics[1]["data/epoch"] == 4
+        assert "every step trains about 4 epochs" in caplog.text
+    else:
+        assert sorted(metrics) == list(range(1, epochs + 1))
+        assert [m["data/pairs"] for m in metrics.values()] == [8.0] * epochs
+        assert [m["data/epoch"] for m in metrics.values()] == [float(e) for e in range(1, epochs + 1)]
+        assert "each step is one pass over them" in caplog.text
+    assert f"for {len(metrics)} steps" in out
+    trained = float(out.split("\n  trained ", 1)[1].split("(")[0].replace(",", ""))
+    assert trained == pytest.approx(metrics[1]["perf/tokens_per_s"] * metrics[1]["time/step"], rel=1e-6)

@@ -209,3 +209,41 @@ def test_learns_a_toy_mapping_and_validation_loss_falls(tmp_path):
     val = read_metrics(out, "val/loss")
     first, last = val[0]["val/loss"], val[40]["val/loss"]
     assert last < 0.5 * first and last < 0.5, (first, last)
+
+
+def _dry_run_out(args, capsys):
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("epochs,cross", [(1, False), (2, False), (1, True)])
+def test_num_epochs_on_a_file_smaller_than_a_step_and_dry_run_agrees(tmp_path, capsys, caplog, epochs, cross):
+    """8 conversations, far fewer tokens than trainer.batch_tokens: num_epochs passes, one step each,
+    no conversation repeated within a step unless trainer.steps_cross_epochs=true asks for it."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_chats(tmp_path / "chats.jsonl", n=8)
+    run_dir = tmp_path / "run"
+    args = ["sft", f"model.path={model_dir}", "model.device=cpu", f"data.train_path={data}",
+            f"trainer.output_dir={run_dir}", "data.validation_size=0", "data.max_seq_len=48", "trainer.batch_tokens=4096",
+            "trainer.micro_batch_tokens=96", f"trainer.num_epochs={epochs}", f"trainer.steps_cross_epochs={cross}",
+            "logging.progress_bar=false"]
+    out = _dry_run_out(args, capsys)
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    metrics = read_metrics(run_dir)
+    if cross:  # asked for: the one step fills its budget by repeating the file
+        assert sorted(metrics) == [1] and metrics[1]["data/conversations"] > 8 and metrics[1]["data/epoch"] > 2
+        assert "every step trains about" in caplog.text
+    else:
+        assert sorted(metrics) == list(range(1, epochs + 1))
+        assert all(m["data/conversations"] == 8 for m in metrics.values())
+        assert [m["data/epoch"] for m in metrics.values()] == [float(e) for e in range(1, epochs + 1)]
+        assert "each step is one pass over them" in caplog.text
+    # --dry-run said what the run did: its steps and the tokens of a step.
+    assert f"for {len(metrics)} steps" in out
+    trained = float(out.split("\n  trained ", 1)[1].split("(")[0].replace(",", ""))
+    if cross:  # the budget; the step stops at the last whole conversation that fits
+        assert trained - 48 <= metrics[1]["data/tokens"] <= trained
+    else:
+        assert trained == metrics[1]["data/tokens"]
