@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up of a virtual environment with posttrain and its dependencies.
 # Picks the right torch: keeps an installed one; else a CUDA build where a GPU is visible, and
-# the CPU build (torch==2.13.0) otherwise. Override with TORCH_SPEC / TORCH_INDEX_URL.
+# the CPU build (torch==2.13.0+cpu, from PyTorch's CPU index unless pip's own sources hold it)
+# otherwise. Override with TORCH_SPEC / TORCH_INDEX_URL. scripts/torch_spec.py decides (and is tested).
 set -euo pipefail
 VENV="${1:-.venv}"
 cd "$(dirname "$0")/.."
@@ -10,19 +11,15 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if [ -n "${TORCH_SPEC:-}" ]; then
-    spec="$TORCH_SPEC"
-  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    spec="torch>=2.6"        # PyPI's default Linux wheel is a CUDA build
-  else
-    spec="torch==2.13.0"     # CPU build
-  fi
-  echo "installing $spec"
-  if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    "${PIP[@]}" "$spec" --index-url "$TORCH_INDEX_URL"
-  else
-    "${PIP[@]}" "$spec"
-  fi
+  mapfile -t torch_args < <("$PY" scripts/torch_spec.py)
+  [ "${#torch_args[@]}" -gt 0 ] || { echo "setup: scripts/torch_spec.py chose no torch (see its error above)" >&2; exit 1; }
+  echo "installing ${torch_args[*]}"
+  "${PIP[@]}" "${torch_args[@]}" || {
+    echo "setup: installing torch (${torch_args[*]}) failed. Choose the build yourself: e.g." \
+         "TORCH_SPEC='torch==2.13.0+cpu' TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu make setup," \
+         "or TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 for CUDA 12.6." >&2
+    exit 1
+  }
 fi
 echo "installing posttrain and its dependencies"
 "${PIP[@]}" -e ".[test,all]"
