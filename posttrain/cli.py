@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from posttrain import __version__
 from posttrain.config.loader import config_to_yaml, load_config
@@ -340,7 +340,24 @@ def _report(args: argparse.Namespace) -> int:
 def _view(args: argparse.Namespace) -> int:
     from posttrain.report.cli import view
 
-    return view(args)
+    return _quiet_on_closed_stdout(lambda: view(args))
+
+
+def _quiet_on_closed_stdout(command: Callable[[], int]) -> int:
+    """Run a command whose output is the point (view, --print-config) when its reader may stop
+    early: after `posttrain view RUN | head`, head has what it wanted, so a closed pipe ends the
+    command quietly with exit 0 instead of a BrokenPipeError. Only stdout's own pipe counts: the
+    flush is inside, and the command writes nowhere else."""
+    try:
+        code = command()
+        sys.stdout.flush()  # the last buffered lines: a closed pipe fails here, not at exit
+        return code
+    except BrokenPipeError:
+        # The interpreter flushes stdout again at exit; /dev/null in its place keeps that quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
 
 
 def _leave_process_group() -> None:
@@ -423,8 +440,11 @@ def _run(argv: list[str], debug: bool) -> int:
         run_config = saved_run_config(resume)
     cfg = load_config(schema, args.config, args.overrides, run_config=run_config)
     if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return EXIT_OK
+        def print_config() -> int:
+            print(config_to_yaml(cfg), end="")
+            return EXIT_OK
+
+        return _quiet_on_closed_stdout(print_config)
     _setup_console_logging()
     if resume is not None and run_config is None:
         logging.getLogger("posttrain").warning(

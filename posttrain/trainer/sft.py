@@ -130,6 +130,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
 
                 # ---- update and its metrics line; Ctrl-C waits for both (whole steps in checkpoints)
                 with guard.deferred():
+                    lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler then moves on)
                     update_metrics = sft_update(model, optimizer, scheduler, micro_batches, cfg.trainer.max_grad_norm,
                                                 device, autocast)
                     elapsed = time.perf_counter() - step_start
@@ -137,7 +138,7 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                     slots = sum(mb.num_slots for mb in micro_batches)
                     step_metrics = {
                         **update_metrics,
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "perf/tokens_per_s": real / elapsed,
                         "data/tokens": float(real),
                         "data/conversations": float(len(documents)),

@@ -10,6 +10,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -261,3 +263,27 @@ def _html_text(text: str) -> str:
     import html
 
     return html.escape(text, quote=True)
+
+
+def _with_stdout_closed(args: list[str]) -> subprocess.CompletedProcess:
+    """``posttrain ARGS | head`` where head has already stopped reading: the pipe's reader is
+    closed before the command writes a line."""
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(args, proc.returncode, "", err)
+
+
+@pytest.mark.parametrize("args", [["view"], ["view", "--step", "2"]])
+def test_view_into_a_closed_pipe_exits_0_quietly(run_dir, args):
+    result = _with_stdout_closed([args[0], str(run_dir), *args[1:]])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_print_config_into_a_closed_pipe_exits_0_quietly():
+    result = _with_stdout_closed(["grpo", "--print-config"])
+    assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -247,3 +247,26 @@ def test_num_epochs_on_a_file_smaller_than_a_step_and_dry_run_agrees(tmp_path, c
         assert trained - 48 <= metrics[1]["data/tokens"] <= trained
     else:
         assert trained == metrics[1]["data/tokens"]
+
+
+def test_the_lr_logged_is_the_lr_the_step_used(tmp_path, monkeypatch):
+    """Read before scheduler.step(): after it, each step would show the next step's lr."""
+    import posttrain.trainer.sft as sft
+
+    used = []
+    real_step = sft.clip_and_step
+
+    def recording_step(optimizer, *args, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "clip_and_step", recording_step)
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_chats(tmp_path / "chats.jsonl")
+    run_dir = tmp_path / "run"
+    assert main(sft_args(model_dir, data, run_dir, 4, "trainer.warmup_steps=2", "trainer.eval_every=0",
+                         "checkpoint.every=0")) == 0
+    logged = [m["lr"] for _, m in sorted(read_metrics(run_dir).items())]
+    assert len(used) == 4 and used[0] != used[1]  # the lr after each step would be off by one
+    assert logged == pytest.approx(used, rel=1e-12)
+    assert logged[0] == pytest.approx(1e-3 / 2)  # warmup: step 1 of 2 trains at half the peak
