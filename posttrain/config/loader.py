@@ -316,6 +316,10 @@ def common_problems(cfg: Any) -> list[str]:
         problems += output_dir_problems(trainer.output_dir)
     if trainer is not None and getattr(trainer, "max_skipped_steps", 0) < 0:
         problems.append(f"trainer.max_skipped_steps={trainer.max_skipped_steps} must be >= 0 (0: never stop).")
+    if trainer is not None and getattr(trainer, "master_weights", False) and getattr(trainer, "param_dtype", "") != "bfloat16":
+        problems.append(f"trainer.master_weights=true keeps float32 masters of bf16 parameters, but trainer.param_dtype="
+                        f"{trainer.param_dtype} parameters are already the master weights; set trainer.param_dtype=bfloat16 "
+                        "(bf16 weights, float32 masters in the optimizer) or trainer.master_weights=false.")
     device = getattr(model, "device", None)
     if isinstance(device, str) and not DEVICE_RE.match(device):
         problems.append(f"model.device='{device}' is not a device posttrain trains on; use auto (cuda if "
@@ -664,6 +668,10 @@ def distributed_problems(cfg: Any) -> list[str]:
     if cfg.algorithm.dynamic_sampling:
         problems.append(f"{where}: algorithm.dynamic_sampling=true is not supported on several processes yet "
                         "(ranks would keep different numbers of groups); set it to false or trainer.num_processes=1.")
+    if t.master_weights:
+        problems.append(f"{where}: trainer.master_weights=true is not supported with FSDP (sharded checkpoints map optimizer "
+                        "state to the model's own parameters); use trainer.param_dtype=float32 trainer.master_weights=false, "
+                        "which under FSDP already keeps float32 shards and runs bf16 all-gathers and compute.")
     if cfg.model.lora.r > 0:
         problems.append(f"{where}: LoRA (model.lora.r > 0) is not supported with FSDP yet; a LoRA run fits one "
                         "GPU: use trainer.num_processes=1.")

@@ -451,8 +451,16 @@ class TrainerConfig:
         "in model.dtype (autocast, and bf16 all-gathers under FSDP). 'bfloat16': half the memory of weights, "
         "gradients and AdamW states, but updates smaller than bf16's precision are lost (an AdamW step of "
         "about lr changes a weight w only above about |w|/256: at the default lr most SmolLM2 weights never move, "
-        "and GRPO did not learn; a warning says how many). For larger learning rates only.",
+        "and GRPO did not learn; a warning says how many) unless trainer.master_weights=true.",
         ("float32", "bfloat16"),
+    )
+    master_weights: bool = opt(
+        False,
+        "With param_dtype=bfloat16: AdamW keeps a float32 master copy of every trained weight and float32 "
+        "moments, accumulates gradients in float32 and copies the updated masters into the bf16 weights after "
+        "each step, so small updates are not lost: it learns like float32 while forward and backward run on bf16 "
+        "weights (no autocast casts). Memory is about float32's. One process only (under FSDP, float32 "
+        "param_dtype is this recipe). See docs/training_speed.md.",
     )
     fused_adamw: bool = opt(
         True, "Use the fused AdamW kernel (one kernel for all parameters) when parameters are on a GPU."

@@ -147,8 +147,13 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
 
     # ---- memory: training, then generation (the engine's KV cache is freed while the trainer runs)
     p_bytes, a_bytes = param_dtype.itemsize, compute_dtype.itemsize
-    parts = {"weights": policy.total * p_bytes, "gradients": policy.trainable * p_bytes,
-             "AdamW moments": 2 * policy.trainable * p_bytes}
+    # trainer.master_weights: float32 masters, gradients (accumulated on the masters) and moments.
+    masters = getattr(cfg.trainer, "master_weights", False) and p_bytes < 4
+    s_bytes = 4 if masters else p_bytes
+    parts = {"weights": policy.total * p_bytes, "gradients": policy.trainable * s_bytes,
+             "AdamW moments": 2 * policy.trainable * s_bytes}
+    if masters:
+        parts["float32 masters"] = policy.trainable * 4
     if reference_copy:
         parts["reference"] = policy.total * p_bytes
     if critic is not None:
@@ -168,8 +173,9 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     if processes > 1:
         lines.append(f"  (trainer.num_processes={processes}: FSDP holds about 1/{processes} of the weights, gradients and "
                      "AdamW moments per GPU; activations and the KV cache are per GPU)")
-    _section(write, f"memory (estimate, one process; parameters and AdamW states in {_name(param_dtype)}, "
-                    f"activations in {_name(compute_dtype)})", lines)
+    stored = (f"parameters in {_name(param_dtype)}, float32 masters, gradients and AdamW states" if masters
+              else f"parameters and AdamW states in {_name(param_dtype)}")
+    _section(write, f"memory (estimate, one process; {stored}, activations in {_name(compute_dtype)})", lines)
     if sum(parts.values()) > capacity:
         warnings.append(f"the training estimate ({_gib(sum(parts.values()))}) exceeds {capacity_name} ({_gib(capacity)}): "
                         "lower trainer.micro_batch_tokens, set model.gradient_checkpointing=true or model.lora.r=16"

@@ -11,6 +11,7 @@ import torch
 
 from posttrain.distributed import is_distributed, shard_model
 from posttrain.distributed.fsdp import decoder_layers
+from posttrain.errors import ConfigError
 
 logger = logging.getLogger("posttrain.trainer")
 
@@ -30,9 +31,16 @@ def prepare_for_training(
     """Store parameters in ``trainer.param_dtype`` and, on several ranks, shard the model with FSDP2
     (each decoder layer, then the root). Call before the optimizer is built: it must see the shards.
     Also for the frozen reference (or a critic), so that it is sharded the same way."""
+    master_weights = getattr(trainer_cfg, "master_weights", False)
+    if master_weights and is_distributed():
+        # The config check names this too; here for callers that build the trainer themselves.
+        raise ConfigError("trainer.master_weights=true is not supported with FSDP (several processes); use "
+                          "trainer.param_dtype=float32 trainer.master_weights=false: FSDP then keeps float32 shards "
+                          "and runs bf16 all-gathers and compute.")
     if trainer_cfg.param_dtype == "bfloat16":
         model.to(torch.bfloat16)
-        _warn_if_updates_round_away(model, trainer_cfg.lr)
+        if not master_weights:  # with masters, the optimizer's float32 copies keep the small updates
+            _warn_if_updates_round_away(model, trainer_cfg.lr)
     if trainer_cfg.compile_layers and device.type == "cuda":
         # Regional compilation: one graph for all layers (same code, same shapes), compiled in seconds;
         # dynamic, since every packed micro-batch has another token count. Layers only: masks, the
@@ -60,8 +68,9 @@ def _warn_if_updates_round_away(model: torch.nn.Module, lr: float) -> None:
         logger.warning(
             "trainer.param_dtype=bfloat16: at trainer.lr=%g an AdamW step is smaller than half the bf16 "
             "spacing of %.0f%% of the weights, so those weights never change and learning stalls. Use "
-            "trainer.param_dtype=float32 (the default: bf16 compute under autocast, float32 master "
-            "weights), or a learning rate of at least %.1e, where half of them move.", lr, 100 * frozen / total,
+            "trainer.master_weights=true (float32 master weights inside the optimizer), trainer.param_dtype=float32 "
+            "(the default: bf16 compute under autocast), or a learning rate of at least %.1e, where half of them "
+            "move.", lr, 100 * frozen / total,
             _median_abs(trained) * 2.0**-8,
         )
 

@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor
 
 from posttrain.config.schema import TrainerConfig
 from posttrain.distributed import clip_grad_norm
+from posttrain.trainer.master_weights import MasterWeightAdamW
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
@@ -16,7 +17,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.A
     # One kernel for all parameters on GPU (trainer.fused_adamw); the for-each path on CPU, also for
     # CPU-offloaded FSDP shards.
     fused = params[0].device.type == "cuda" and getattr(cfg, "fused_adamw", True)
-    return torch.optim.AdamW(
+    # trainer.master_weights: 16-bit parameters get float32 masters and moments inside the optimizer.
+    # Only where the parameters are 16-bit (prepare_for_training made them so): float32 ones already
+    # are the masters (e.g. a PPO critic, or a recipe that keeps float32 parameters).
+    masters = getattr(cfg, "master_weights", False) and any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+    return (MasterWeightAdamW if masters else torch.optim.AdamW)(
         params,
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -35,7 +40,13 @@ def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float)
     the norm stays on the device, and the fused kernel skips the whole update (moments and step
     count included) when it is not finite, through the ``found_inf`` input AMP's GradScaler uses.
     Otherwise (for-each AdamW, FSDP's sharded gradients) the norm is read on the host, global over
-    ranks, and the step skipped there."""
+    ranks, and the step skipped there.
+
+    With trainer.master_weights the gradients are on the optimizer's float32 masters, not on
+    ``parameters``: those are clipped and stepped (the masters' step also refreshes the bf16
+    parameters)."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        parameters = optimizer.clip_grad_candidates()  # the float32 masters hold the accumulated gradients
     params = [p for p in parameters if p.grad is not None]
     if getattr(optimizer, "defaults", {}).get("fused") and not any(isinstance(p.grad, DTensor) for p in params):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -48,6 +59,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, parameters, max_norm: float)
     norm = clip_grad_norm(params, max_norm)
     if math.isfinite(norm):
         optimizer.step()
+    elif isinstance(optimizer, MasterWeightAdamW):
+        optimizer.zero_grad()  # the skipped step's float32 gradients must not join the next step's
     return torch.tensor(norm)
 
 
