@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from posttrain.models.weights import iter_weight_buckets, load_named_tensors  # noqa: E402
 from posttrain.sync.base import DTYPES, transfer_dir  # noqa: E402
-from posttrain.sync.broadcast import WeightGroup, free_port  # noqa: E402
+from posttrain.sync.broadcast import WeightGroup, master_store  # noqa: E402
 from posttrain.sync.checkpoint import StagingBuffer, save_weights  # noqa: E402
 
 SHAPES = {
@@ -93,13 +93,14 @@ def bench_broadcast(trainer, args, device, repeats) -> tuple[float, str]:
     two_gpus = device.type == "cuda" and torch.cuda.device_count() >= 2
     backend = "nccl" if two_gpus else "gloo"
     receiver_device = "cuda:1" if two_gpus else ("cuda:0" if device.type == "cuda" else "cpu")
-    port = free_port()
+    store = master_store("127.0.0.1", 0, 2, timeout_s=300)  # listening before the receiver is told its port
+    port = store.port
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     proc = ctx.Process(target=_receiver, args=(args.shape, receiver_device, args.dtype, port, backend, args.bucket_mb,
                                                repeats + 1, ready))
     proc.start()
-    group = WeightGroup("127.0.0.1", port, 0, 2, "bench", backend, timeout_s=300)
+    group = WeightGroup("127.0.0.1", port, 0, 2, "bench", backend, timeout_s=300, store=store)
     ready.wait(300)
     wire = device if backend == "nccl" else torch.device("cpu")
 

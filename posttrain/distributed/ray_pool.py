@@ -33,7 +33,7 @@ from posttrain.models.weights import iter_weight_buckets
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.replica import EngineReplica, ReplicaError, split_contiguous, unwrap_policy
 from posttrain.sync.base import dtype_name, transfer_dir, wire_dtype
-from posttrain.sync.broadcast import WeightGroup, free_port
+from posttrain.sync.broadcast import WeightGroup, master_store
 from posttrain.sync.checkpoint import WEIGHTS_FILE, StagingBuffer, save_weights, weights_nbytes
 
 logger = logging.getLogger("posttrain.cluster")
@@ -355,12 +355,13 @@ class RayReplicaPool:
 
     def _form_group(self) -> None:
         address, world = self.cfg.sync.master_address, self.num_replicas + 1
-        port = self.cfg.sync.master_port or free_port(address)
+        store = master_store(address, self.cfg.sync.master_port, world, self.collective_timeout_s)
+        port = store.port  # the configured one, or one the OS chose (sync.master_port=0)
         name = f"posttrain-replicas-{uuid.uuid4().hex[:8]}"
         joined = [a.join_weight_group.remote(address, port, i + 1, world, name, self.backend, self.collective_timeout_s)
                   for i, a in enumerate(self.actors)]
         try:
-            self._group = WeightGroup(address, port, 0, world, name, self.backend, self.collective_timeout_s)
+            self._group = WeightGroup(address, port, 0, world, name, self.backend, self.collective_timeout_s, store=store)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or DistError subclasses
             late = [i for i, ref in enumerate(joined) if not self.ray.wait([ref], timeout=0)[0]]
             raise ReplicaError(

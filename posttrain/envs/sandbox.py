@@ -399,7 +399,7 @@ def _collect(proc: subprocess.Popen, timeout_s: float, cap: int) -> SandboxResul
         # The leader is exited-but-unreaped (or still running) here, so its pid, the group id,
         # cannot have been reused: leftovers in the group (background children) die with it.
         _kill_group(proc)
-        proc.wait()
+        proc.wait(timeout=30)  # SIGKILLed just above: returns at once
         if killed_reason != "output":
             truncated |= _read_available(sel.select(timeout=0), sel, buffers, cap)
         sel.close()

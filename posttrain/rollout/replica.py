@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -70,6 +70,7 @@ class EngineReplica:
         self._cond = threading.Condition()  # guards _generating and _pending
         self._generating = False
         self._pending: _PendingWeights | None = None
+        self.wait_timeout_s = float(cfg.cluster.wait_timeout_s)  # a weight update waiting for a generation
         # On a GPU the replica runs on its own CUDA stream: its decode kernels then overlap with the
         # trainer's kernels (the default stream) instead of queuing behind them.
         self._stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
@@ -118,6 +119,14 @@ class EngineReplica:
             self.requests_done += len(prompts)
             return out
 
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
+        """(Holding ``_cond``) until ``done()``; ReplicaError naming the replica after ``wait_timeout_s``."""
+        if not self._cond.wait_for(done, timeout=self.wait_timeout_s):
+            if self._pending is not None and not done():
+                self._pending = None  # withdrawn: the generation must not apply it later
+            raise ReplicaError(f"engine replica {self.replica_id} waited {self.wait_timeout_s:g} s for {what} "
+                               "(cluster.wait_timeout_s); the generation seems stuck.")
+
     def _on_stream(self) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
@@ -137,14 +146,14 @@ class EngineReplica:
             with self._cond:
                 if self.partial_rollouts and self._generating:
                     self._pending = pending
-                    while self._pending is pending and self._generating:
-                        self._cond.wait()
+                    self._wait(lambda: not (self._pending is pending and self._generating),
+                               f"its generation to reach a decode step and load policy version {version}")
                     if self._pending is pending:  # the generation ended first: apply here
                         self._pending = None
                         pending.apply(self.engine)
                 else:
-                    while self._generating:
-                        self._cond.wait()
+                    self._wait(lambda: not self._generating,
+                               f"its generation to finish before loading policy version {version}")
                     pending.apply(self.engine)
             if pending.error is not None:
                 raise pending.error

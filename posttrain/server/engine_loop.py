@@ -45,6 +45,16 @@ class EngineLoopStopped(RuntimeError):
     """The loop was stopped (server shutdown) before the request or call ran."""
 
 
+class EngineLoopTimeout(TimeoutError):
+    """A ``call`` or ``pause`` waited longer than its timeout for the loop thread (a step that does
+    not end, or a call that does not return)."""
+
+
+# Waits on the loop thread from other threads end after this long unless told otherwise: long
+# enough for a weight update of a large model, short enough that a stuck engine surfaces.
+DEFAULT_WAIT_TIMEOUT_S = 600.0
+
+
 class GenerationPaused(RuntimeError):
     """The request waited ``paused_wait_s`` while the loop was paused and was not admitted."""
 
@@ -158,8 +168,12 @@ class TokenStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, *, name: str = "posttrain-engine-loop") -> None:
+    def __init__(self, engine: Engine, *, name: str = "posttrain-engine-loop",
+                 wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> None:
+        if not wait_timeout_s > 0:
+            raise ValueError(f"wait_timeout_s must be > 0, got {wait_timeout_s}")
         self.engine = engine
+        self.wait_timeout_s = wait_timeout_s  # the default of call() and pause()
         self._cond = threading.Condition()
         self._submitted: deque[_Request] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
@@ -225,25 +239,39 @@ class EngineLoop:
             self._cond.notify_all()
         return TokenStream(request, deadline)
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the loop thread between two steps (also while paused); blocks until done."""
+    def call(self, fn: Callable[[], T], *, what: str | None = None, timeout_s: float | None = None) -> T:
+        """Run ``fn`` on the loop thread between two steps (also while paused); blocks until done,
+        at most ``timeout_s`` (default ``wait_timeout_s``), then raises ``EngineLoopTimeout`` naming
+        ``what``. A call that times out before it started is dropped; one already running finishes
+        on the loop thread (its result is discarded)."""
         if threading.current_thread() is self._thread:
             return fn()
+        timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
+        what = what or getattr(fn, "__name__", "a call")
         done: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._stopped:
                 raise EngineLoopStopped("the engine loop has stopped")
             self._calls.append((fn, done))
             self._cond.notify_all()
-        return done.result()
+        try:
+            return done.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            started = not done.cancel()  # a call still queued is dropped; a running one cannot be
+            state = "is still running" if started else "never started: the loop thread was busy in an engine step"
+            raise EngineLoopTimeout(f"{what} on the engine loop did not finish within {timeout_s:g} s ({state}).") from None
 
-    def pause(self) -> None:
-        """Stop stepping; returns once the running step has finished."""
+    def pause(self, timeout_s: float | None = None) -> None:
+        """Stop stepping; returns once the running step has finished. If it does not finish within
+        ``timeout_s`` (default ``wait_timeout_s``), stepping resumes and ``EngineLoopTimeout`` says so."""
+        timeout_s = self.wait_timeout_s if timeout_s is None else timeout_s
         with self._cond:
             self._paused = True
             self._cond.notify_all()
-            while self._busy:
-                self._cond.wait()
+            if not self._cond.wait_for(lambda: not self._busy, timeout=timeout_s):
+                self._paused = False  # not paused after all: the caller gets an error, generation goes on
+                self._cond.notify_all()
+                raise EngineLoopTimeout(f"pausing the engine loop: its running step did not finish within {timeout_s:g} s.")
 
     def resume(self) -> None:
         with self._cond:
@@ -283,6 +311,8 @@ class EngineLoop:
                 self._busy = stepping
             try:
                 for fn, done in calls:
+                    if not done.set_running_or_notify_cancel():  # its caller timed out and dropped it
+                        continue
                     try:
                         done.set_result(fn())
                     except BaseException as exc:  # handed to the caller
@@ -373,7 +403,8 @@ class EngineLoop:
             self._calls.clear()
             self._submitted.clear()
         for _, done in calls:
-            done.set_exception(error)
+            if done.set_running_or_notify_cancel():
+                done.set_exception(error)
 
 
 def _admit_by(paused_wait_s: float | None) -> float | None:

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from posttrain.errors import PosttrainError
+from posttrain.server.engine_loop import DEFAULT_WAIT_TIMEOUT_S, EngineLoopTimeout
 from posttrain.server.protocol import printable
 from posttrain.sync.receiver import WeightReceiver
 
@@ -97,11 +98,16 @@ def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool 
         server.activity = (name, time.monotonic())  # /health: requests wait for this
         try:
             if server.engine_loop is not None:  # between two steps, on the thread that owns the engine
-                return server.engine_loop.call(fn)
+                return server.engine_loop.call(fn, what=name)
             if paused.is_set():  # /pause_generation already holds the engine
                 return fn()
-            with server.engine_lock:
+            if not server.engine_lock.acquire(timeout=DEFAULT_WAIT_TIMEOUT_S):
+                raise EngineLoopTimeout(f"{name}: the running generation did not release the engine within "
+                                        f"{DEFAULT_WAIT_TIMEOUT_S:g} s.")
+            try:
                 return fn()
+            finally:
+                server.engine_lock.release()
         finally:
             server.activity = None
 
@@ -183,8 +189,19 @@ def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool 
     @app.post("/pause_generation")
     async def pause_generation():
         if not paused.is_set():
-            hold = server.engine_loop.pause if server.engine_loop is not None else server.engine_lock.acquire
-            await asyncio.get_running_loop().run_in_executor(worker, hold)
+            if server.engine_loop is not None:
+                hold = server.engine_loop.pause
+            else:
+                def hold() -> None:
+                    timeout_s = DEFAULT_WAIT_TIMEOUT_S
+                    if not server.engine_lock.acquire(timeout=timeout_s):
+                        raise EngineLoopTimeout(f"pausing generation: the running generation did not finish within "
+                                                f"{timeout_s:g} s.")
+            try:
+                await asyncio.get_running_loop().run_in_executor(worker, hold)
+            except EngineLoopTimeout as exc:
+                logger.warning("pause_generation refused: %s", exc)
+                return JSONResponse({"success": False, "message": str(exc)}, status_code=503)
             paused.set()
         return {"success": True, "message": "generation paused"}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import socket
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,25 +28,28 @@ from posttrain.sync.client import EngineClient
 logger = logging.getLogger("posttrain.sync")
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
+def master_store(address: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on ``port`` (0: a free port chosen by the OS while it
+    binds, so no other process can take it between choosing and binding; read it from ``.port``).
+    Create it before asking the other ranks to join, then pass it to ``WeightGroup(store=...)``."""
+    return dist.TCPStore(address, port, world_size, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 class WeightGroup:
     """One side of a weight-update process group: rank 0 sends, the other ranks receive."""
 
     def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-                 backend: str, timeout_s: float) -> None:
+                 backend: str, timeout_s: float, store: dist.TCPStore | None = None) -> None:
         if backend not in ("gloo", "nccl"):
             raise SyncError(f"Unknown process group backend '{backend}'; use gloo or nccl.")
         if backend == "nccl" and not dist.is_nccl_available():
             raise SyncError("NCCL is not available in this torch build (no CUDA); use sync.backend=gloo.")
         self.rank, self.world_size, self.backend, self.group_name = rank, world_size, backend, group_name
-        timeout = datetime.timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout,
-                                   wait_for_workers=False)
+        self.timeout = timeout = datetime.timedelta(seconds=timeout_s)
+        # Rank 0 may bring its store (see master_store); the others connect to master_port.
+        self.store = store if store is not None else dist.TCPStore(
+            master_address, master_port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
         prefixed = dist.PrefixStore(group_name, self.store)
         if backend == "gloo":
             # Builds the full mesh now: waits for every rank, up to the timeout.
@@ -69,7 +71,7 @@ class WeightGroup:
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Broadcast ``tensor`` from rank 0 (in place on the receivers); returns it."""
         wire = tensor.cpu() if self.backend == "gloo" and tensor.is_cuda else tensor
-        self.pg.broadcast([wire], dist.BroadcastOptions()).wait()
+        self.pg.broadcast([wire], dist.BroadcastOptions()).wait(self.timeout)
         if wire is not tensor:
             tensor.copy_(wire)
         return tensor
@@ -110,12 +112,20 @@ class BroadcastSync:
 
     def connect(self, step: int = 0) -> None:
         self.close_group()
-        port = self.master_port or free_port(self.master_address)
         group_name = f"posttrain-weights-{uuid.uuid4().hex[:8]}"
+        try:
+            store = master_store(self.master_address, self.master_port, 2, self.timeout_s)
+        except (RuntimeError, dist.DistError) as exc:
+            raise SyncError(f"Weight sync (broadcast): cannot listen on {self.master_address}:{self.master_port} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Set "
+                            "sync.master_address to an address of this machine, and sync.master_port to a free "
+                            "port or 0 (any).") from None
+        port = store.port
         joined = self.calls.submit(self.client.init_weights_update_group, self.master_address, port, 1, 2,
                                    group_name, self.backend)
         try:
-            self.group = WeightGroup(self.master_address, port, 0, 2, group_name, self.backend, self.timeout_s)
+            self.group = WeightGroup(self.master_address, port, 0, 2, group_name, self.backend, self.timeout_s,
+                                     store=store)
         except (RuntimeError, dist.DistError) as exc:
             reason = _http_error(joined) or f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             raise SyncError(

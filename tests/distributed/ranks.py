@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import time
 
@@ -13,19 +12,26 @@ import torch
 import torch.multiprocessing as mp
 
 from helpers import make_tiny_llama, make_tokenizer
+from ports import free_port
 from posttrain.config.schema import GRPOConfig
 from posttrain.trainer.samples import Sample
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: float = 120.0) -> None:
+def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: float = 120.0, attempts: int = 3) -> None:
     """``fn(rank, world_size, *args)`` in ``world_size`` spawned processes that joined one gloo group
-    (torchrun's environment variables); fails if any rank fails or the whole does not end in time."""
+    (torchrun's environment variables); fails if any rank fails or the whole does not end in time.
+    Rank 0 listens on a port chosen here: if another process took it meanwhile (EADDRINUSE), the
+    ranks start again on another one."""
+    for attempt in range(attempts):
+        try:
+            return _run_once(fn, args, world_size, timeout_s)
+        except mp.ProcessRaisedException as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("EADDRINUSE" in text or "address already in use" in text.lower()):
+                raise
+
+
+def _run_once(fn, args, world_size: int, timeout_s: float) -> None:
     port = free_port()
     context = mp.start_processes(_rank_main, args=(world_size, port, fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")

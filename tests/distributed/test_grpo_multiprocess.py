@@ -34,6 +34,7 @@ def step_metrics(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_process_grpo_resumes_exactly_and_converts(tmp_path, monkeypatch):
     # The workers are new interpreters: they find the toy environment through PYTHONPATH.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))

@@ -53,6 +53,7 @@ def test_bf16_parameters_train_and_keep_bf16_optimizer_states():
 
 
 @pytest.mark.slow  # compiling with inductor on 2 CPU cores takes tens of seconds
+@pytest.mark.timeout(900)
 def test_compiled_loss_gives_the_eager_update():
     eager_cfg, compiled_cfg = make_config(), make_config()
     compiled_cfg.trainer.compile_loss = True

@@ -21,32 +21,17 @@ pytest.importorskip("uvicorn")
 
 from helpers import save_tiny_model  # noqa: E402
 from posttrain.cli import main  # noqa: E402
-from server.live import free_port  # noqa: E402
+from ports import start_server_process  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rollout_api_env" / "arithmetic_env.py"
 GROUP_SIZE, NUM_GROUPS = 2, 4  # per step: rollout.batch_size = 8
 
 
-def _wait_for(url: str, procs: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"{p.args} exited with {p.returncode}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not come up")
-
-
 def test_grpo_fed_by_two_environment_processes(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
-    api_url, server_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "posttrain"]
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("api", "serve", "arith-a", "arith-b")}
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("arith-a", "arith-b")}
     procs: list[subprocess.Popen] = []
 
     def start(name: str, args: list[str]) -> subprocess.Popen:
@@ -54,11 +39,15 @@ def test_grpo_fed_by_two_environment_processes(tmp_path):
         return procs[-1]
 
     try:
-        start("api", [*cli, "rollout-api", "--port", api_url.rsplit(":", 1)[1], "--max-queue-groups", "12",
-                      "--max-staleness", "0", "--journal", str(tmp_path / "journal.jsonl")])
-        start("serve", [*cli, "serve", "--model", model_dir, "--port", server_url.rsplit(":", 1)[1], "--device", "cpu"])
-        _wait_for(api_url + "/health", procs)
-        _wait_for(server_url + "/health", procs)
+        # The servers pick their ports (again on another one if it was taken meanwhile).
+        api_url, api = start_server_process(
+            lambda port: [*cli, "rollout-api", "--port", str(port), "--max-queue-groups", "12", "--max-staleness", "0",
+                          "--journal", str(tmp_path / "journal.jsonl")], tmp_path / "api.log", env=env, timeout_s=60)
+        procs.append(api)
+        server_url, serve = start_server_process(
+            lambda port: [*cli, "serve", "--model", model_dir, "--port", str(port), "--device", "cpu"],
+            tmp_path / "serve.log", env=env, timeout_s=60)
+        procs.append(serve)
         for seed, name in enumerate(("arith-a", "arith-b")):
             start(name, [sys.executable, str(EXAMPLE), "--api", api_url, "--server", server_url, "--tokenizer", model_dir,
                          "--name", name, "--group-size", str(GROUP_SIZE), "--max-new-tokens", "6", "--difficulty", "1",

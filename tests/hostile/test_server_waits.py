@@ -25,7 +25,7 @@ from posttrain.server.group_queue import GroupQueue  # noqa: E402
 from posttrain.server.prompt_config import load_prompt_config  # noqa: E402
 from posttrain.server.proxy import create_proxy_app  # noqa: E402
 from posttrain.server.rollout_api import create_rollout_api_app  # noqa: E402
-from server.live import free_port, live_server  # noqa: E402
+from server.live import closed_port, live_server  # noqa: E402
 
 GEN = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
 
@@ -116,34 +116,34 @@ def test_a_slow_transformers_generation_gets_504():
 def test_joining_an_unreachable_group_does_not_block_generation_and_is_bounded():
     engine, tok = _engine("posttrain")
     app = create_app(engine, tok, "tiny", weight_sync_timeout_s=4)
-    port = free_port()  # nobody listens there
-    body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-            "group_name": "g", "backend": "gloo"}
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
-        result = {}
+    with closed_port() as port:  # bound, not listening: nobody can join there
+        body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+                "group_name": "g", "backend": "gloo"}
+        with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+            result = {}
 
-        def join():
-            start = time.monotonic()
-            result["resp"] = http.post("/init_weights_update_group", json=body)
-            result["took"] = time.monotonic() - start
+            def join():
+                start = time.monotonic()
+                result["resp"] = http.post("/init_weights_update_group", json=body)
+                result["took"] = time.monotonic() - start
 
-        joiner = threading.Thread(target=join)
-        joiner.start()
-        deadline = time.monotonic() + 10
-        while http.get("/health").json()["weight_groups"] != {"g": "joining"}:
-            assert time.monotonic() < deadline and joiner.is_alive(), "the join never showed in /health"
-            time.sleep(0.02)
-        # Generation goes on while the rendezvous waits (it used to run on the engine's thread).
-        for _ in range(3):
-            assert http.post("/generate", json=GEN).status_code == 200
-        assert joiner.is_alive()  # served while the join still waits
-        assert http.get("/health").status_code == 200  # serving: a join under way does not stop it
-        joiner.join(30)
-        resp = result["resp"]
-        assert resp.status_code == 400 and resp.json()["success"] is False
-        assert f"127.0.0.1:{port}" in resp.json()["message"] and "--weight-sync-timeout-s" in resp.json()["message"]
-        assert result["took"] < 4 + 10
-        assert http.get("/health").json()["weight_groups"] == {}
+            joiner = threading.Thread(target=join)
+            joiner.start()
+            deadline = time.monotonic() + 10
+            while http.get("/health").json()["weight_groups"] != {"g": "joining"}:
+                assert time.monotonic() < deadline and joiner.is_alive(), "the join never showed in /health"
+                time.sleep(0.02)
+            # Generation goes on while the rendezvous waits (it used to run on the engine's thread).
+            for _ in range(3):
+                assert http.post("/generate", json=GEN).status_code == 200
+            assert joiner.is_alive()  # served while the join still waits
+            assert http.get("/health").status_code == 200  # serving: a join under way does not stop it
+            joiner.join(30)
+            resp = result["resp"]
+            assert resp.status_code == 400 and resp.json()["success"] is False
+            assert f"127.0.0.1:{port}" in resp.json()["message"] and "--weight-sync-timeout-s" in resp.json()["message"]
+            assert result["took"] < 4 + 10
+            assert http.get("/health").json()["weight_groups"] == {}
 
 
 def test_health_reports_a_weight_update_in_progress_and_a_dead_engine_loop():

@@ -164,6 +164,7 @@ def test_bf16_autocast_close_to_plain_path(dtype):
 
 
 @pytest.mark.slow  # compiling on the CPU takes ~15 s
+@pytest.mark.timeout(900)
 def test_compiled_chunk_functions_match_eager(monkeypatch):
     """On a GPU the per-chunk element-wise functions run compiled; forced here on the CPU."""
     import posttrain.models.chunked_logprobs as chunked

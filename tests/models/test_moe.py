@@ -379,6 +379,7 @@ def test_moe_demo_preset_trains_on_cpu(tmp_path, caplog, family):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_moe_demo_preset_as_shipped_runs_20_steps(tmp_path):
     from posttrain.cli import main
 

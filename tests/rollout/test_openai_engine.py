@@ -12,7 +12,7 @@ from posttrain.rollout.base import RolloutEngine, SamplingParams  # noqa: E402
 from posttrain.rollout.hf_engine import HFEngine  # noqa: E402
 from posttrain.rollout.openai_engine import OpenAIEngine, RemoteEngineError  # noqa: E402
 from posttrain.server.app import create_app  # noqa: E402
-from posttrain.sync.broadcast import free_port  # noqa: E402
+from ports import closed_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,12 @@ def test_completions_choice_that_stopped_at_eos_gets_the_eos_token(setup):
 
 def test_unreachable_server_and_bad_requests_give_clear_errors(setup):
     tok, _, http = setup
-    port = free_port()
-    with pytest.raises(RemoteEngineError, match=f"Cannot reach the rollout server at http://127.0.0.1:{port}.*posttrain serve"):
-        OpenAIEngine(f"http://127.0.0.1:{port}/v1", tok, timeout_s=5).generate([[5]], SamplingParams(max_tokens=2))
-    remote = OpenAIEngine("http://testserver", tok, http=http)
-    with pytest.raises(RemoteEngineError, match="HTTP 400.*vocabulary"):
-        remote.generate([[10_000]], SamplingParams(max_tokens=2))
-    remote.update_weights(None)
-    with pytest.raises(RemoteEngineError, match="sync.mode"):
-        remote.update_weights({"x": torch.zeros(1)})
+    with closed_port() as port:  # nothing listens there
+        with pytest.raises(RemoteEngineError, match=f"Cannot reach the rollout server at http://127.0.0.1:{port}.*posttrain serve"):
+            OpenAIEngine(f"http://127.0.0.1:{port}/v1", tok, timeout_s=5).generate([[5]], SamplingParams(max_tokens=2))
+        remote = OpenAIEngine("http://testserver", tok, http=http)
+        with pytest.raises(RemoteEngineError, match="HTTP 400.*vocabulary"):
+            remote.generate([[10_000]], SamplingParams(max_tokens=2))
+        remote.update_weights(None)
+        with pytest.raises(RemoteEngineError, match="sync.mode"):
+            remote.update_weights({"x": torch.zeros(1)})

@@ -191,6 +191,38 @@ def test_without_partial_rollouts_an_update_waits_for_the_generation():
     assert replica.version == 1 and weights_checksum(replica.model) == weights_checksum(new)
 
 
+@pytest.mark.parametrize("partial", [True, False])
+def test_an_update_behind_a_stuck_generation_times_out_naming_the_replica(partial):
+    tok = make_tokenizer()
+    model = _model(tok)
+    cfg = _cfg("engine", partial=partial)
+    cfg.cluster.wait_timeout_s = 0.5
+    replica = EngineReplica(cfg, copy.deepcopy(model), tok, torch.float32, replica_id=3)
+    stuck, release = threading.Event(), threading.Event()
+    step = replica.engine.step
+
+    def stuck_step():  # a decode step that does not end until released
+        stuck.set()
+        release.wait(30)
+        return step()
+
+    replica.engine.step = stuck_step
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=4, ignore_eos=True)
+    thread, result = _generate_in_thread(replica, _prompts(tok)[0], params)
+    try:
+        assert stuck.wait(10)
+        start = time.monotonic()
+        with pytest.raises(ReplicaError, match=r"engine replica 3 waited 0.5 s for its generation"):
+            replica.load_weights(_other_head(model).named_parameters(), version=1)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        thread.join(10)
+    [[c]] = result["out"]
+    assert c.token_versions == [0] * 4  # the update that gave up was not applied later
+    assert replica.version == 0 and weights_checksum(replica.model) == weights_checksum(model)
+
+
 def test_a_bad_update_fails_in_the_loading_thread_and_leaves_the_replica_as_it_was():
     tok = make_tokenizer()
     model = _model(tok)

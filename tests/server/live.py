@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from typing import Iterator
@@ -11,19 +10,16 @@ from typing import Iterator
 import httpx
 import uvicorn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import bound_socket, closed_port, free_port  # noqa: F401  (re-exported for the server tests)
 
 
 @contextlib.contextmanager
 def live_server(app, *, health_path: str = "/health", timeout_s: float = 20.0) -> Iterator[str]:
     """Serve ``app`` until the block ends; yields its base URL (``http://127.0.0.1:PORT``)."""
-    port = free_port()
+    sock = bound_socket()  # uvicorn listens on it: no other process can take the port meanwhile
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -42,3 +38,4 @@ def live_server(app, *, health_path: str = "/health", timeout_s: float = 20.0) -
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        sock.close()

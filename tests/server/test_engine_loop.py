@@ -255,3 +255,68 @@ def test_a_cancelled_request_is_dropped_from_the_batch():
     finally:
         loop.stop()
     assert not loop.thread.is_alive()
+
+
+def _loop_stuck_in_a_step():
+    """An EngineLoop whose engine's step blocks until the returned event is set."""
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.server.engine_loop import EngineLoop
+
+    release, stepping = threading.Event(), threading.Event()
+
+    class StuckEngine:
+        device = torch.device("cpu")
+        has_unfinished = False
+
+        def add_request(self, prompt, params):
+            self.has_unfinished = True
+            return []
+
+        def step(self):
+            stepping.set()
+            release.wait(timeout=30)  # a test that forgets to release still ends
+            self.has_unfinished = False
+            return []
+
+        def abort(self, seqs):
+            pass
+
+    loop = EngineLoop(StuckEngine(), name="test-stuck-loop", wait_timeout_s=0.3)
+    import asyncio
+
+    def submit():
+        async def go():
+            await loop.generate([[1]], SamplingParams(max_tokens=1))
+        try:
+            asyncio.run(asyncio.wait_for(go(), 10))
+        except Exception:
+            pass
+
+    threading.Thread(target=submit, daemon=True).start()
+    assert stepping.wait(timeout=10)
+    return loop, release
+
+
+def test_call_and_pause_time_out_with_a_message_naming_the_wait():
+    from posttrain.server.engine_loop import EngineLoopTimeout
+
+    loop, release = _loop_stuck_in_a_step()
+    ran = []
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineLoopTimeout, match=r"load_weights on the engine loop did not finish within 0.3 s \(never started"):
+            loop.call(lambda: ran.append(1), what="load_weights")
+        with pytest.raises(EngineLoopTimeout, match=r"pausing the engine loop: its running step did not finish within 0.2 s"):
+            loop.pause(timeout_s=0.2)
+        assert time.monotonic() - start < 5
+        assert not loop.paused  # a pause that timed out does not leave generation stopped
+        release.set()
+        assert loop.call(lambda: "ok", timeout_s=10) == "ok"
+        assert ran == []  # the call that timed out before it started was dropped, not run later
+        loop.pause(timeout_s=10)
+        assert loop.paused
+        loop.resume()
+    finally:
+        release.set()
+        loop.stop()
+    assert not loop.thread.is_alive()

@@ -17,7 +17,7 @@ from posttrain.rollout.hf_engine import HFEngine  # noqa: E402
 from posttrain.server.app import create_app  # noqa: E402
 from posttrain.server.prompt_config import PromptConfig, load_prompt_config, preset_names  # noqa: E402
 from posttrain.server.proxy import create_proxy_app  # noqa: E402
-from server.live import free_port, live_server  # noqa: E402
+from server.live import closed_port, live_server  # noqa: E402
 
 MODEL = "tiny-llama"
 TEMPLATE = PromptConfig(name="t", system_prompt="Be brief.", few_shot=[{"question": "1+1?", "answer": "\\boxed{2}"}],
@@ -139,7 +139,12 @@ def test_backend_errors_pass_back_in_the_openai_schema(proxy):
 
 
 def test_unreachable_backend_gives_502():
-    app = create_proxy_app(f"http://127.0.0.1:{free_port()}", TEMPLATE, timeout_s=5)
+    with closed_port() as port:  # nothing listens there
+        _unreachable_backend_gives_502(port)
+
+
+def _unreachable_backend_gives_502(port):
+    app = create_proxy_app(f"http://127.0.0.1:{port}", TEMPLATE, timeout_s=5)
     with TestClient(app) as c:
         for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True}),

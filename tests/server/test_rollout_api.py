@@ -234,7 +234,8 @@ def test_client_retries_on_429_until_the_trainer_takes_groups():
         consumer.start()
         start = time.monotonic()
         assert env.submit_group(g["prompt_ids"], g["completion_ids"], g["scores"], policy_version=0) == "queued"
-        consumer.join()
+        consumer.join(timeout=30)
+        assert not consumer.is_alive(), "the consumer thread did not finish within 30 s"
         assert env.num_retries >= 1 and time.monotonic() - start >= 0.25
         impatient = RolloutAPIClient(url, backoff_s=0.01, max_retries=1)
         impatient.register("math", 2)
@@ -289,28 +290,20 @@ def test_prompt_feed_serves_every_row_once_per_epoch(tmp_path):
 
 def test_killed_server_restarts_from_its_journal(tmp_path):
     """`posttrain rollout-api --journal`, killed with SIGKILL, then started again on the same file."""
-    import subprocess
     import sys
 
-    from server.live import free_port
+    from ports import start_server_process
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "posttrain", "rollout-api", "--port", str(port), "--journal", str(tmp_path / "j.jsonl")]
+    def args(port):
+        return [sys.executable, "-m", "posttrain", "rollout-api", "--port", str(port), "--journal", str(tmp_path / "j.jsonl")]
 
-    def start():
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+    log = tmp_path / "rollout-api.log"
+    url, proc = start_server_process(args, log, timeout_s=60)
+    port = int(url.rsplit(":", 1)[1])
 
-    proc = start()
+    def start():  # again on the same address: the clients keep their URL
+        return start_server_process(args, log, port=port, timeout_s=60)[1]
+
     try:
         env = RolloutAPIClient(url)
         env.register("math", 2)

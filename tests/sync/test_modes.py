@@ -16,10 +16,11 @@ from posttrain.models.weights import weights_checksum  # noqa: E402
 from posttrain.rollout.hf_engine import HFEngine  # noqa: E402
 from posttrain.server.app import create_app  # noqa: E402
 from posttrain.sync import SyncCadence, SyncError, WeightSyncDriver  # noqa: E402
-from posttrain.sync.broadcast import BroadcastSync, free_port  # noqa: E402
+from posttrain.sync.broadcast import BroadcastSync  # noqa: E402
 from posttrain.sync.checkpoint import CheckpointSync  # noqa: E402
 from posttrain.sync.client import EngineClient  # noqa: E402
 from posttrain.sync.lora import LoraSync  # noqa: E402
+from ports import closed_port  # noqa: E402
 from posttrain.sync.shared import SharedSync  # noqa: E402
 
 
@@ -65,17 +66,17 @@ def test_broadcast_over_gloo_in_buckets(served, tok):
 
 
 def test_broadcast_peer_that_never_joins_fails_with_a_clear_error(tok):
-    port = free_port()  # nothing listens there: the engine can never join
-    client = EngineClient(f"http://127.0.0.1:{port}/v1", timeout_s=5)
-    sync = BroadcastSync(make_tiny_llama(tok), client, timeout_s=2)
-    start = time.monotonic()
-    with pytest.raises(SyncError) as err:
-        sync.connect(step=7)
-    assert time.monotonic() - start < 15
-    message = str(err.value)
-    assert f"http://127.0.0.1:{port}" in message and "step 7" in message and "did not join" in message
-    assert "Cannot reach the engine" in message  # the engine's own failure, not just a timeout
-    sync.close()
+    with closed_port() as port:  # bound, not listening: the engine can never join
+        client = EngineClient(f"http://127.0.0.1:{port}/v1", timeout_s=5)
+        sync = BroadcastSync(make_tiny_llama(tok), client, timeout_s=2)
+        start = time.monotonic()
+        with pytest.raises(SyncError) as err:
+            sync.connect(step=7)
+        assert time.monotonic() - start < 15
+        message = str(err.value)
+        assert f"http://127.0.0.1:{port}" in message and "step 7" in message and "did not join" in message
+        assert "Cannot reach the engine" in message  # the engine's own failure, not just a timeout
+        sync.close()
 
 
 def test_checkpoint_through_a_folder(served, tok, tmp_path):

@@ -168,6 +168,7 @@ def test_bad_data_and_bad_config_fail_cleanly(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_preference_margin_and_accuracy_rise(tmp_path):
     """A tiny random model learns to prefer 'yes' over 'no' on held-out prompts within seconds."""
     model_dir = save_tiny_model(tmp_path / "model")

@@ -108,6 +108,7 @@ def test_print_config_shows_resolved_values(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_reward_rises_on_trivial_task(tmp_path):
     """A tiny random model learns to emit digits (reward = digit fraction) within a CPU minute."""
     model_dir = save_tiny_model(tmp_path / "model")

@@ -83,7 +83,7 @@ def test_ctrl_c_checkpoints_last_whole_step_and_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.wait(timeout=30)
     output = log_path.read_text()
     assert code == 130, output
     assert "interrupted" in output

@@ -96,6 +96,7 @@ def test_group_size_1_allowed_for_ppo_not_grpo(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_reward_rises_on_trivial_task(model_dir, tmp_path):
     """A tiny random model learns to emit digits (reward = digit fraction) with PPO within a CPU minute."""
     out = tmp_path / "learn"

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import save_tiny_model
+from ports import server_process
 from posttrain.cli import main
 from posttrain.models.weights import weights_checksum
-from posttrain.sync.broadcast import free_port
 from posttrain.sync.client import EngineClient
 
 pytest.importorskip("uvicorn")
@@ -28,28 +25,12 @@ TESTS_DIR = os.path.dirname(os.path.dirname(__file__))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = save_tiny_model(tmp_path_factory.mktemp("model"))
-    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "serve", "--model", model_dir, "--port", str(port),
-                             "--device", "cpu", "--enable-tensor-updates"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"posttrain serve did not start:\n{proc.stdout.read()}")
-        time.sleep(0.5)
-    yield model_dir, url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with server_process(lambda port: [sys.executable, "-m", "posttrain", "serve", "--model", model_dir, "--port",
+                                      str(port), "--device", "cpu", "--enable-tensor-updates"],
+                        log, env=env, timeout_s=90) as (url, _):
+        yield model_dir, url
 
 
 def run_args(model_dir, url, out, mode, max_steps=2):

@@ -193,6 +193,7 @@ def test_cli_reports_bad_rows_with_exit_1(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_learns_a_toy_mapping_and_validation_loss_falls(tmp_path):
     """The tiny random model learns 8 prompts -> answers (letter -> letter three on); the held-out
     loss falls by more than half and below what knowing only the answer format gives (ln 8 / 2)."""
