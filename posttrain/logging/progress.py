@@ -12,6 +12,12 @@ at most every ``plain_interval_s`` seconds (default 30) and at the last step, an
 
 Disabled (``enabled=False``): nothing but :meth:`write`'s plain prints.
 
+:meth:`phase` names what runs now (``generating``, ``training``, ``validating``, ``saving
+checkpoint``) after the metrics, so a step of minutes or the validation after the last step shows
+what it is doing instead of a bar that stands still (tqdm redraws; plain mode prints a
+``[progress]`` line when the interval has passed). Work between steps (validation, checkpoints) is
+a paused phase: its time does not count into the step rate, so the ETA is that of the steps.
+
 Every line printed here (the lines of :meth:`write` and the plain ``[progress]`` lines, not the
 tqdm bar itself) also goes to the ``posttrain.console`` logger, which the run's train.log
 listens to (``log_to_file``): train.log holds what the console shows.
@@ -19,10 +25,11 @@ listens to (``log_to_file``): train.log holds what the console shows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -50,6 +57,8 @@ class ProgressBar:
         self._plain_interval_s = plain_interval_s
         self._step = initial
         self._postfix = ""
+        self._phase = ""
+        self._paused_s = 0.0  # time in paused phases: not part of any step's time
         self._start = time.monotonic()
         self._last_plain = -float("inf")
         self._last_plain_step: int | None = None
@@ -71,7 +80,7 @@ class ProgressBar:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix, refresh=False)
+            self._bar.set_postfix_str(self._shown_postfix(), refresh=False)
             # update() by the delta keeps tqdm's rate (and so the ETA) right and respects its
             # redraw interval; a step backwards (should not happen) resets the position.
             if step >= self._bar.n:
@@ -82,6 +91,37 @@ class ProgressBar:
             return
         now = time.monotonic()
         if now - self._last_plain >= self._plain_interval_s or step >= self.total:
+            self._print_plain(now)
+
+    @contextlib.contextmanager
+    def phase(self, label: str, pause: bool = False) -> Iterator[None]:
+        """Show ``label`` after the metrics while the block runs. ``pause``: work between steps
+        (validation, checkpoints), left out of the step rate and so of the ETA."""
+        if not self.enabled:
+            yield
+            return
+        previous, self._phase = self._phase, label
+        start = time.monotonic()
+        self._show_phase()
+        try:
+            yield
+        finally:
+            self._phase = previous
+            if pause:
+                self._paused_s += time.monotonic() - start
+                if self._bar is not None:
+                    self._bar.unpause()  # tqdm's rate restarts from now: the pause is not a step's time
+            self._show_phase()
+
+    def _shown_postfix(self) -> str:
+        return " | ".join(part for part in (self._postfix, self._phase and f"{self._phase}...") if part)
+
+    def _show_phase(self) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._shown_postfix(), refresh=True)
+            return
+        now = time.monotonic()
+        if not self._tty and self._phase and now - self._last_plain >= self._plain_interval_s:
             self._print_plain(now)
 
     def write(self, line: str) -> None:
@@ -113,10 +153,13 @@ class ProgressBar:
         percent = 100.0 * self._step / self.total if self.total else 100.0
         line = f"[progress] step {self._step}/{self.total} ({percent:.0f}%) elapsed {tqdm.format_interval(elapsed)}"
         if done > 0 and self._step < self.total:
-            # Rate from the steps done in this process, so a resumed run gets a fair ETA.
-            line += f" eta {tqdm.format_interval(elapsed / done * (self.total - self._step))}"
-        if self._postfix:
-            line += f" | {self._postfix}"
+            # Rate from the steps done in this process (a resumed run gets a fair ETA), without
+            # the paused phases between them (validation, checkpoints).
+            stepping = max(elapsed - self._paused_s, 0.0)
+            line += f" eta {tqdm.format_interval(stepping / done * (self.total - self._step))}"
+        shown = self._shown_postfix()
+        if shown:
+            line += f" | {shown}"
         print(line, flush=True)
         console_log.info(line)
         self._last_plain = now

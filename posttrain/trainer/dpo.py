@@ -117,7 +117,8 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
         guard = stack.enter_context(InterruptGuard())
 
         def run_validation(step: int) -> None:
-            val = evaluate(model, val_pairs, cfg, pad_token_id, device, autocast)
+            with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
+                val = evaluate(model, val_pairs, cfg, pad_token_id, device, autocast)
             metrics_log.log(step, val)
             progress.write(f"validation at step {step} ({len(val_pairs)} pairs): "
                            + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
@@ -127,12 +128,13 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
-            path = checkpoints.save(
-                completed, model, tokenizer,
-                {"sampler": sampler_state, "seed": cfg.seed, "max_steps": max_steps},
-                optimizer if cfg.checkpoint.save_optimizer else None,
-                scheduler if cfg.checkpoint.save_optimizer else None,
-            )
+            with progress.phase("saving checkpoint", pause=True):
+                path = checkpoints.save(
+                    completed, model, tokenizer,
+                    {"sampler": sampler_state, "seed": cfg.seed, "max_steps": max_steps},
+                    optimizer if cfg.checkpoint.save_optimizer else None,
+                    scheduler if cfg.checkpoint.save_optimizer else None,
+                )
             progress.write(f"saved checkpoint {path}")
 
         try:

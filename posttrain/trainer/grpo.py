@@ -225,10 +225,11 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                     return
                 progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
                 val_records: list[dict] = []
-                val = validate(
-                    engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
-                    print_samples=cfg.validation.print_samples, write=progress.write, records=val_records,
-                )
+                with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
+                    val = validate(
+                        engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
+                        print_samples=cfg.validation.print_samples, write=progress.write, records=val_records,
+                    )
             metrics_log.log(step, val)
             sample_log.write_validation(step, val_records)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
@@ -242,13 +243,14 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             if asynchronous:  # finished batches not trained yet survive; after Ctrl-C running ones are re-queued
                 resume_sampler, ready = producer.pending_state(sampler_state, wait=not interrupted)
                 extra = {PENDING_ROLLOUTS_FILE: save_pending(ready)}
-            path = checkpoints.save(
-                completed, model, tokenizer,
-                {"sampler": resume_sampler, "seed": cfg.seed},
-                optimizer if cfg.checkpoint.save_optimizer else None,
-                scheduler if cfg.checkpoint.save_optimizer else None,
-                extra_files=extra,
-            )
+            with progress.phase("saving checkpoint", pause=True):
+                path = checkpoints.save(
+                    completed, model, tokenizer,
+                    {"sampler": resume_sampler, "seed": cfg.seed},
+                    optimizer if cfg.checkpoint.save_optimizer else None,
+                    scheduler if cfg.checkpoint.save_optimizer else None,
+                    extra_files=extra,
+                )
             progress.write(f"saved checkpoint {path}")
 
         try:
@@ -263,13 +265,16 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 # ---- rollouts and rewards (worker processes). Dynamic sampling (DAPO) drops groups
                 # whose rewards are all equal and draws more rounds of prompts to refill the batch.
                 if asynchronous:  # generated ahead by the producer (which seeds each batch as below)
-                    ready = producer.get(step)
+                    with progress.phase("waiting for rollouts"):
+                        ready = producer.get(step)
                     rounds, wait_s = ready.rounds, time.perf_counter() - step_start
                 else:
                     # Seeding per step makes sampling independent of anything before: resume is exact.
                     seed_everything(step_seed(step))
                     weight_sync.before_rollout((step - 1) * optimizer_steps_per_step, step)  # a restarted engine re-syncs
-                    with gathered_for_generation(model):  # FSDP: ranks generate different lengths, without collectives
+                    # A CPU step takes minutes: the bar says which part runs. FSDP: ranks generate
+                    # different lengths, without collectives.
+                    with progress.phase("generating"), gathered_for_generation(model):
                         rounds = [next_round()]
                         while needs_another_round(rounds, cfg):
                             rounds.append(next_round())
@@ -307,8 +312,10 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 ) if main else 0
                 engine_version = ready.admitted_version if asynchronous else weight_sync.engine_version
                 with guard.deferred():
-                    update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id, device, autocast,
-                                                   record_tokens=num_recorded)
+                    lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the updates move the scheduler on)
+                    with progress.phase("training"):
+                        update_metrics = policy_update(model, optimizer, scheduler, samples, cfg, tokenizer.pad_token_id,
+                                                       device, autocast, record_tokens=num_recorded)
                     t_trained = time.perf_counter()
                     if asynchronous:  # every step's weights go out as policy version `step`
                         sync_metrics = {**pool.push_weights(model, step), **pool.metrics(), "time/wait_rollouts": wait_s,
@@ -326,7 +333,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                         **mismatch_metrics,
                         **(api_source.step_metrics() if api_source is not None else {}),
                         **sync_metrics,
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": lr,
                         **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained, wait_s if asynchronous else None),
                         "data/epoch": float(sampler.epoch),
                     }

@@ -127,8 +127,9 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
         def run_validation(step: int) -> None:
             progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
             val_records: list[dict] = []
-            val = validate(engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
-                           print_samples=cfg.validation.print_samples, write=progress.write, records=val_records)
+            with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
+                val = validate(engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
+                               print_samples=cfg.validation.print_samples, write=progress.write, records=val_records)
             metrics_log.log(step, val)
             sample_log.write_validation(step, val_records)
             progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
@@ -138,12 +139,13 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
-            path = checkpoints.save(
-                completed, PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer),
-                tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
-                optimizer if cfg.checkpoint.save_optimizer else None,
-                scheduler if cfg.checkpoint.save_optimizer else None,
-            )
+            with progress.phase("saving checkpoint", pause=True):
+                path = checkpoints.save(
+                    completed, PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer),
+                    tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
+                    optimizer if cfg.checkpoint.save_optimizer else None,
+                    scheduler if cfg.checkpoint.save_optimizer else None,
+                )
             progress.write(f"saved checkpoint {path}")
 
         try:
@@ -154,7 +156,8 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                 seed_everything(cfg.seed * 1_000_003 + step)  # sampling independent of the past: exact resume
 
                 # ---- rollouts and rewards
-                rollouts = generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)
+                with progress.phase("generating"):  # a CPU step takes minutes: say which part runs
+                    rollouts = generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)
                 engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
                 _, env_metrics = rewards.post_process(
                     {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
@@ -179,11 +182,15 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                     warming_up = step <= cfg.critic.warmup_steps
                     num_recorded = sample_log.num_to_record(step, cfg.trainer.max_steps, len(samples),
                                                             cfg.trainer.mini_batch_size, group_size)
-                    # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
-                    update_metrics = policy_update(model, optimizer, scheduler, [] if warming_up else samples, cfg,
-                                                   tokenizer.pad_token_id, device, engine.autocast, record_tokens=num_recorded)
-                    critic_metrics = critic_update(critic, critic_optimizer, critic_scheduler, samples, targets, cfg,
-                                                   tokenizer.pad_token_id, device, engine.autocast)
+                    # The lrs this step uses: read before the updates move their schedulers on.
+                    lr, critic_lr = optimizer.param_groups[0]["lr"], critic_optimizer.param_groups[0]["lr"]
+                    with progress.phase("training"):
+                        # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
+                        update_metrics = policy_update(model, optimizer, scheduler, [] if warming_up else samples, cfg,
+                                                       tokenizer.pad_token_id, device, engine.autocast,
+                                                       record_tokens=num_recorded)
+                        critic_metrics = critic_update(critic, critic_optimizer, critic_scheduler, samples, targets, cfg,
+                                                       tokenizer.pad_token_id, device, engine.autocast)
                     t_trained = time.perf_counter()
 
                     num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
@@ -195,8 +202,8 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                         **targets.metrics,
                         **critic_metrics,
                         "critic/warmup": float(warming_up),
-                        "lr": scheduler.get_last_lr()[0],
-                        "critic/lr": critic_scheduler.get_last_lr()[0],
+                        "lr": lr,
+                        "critic/lr": critic_lr,
                         **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
                         "data/epoch": float(sampler.epoch),
                     }

@@ -99,7 +99,8 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
         guard = stack.enter_context(InterruptGuard())
 
         def run_validation(step: int) -> None:
-            val_loss = validation_loss(model, val_batches, device, autocast)
+            with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
+                val_loss = validation_loss(model, val_batches, device, autocast)
             metrics_log.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
             progress.write(f"validation at step {step}: loss={val_loss:.4g} ({len(val_examples)} conversations)")
 
@@ -108,12 +109,13 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
-            path = checkpoints.save(
-                completed, model, tokenizer,
-                {"data": data_state, "seed": cfg.seed, "max_steps": max_steps},
-                optimizer if cfg.checkpoint.save_optimizer else None,
-                scheduler if cfg.checkpoint.save_optimizer else None,
-            )
+            with progress.phase("saving checkpoint", pause=True):
+                path = checkpoints.save(
+                    completed, model, tokenizer,
+                    {"data": data_state, "seed": cfg.seed, "max_steps": max_steps},
+                    optimizer if cfg.checkpoint.save_optimizer else None,
+                    scheduler if cfg.checkpoint.save_optimizer else None,
+                )
             progress.write(f"saved checkpoint {path}")
 
         evaluate = cfg.trainer.eval_every > 0 and bool(val_batches)

@@ -169,3 +169,58 @@ def test_progress_bar_tty_uses_tqdm(capsys):
     out = capsys.readouterr()
     assert "above the bar" in out.out
     assert "reward=0.25" in out.err and "5/10" in out.err
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_phase_shows_what_runs_and_paused_phases_leave_the_eta(capsys, monkeypatch):
+    """Plain mode: a 100 s validation before step 1, then a 10 s step: the ETA of the two steps
+    left is 20 s, not 220 s (the validation is not a step's time)."""
+    import posttrain.logging.progress as progress
+
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    bar = ProgressBar(total=3, enabled=True, tty=False, plain_interval_s=0)
+    with bar.phase("validating", pause=True):
+        clock.now += 100
+    clock.now += 5
+    with bar.phase("generating"):
+        clock.now += 5
+    bar.update(1, {"reward": 0.5})
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[progress] step 0/3 (0%)") and lines[0].endswith("| validating...")
+    assert lines[1].startswith("[progress] step 0/3") and lines[1].endswith("| generating...")
+    assert lines[2].startswith("[progress] step 1/3 (33%) elapsed 01:50 eta 00:20 | reward=0.5"), lines[2]
+    assert not lines[2].endswith("...")  # the phase ended with its block
+
+
+def test_progress_phase_on_the_tty_bar_and_tqdms_rate_without_the_pause(capsys, monkeypatch):
+    clock = _Clock()
+    with ProgressBar(total=10, tty=True, file=sys.stderr) as bar:
+        bar._bar._time = clock
+        bar._bar.start_t = bar._bar.last_print_t = clock.now
+        with bar.phase("validating", pause=True):
+            assert "validating..." in str(bar._bar)
+            clock.now += 300  # a 5-minute validation before step 1
+        clock.now += 2
+        bar.update(1, {"loss": 1.5})
+        assert "loss=1.5" in str(bar._bar) and "validating" not in str(bar._bar)
+        assert bar._bar.format_dict["elapsed"] == pytest.approx(2)  # the step's 2 s, so ETA ~18 s
+        with bar.phase("saving checkpoint", pause=True):
+            assert str(bar._bar).endswith("loss=1.5 | saving checkpoint...]")
+    capsys.readouterr()
+
+
+def test_progress_phase_disabled_is_silent(capsys):
+    bar = ProgressBar(total=3, enabled=False)
+    with bar.phase("generating"):
+        pass
+    bar.close()
+    assert capsys.readouterr().out == ""
