@@ -22,7 +22,8 @@ Variants (``--variants``, comma-separated):
   ``+flex`` (model.attn_implementation=flex_attention), ``+sdpaflex``
   (sdpa_flex: flex for the packed training rows, sdpa for the rest; the same kernels here), ``+eager``,
   ``+compile`` (trainer.compile_layers=true: torch.compile of each decoder layer), ``+bf16``
-  (trainer.param_dtype=bfloat16), ``+ckpt`` (activation checkpointing), ``+compileloss``
+  (trainer.param_dtype=bfloat16), ``+bf16master`` (bf16 parameters with float32 masters in AdamW:
+  trainer.param_dtype=bfloat16 trainer.master_weights=true), ``+ckpt`` (activation checkpointing), ``+compileloss``
   (trainer.compile_loss=true), ``+padded`` (trainer.micro_batch_tokens=0, micro_batch_size=--naive-rows),
   ``+nochunk`` (model.chunked_logprobs=0), ``+bf16logits`` (model.float32_logits=false),
   ``+rowsN`` (trainer.packed_row_tokens=N: rows of at most N
@@ -87,6 +88,7 @@ SUFFIXES = {
     "sdpaflex": ["model.attn_implementation=sdpa_flex"],
     "eager": ["model.attn_implementation=eager"],
     "bf16": ["trainer.param_dtype=bfloat16"],
+    "bf16master": ["trainer.param_dtype=bfloat16", "trainer.master_weights=true"],
     "ckpt": ["model.gradient_checkpointing=true"],
     "compileloss": ["trainer.compile_loss=true"],
     "nochunk": ["model.chunked_logprobs=0"],

@@ -26,6 +26,16 @@ from torch.distributed.tensor import DTensor
 MASTERS_KEY = "float32_master_params"  # the extra state_dict entry: the masters, in param_groups order
 
 
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for each pair (casting), in one for-each kernel where this torch has one for
+    mixed dtypes, else one copy per tensor."""
+    try:
+        torch._foreach_copy_(destinations, sources)
+    except (RuntimeError, NotImplementedError):
+        for d, s in zip(destinations, sources):
+            d.copy_(s)
+
+
 def _accumulate_into_master(master: torch.Tensor, param: torch.Tensor) -> None:
     """Post-accumulate-grad hook: add ``param``'s fresh bf16 gradient to ``master.grad`` in float32."""
     grad = param.grad
@@ -79,7 +89,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def _copy_masters_to_params(self) -> None:
-        torch._foreach_copy_(self.model_params, self.master_params())  # rounds to bf16, in place
+        _copy_all(self.model_params, self.master_params())  # rounds to bf16, in place
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -101,10 +111,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         masters = self.master_params()
         if saved is None:
-            torch._foreach_copy_(masters, self.model_params)
+            _copy_all(masters, self.model_params)
         else:
             if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
                 raise ValueError(f"the optimizer state holds {len(saved)} float32 master parameters that do not match "
                                  f"this model's {len(masters)} trained parameters (another model or LoRA setting?)")
-            torch._foreach_copy_(masters, [s.to(m.device) for s, m in zip(saved, masters)])
+            _copy_all(masters, [s.to(m.device) for s, m in zip(saved, masters)])
         self._copy_masters_to_params()
