@@ -188,16 +188,16 @@ def log_small_data(rows: int, size: int, budget: int, budget_key: str, what: str
     repeated within the step (trainer.steps_cross_epochs=true), which trains many epochs per step."""
     if size >= budget:
         return
+    data = f"{rows} training {what}" + (f" ({size} {unit})" if unit != what else "")
     if cross_epochs:
         logging.getLogger("posttrain.trainer").warning(
-            "The %d training %s (%d %s) are fewer than %s=%d, and trainer.steps_cross_epochs=true fills each step "
-            "by repeating them: every step trains about %.3g epochs. Set trainer.steps_cross_epochs=false for one "
-            "pass per step.", rows, what, size, unit, budget_key, budget, budget / size)
+            "The %s are fewer than %s=%d, and trainer.steps_cross_epochs=true fills each step by repeating "
+            "them: every step trains about %.3g epochs. Set trainer.steps_cross_epochs=false for one pass per "
+            "step.", data, budget_key, budget, budget / size)
     else:
         logging.getLogger("posttrain.trainer").info(
-            "The %d training %s (%d %s) are fewer than %s=%d: each step is one pass over them, none repeated "
-            "(trainer.steps_cross_epochs=true would fill each step by repeating them).",
-            rows, what, size, unit, budget_key, budget)
+            "The %s are fewer than %s=%d: each step is one pass over them, none repeated "
+            "(trainer.steps_cross_epochs=true would fill each step by repeating them).", data, budget_key, budget)
 
 
 def save_on_interrupt(completed: int, start_step: int, save_checkpoint, write) -> None:

@@ -213,7 +213,7 @@ def test_num_epochs_with_fewer_pairs_than_a_batch_and_dry_run_agrees(tmp_path, c
         assert sorted(metrics) == list(range(1, epochs + 1))
         assert [m["data/pairs"] for m in metrics.values()] == [8.0] * epochs
         assert [m["data/epoch"] for m in metrics.values()] == [float(e) for e in range(1, epochs + 1)]
-        assert "each step is one pass over them" in caplog.text
+        assert "The 8 training pairs are fewer than trainer.batch_size=32: each step is one pass" in caplog.text
     assert f"for {len(metrics)} steps" in out
     trained = float(out.split("\n  trained ", 1)[1].split("(")[0].replace(",", ""))
     assert trained == pytest.approx(metrics[1]["perf/tokens_per_s"] * metrics[1]["time/step"], rel=1e-6)
