@@ -24,6 +24,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 MASTERS_KEY = "float32_master_params"  # the extra state_dict entry: the masters, in param_groups order
+_HOOK_ATTR = "_posttrain_master_hook"  # on each model parameter: the handle of its gradient hook
 
 
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -62,8 +63,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
                              "float32 under FSDP (float32 shards, bf16 all-gathers and compute).")
         masters = [p.detach().to(torch.float32, copy=True) for p in self.model_params]
         super().__init__(masters, **adamw_kwargs)
-        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(_accumulate_into_master, m))
-                       for p, m in zip(self.model_params, masters)]
+        for param, master in zip(self.model_params, masters):
+            # One optimizer owns a parameter's gradient: the hook of an earlier MasterWeightAdamW over
+            # the same model would take every gradient first and leave this one none.
+            old = getattr(param, _HOOK_ATTR, None)
+            if old is not None:
+                old.remove()
+            setattr(param, _HOOK_ATTR, param.register_post_accumulate_grad_hook(
+                functools.partial(_accumulate_into_master, master)))
 
     def master_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

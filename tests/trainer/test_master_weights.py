@@ -238,3 +238,14 @@ def test_grpo_run_with_master_weights_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(optimizers[0][MASTERS_KEY], optimizers[1][MASTERS_KEY]))
     start = load_file(str(model_dir) + "/model.safetensors")
     assert any(not torch.equal(final[1][k], start[k].to(torch.bfloat16)) for k in start)  # it trained
+
+
+def test_a_second_optimizer_over_the_same_model_gets_the_gradients():
+    cfg = _trainer_cfg("master", lr=1e-3)
+    model = prepare_for_training(_model(), cfg, torch.device("cpu"), torch.float32)
+    first = build_optimizer(model, cfg)
+    second = build_optimizer(model, cfg)  # e.g. rebuilt after a failed start: the first one's hooks must go
+    before = _flat(second.master_params())
+    _train(model, second, 1)
+    assert not torch.equal(_flat(second.master_params()), before)
+    assert all(m.grad is None for m in first.master_params())
