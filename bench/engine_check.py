@@ -29,7 +29,7 @@ from rollout_throughput import _Tok, build_model  # noqa: E402
 from posttrain.engine import Engine
 from posttrain.engine.attention import AttentionMetadata, attend_gathered, paged_decode_attention, triton_available
 from posttrain.models.logprobs import make_token_batch, response_logprobs
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 
 
 def check_kernel(device, dtype) -> float:
@@ -58,7 +58,8 @@ def real_model_case(path: str, gsm8k: str, device: torch.device):
     """A real model (hub id, local folder or GGUF) on the first 16 GSM8K questions, chat-formatted."""
     from posttrain.config.schema import ModelConfig
     from posttrain.data.gsm8k import load_gsm8k
-    from posttrain.models import encode_prompts, load_model_and_tokenizer
+    from posttrain.data.chat import encode_prompts
+    from posttrain.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(ModelConfig(path=path), device)
     model.float().eval()

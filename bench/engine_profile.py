@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rollout_throughput import _Tok, build_model  # noqa: E402
 
 from posttrain.engine import Engine
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from posttrain.data.example import DEFAULT_MATH_INSTRUCTION, PromptExample
 from posttrain.data.prompts import append_instruction
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
-from posttrain.models.chat import encode_prompts
+from posttrain.data.chat import encode_prompts
 from posttrain.rollout.builder import build_engine
 from posttrain.trainer.validation import validate
 

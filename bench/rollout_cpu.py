@@ -22,8 +22,9 @@ import torch
 from posttrain.config.schema import ModelConfig
 from posttrain.data.gsm8k import load_gsm8k
 from posttrain.engine import Engine
-from posttrain.models import encode_prompts, load_model_and_tokenizer
-from posttrain.rollout.base import SamplingParams
+from posttrain.data.chat import encode_prompts
+from posttrain.models import load_model_and_tokenizer
+from posttrain.sampling import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 
 

@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from posttrain.engine import Engine
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 
 QWEN_COMMON = dict(vocab_size=151936, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
                    tie_word_embeddings=True, rms_norm_eps=1e-6)

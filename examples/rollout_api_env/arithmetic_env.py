@@ -29,7 +29,7 @@ from posttrain.data.example import DEFAULT_MATH_INSTRUCTION
 from posttrain.data.prompts import append_instruction
 from posttrain.envs.client import RolloutAPIClient
 from posttrain.envs.math_env import MathEnvironment
-from posttrain.models.chat import format_prompt
+from posttrain.data.chat import format_prompt
 from posttrain.models.loading import load_tokenizer, model_source
 
 logger = logging.getLogger("arithmetic_env")

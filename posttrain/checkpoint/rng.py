@@ -1,4 +1,4 @@
-"""Capture and restore every random number generator a training step touches.
+"""Seed, capture and restore every random number generator a training step touches.
 
 A resumed run only reproduces an uninterrupted one if sampling, dropout and data order
 continue from the same generator states, so checkpoints store all of them.
@@ -11,6 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    seed %= 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -372,19 +372,6 @@ MIX_KEYS = ("path", "task", "weight", "prompt_column", "messages_column", "answe
             "validation_size")
 
 
-def env_tasks_problems(env: Any) -> list[str]:
-    """Checks of ``env.tasks``: each entry has a cls that resolves, and kwargs its constructor accepts."""
-    if not env.tasks:
-        return []
-    from posttrain.envs.registry import env_specs  # imports the environments' modules: only when used
-
-    try:
-        env_specs(env.cls, env.kwargs, env.tasks)
-    except ConfigError as e:
-        return [str(e)]
-    return []
-
-
 def data_mix_problems(data: Any, env: Any) -> list[str]:
     """Checks of ``data.mix``: a list of {path, task, weight, ...} sources for data.task=prompts."""
     if not data.mix:
@@ -527,7 +514,6 @@ def _validate_grpo(cfg: GRPOConfig) -> list[str]:
                        ("validation.max_new_tokens", cfg.validation.max_new_tokens),
                        ("data.validation_size", d.validation_size)]:
         need(value >= 0, f"{key}={value} must be >= 0.")
-    problems += env_tasks_problems(e)
     problems += data_mix_problems(d, e)
     if d.task == "arithmetic":
         for key, value in [("data.train_path", d.train_path), ("data.validation_path", d.validation_path)]:

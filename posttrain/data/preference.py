@@ -7,7 +7,7 @@ removed, and rows without a prompt column take the messages that chosen and reje
 their prompt (an "implicit prompt").
 
 Tokenisation matches what the policy sees when it generates: the prompt is formatted exactly
-as :func:`posttrain.models.format_prompt` does (ending with the assistant header), and each
+as :func:`posttrain.data.chat.format_prompt` does (ending with the assistant header), and each
 response is the rest of the chat-template rendering of prompt + response, so it ends with the
 template's own end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ...). Text the template
 writes after that marker (a newline between turns) is dropped: generation stops at the marker.
@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from posttrain.config.dpo_schema import DPODataConfig
 from posttrain.data.prompts import Row, _preview, check_roles, read_rows, split_validation
 from posttrain.errors import PosttrainError
-from posttrain.models.chat import format_prompt
+from posttrain.data.chat import format_prompt
 
 logger = logging.getLogger("posttrain.data")
 

@@ -125,7 +125,7 @@ def _renderer(conv: Conversation, tokenizer: PreTrainedTokenizerBase, model_cfg:
 
         return messages, render
     # Raw text: prompt/completion rows are concatenated verbatim (the prompt carries any separator,
-    # as GRPO's raw prompts do); chat lists are joined by blank lines like models.format_prompt.
+    # as GRPO's raw prompts do); chat lists are joined by blank lines like data.chat.format_prompt.
     sep = "" if conv.from_prompt_completion else "\n\n"
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system + ("\n\n" if conv.from_prompt_completion else "")},

@@ -21,8 +21,7 @@ from posttrain.engine.scheduler import Scheduler
 from posttrain.engine.sequence import Sequence, SequenceSampling, SequenceStatus
 from posttrain.errors import PosttrainError
 from posttrain.models.loading import autocast_context
-from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.rollout.stops import eos_token_ids, stop_string_end, tail_has_stop
+from posttrain.sampling import Completion, SamplingParams, eos_token_ids, stop_string_end, tail_has_stop
 
 logger = logging.getLogger("posttrain.engine")
 

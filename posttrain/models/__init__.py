@@ -1,6 +1,5 @@
-"""Models: loading, prompt formatting, per-token logprobs."""
+"""Models: loading, per-token logprobs (prompt formatting is in posttrain.data.chat)."""
 
-from posttrain.models.chat import TokenizedPrompt, encode_prompts, format_prompt
 from posttrain.models.loading import (
     load_model_and_tokenizer,
     make_reference_model,
@@ -13,9 +12,6 @@ from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_
 
 __all__ = [
     "TokenBatch",
-    "TokenizedPrompt",
-    "encode_prompts",
-    "format_prompt",
     "load_model_and_tokenizer",
     "make_reference_model",
     "make_packed_token_batch",

@@ -1,5 +1,10 @@
-"""Rollout engines: generation of completions for training and validation."""
+"""Where training samples come from: posttrain's engine or transformers (``builder``), an
+OpenAI-compatible server (``openai_engine``), multi-turn episodes, and the rollout API.
 
-from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+``SamplingParams``, ``Completion`` and ``RolloutEngine`` live in :mod:`posttrain.sampling` (the
+shared vocabulary); they are re-exported here for ``from posttrain.rollout import SamplingParams``.
+"""
+
+from posttrain.sampling import Completion, RolloutEngine, SamplingParams
 
 __all__ = ["Completion", "RolloutEngine", "SamplingParams"]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from posttrain.models.loading import autocast_context
-from posttrain.rollout.base import RolloutEngine
+from posttrain.sampling import RolloutEngine, eos_token_ids
 
 logger = logging.getLogger("posttrain.rollout")
 
@@ -41,7 +41,6 @@ def build_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype
                         compute_dtype=compute_dtype)
     if backend == "openai":
         from posttrain.rollout.openai_engine import OpenAIEngine
-        from posttrain.rollout.stops import eos_token_ids
 
         r = cfg.rollout
         device = next(model.parameters()).device

@@ -33,8 +33,8 @@ from typing import Any, Sequence
 import torch
 
 from posttrain.errors import PosttrainError
-from posttrain.models.chat import TokenizedPrompt, format_prompt
-from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+from posttrain.data.chat import TokenizedPrompt, format_prompt
+from posttrain.sampling import Completion, RolloutEngine, SamplingParams
 
 
 @dataclass

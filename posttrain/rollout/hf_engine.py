@@ -17,8 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from posttrain.models.loading import autocast_context
 from posttrain.models.weights import load_named_tensors
 from posttrain.models.logprobs import make_token_batch, response_logprobs
-from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.rollout.stops import eos_token_ids, stop_string_end
+from posttrain.sampling import Completion, SamplingParams, eos_token_ids, stop_string_end
 
 SCORE_CHUNK_ROWS = 16
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from posttrain.errors import PosttrainError
-from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.sampling import Completion, SamplingParams
 from posttrain.sync.client import server_root
 
 logger = logging.getLogger("posttrain.rollout")

@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from posttrain.errors import PosttrainError
-from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+from posttrain.sampling import Completion, RolloutEngine, SamplingParams
 from posttrain.server.engine_loop import EngineLoop, GenerationPaused, TokenStream
 from posttrain.server.metrics import add_metrics
 from posttrain.server.protocol import APIError, install_error_handlers, read_json

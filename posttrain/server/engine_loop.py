@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import torch
 
-from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.sampling import Completion, SamplingParams
 
 if TYPE_CHECKING:
     from posttrain.engine import Engine

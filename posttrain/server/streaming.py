@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
-from posttrain.rollout.stops import stop_window
+from posttrain.sampling import stop_window
 from posttrain.server.engine_loop import TokenStream, TokenUpdate
 
 

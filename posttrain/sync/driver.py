@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from posttrain.rollout.base import RolloutEngine
+from posttrain.sampling import RolloutEngine
 from posttrain.sync.base import WeightSync, wire_dtype
 from posttrain.sync.cadence import SyncCadence
 from posttrain.sync.client import EngineClient

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from posttrain.models.weights import share_named_tensors, weights_checksum
-from posttrain.rollout.base import RolloutEngine
+from posttrain.sampling import RolloutEngine
 from posttrain.sync.base import DTYPES, SyncError
 from posttrain.sync.broadcast import WeightGroup
 

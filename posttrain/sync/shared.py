@@ -22,7 +22,7 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 import torch.multiprocessing
 
-from posttrain.rollout.base import RolloutEngine
+from posttrain.sampling import RolloutEngine
 from posttrain.sync.client import EngineClient
 
 

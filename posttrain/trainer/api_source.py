@@ -23,8 +23,8 @@ from posttrain.algorithms import overlong_penalty
 from posttrain.config.schema import GRPOConfig
 from posttrain.envs.client import RolloutAPIClient
 from posttrain.errors import PosttrainError
-from posttrain.models import TokenizedPrompt
-from posttrain.rollout.base import Completion
+from posttrain.data.chat import TokenizedPrompt
+from posttrain.sampling import Completion
 from posttrain.trainer.rollouts import Rollouts, _sample_logprobs
 from posttrain.trainer.samples import Sample
 

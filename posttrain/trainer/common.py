@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import sys
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
+from posttrain.checkpoint.rng import seed_everything  # noqa: F401  (the recipes import it from here)
 from posttrain.errors import PosttrainError
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    seed %= 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | None]:

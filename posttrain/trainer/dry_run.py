@@ -399,7 +399,7 @@ def _settings(command: str, cfg: Any, device: torch.device, compute_dtype: torch
 def _rl_plan(cfg: Any, tokenizer: Any) -> StepPlan:
     from posttrain.data.prompts import load_prompt_data
     from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
-    from posttrain.models.chat import encode_prompts
+    from posttrain.data.chat import encode_prompts
 
     r, a, t, v = cfg.rollout, cfg.algorithm, cfg.trainer, cfg.validation
     # The trainers' first checks: an environment that does not import, or rows it cannot score, fail here too.
@@ -503,7 +503,7 @@ def _time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_d
     run's own engine, generating 1 + DECODE_STEPS tokens (EOS ignored) after a warm-up. posttrain's
     engine is timed step by step (prefill steps, then the median decode step); the hf backend by
     the difference between a 1-token and a longer generation."""
-    from posttrain.rollout.base import SamplingParams
+    from posttrain.sampling import SamplingParams
     from posttrain.rollout.builder import build_engine
 
     r = cfg.rollout

@@ -31,8 +31,8 @@ from posttrain.errors import PosttrainError
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.logging.samples import SampleLog
+from posttrain.data.chat import encode_prompts
 from posttrain.models import (
-    encode_prompts,
     load_model_and_tokenizer,
     make_reference_model,
     resolve_compute_dtype,
@@ -40,7 +40,7 @@ from posttrain.models import (
 )
 from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.models.moe import check_moe_config, moe_checklist, prepare_moe_policy
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
 from posttrain.sync import build_weight_sync
 from posttrain.trainer.interrupt import InterruptGuard
@@ -51,7 +51,7 @@ from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
     PENDING_ROLLOUTS_FILE, AsyncRollouts, PoolEngine, ReadyBatch, SerializedRewards, load_pending, save_pending, staleness_metrics,
 )
-from posttrain.rollout.replica import build_replica_pool
+from posttrain.cluster import build_replica_pool
 from posttrain.models.loading import autocast_context
 from posttrain.trainer.samples import Sample
 from posttrain.trainer.validation import validate

@@ -38,12 +38,13 @@ from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import MetricsLogger, format_console_line
 from posttrain.logging.progress import ProgressBar
 from posttrain.logging.samples import SampleLog
-from posttrain.models import encode_prompts, load_model_and_tokenizer, make_reference_model, model_source
+from posttrain.data.chat import encode_prompts
+from posttrain.models import load_model_and_tokenizer, make_reference_model, model_source
 from posttrain.models import resolve_compute_dtype, resolve_device
 from posttrain.models.loading import load_model
 from posttrain.models.lora import checkpoint_prefix, is_peft_model
 from posttrain.models.value_model import ValueModel
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
 from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, seed_everything, start_run
 from posttrain.trainer.policy import policy_update

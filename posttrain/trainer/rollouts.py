@@ -14,9 +14,10 @@ from posttrain.algorithms import folds_kl_into_reward, informative_groups, kl_pe
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.sampler import EpochSampler
 from posttrain.envs.reward_pool import RewardPool
-from posttrain.models import TokenizedPrompt, response_logprobs
+from posttrain.data.chat import TokenizedPrompt
+from posttrain.models import response_logprobs
 from posttrain.models.lora import adapters_disabled
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 from posttrain.rollout.episodes import Episode, episode_metrics, run_episodes
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
@@ -31,7 +32,7 @@ class Rollouts:
     """Scored completions of one or more generation rounds, in groups of ``group_size`` rows."""
 
     prompts: list[Any]  # EncodedPrompt per completion
-    completions: list[Any]  # rollout.base.Completion
+    completions: list[Any]  # posttrain.sampling.Completion
     message_logs: list[Any]
     rewards: torch.Tensor  # (N,) environment rewards
     shaped_rewards: torch.Tensor  # (N,) rewards + overlong penalty: what the advantages see

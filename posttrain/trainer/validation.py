@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from posttrain.envs.reward_pool import RewardPool
-from posttrain.models.chat import TokenizedPrompt
-from posttrain.rollout.base import RolloutEngine, SamplingParams
+from posttrain.data.chat import TokenizedPrompt
+from posttrain.sampling import RolloutEngine, SamplingParams
 
 
 def validate(

@@ -7,9 +7,10 @@ import torch
 from posttrain.config.schema import ModelConfig
 from posttrain.data.example import PromptExample
 from posttrain.engine import Engine
-from posttrain.models import encode_prompts, load_model_and_tokenizer
+from posttrain.data.chat import encode_prompts
+from posttrain.models import load_model_and_tokenizer
 from posttrain.models.logprobs import make_token_batch, response_logprobs
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

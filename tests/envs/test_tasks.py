@@ -40,8 +40,11 @@ def test_bad_task_specs(tasks, match):
 
 
 def test_loader_validates_env_tasks_and_mix(tmp_path):
+    # The environments' classes and kwargs are checked where they are resolved (the first thing
+    # grpo/ppo do, and --dry-run): the config layer imports nothing from envs.
+    cfg = load_config(GRPOConfig, overrides=["env.tasks={a: {cls: toy_envs.TaskAEnv}, b: {cls: math, kwargs: {x: 1}}}"])
     with pytest.raises(ConfigError, match="env.tasks.b.kwargs"):
-        load_config(GRPOConfig, overrides=["env.tasks={a: {cls: toy_envs.TaskAEnv}, b: {cls: math, kwargs: {x: 1}}}"])
+        env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks)
     data = tmp_path / "a.jsonl"
     data.write_text('{"prompt": "p"}\n')
     cfg = load_config(GRPOConfig, overrides=[

@@ -14,7 +14,7 @@ from posttrain.config.sft_schema import SFTConfig
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models import load_model_and_tokenizer, make_token_batch, response_logprobs
 from posttrain.models.lora import adapters_disabled, apply_lora, checkpoint_prefix, is_peft_model
-from posttrain.rollout.base import SamplingParams
+from posttrain.sampling import SamplingParams
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.optim import build_optimizer
 

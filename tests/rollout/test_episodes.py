@@ -9,8 +9,8 @@ import pytest
 
 from helpers import make_tokenizer, save_tiny_model
 from posttrain.envs.reward_pool import RewardPool
-from posttrain.models.chat import TokenizedPrompt, format_prompt
-from posttrain.rollout.base import Completion, RolloutEngine, SamplingParams
+from posttrain.data.chat import TokenizedPrompt, format_prompt
+from posttrain.sampling import Completion, RolloutEngine, SamplingParams
 from posttrain.rollout.episodes import episode_metrics, observation_token_ids, run_episodes
 from posttrain.trainer.samples import Sample, collate
 

@@ -8,7 +8,7 @@ import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from helpers import make_tiny_llama, make_tokenizer  # noqa: E402
-from posttrain.rollout.base import RolloutEngine, SamplingParams  # noqa: E402
+from posttrain.sampling import RolloutEngine, SamplingParams  # noqa: E402
 from posttrain.rollout.hf_engine import HFEngine  # noqa: E402
 from posttrain.rollout.openai_engine import OpenAIEngine, RemoteEngineError  # noqa: E402
 from posttrain.server.app import create_app  # noqa: E402

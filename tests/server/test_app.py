@@ -9,7 +9,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from helpers import make_tiny_llama, make_tokenizer  # noqa: E402
-from posttrain.rollout.base import Completion, SamplingParams  # noqa: E402
+from posttrain.sampling import Completion, SamplingParams  # noqa: E402
 from posttrain.rollout.hf_engine import HFEngine  # noqa: E402
 from posttrain.server.app import create_app  # noqa: E402
 

@@ -227,7 +227,7 @@ def test_shared_weights_and_flush_cache_reach_the_engine():
 def test_a_cancelled_request_is_dropped_from_the_batch():
     import asyncio
 
-    from posttrain.rollout.base import SamplingParams
+    from posttrain.sampling import SamplingParams
     from posttrain.server.engine_loop import EngineLoop
 
     model, tok, engine, steps, _ = _served()
@@ -259,7 +259,7 @@ def test_a_cancelled_request_is_dropped_from_the_batch():
 
 def _loop_stuck_in_a_step():
     """An EngineLoop whose engine's step blocks until the returned event is set."""
-    from posttrain.rollout.base import SamplingParams
+    from posttrain.sampling import SamplingParams
     from posttrain.server.engine_loop import EngineLoop
 
     release, stepping = threading.Event(), threading.Event()

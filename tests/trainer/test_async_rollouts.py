@@ -11,7 +11,7 @@ import torch
 
 from posttrain.data.sampler import EpochSampler
 from posttrain.errors import PosttrainError
-from posttrain.rollout.base import Completion
+from posttrain.sampling import Completion
 from posttrain.trainer.async_rollouts import AsyncRollouts, ReadyBatch, load_pending, save_pending, staleness_metrics
 from posttrain.trainer.rollouts import Rollouts
 

@@ -124,7 +124,7 @@ def test_reward_rises_on_trivial_task(tmp_path):
 
 
 def test_validation_reports_accuracy_per_level():
-    from posttrain.models.chat import TokenizedPrompt
+    from posttrain.data.chat import TokenizedPrompt
     from posttrain.trainer.validation import _per_level
 
     prompts = [TokenizedPrompt([1], [], {"level": lvl}) for lvl in (1, 1, 2, 3)]

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.errors import PosttrainError
 
-logger = logging.getLogger("posttrain.models")
+logger = logging.getLogger("posttrain.data")
 
 
 @dataclass

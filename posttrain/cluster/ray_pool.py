@@ -1,6 +1,6 @@
 """Engine replicas as Ray actors (``cluster.backend=ray``), their weight pushes and their faults.
 
-Each replica is an :class:`~posttrain.rollout.replica.EngineReplica` in an actor of its own
+Each replica is an :class:`~posttrain.cluster.replicas.EngineReplica` in an actor of its own
 (``rollout.gpus_per_replica`` GPUs) that loads ``cfg.model`` itself and is then given the trainer's
 weights. The actor is threaded, so a weight push and ``info`` run while it generates.
 
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from posttrain.distributed.ray_cluster import death_report, import_ray, init_ray
+from posttrain.cluster.ray_cluster import death_report, import_ray, init_ray
 from posttrain.errors import ConfigError
 from posttrain.models.weights import iter_weight_buckets
-from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.rollout.replica import EngineReplica, ReplicaError, split_contiguous, unwrap_policy
+from posttrain.sampling import Completion, SamplingParams
+from posttrain.cluster.replicas import EngineReplica, ReplicaError, split_contiguous, unwrap_policy
 from posttrain.sync.base import dtype_name, transfer_dir, wire_dtype
 from posttrain.sync.broadcast import WeightGroup, master_store
 from posttrain.sync.checkpoint import WEIGHTS_FILE, StagingBuffer, save_weights, weights_nbytes
@@ -139,7 +139,7 @@ class EngineReplicaActor:
 
 
 class RayReplicaPool:
-    """``rollout.num_replicas`` replica actors; the ReplicaPool protocol of ``posttrain.rollout.replica``.
+    """``rollout.num_replicas`` replica actors; the ReplicaPool protocol of ``posttrain.cluster.replicas``.
 
     Thread-safe: the producer and validation may generate at once while the trainer pushes."""
 

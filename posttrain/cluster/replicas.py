@@ -9,13 +9,12 @@ the version that sampled it (``Completion.token_versions``). Otherwise an update
 running generation returns.
 
 :class:`LocalReplicaPool` runs replicas in this process, a thread each (``cluster.backend=local``);
-``posttrain.distributed.ray_pool`` wraps the same class as Ray actors (``cluster.backend=ray``).
+``posttrain.cluster.ray_pool`` wraps the same class as Ray actors (``cluster.backend=ray``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import threading
@@ -26,9 +25,14 @@ from typing import Any
 
 import torch
 
+from posttrain.checkpoint.rng import seed_everything
+from posttrain.engine import Engine
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
+from posttrain.models.moe import prepare_moe_policy
 from posttrain.models.weights import iter_weight_buckets
-from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.rollout.builder import build_engine
+from posttrain.sampling import Completion, SamplingParams
 
 logger = logging.getLogger("posttrain.rollout")
 
@@ -55,8 +59,6 @@ class EngineReplica:
                 f"rollout.backend={cfg.rollout.backend} cannot run engine replicas (rollout.mode=async); use "
                 "rollout.backend=engine (posttrain's engine) or hf, or rollout.mode=sync for a remote server."
             )
-        from posttrain.engine import Engine
-        from posttrain.rollout.builder import build_engine
 
         self.replica_id = replica_id
         self.model = model
@@ -79,8 +81,6 @@ class EngineReplica:
     def from_config(cls, cfg: Any, replica_id: int, version: int = 0, device: str | None = None) -> EngineReplica:
         """A replica that loads its own copy of ``cfg.model`` (a Ray actor, in its own process),
         the way the GRPO recipe loads the policy. ``device``: overrides ``cfg.model.device``."""
-        from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
-        from posttrain.models.moe import prepare_moe_policy
 
         torch_device = resolve_device(device or cfg.model.device)
         compute_dtype = resolve_compute_dtype(cfg.model.dtype, torch_device)
@@ -103,7 +103,6 @@ class EngineReplica:
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Completion]]:
         """``params.n`` completions per prompt, sampled after ``seed_everything(seed)`` (as the
         synchronous recipe seeds, then generates); every completion has ``token_versions``."""
-        from posttrain.trainer.common import seed_everything
 
         with self._generate_lock:
             with self._cond:
@@ -284,24 +283,3 @@ def split_contiguous(num_items: int, num_parts: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
-
-
-def build_replica_pool(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype,
-                       start_version: int) -> Any:
-    """The engine replicas of ``cluster.backend``: 'local' copies the trainer's policy into
-    ``rollout.num_replicas`` replicas in this process; 'ray' starts Ray actors that load their own."""
-    if cfg.cluster.backend == "ray":
-        from posttrain.distributed.ray_pool import RayReplicaPool
-
-        return RayReplicaPool(cfg, start_version=start_version, model=model)
-    policy = unwrap_policy(model)
-    replicas = []
-    for i in range(cfg.rollout.num_replicas):
-        replica_model = copy.deepcopy(policy).requires_grad_(False)  # the trainer keeps changing its own modules
-        for module in replica_model.modules():
-            # trainer.compile_layers: a layer's compiled call wraps the *trainer's* layer (a bound
-            # method), which a deep copy keeps; the copy must call its own modules.
-            if getattr(module, "_compiled_call_impl", None) is not None:
-                module._compiled_call_impl = None
-        replicas.append(EngineReplica(cfg, replica_model, tokenizer, compute_dtype, replica_id=i, version=start_version))
-    return LocalReplicaPool(replicas, cfg.cluster.wait_timeout_s)

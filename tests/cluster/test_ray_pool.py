@@ -15,8 +15,8 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.errors import PosttrainError
 from posttrain.models import load_model_and_tokenizer
 from posttrain.models.weights import weights_checksum
-from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.replica import EngineReplica, split_contiguous
+from posttrain.sampling import SamplingParams
+from posttrain.cluster.replicas import EngineReplica, split_contiguous
 from tests.helpers import save_tiny_model
 
 ray = pytest.importorskip("ray")
@@ -75,7 +75,7 @@ def token_ids(groups):
 
 @pytest.fixture(scope="module")
 def broadcast_pool(ray_local, model_path):
-    from posttrain.distributed.ray_pool import RayReplicaPool
+    from posttrain.cluster.ray_pool import RayReplicaPool
 
     cfg = make_cfg(model_path, "sync.mode=auto")
     model, tokenizer = trainer_model(cfg, 0.02)
@@ -114,7 +114,7 @@ def test_broadcast_push_and_a_push_after_a_replica_was_killed(broadcast_pool):
 
 
 def test_checkpoint_push_and_a_generate_after_a_replica_was_killed(ray_local, model_path):
-    from posttrain.distributed.ray_pool import RayReplicaPool
+    from posttrain.cluster.ray_pool import RayReplicaPool
 
     cfg = make_cfg(model_path, "sync.mode=checkpoint")
     model, tokenizer = trainer_model(cfg, -0.03)
@@ -137,7 +137,7 @@ def test_checkpoint_push_and_a_generate_after_a_replica_was_killed(ray_local, mo
 
 
 def test_too_many_restarts_stops_with_the_cause(ray_local, model_path):
-    from posttrain.distributed.ray_pool import RayReplicaPool
+    from posttrain.cluster.ray_pool import RayReplicaPool
 
     cfg = make_cfg(model_path, "sync.mode=checkpoint", "rollout.num_replicas=1", "cluster.max_replica_restarts=0")
     model, tokenizer = trainer_model(cfg, 0.01)
@@ -156,7 +156,7 @@ def test_too_many_restarts_stops_with_the_cause(ray_local, model_path):
 
 
 def test_missing_ray_says_how_to_install(monkeypatch):
-    from posttrain.distributed.ray_cluster import init_ray
+    from posttrain.cluster.ray_cluster import init_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(PosttrainError, match=r"pip install 'posttrain\[ray\]'"):
@@ -173,13 +173,13 @@ def test_missing_ray_says_how_to_install(monkeypatch):
     ("checkpoint", "auto", "gpu0", ["gpu1"], ("checkpoint", "nccl")),
 ])
 def test_weight_transport_follows_placement(mode, backend, trainer, replicas, expected):
-    from posttrain.distributed.ray_pool import choose_weight_transport
+    from posttrain.cluster.ray_pool import choose_weight_transport
 
     assert choose_weight_transport(mode, backend, trainer, replicas)[:2] == expected
 
 
 def test_nccl_broadcast_to_a_shared_gpu_is_a_config_error():
-    from posttrain.distributed.ray_pool import choose_weight_transport
+    from posttrain.cluster.ray_pool import choose_weight_transport
     from posttrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sync.mode=checkpoint"):

@@ -20,7 +20,8 @@ from posttrain.models.weights import WeightLoadError, weights_checksum
 from posttrain.rollout import SamplingParams
 from posttrain.rollout.builder import build_engine
 from posttrain.rollout.hf_engine import HFEngine
-from posttrain.rollout.replica import EngineReplica, LocalReplicaPool, ReplicaError, build_replica_pool, split_contiguous
+from posttrain.cluster import build_replica_pool
+from posttrain.cluster.replicas import EngineReplica, LocalReplicaPool, ReplicaError, split_contiguous
 from posttrain.trainer.common import seed_everything
 
 TEXTS = ["What is 2+3?", "Hi", "A longer prompt here", "Count: 1, 2,", "xyz"]

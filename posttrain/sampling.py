@@ -1,9 +1,18 @@
-"""The rollout engine protocol: what the trainer needs from any generation backend."""
+"""The shared vocabulary of generation: what is asked (``SamplingParams``), what comes back
+(``Completion``), what any generation backend offers the trainer (``RolloutEngine``), and what ends
+a completion (EOS ids, stop strings).
+
+A leaf module: the engine, the rollout sources, weight sync and the servers all import it, and it
+imports nothing of posttrain, so none of them has to import another's package for these types.
+
+Stop strings are matched in the generated text only (as in the OpenAI API), never in text that
+straddles the prompt.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -71,3 +80,38 @@ class RolloutEngine(Protocol):
     def wake(self) -> None:
         """Re-acquire what ``sleep`` released, before the next generation."""
         ...
+
+
+# ---- what ends a completion, shared by every engine
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The tokenizer's EOS plus every EOS of the model's generation config (chat models often add
+    an end-of-turn token there)."""
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    return sorted(ids)
+
+
+def stop_window(stops: Sequence[str]) -> int:
+    """Tokens at the end of a completion that cover any stop string: every token decodes to at
+    least one character."""
+    return max(len(s) for s in stops) + 1
+
+
+def tail_has_stop(tokenizer: Any, tokens: list[int], stops: Sequence[str]) -> bool:
+    """Cheap per-step check: does the decoded tail of ``tokens`` contain a stop string?"""
+    text = tokenizer.decode(tokens[-stop_window(stops):])
+    return any(s in text for s in stops)
+
+
+def stop_string_end(tokenizer: Any, tokens: list[int], stops: Sequence[str]) -> int | None:
+    """Length of the shortest prefix of ``tokens`` whose text contains a stop string, or None."""
+    text = tokenizer.decode(tokens)
+    if not any(s in text for s in stops):
+        return None
+    # Rare enough (once per stopped completion) that a linear scan is fine.
+    for k in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:k]) for s in stops):
+            return k
+    return None

@@ -1,0 +1,34 @@
+"""Where engine replicas run for asynchronous rollouts (``cluster.backend``): in this process
+(``replicas``: copies of the policy generating in threads) or as Ray actors (``ray_pool``).
+The recipe asks ``build_replica_pool`` for its engines and never imports ray itself."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from posttrain.cluster.ray_pool import RayReplicaPool
+from posttrain.cluster.replicas import EngineReplica, LocalReplicaPool, ReplicaError, unwrap_policy
+
+__all__ = ["EngineReplica", "LocalReplicaPool", "RayReplicaPool", "ReplicaError", "build_replica_pool"]
+
+
+def build_replica_pool(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype,
+                       start_version: int) -> Any:
+    """The engine replicas of ``cluster.backend``: 'local' copies the trainer's policy into
+    ``rollout.num_replicas`` replicas in this process; 'ray' starts Ray actors that load their own."""
+    if cfg.cluster.backend == "ray":
+        return RayReplicaPool(cfg, start_version=start_version, model=model)
+    policy = unwrap_policy(model)
+    replicas = []
+    for i in range(cfg.rollout.num_replicas):
+        replica_model = copy.deepcopy(policy).requires_grad_(False)  # the trainer keeps changing its own modules
+        for module in replica_model.modules():
+            # trainer.compile_layers: a layer's compiled call wraps the *trainer's* layer (a bound
+            # method), which a deep copy keeps; the copy must call its own modules.
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
+        replicas.append(EngineReplica(cfg, replica_model, tokenizer, compute_dtype, replica_id=i, version=start_version))
+    return LocalReplicaPool(replicas, cfg.cluster.wait_timeout_s)
