@@ -14,6 +14,7 @@ does not use, so the trainer calls them all alike.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -169,13 +170,22 @@ class OffPolicyCorrection(NamedTuple):
 def resolved_off_policy_correction(algo: Any) -> OffPolicyCorrection:
     """The correction of an ``algorithm`` config section.
 
-    ``algorithm.is_correction_cap > 0`` (the older key) with ``off_policy_correction`` 'none' or
-    'tis_token' means 'tis_token' with ``is_correction_cap`` as its cap; the loader rejects it beside
-    any other correction. Anything but 'none' needs the trainer's recomputed old logprobs.
+    ``algorithm.is_correction_cap > 0`` (the older key, deprecated: a ``FutureWarning`` names its
+    replacement) with ``off_policy_correction`` 'none' or 'tis_token' means 'tis_token' with
+    ``is_correction_cap`` as its cap; the loader rejects it beside any other correction. Anything
+    but 'none' needs the trainer's recomputed old logprobs.
     """
     name, cap = algo.off_policy_correction, algo.off_policy_cap
     if algo.is_correction_cap > 0 and name in ("none", "tis_token"):
         name, cap = "tis_token", algo.is_correction_cap
+        # FutureWarning, not DeprecationWarning: Python shows it to users by default, once per
+        # call site, so a run says it once although the trainer resolves the correction every step.
+        warnings.warn(
+            f"algorithm.is_correction_cap={algo.is_correction_cap:g} is deprecated; it means "
+            f"algorithm.off_policy_correction=tis_token algorithm.off_policy_cap={algo.is_correction_cap:g}, "
+            "which do the same: set those (and is_correction_cap=0) instead. See docs/off_policy.md.",
+            FutureWarning, stacklevel=2,
+        )
     return OffPolicyCorrection(name, float(cap), float(algo.off_policy_low), float(algo.off_policy_high))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -147,14 +148,19 @@ def test_config_legacy_cap_beside_another_correction_is_an_error():
     message = _config_error("algorithm.is_correction_cap=2", "algorithm.off_policy_correction=icepop")
     assert "algorithm.is_correction_cap=2.0" in message and "algorithm.off_policy_correction=icepop" in message
     cfg = load_config(GRPOConfig, overrides=["algorithm.is_correction_cap=2", "algorithm.off_policy_correction=tis_token"])
-    assert resolved_off_policy_correction(cfg.algorithm)[:2] == ("tis_token", 2.0)
+    with pytest.warns(FutureWarning, match="is_correction_cap=2 is deprecated"):
+        assert resolved_off_policy_correction(cfg.algorithm)[:2] == ("tis_token", 2.0)
 
 
 def test_resolved_correction():
     algo = GRPOConfig().algorithm
-    assert resolved_off_policy_correction(algo).name == "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new keys alone: no deprecation warning
+        assert resolved_off_policy_correction(algo).name == "none"
     algo.is_correction_cap = 1.5
-    assert resolved_off_policy_correction(algo) == ("tis_token", 1.5, 0.5, 2.0)
+    with pytest.warns(FutureWarning, match=r"algorithm.is_correction_cap=1.5 is deprecated.*"
+                      r"algorithm.off_policy_correction=tis_token algorithm.off_policy_cap=1.5"):
+        assert resolved_off_policy_correction(algo) == ("tis_token", 1.5, 0.5, 2.0)
     algo.is_correction_cap, algo.off_policy_correction, algo.off_policy_cap = 0.0, "tis_seq", 3.0
     assert resolved_off_policy_correction(algo)[:2] == ("tis_seq", 3.0)
 
@@ -233,7 +239,8 @@ def test_icepop_drops_the_gradient_of_a_token_with_a_huge_ratio(monkeypatch):
 
 
 def test_is_correction_cap_is_tis_token(monkeypatch):
-    legacy, m_legacy = _update(_samples(shift=0.5), "algorithm.is_correction_cap=1.5", monkeypatch=monkeypatch)
+    with pytest.warns(FutureWarning, match="is_correction_cap=1.5 is deprecated"):
+        legacy, m_legacy = _update(_samples(shift=0.5), "algorithm.is_correction_cap=1.5", monkeypatch=monkeypatch)
     named, m_named = _update(_samples(shift=0.5), "algorithm.off_policy_correction=tis_token",
                              "algorithm.off_policy_cap=1.5", monkeypatch=monkeypatch)
     torch.testing.assert_close(legacy, named)
