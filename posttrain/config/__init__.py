@@ -1,7 +1,8 @@
 """Configuration: dataclass schemas, the YAML/override loader with validation, and presets.
 
-``schema.py`` holds every default and help text; ``loader.py`` builds validated config objects;
-``reference.py`` generates ``--help`` text and ``docs/config.md`` from the schemas.
+``schema.py`` (and one ``*_schema.py`` per other command) holds every default and help text;
+``loader.py`` builds config objects and ``validate/`` checks them; ``fields.py`` walks the schemas,
+and ``reference.py`` turns them into ``--help`` text and ``docs/config.md``.
 """
 
 from posttrain.config.loader import (
@@ -9,10 +10,9 @@ from posttrain.config.loader import (
     config_to_yaml,
     list_presets,
     load_config,
-    register_validator,
     resolve_config_file,
-    validate_config,
 )
+from posttrain.config.validate import validate_config
 from posttrain.config.commands import SCHEMAS
 from posttrain.config.schema import GRPOConfig
 
@@ -23,7 +23,6 @@ __all__ = [
     "config_to_yaml",
     "list_presets",
     "load_config",
-    "register_validator",
     "resolve_config_file",
     "validate_config",
 ]

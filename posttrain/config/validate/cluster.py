@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.config.schema import GRPOConfig
+
 
 def async_problems(cfg: Any) -> list[str]:
     """One message per problem, each naming its keys and the fix."""
@@ -24,8 +26,6 @@ def async_problems(cfg: Any) -> list[str]:
             problems.append("cluster.backend=ray places the engine replicas of asynchronous rollouts; set "
                             "rollout.mode=async too (synchronous runs generate in the trainer's process).")
         return problems
-    from posttrain.config.schema import GRPOConfig
-
     if type(cfg) is not GRPOConfig:
         problems.append("rollout.mode=async is supported by the grpo command only; set rollout.mode=sync.")
     if r.source != "generate":
