@@ -4,8 +4,9 @@ An :class:`EngineReplica` is one copy of the policy with an engine on it. It gen
 trainer trains its own modules, and takes new weights with :meth:`EngineReplica.load_weights`,
 which may be called from another thread while a generation runs. With
 ``rollout.partial_rollouts`` on the posttrain engine, new weights land between two decode steps:
-sequences in flight keep their KV cache and continue under the new weights, and each token records
-the version that sampled it (``Completion.token_versions``). Otherwise an update waits until the
+sequences in flight keep their KV cache (or, with ``rollout.partial_recompute_kv``, are prefilled
+again under the new weights) and continue under the new weights, and each token records the
+version that sampled it (``Completion.token_versions``). Otherwise an update waits until the
 running generation returns.
 
 :class:`LocalReplicaPool` runs replicas in this process, a thread each (``cluster.backend=local``);
@@ -66,6 +67,9 @@ class EngineReplica:
         self.engine.weight_version = version
         # Between decode steps only the posttrain engine can swap weights; transformers' generate is one call.
         self.partial_rollouts = bool(cfg.rollout.partial_rollouts) and isinstance(self.engine, Engine)
+        # rollout.partial_recompute_kv: after such a swap the running sequences are prefilled again
+        # under the new weights instead of keeping the keys and values the old weights computed.
+        self.recompute_kv = self.partial_rollouts and bool(cfg.rollout.partial_recompute_kv)
         self.requests_done = 0
         self._generate_lock = threading.Lock()  # one generation at a time
         self._load_lock = threading.Lock()  # one weight update at a time
@@ -141,7 +145,7 @@ class EngineReplica:
         this waits until the generation returns. Returns once the weights are in."""
         items = list(named_tensors)
         with self._load_lock:
-            pending = _PendingWeights(items, version, self._stream)
+            pending = _PendingWeights(items, version, self._stream, self.recompute_kv)
             with self._cond:
                 if self.partial_rollouts and self._generating:
                     self._pending = pending
@@ -190,9 +194,11 @@ class EngineReplica:
 class _PendingWeights:
     """Weights handed from a loading thread to the generating one; an error goes back to the loader."""
 
-    def __init__(self, items: list[tuple[str, torch.Tensor]], version: int, stream: torch.cuda.Stream | None) -> None:
+    def __init__(self, items: list[tuple[str, torch.Tensor]], version: int, stream: torch.cuda.Stream | None,
+                 recompute_kv: bool = False) -> None:
         self.items = items
         self.version = version
+        self.recompute_kv = recompute_kv
         self.error: BaseException | None = None
         self.stream = stream
         # The tensors were written on the loading thread's stream (the optimizer step): the replica's
@@ -213,6 +219,8 @@ class _PendingWeights:
                 # The trainer changes its parameters in place after this returns: the copy must be done.
                 self.stream.synchronize()
             engine.weight_version = self.version
+            if self.recompute_kv:  # on the generating thread, between two steps: nothing runs meanwhile
+                engine.recompute_kv_cache()
         except BaseException as e:  # noqa: BLE001 - re-raised in the thread that asked for the load
             self.error = e
 

@@ -276,6 +276,15 @@ class RolloutConfig:
         "and resumes the requests in flight under the new version (each token records the version that sampled "
         "it). false: updates wait until the replica's current requests finish.",
     )
+    partial_recompute_kv: bool = opt(
+        False,
+        "partial_rollouts: what the requests in flight keep across a weight update. false (AReaL, PipelineRL): "
+        "their KV cache, computed by the old weights, so the tokens after the update see old keys and values of "
+        "the earlier ones; no extra work. true: the cache is dropped and each running request is prefilled again "
+        "(prompt and generated tokens) under the new weights, so its later tokens are exactly what the new policy "
+        "samples after that prefix, at the cost of one prefill per running request and update. See "
+        "docs/off_policy.md.",
+    )
     api_url: str = opt("", "source=api: the rollout API's address, e.g. http://127.0.0.1:8100.")
     api_timeout_s: float = opt(
         600.0, "source=api: seconds a step waits for enough groups before the run stops with an error."

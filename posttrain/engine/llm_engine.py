@@ -69,6 +69,7 @@ class Engine:
         # token records it, so a completion that spans a weight update says which tokens came from which.
         self.weight_version = 0
         self._fp32_params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # cpu_bf16: the masters during generate()
+        self.num_kv_recomputes = 0  # sequences re-prefilled after a mid-generation weight update
         self.wake()
 
     # ---- RolloutEngine
@@ -230,6 +231,20 @@ class Engine:
         self.flush_cache()
         self.runner.parameters_moved()
 
+    def recompute_kv_cache(self) -> int:
+        """After new weights were loaded mid-generation (``rollout.partial_recompute_kv``): the
+        keys and values of the running sequences were computed by the old weights. Free them and
+        re-prefill each sequence (prompt and generated tokens) at its next step, so every later
+        token is sampled exactly as the new weights would sample it after that prefix. Cached
+        prefixes are dropped too, else the re-prefill would find the old blocks again. Costs one
+        prefill of every running sequence per weight update. Returns how many were sent back."""
+        if self.scheduler is None:
+            return 0
+        count = self.scheduler.recompute_running()
+        self.flush_cache()
+        self.num_kv_recomputes += count
+        return count
+
     def flush_cache(self) -> None:
         """Forget cached prefixes, e.g. after weights changed under the engine (sync.mode=shared)
         or a step failed after registering blocks it never wrote."""
@@ -296,6 +311,7 @@ class Engine:
         bm = self.scheduler.block_manager
         return {
             "engine/preemptions": float(self.scheduler.num_preemptions),
+            "engine/kv_recomputes": float(self.num_kv_recomputes),
             "engine/prefix_cache_hit_tokens": float(bm.num_prefix_hits),
             "engine/kv_blocks": float(bm.num_blocks),
         }

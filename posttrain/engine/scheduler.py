@@ -71,6 +71,18 @@ class Scheduler:
         self.running.extendleft(reversed(scheduled))
         return scheduled, False
 
+    def recompute_running(self) -> int:
+        """Send every running sequence back to the front of the queue with its blocks freed, in
+        order, so that its next step is a prefill over its prompt and everything it generated: its
+        keys and values are then computed again by the weights loaded now. Not counted as a
+        preemption (nothing ran short of blocks). Returns how many sequences go back."""
+        running, self.running = list(self.running), deque()
+        for seq in reversed(running):  # appendleft: the first running sequence ends up first
+            seq.status = SequenceStatus.WAITING
+            self.block_manager.deallocate(seq)
+            self.waiting.appendleft(seq)
+        return len(running)
+
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

@@ -156,6 +156,63 @@ def test_partial_rollout_switches_weights_between_two_decode_steps():
     assert replica.info()["requests_done"] == 1
 
 
+@pytest.mark.parametrize("recompute_kv", [False, True])
+def test_partial_rollout_with_other_keys_and_values_keeps_or_recomputes_the_kv_cache(recompute_kv):
+    """New weights that change every layer (other keys and values at every position). Kept (the
+    default) the cache holds the old weights' keys and values of the tokens before the switch, so the
+    later tokens do not follow the new model's teacher-forced logprobs; recomputed, they do exactly."""
+    tok = make_tokenizer()
+    old = _model(tok)
+    new = _model(tok, seed=7)  # all weights differ
+    cfg = _cfg("engine", partial=True)
+    cfg.rollout.partial_recompute_kv = recompute_kv
+    replica = EngineReplica(cfg, copy.deepcopy(old), tok, torch.float32)
+    reached = _slow_switch(replica, partial=True)
+    params = SamplingParams(n=1, temperature=1.0, max_tokens=30, ignore_eos=True)
+    thread, result = _generate_in_thread(replica, _prompts(tok)[2], params)
+    assert reached.wait(10)
+    replica.load_weights(new.named_parameters(), version=1)
+    thread.join(10)
+    assert not thread.is_alive()
+    [[c]] = result["out"]
+    assert c.token_versions == [0] * SWITCH_STEP + [1] * (30 - SWITCH_STEP)
+    lp = torch.tensor(c.logprobs)
+    torch.testing.assert_close(lp[:SWITCH_STEP], _teacher_forced(old, tok, c)[:SWITCH_STEP], atol=1e-4, rtol=0)
+    after, fresh = lp[SWITCH_STEP:], _teacher_forced(new, tok, c)[SWITCH_STEP:]
+    if recompute_kv:
+        torch.testing.assert_close(after, fresh, atol=1e-4, rtol=0)
+    else:
+        assert (after - fresh).abs().max() > 1e-2
+    # One re-prefill per running sequence per update, and only when asked for.
+    assert replica.engine.stats()["engine/kv_recomputes"] == float(recompute_kv)
+    assert replica.engine.stats()["engine/preemptions"] == 0.0
+
+
+def test_recompute_kv_cache_keeps_the_order_and_the_samples_of_a_batch():
+    """Re-prefilling every running sequence between two steps, with unchanged weights, changes no
+    sampled token and no logprob (a seeded generator per sequence), and keeps the queue's order."""
+    tok = make_tokenizer()
+    model = _model(tok)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=20, ignore_eos=True, seed=11)
+    plain = Engine(model, tok, max_model_len=96, block_size=4).generate(_prompts(tok), params)
+    engine = Engine(model, tok, max_model_len=96, block_size=4)
+    steps = [0]
+
+    def recompute_now_and_then():
+        steps[0] += 1
+        if steps[0] in (3, 9):
+            running = list(engine.scheduler.running)
+            assert engine.recompute_kv_cache() == len(running) > 0
+            assert list(engine.scheduler.waiting)[: len(running)] == running and not engine.scheduler.running
+
+    again = engine.generate(_prompts(tok), params, before_step=recompute_now_and_then)
+    for plain_group, group in zip(plain, again, strict=True):
+        for p, c in zip(plain_group, group, strict=True):
+            assert c.token_ids == p.token_ids
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(p.logprobs), atol=1e-4, rtol=0)
+    assert engine.num_kv_recomputes > 0
+
+
 def test_partial_rollout_under_cpu_bf16_updates_the_fp32_master_weights():
     tok = make_tokenizer()
     old = _model(tok)
