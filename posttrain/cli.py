@@ -263,7 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     _setup_console_logging()
-    from posttrain.models.lora import merge_adapter_checkpoint  # heavy imports only now
+    from posttrain.models.merge import merge_adapter_checkpoint  # heavy imports only now
 
     output = merge_adapter_checkpoint(args.checkpoint, args.output, model_path=args.model_path, device=args.device)
     print(f"merged: {output}")

@@ -60,3 +60,64 @@ def test_no_two_groups_import_each_other():
     edges = import_edges()
     cycles = {f"{a} <-> {b}": (edges[(a, b)], edges[(b, a)]) for (a, b) in edges if (b, a) in edges and a < b}
     assert not cycles, f"import cycles between module groups: {cycles}"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the posttrain modules it imports (at module level or inside functions)."""
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+
+    def resolve(name: str) -> str | None:  # `from pkg.mod import name`: the module itself
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                if target.startswith("posttrain") and (resolved := resolve(target)) not in (None, module):
+                    graph[module].add(resolved)
+    return graph
+
+
+def test_no_module_import_cycles():
+    """Not even inside one folder, and not through a package's __init__ (an import hidden in a
+    function to dodge a cycle is still a cycle)."""
+    graph, cycles = _module_graph(), []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    assert not cycles, f"modules that import each other (directly or around a loop): {cycles}"

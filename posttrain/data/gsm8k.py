@@ -6,7 +6,7 @@ import os
 import re
 
 from posttrain.data.example import PromptExample
-from posttrain.data.prompts import read_jsonl
+from posttrain.data.files import read_jsonl
 from posttrain.errors import PosttrainError
 
 _MARKER = "####"

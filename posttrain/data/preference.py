@@ -25,7 +25,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.dpo_schema import DPODataConfig
-from posttrain.data.prompts import Row, _preview, check_roles, read_rows, split_validation
+from posttrain.data.files import Row, read_rows
+from posttrain.data.prompts import _preview, check_roles, split_validation
 from posttrain.errors import PosttrainError
 from posttrain.data.chat import format_prompt
 

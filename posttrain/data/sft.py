@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.schema import ModelConfig
 from posttrain.config.sft_schema import SFTDataConfig
-from posttrain.data.prompts import Row, _parse_messages, _preview, read_rows, split_validation
+from posttrain.data.files import Row, read_rows
+from posttrain.data.prompts import _parse_messages, _preview, split_validation
 from posttrain.errors import PosttrainError
 
 logger = logging.getLogger("posttrain.data")

@@ -37,7 +37,7 @@ import logging
 import torch
 from torch import Tensor
 
-from posttrain.models import logit_kernels
+import posttrain.models.logit_kernels as logit_kernels
 
 logger = logging.getLogger("posttrain.models")
 

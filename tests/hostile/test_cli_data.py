@@ -10,7 +10,7 @@ import pytest
 
 from helpers import make_tokenizer, save_tiny_model
 from posttrain.config.schema import ModelConfig
-from posttrain.data.prompts import MAX_ROW_BYTES
+from posttrain.data.files import MAX_ROW_BYTES
 from posttrain.data.sft import Conversation, tokenize_conversations
 
 from hostile.cli_helpers import assert_one_clean_line, run_cli, sft_args, write_chats
