@@ -16,7 +16,8 @@ from posttrain.config.loader import config_to_yaml, load_config
 from posttrain.config.reference import format_options_help
 from posttrain.config.commands import SCHEMAS
 from posttrain.errors import (
-    EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, ConfigError, PosttrainError, describe_os_error,
+    EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, ConfigError, PosttrainError, Terminated,
+    describe_os_error, sigterm_as_interrupt,
 )
 
 EXAMPLES = {"grpo": """\
@@ -60,6 +61,8 @@ exit codes:
        --debug shows the traceback
   {EXIT_CONFIG}    invalid configuration or command line: nothing was started
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C): trainers save a checkpoint of the last whole step first
+  {EXIT_TERMINATED}  stopped by SIGTERM (kill, docker stop, Slurm, Kubernetes): as Ctrl-C; a second SIGTERM
+       ends the process at once
 """
 
 
@@ -120,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--resume", nargs="?", const="", default=None, metavar="PATH",
             help="continue from a checkpoint or run folder (no PATH: the latest checkpoint in trainer.output_dir) "
-            "with the run's saved config.yaml; --config and key=value overrides change it where given",
+            "with the run's saved config.yaml; --config and key=value overrides change it where given. "
+            "--resume auto: the latest complete checkpoint in trainer.output_dir if it has one, else a new run "
+            "there (one command line for every start of a preemptible job)",
         )
     _add_merge_parser(commands)
     _add_serve_parser(commands)
@@ -374,7 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        return _run(argv, debug)
+        with sigterm_as_interrupt():  # SIGTERM raises Terminated, a KeyboardInterrupt: handled as Ctrl-C
+            return _run(argv, debug)
+    except Terminated:
+        # The trainer has said which step it checkpointed; servers have stopped taking requests.
+        print("posttrain: stopped by SIGTERM.", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         # The trainer has said which step it checkpointed (none when interrupted during set-up).
         print("posttrain: interrupted.", file=sys.stderr)
@@ -428,6 +438,8 @@ def _run(argv: list[str], debug: bool) -> int:
         return _view(args)
     schema = SCHEMAS[args.command]
     resume, run_config = args.resume, None
+    if resume == RESUME_AUTO and not os.path.exists(RESUME_AUTO):
+        resume = _resume_auto(load_config(schema, args.config, args.overrides, validate=False).trainer.output_dir)
     if resume == "":
         # Not validated yet: options the saved config holds (data.train_path) may be missing here.
         output_dir = load_config(schema, args.config, args.overrides, validate=False).trainer.output_dir
@@ -482,6 +494,26 @@ def _run(argv: list[str], debug: bool) -> int:
 # those modules import torch, which the CLI imports only once it trains.
 RUN_CONFIG_FILE = "config.yaml"
 RUN_CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+RESUME_AUTO = "auto"
+
+
+def _resume_auto(output_dir: str) -> str | None:
+    """``--resume auto``: the run folder to resume when trainer.output_dir holds a checkpoint, else
+    None (a new run there). The same command line then serves the first start of a preemptible job
+    and every restart (Slurm --requeue, a Kubernetes Job's retries)."""
+    if not output_dir:
+        raise ConfigError("--resume auto needs trainer.output_dir=<run folder>: a fixed folder that every "
+                          "restart of the job finds again.")
+    folder = Path(output_dir)
+    # A checkpoint folder's name, as checkpoint/manager.py lists them; which of them is complete
+    # is decided there (a broken latest one is skipped for the newest complete one).
+    if any((folder / RUN_CHECKPOINTS_SUBDIR).glob("step_*")) or any((folder / RUN_CHECKPOINTS_SUBDIR).glob("adapter_step_*")):
+        return output_dir
+    _setup_console_logging()  # the line must show: it is the only sign that nothing was resumed
+    logging.getLogger("posttrain").info("--resume auto: no checkpoint in %s yet, starting a new run there.", folder)
+    return None
 
 
 def saved_run_config(resume: str) -> Path | None:

@@ -2,20 +2,25 @@
 
 Exit codes of the CLI (``posttrain --help`` and README.md list them): EXIT_CONFIG for an invalid
 configuration (nothing was started), EXIT_RUNTIME for any other failure, EXIT_INTERRUPTED after
-Ctrl-C (the trainer has saved a checkpoint of the last whole step).
+Ctrl-C and EXIT_TERMINATED after SIGTERM (the trainer has saved a checkpoint of the last whole step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
+from typing import Iterator
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell, Slurm and Kubernetes report for a SIGTERM'd process
 
 
 class PosttrainError(Exception):
@@ -24,6 +29,34 @@ class PosttrainError(Exception):
 
 class ConfigError(PosttrainError):
     """An invalid configuration. The CLI prints it and exits with code 2 before any work starts."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what ``kill``, ``docker stop``, Slurm preemption and Kubernetes eviction send. A
+    KeyboardInterrupt, so every path that handles Ctrl-C (finish the weight update, checkpoint the
+    last whole step, stop workers) handles it too; the CLI then exits with EXIT_TERMINATED."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler: the first SIGTERM raises Terminated; from then on SIGTERM has its
+    default action again, so a second one ends the process at once (a scheduler that lost patience,
+    or a user who does not want the checkpoint)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated (see raise_terminated). Only the main thread
+    can install signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _WRITE_HINTS = {

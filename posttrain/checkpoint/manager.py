@@ -18,7 +18,7 @@ and only then renames it to ``step_000010``. A rename within one file system is 
 ``step_*`` folder is either absent or complete; a crash or Ctrl-C (KeyboardInterrupt) during
 the write deletes the temporary folder (or leaves it for the next manager to delete) and
 never touches an existing checkpoint. Replacing an existing step folder takes two renames
-(old aside to ``.old-*``, new into place); SIGINT is deferred across them, and a manager
+(old aside to ``.old-*``, new into place); SIGINT and SIGTERM are deferred across them, and a manager
 finding an ``.old-*`` folder without its ``step_*`` counterpart puts it back.
 """
 
@@ -361,17 +361,25 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def _defer_sigint() -> Iterator[None]:
-    """Hold back Ctrl-C for the few renames of a commit, then deliver it."""
+    """Hold back Ctrl-C and SIGTERM for the few renames of a commit, then deliver the first one
+    as its handler would have (a SIGTERM whose action is the default then ends the process)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
     received: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(*received[0])  # usually signal.default_int_handler: KeyboardInterrupt
-        elif received and previous != signal.SIG_IGN:
-            raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signum, frame = received[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # usually KeyboardInterrupt, or Terminated for SIGTERM
+            elif handler == signal.SIG_DFL and signum == signal.SIGTERM:
+                signal.raise_signal(signum)  # the default action: the process ends now
+            elif handler != signal.SIG_IGN:
+                raise KeyboardInterrupt

@@ -92,8 +92,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def worker_main(specs: EnvSpecs, conn: Connection, parent_pid: int) -> None:
     """Worker process: build every task's environment, then score jobs until told to stop."""
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    # Ctrl-C reaches the whole process group, and so does SIGTERM from Slurm (every process of the
+    # job step) or `kill -- -PGID`; the parent decides when workers stop, after its checkpoint.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
         envs = build_envs(specs)

@@ -48,9 +48,8 @@ def serve(args: argparse.Namespace) -> int:
 
         return serve_proxy(args)
     try:
-        import uvicorn
-
         from posttrain.server.app import create_app
+        from posttrain.server.uvicorn_run import run_until_signal
     except ImportError as exc:
         print(f"posttrain: error: `posttrain serve` needs the serve extra ({exc.name} is missing): "
               "pip install 'posttrain[serve]'", file=sys.stderr)
@@ -82,5 +81,5 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logger.info("serving %s on http://%s:%d (device %s, %s)", args.model, args.host, args.port, device,
                 type(engine).__name__)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    run_until_signal(app, args.host, args.port, log_level="info")  # Ctrl-C/SIGTERM: exit 130/143
     return 0

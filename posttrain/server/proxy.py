@@ -262,7 +262,7 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
 
 def serve_proxy(args: Any) -> int:
     """``posttrain serve --proxy URL --prompt-config NAME [--env NAME] [--dry-run]``."""
-    import uvicorn
+    from posttrain.server.uvicorn_run import run_until_signal
 
     from posttrain.envs.registry import resolve_env_class
     from posttrain.errors import PosttrainError
@@ -282,5 +282,5 @@ def serve_proxy(args: Any) -> int:
                            max_request_bytes=args.max_request_bytes)
     logger.info("prompt proxy on http://%s:%d -> %s (prompt config %s%s)", args.host, args.port,
                 args.proxy or "no backend", prompts.name, ", dry run" if args.dry_run else "")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    run_until_signal(app, args.host, args.port, log_level="info")  # Ctrl-C/SIGTERM: exit 130/143
     return 0

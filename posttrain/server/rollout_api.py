@@ -197,7 +197,7 @@ def create_rollout_api_app(queue: GroupQueue, *, max_request_bytes: int = 64 << 
 
 def run_rollout_api(args: Any) -> int:
     """``posttrain rollout-api``: serve the rollout API with uvicorn until interrupted."""
-    import uvicorn
+    from posttrain.server.uvicorn_run import run_until_signal
 
     try:
         prompts = PromptFeed(args.prompts, args.seed) if args.prompts else None
@@ -210,5 +210,5 @@ def run_rollout_api(args: Any) -> int:
     app = create_rollout_api_app(queue, max_request_bytes=args.max_request_bytes, prompts=prompts)
     logger.info("rollout API on http://%s:%d (queue bound %d groups, max_staleness %d, %d groups restored)",
                 args.host, args.port, args.max_queue_groups, args.max_staleness, len(queue.queued))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run_until_signal(app, args.host, args.port, log_level="warning")  # Ctrl-C/SIGTERM: exit 130/143
     return 0

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from posttrain.checkpoint.rng import seed_everything  # noqa: F401  (the recipes import it from here)
-from posttrain.errors import PosttrainError
+from posttrain.errors import PosttrainError, Terminated
 
 
 def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | None]:
@@ -192,12 +192,16 @@ def log_small_data(rows: int, size: int, budget: int, budget_key: str, what: str
 
 
 def save_on_interrupt(completed: int, start_step: int, save_checkpoint, write) -> None:
-    """Ctrl-C: checkpoint the last whole step, if this process completed any."""
+    """Ctrl-C or SIGTERM (called while handling it): checkpoint the last whole step, if this
+    process completed any."""
+    # SIGTERM usually means a scheduler's grace period is running: say so, and that a second one kills.
+    why = ("stopped by SIGTERM (a second SIGTERM ends the process at once)"
+           if isinstance(sys.exc_info()[1], Terminated) else "interrupted")
     if completed > start_step:
-        write(f"interrupted: saving a checkpoint at the last completed step ({completed})")
+        write(f"{why}: saving a checkpoint at the last completed step ({completed})")
         save_checkpoint()
     else:
-        write("interrupted before a step completed: no new checkpoint to save")
+        write(f"{why} before a step completed: no new checkpoint to save")
 
 
 def resolve_output_dir(output_dir: str, resume_ckpt: Path | None, command: str) -> Path:

@@ -50,6 +50,7 @@ from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_sch
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
     PENDING_ROLLOUTS_FILE, AsyncRollouts, PoolEngine, ReadyBatch, SerializedRewards, load_pending, save_pending, staleness_metrics,
+    token_staleness_metrics,
 )
 from posttrain.cluster import build_replica_pool
 from posttrain.models.loading import autocast_context
@@ -322,7 +323,11 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                                         **staleness_metrics(ready, batch, rollouts, policy_version=step - 1)}
                         producer.publish(step)
                     else:  # the cadence decides whether the engine gets the new weights now (sync/* metrics)
-                        sync_metrics = weight_sync.after_update(step * optimizer_steps_per_step, step)
+                        # Versions count optimizer steps here: the batch is trained from version
+                        # (step - 1) * optimizer_steps_per_step; its tokens carry the engine's.
+                        sync_metrics = {**token_staleness_metrics(rollouts.completions, (step - 1) * optimizer_steps_per_step,
+                                                                  engine_version),
+                                        **weight_sync.after_update(step * optimizer_steps_per_step, step)}
 
                     # ---- metrics
                     num_response_tokens = sum(len(c.token_ids) for c in all_rollouts.completions)
@@ -358,7 +363,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
                 if due(step, cfg.checkpoint.every, cfg.trainer.max_steps):
                     save_checkpoint()
                 if is_distributed() and all_reduce_max(float(guard.pending)):
-                    raise KeyboardInterrupt  # Ctrl-C on any rank: all stop after this same whole step
+                    raise guard.interrupt()  # Ctrl-C/SIGTERM on any rank: all stop after this same whole step
 
             if cfg.validation.at_end and val_prompts and completed > start_step:
                 run_validation(completed)

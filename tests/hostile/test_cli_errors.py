@@ -88,7 +88,7 @@ def test_help_documents_the_exit_codes(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     for line in ("exit codes:", "0    success", "1    runtime error", "2    invalid configuration", "130  interrupted",
-                 "--debug"):
+                 "143  stopped by SIGTERM", "--debug"):
         assert line in out
 
 
@@ -96,4 +96,4 @@ def test_readme_documents_the_exit_codes():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "### Errors and exit codes" in readme and "| 130 |" in readme and "--debug" in readme
+    assert "### Errors and exit codes" in readme and "| 130 |" in readme and "| 143 |" in readme and "--debug" in readme

@@ -132,3 +132,83 @@ def test_interrupt_during_update_finishes_the_step_and_its_metrics(tmp_path, mon
     assert sorted(read_metrics(run_dir)) == [1, 2]
     assert [p.name for p in _checkpoints(run_dir)] == ["step_000002"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_checkpoints_last_whole_step_exits_143_and_resume_auto_continues(tmp_path):
+    """SIGTERM to the whole process group, as Slurm sends it at preemption: the trainer finishes its
+    step, checkpoints it, says so and exits 143; the reward workers ignore it and follow the trainer.
+    The same `--resume auto` command line started the run (no checkpoint yet: a new run) and resumes it."""
+    model_dir = save_tiny_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(model_dir, run_dir, 1000, "checkpoint.every=0", "validation.at_start=false", "--resume", "auto")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO_ROOT), env.get("PYTHONPATH")]))
+    log_path = tmp_path / "output.txt"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "posttrain", *args], cwd=tmp_path, env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_for(lambda: _step_lines(run_dir) >= 2 or proc.poll() is not None, 60, "2 training steps")
+        assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()}"
+        children = _child_pids(proc.pid)
+        assert children, "expected reward worker processes"
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"trainer did not exit after SIGTERM:\n{log_path.read_text()}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    output = log_path.read_text()
+    assert code == 143, output
+    assert "--resume auto: no checkpoint in" in output
+    assert "stopped by SIGTERM (a second SIGTERM ends the process at once): saving a checkpoint" in output
+    assert "posttrain: stopped by SIGTERM." in output
+    assert "Traceback" not in output, output
+
+    checkpoints = _checkpoints(run_dir)
+    assert len(checkpoints) == 1, (checkpoints, output)
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    metrics = read_metrics(run_dir)
+    assert step >= 2 and step in metrics and step == max(metrics), (step, sorted(metrics))
+    _wait_for(lambda: not any(_alive(p) for p in children), 10, f"reward workers {children} to exit")
+
+    resume_args = tiny_run_args(model_dir, run_dir, step + 1, "checkpoint.every=0", "env.num_workers=0",
+                                "--resume", "auto")
+    assert main(resume_args) == 0
+    assert sorted(read_metrics(run_dir))[-2:] == [step, step + 1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the default back
+
+
+def test_sigterm_in_sft_waits_for_the_step_and_exits_143(tmp_path, monkeypatch, capfd):
+    """In-process: SIGTERM while step 2 writes its metrics line (inside the update's deferred block)."""
+    from posttrain.logging.metrics import MetricsLogger
+    from test_sft import sft_args, write_chats
+
+    real_log = MetricsLogger.log
+
+    def log_then_terminate(self, step, metrics, prefix=""):
+        real_log(self, step, metrics, prefix)
+        if step == 2 and "loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_terminate)
+    model_dir = save_tiny_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = sft_args(model_dir, write_chats(tmp_path / "chats.jsonl"), run_dir, 50, "checkpoint.every=0",
+                    "trainer.eval_every=0")
+    assert main(args) == 143
+    captured = capfd.readouterr()
+    assert "SIGTERM: finishing the weight update in progress" in captured.err
+    assert "saving a checkpoint at the last completed step (2)" in captured.out
+    assert [p.name for p in _checkpoints(run_dir)] == ["step_000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_resume_auto_needs_an_output_dir(capsys):
+    assert main(["sft", "data.train_path=x.jsonl", "--resume", "auto"]) == 2
+    assert "--resume auto needs trainer.output_dir" in capsys.readouterr().err
