@@ -33,6 +33,7 @@ from posttrain.algorithms.losses import (
     ppo_clip_loss,
 )
 from posttrain.algorithms.off_policy import (
+    masked_sequence_counts,
     OffPolicyCorrection,
     off_policy_metrics,
     resolved_off_policy_correction,
@@ -82,6 +83,7 @@ __all__ = [
     "informative_groups",
     "kl_penalty",
     "normalize_advantages",
+    "masked_sequence_counts",
     "off_policy_metrics",
     "overlong_penalty",
     "ppo_clip_loss",

@@ -189,6 +189,19 @@ def resolved_off_policy_correction(algo: Any) -> OffPolicyCorrection:
     return OffPolicyCorrection(name, float(cap), float(algo.off_policy_low), float(algo.off_policy_high))
 
 
+def masked_sequence_counts(weights: Tensor, mask: Tensor) -> tuple[int, int, int]:
+    """``(sequences, partly masked, dropped)`` of ``(N, T)`` rows: the rows with a valid token, those
+    where the correction zeroed at least one valid token, and those where it zeroed all of them
+    (``geo_mask`` drops whole sequences; ``icepop`` mostly masks a few tokens of a sequence)."""
+    _check_same_shape(weights=weights, mask=mask)
+    valid = mask.bool()
+    zeroed = valid & (weights.detach() == 0)
+    has_valid = valid.any(dim=-1)
+    num_zeroed, num_valid = zeroed.sum(dim=-1), valid.sum(dim=-1)
+    return (int(has_valid.sum()), int((has_valid & (num_zeroed > 0)).sum()),
+            int((has_valid & (num_zeroed == num_valid)).sum()))
+
+
 def off_policy_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, weights: Tensor) -> dict[str, float]:
     """How off-policy the valid tokens are, and what the correction's ``weights`` did about it.
 
@@ -197,9 +210,11 @@ def off_policy_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: T
     - ``off_policy/is_ratio_mean``, ``_p05``, ``_p50``, ``_p95``, ``_max``: the token ratios
       ``pi_old / pi_b`` (log-ratio clamped as in the corrections).
     - ``off_policy/masked_fraction``: the share of valid tokens whose weight is 0.
+    - ``off_policy/masked_seq_fraction``: the share of sequences (rows with a valid token) with at
+      least one such token; ``off_policy/dropped_seq_fraction``: with all their tokens at weight 0.
     - ``off_policy/weight_mean``: the mean weight over valid tokens.
 
-    Args: ``(N, T)`` tensors (any shape, all the same); ``weights`` from a correction.
+    Args: ``(N, T)`` tensors, a sequence per row (all the same shape); ``weights`` from a correction.
 
     Returns:
         The metrics as floats; empty when no token is valid (there is nothing to describe).
@@ -214,6 +229,7 @@ def off_policy_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: T
     kept = weights.detach().float()[valid]
     # numpy: torch.quantile refuses inputs of more than 2**24 elements, a few steps' worth of tokens.
     p05, p50, p95 = np.quantile(ratio.cpu().numpy(), [0.05, 0.5, 0.95]).tolist()
+    sequences, partly_masked, dropped = masked_sequence_counts(weights, mask)
     return {
         "off_policy/mismatch_kl": kl.mean().item(),
         "off_policy/is_ratio_mean": ratio.mean().item(),
@@ -222,5 +238,7 @@ def off_policy_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: T
         "off_policy/is_ratio_p95": p95,
         "off_policy/is_ratio_max": ratio.max().item(),
         "off_policy/masked_fraction": (kept == 0).float().mean().item(),
+        "off_policy/masked_seq_fraction": partly_masked / sequences,
+        "off_policy/dropped_seq_fraction": dropped / sequences,
         "off_policy/weight_mean": kept.mean().item(),
     }

@@ -7,11 +7,16 @@ each::
     {"step": 10, "version": 9, "engine_version": 9, "group": 0, "index": 1,
      "prompt": "What is 2+3?", "completion": "5", "tokens": ["5", "<|im_end|>"],
      "reward": 1.0, "advantage": 0.87, "finish_reason": "stop", "trainable": true,
-     "rollout_logprobs": [-0.41, -0.02], "trainer_logprobs": [-0.40, -0.02], "entropy": [1.32, 0.11]}
+     "rollout_logprobs": [-0.41, -0.02], "trainer_logprobs": [-0.40, -0.02], "entropy": [1.32, 0.11],
+     "token_versions": [9, 9]}
 
 - ``version``: the policy version (optimizer steps) of the trainer weights the step started with;
   ``engine_version``: the weights the engine generated with (GRPO; lower when sync lags behind).
 - ``rollout_logprobs``: the engine's logprob of each sampled token.
+- ``token_versions``: the policy version of the weights that sampled each token (the engine's
+  ``weight_version``; asynchronous runs count steps, synchronous ones optimizer steps). A
+  completion whose weights changed while it was generated (partial rollouts) holds two or more;
+  null where the engine does not report them (a remote server).
 - ``trainer_logprobs``, ``entropy``: from the first forward pass of the policy update (first
   mini-batch, first epoch, before any optimizer step: the step's starting weights), at the
   sampling temperature; null when the update did not run (PPO's critic warm-up).
@@ -78,6 +83,7 @@ class SampleLog:
                 # After recompute_old_logprobs the engine's logprobs are kept as rollout_logprobs.
                 "rollout_logprobs": s.rollout_logprobs if s.rollout_logprobs is not None else s.old_logprobs,
                 "trainer_logprobs": s.trainer_logprobs, "entropy": s.entropy,
+                "token_versions": _token_versions(completion),
             }
             if s.response_mask is not None:
                 record["response_mask"] = list(s.response_mask)
@@ -86,6 +92,11 @@ class SampleLog:
 
     def write_validation(self, step: int, records: Iterable[dict]) -> None:
         _append(self.output_dir / VALIDATION_SAMPLES_FILE, ({"step": step, **r} for r in records))
+
+
+def _token_versions(completion: Any) -> list[int] | None:
+    versions = getattr(completion, "token_versions", None)
+    return [int(v) for v in versions] if versions is not None else None
 
 
 def token_pieces(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:

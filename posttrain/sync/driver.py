@@ -73,12 +73,23 @@ def resolve_sync_mode(cfg: Any) -> str:
 
 
 class WeightSyncDriver:
-    def __init__(self, mode: WeightSync, cadence: SyncCadence, client: EngineClient | None = None) -> None:
+    def __init__(self, mode: WeightSync, cadence: SyncCadence, client: EngineClient | None = None,
+                 engine: RolloutEngine | None = None) -> None:
         self.mode = mode
         self.cadence = cadence
         self.client = client
-        self.engine_version = cadence.synced_version
+        self.engine = engine
         self.instance_id: str | None = None
+        self._set_engine_version(cadence.synced_version)
+
+    def _set_engine_version(self, version: int) -> None:
+        """The policy version the engine holds. An in-process engine (posttrain's, transformers')
+        stamps every token it samples with its ``weight_version``, so it follows each sync: the
+        tokens then say which weights sampled them, and ``off_policy/staleness_*`` how far behind the
+        trainer those were. A remote engine is told the version with the weights themselves."""
+        self.engine_version = version
+        if self.client is None and hasattr(self.engine, "weight_version"):
+            self.engine.weight_version = version
 
     def start(self, policy_version: int, resumed: bool) -> dict[str, float]:
         """Before the first rollout: connect, and push the weights once to a separate engine (it
@@ -112,7 +123,7 @@ class WeightSyncDriver:
         moved = self.mode.push(policy_version, step)
         seconds = time.perf_counter() - start
         self.cadence.record_sync(policy_version)
-        self.engine_version = policy_version
+        self._set_engine_version(policy_version)
         if reason != "interval":
             logger.info("step %d: weight sync (%s, %s): %.1f MB in %.3fs", step, self.mode.name, reason,
                         moved / 2**20, seconds)
@@ -138,4 +149,4 @@ def build_weight_sync(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, s
         client = EngineClient(cfg.rollout.base_url, cfg.rollout.api_key, cfg.rollout.request_timeout_s)
     mode = SYNC_MODES[mode_name](cfg, model, engine, client)
     cadence = SyncCadence(cfg.sync.interval, cfg.sync.max_staleness, cfg.sync.timeout_s, synced_version=start_version)
-    return WeightSyncDriver(mode, cadence, client)
+    return WeightSyncDriver(mode, cadence, client, engine)

@@ -178,24 +178,34 @@ class AsyncRollouts:
                 self._cond.notify_all()
 
 
-def staleness_metrics(batch: ReadyBatch, trained: Rollouts, generated: Rollouts, policy_version: int) -> dict[str, float]:
-    """``off_policy/*`` of a step trained by ``policy_version``: how many versions its tokens lag
-    (mean over tokens, max, and a histogram of the per-sample worst lag), and the length
-    distribution of trained vs generated completions (with dynamic sampling or masking, a gap
-    there means the kept samples are biased, e.g. towards short ones)."""
+def token_staleness_metrics(completions: list, policy_version: int, default_version: int) -> dict[str, float]:
+    """How many policy versions the tokens of ``completions`` lag behind ``policy_version``, the
+    version that trains on them: ``off_policy/staleness_mean`` (over tokens), ``_max`` (over
+    completions) and ``off_policy/staleness_hist/<lag>`` (the share of completions whose oldest token
+    lags that much). A completion without ``token_versions`` (a remote engine's) counts as
+    ``default_version`` throughout. Synchronous runs log them too (0 while every step syncs)."""
     lags, sample_lags = [], []
-    for c in generated.completions:
-        versions = getattr(c, "token_versions", None) or [batch.admitted_version] * max(len(c.token_ids), 1)
+    for c in completions:
+        versions = getattr(c, "token_versions", None) or [default_version] * max(len(c.token_ids), 1)
         lag = [policy_version - v for v in versions]
         lags.extend(lag)
         sample_lags.append(max(lag))
     out = {
         "off_policy/staleness_mean": float(np.mean(lags)) if lags else 0.0,
         "off_policy/staleness_max": float(max(sample_lags, default=0)),
-        "off_policy/admitted_version": float(batch.admitted_version),
     }
     for lag, count in zip(*np.unique(np.array(sample_lags, dtype=np.int64), return_counts=True)):
         out[f"off_policy/staleness_hist/{int(lag)}"] = count / len(sample_lags)
+    return out
+
+
+def staleness_metrics(batch: ReadyBatch, trained: Rollouts, generated: Rollouts, policy_version: int) -> dict[str, float]:
+    """``off_policy/*`` of a step trained by ``policy_version``: how many versions its tokens lag
+    (``token_staleness_metrics``), the version admitted, and the length distribution of trained vs
+    generated completions (with dynamic sampling or masking, a gap there means the kept samples are
+    biased, e.g. towards short ones)."""
+    out = {**token_staleness_metrics(generated.completions, policy_version, batch.admitted_version),
+           "off_policy/admitted_version": float(batch.admitted_version)}
     for name, rollouts in (("trained", trained), ("generated", generated)):
         lengths = np.array([len(c.token_ids) for c in rollouts.completions] or [0])
         out[f"off_policy/{name}_length_mean"] = float(lengths.mean())

@@ -17,6 +17,7 @@ from posttrain.algorithms import (
     get_advantage_estimator,
     get_policy_loss,
     kl_penalty,
+    masked_sequence_counts,
     off_policy_metrics,
     resolved_off_policy_correction,
 )
@@ -79,7 +80,7 @@ def policy_update(
     # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
     # algorithm.off_policy_correction and the off_policy/* metrics.
     correction = resolved_off_policy_correction(algo)
-    step_metrics = _off_policy_step_metrics(samples, correction) if samples[0].rollout_logprobs is not None else {}
+    step_metrics = _off_policy_step_metrics(samples, correction)
     # REINFORCE++ puts the KL into the reward; it is then logged but not added to the loss again.
     kl_in_loss = not folds_kl_into_reward(get_advantage_estimator(algo.advantage))
     # Metrics are summed on the device and read once at the end: a read per micro-batch would make
@@ -196,14 +197,28 @@ def policy_update(
 def _off_policy_step_metrics(samples: list[Sample], correction: OffPolicyCorrection) -> dict[str, float]:
     """``off_policy_metrics`` over every trained token of the step, on all ranks. Computed once from
     the samples (old and behaviour logprobs do not change during the update); quantiles need every
-    token, so ranks gather their valid tokens' (old, behaviour, weight) values."""
+    token, so ranks gather their valid tokens' (old, behaviour, weight) values, and the counts of
+    masked sequences.
+
+    Logged by every run: samples whose old logprobs were not recomputed (``rollout.backend=hf``,
+    whose logprobs are the trainer's own forward pass, or ``rollout.recompute_logprobs=false``) use
+    the engine's logprobs as the old policy, so their behaviour policy is the old one: ratio 1,
+    mismatch 0, nothing masked, which is what the metrics then say."""
     width = max(len(s.response_ids) for s in samples)
     mask = token_masks(samples, width) * torch.tensor([[float(s.trainable)] for s in samples])
     old = pad_rows([s.old_logprobs for s in samples], width, "cpu")
-    behaviour = pad_rows([s.rollout_logprobs for s in samples], width, "cpu")
+    behaviour = pad_rows([s.rollout_logprobs if s.rollout_logprobs is not None else s.old_logprobs for s in samples],
+                         width, "cpu")
     weights = correction.weights(old, behaviour, mask)
     valid = mask.bool()
-    # Only valid tokens travel; every metric is a per-token statistic, so one flat row is exact.
-    local = torch.stack([old[valid], behaviour[valid], weights[valid]]).numpy()
-    tokens = torch.from_numpy(np.concatenate(all_gather_objects(local), axis=1))
-    return off_policy_metrics(tokens[0:1], tokens[1:2], torch.ones_like(tokens[0:1]), tokens[2:3])
+    # Only valid tokens travel: the token metrics are per-token statistics, so one flat row is exact;
+    # the sequence fractions come from each rank's counts.
+    local = (torch.stack([old[valid], behaviour[valid], weights[valid]]).numpy(), masked_sequence_counts(weights, mask))
+    gathered = all_gather_objects(local)
+    tokens = torch.from_numpy(np.concatenate([g[0] for g in gathered], axis=1))
+    metrics = off_policy_metrics(tokens[0:1], tokens[1:2], torch.ones_like(tokens[0:1]), tokens[2:3])
+    sequences, partly_masked, dropped = (sum(g[1][i] for g in gathered) for i in range(3))
+    if metrics:
+        metrics["off_policy/masked_seq_fraction"] = partly_masked / sequences
+        metrics["off_policy/dropped_seq_fraction"] = dropped / sequences
+    return metrics

@@ -14,6 +14,7 @@ from helpers import make_tiny_llama, make_tokenizer
 from posttrain.algorithms import (
     OFF_POLICY_CORRECTIONS,
     get_off_policy_correction,
+    masked_sequence_counts,
     off_policy_metrics,
     resolved_off_policy_correction,
 )
@@ -120,7 +121,21 @@ def test_metrics_by_hand():
     # icepop [0.5, 2] drops the ratios 0.25 and 4: 2 of 5 valid tokens.
     assert metrics["off_policy/masked_fraction"] == pytest.approx(0.4)
     assert metrics["off_policy/weight_mean"] == pytest.approx(0.6)
+    # Sequences: rows 0 and 1 (row 2 has no valid token); each lost one token, none lost all.
+    assert metrics["off_policy/masked_seq_fraction"] == 1.0
+    assert metrics["off_policy/dropped_seq_fraction"] == 0.0
     assert off_policy_metrics(old, behaviour, torch.zeros(3, 3), torch.zeros(3, 3)) == {}
+
+
+def test_sequence_fractions_of_geo_mask_by_hand():
+    old, behaviour, mask = _inputs()
+    # Geometric means 0.721 (row 0) and 1.549 (row 1): [0.75, 2] drops row 0 whole.
+    metrics = off_policy_metrics(old, behaviour, mask, _weights("geo_mask", low=0.75, high=2.0))
+    assert metrics["off_policy/masked_seq_fraction"] == 0.5
+    assert metrics["off_policy/dropped_seq_fraction"] == 0.5
+    assert metrics["off_policy/masked_fraction"] == pytest.approx(3 / 5)
+    assert masked_sequence_counts(_weights("geo_mask", low=0.75, high=2.0), mask) == (2, 1, 1)
+    assert masked_sequence_counts(_weights("none"), mask) == (2, 0, 0)
 
 
 # ---------------------------------------------------------------- config
@@ -230,6 +245,7 @@ def test_icepop_drops_the_gradient_of_a_token_with_a_huge_ratio(monkeypatch):
 
     num_tokens = sum(len(s.response_ids) for s in _samples())
     assert metrics["off_policy/masked_fraction"] == pytest.approx(1 / num_tokens)  # noise stays inside [0.5, 2]
+    assert metrics["off_policy/masked_seq_fraction"] == 0.25 and metrics["off_policy/dropped_seq_fraction"] == 0.0
     assert metrics["off_policy/is_ratio_max"] == pytest.approx(math.exp(10.0), rel=1e-4)
     assert metrics["actor/is_weight"] == pytest.approx(1 - 1 / num_tokens)
     # With 'none' the mismatch is still measured, and nothing is masked.
@@ -249,3 +265,16 @@ def test_is_correction_cap_is_tis_token(monkeypatch):
     assert m_named["off_policy/is_ratio_max"] > 1.5 and m_named["actor/is_weight"] < m_named["off_policy/is_ratio_mean"]
     none, _ = _update(_samples(shift=0.5), monkeypatch=monkeypatch)
     assert (none - named).norm() > 0.01 * none.norm()
+
+
+def test_samples_without_rollout_logprobs_still_log_the_metrics(monkeypatch):
+    """rollout.backend=hf (or recompute_logprobs=false): the engine's logprobs are the old policy,
+    so the behaviour policy is the old one and the metrics say so: ratio 1, no mismatch, nothing masked."""
+    samples = _samples()
+    for s in samples:
+        s.rollout_logprobs = None
+    _, metrics = _update(samples, "algorithm.off_policy_correction=none", monkeypatch=monkeypatch)
+    assert metrics["off_policy/mismatch_kl"] == 0.0
+    for q in ("p05", "p50", "p95", "max", "mean"):
+        assert metrics[f"off_policy/is_ratio_{q}"] == 1.0
+    assert metrics["off_policy/masked_fraction"] == metrics["off_policy/masked_seq_fraction"] == 0.0

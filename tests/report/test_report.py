@@ -63,6 +63,8 @@ def test_samples_jsonl_holds_per_token_values_of_the_trained_batch(run_dir):
         assert n == len(s["rollout_logprobs"]) == len(s["trainer_logprobs"]) == len(s["entropy"]) > 0
         # 2 optimizer steps per step (batch 8 / mini-batch 4): the weights the step started with.
         assert s["version"] == s["engine_version"] == 2 * (s["step"] - 1)
+        # Every token records the weights that sampled it: the engine's version follows each sync.
+        assert s["token_versions"] == [s["engine_version"]] * n
         assert s["group"] == 0 and s["index"] in range(4)
         # Same weights, float32 on CPU: the trainer's logprobs equal the engine's up to rounding.
         assert max(abs(a - b) for a, b in zip(s["rollout_logprobs"], s["trainer_logprobs"])) < 1e-3
@@ -71,6 +73,13 @@ def test_samples_jsonl_holds_per_token_values_of_the_trained_batch(run_dir):
     # Group-relative advantages of one group sum to zero.
     for step in (1, 2, 3):
         assert abs(sum(s["advantage"] for s in samples if s["step"] == step)) < 1e-4
+
+    # A synchronous run that syncs every step logs its staleness (0) and the off-policy metrics.
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        if "reward/mean" in record:
+            assert record["off_policy/staleness_mean"] == record["off_policy/staleness_max"] == 0.0
+            assert record["off_policy/staleness_hist/0"] == 1.0
+            assert 0 <= record["off_policy/mismatch_kl"] < 1e-4 and record["off_policy/masked_fraction"] == 0.0
 
     validation = read_jsonl(run_dir / "validation_samples.jsonl")
     assert sorted({v["step"] for v in validation}) == [0, 2, 3]

@@ -14,6 +14,7 @@ from posttrain.config.schema import LoRAConfig  # noqa: E402
 from posttrain.models.lora import apply_lora  # noqa: E402
 from posttrain.models.weights import weights_checksum  # noqa: E402
 from posttrain.rollout.hf_engine import HFEngine  # noqa: E402
+from posttrain.sampling import SamplingParams  # noqa: E402
 from posttrain.server.app import create_app  # noqa: E402
 from posttrain.sync import SyncCadence, SyncError, WeightSyncDriver  # noqa: E402
 from posttrain.sync.broadcast import BroadcastSync  # noqa: E402
@@ -45,6 +46,21 @@ def test_shared_moves_nothing_and_the_engine_reads_the_trainer_parameters(tok):
     with torch.no_grad():
         model.model.norm.weight.mul_(2)  # an optimizer step is visible to the engine at once
     assert engine.model.model.norm.weight.data_ptr() == model.model.norm.weight.data_ptr()
+
+
+def test_the_driver_stamps_an_in_process_engine_with_the_version_it_synced(tok):
+    """Every weight update the driver makes moves the engine's weight_version (which each sampled
+    token records) to the trainer's policy version; skipped updates leave it behind."""
+    model = make_tiny_llama(tok)
+    engine = HFEngine(model, tok)
+    driver = WeightSyncDriver(SharedSync(engine), SyncCadence(interval=2, synced_version=4), engine=engine)
+    assert engine.weight_version == driver.engine_version == 4
+    assert driver.after_update(5, step=5)["sync/staleness"] == 1.0  # interval 2: not yet
+    assert engine.weight_version == 4
+    driver.after_update(6, step=6)
+    assert engine.weight_version == driver.engine_version == 6
+    [[c]] = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert c.token_versions == [6, 6, 6]
 
 
 def test_broadcast_over_gloo_in_buckets(served, tok):

@@ -12,7 +12,9 @@ import torch
 from posttrain.data.sampler import EpochSampler
 from posttrain.errors import PosttrainError
 from posttrain.sampling import Completion
-from posttrain.trainer.async_rollouts import AsyncRollouts, ReadyBatch, load_pending, save_pending, staleness_metrics
+from posttrain.trainer.async_rollouts import (
+    AsyncRollouts, ReadyBatch, load_pending, save_pending, staleness_metrics, token_staleness_metrics,
+)
 from posttrain.trainer.rollouts import Rollouts
 
 
@@ -146,3 +148,16 @@ def test_staleness_metrics_count_token_versions():
     assert m["off_policy/staleness_hist/2"] == pytest.approx(1 / 3)
     assert m["off_policy/trained_length_mean"] == 2.0
     assert m["off_policy/generated_length_mean"] == pytest.approx(7 / 3)
+
+
+def test_token_staleness_without_versions_counts_the_default_version():
+    """A remote engine reports no per-token versions: its completions count as the version the
+    trainer last synced; a synchronous step that synced every time is 0 versions behind."""
+    completions = fake_rollouts([2, 3], versions=[None, [6, 6, 8]]).completions
+    m = token_staleness_metrics(completions, policy_version=8, default_version=4)
+    assert m["off_policy/staleness_mean"] == pytest.approx((4 + 4 + 2 + 2 + 0) / 5)
+    assert m["off_policy/staleness_max"] == 4
+    assert m["off_policy/staleness_hist/4"] == m["off_policy/staleness_hist/2"] == 0.5
+    on_policy = token_staleness_metrics(fake_rollouts([3], versions=[[8, 8, 8]]).completions, 8, 8)
+    assert on_policy == {"off_policy/staleness_mean": 0.0, "off_policy/staleness_max": 0.0,
+                         "off_policy/staleness_hist/0": 1.0}
