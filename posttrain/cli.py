@@ -484,6 +484,9 @@ def _run(argv: list[str], debug: bool) -> int:
             undo_failed_resume()  # a resume that never saved a checkpoint leaves config.yaml as it was
         raise
     finally:
+        from posttrain.trainer.run_lock import release_run_folder
+
+        release_run_folder()  # another run may use the folder now (the lock dies with the process anyway)
         _leave_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {output_dir}")

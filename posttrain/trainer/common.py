@@ -22,6 +22,7 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
     from posttrain.config.loader import config_to_yaml
 
     from posttrain.distributed import broadcast_object, is_main_process
+    from posttrain.trainer.run_lock import lock_run_folder
 
     _remember_resumed_run(None)  # forget an earlier run of this process
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
@@ -33,6 +34,7 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
         except (FileExistsError, NotADirectoryError):
             raise PosttrainError(f"Cannot create the run folder '{output_dir}': it or a folder above it is a file. "
                                  "Set trainer.output_dir to a folder path.") from None
+        lock_run_folder(output_dir)  # before anything is written there: a second run stops here (exit 2)
         log_to_file(output_dir / "train.log")
         if resume_ckpt is not None:
             _remember_resumed_run(output_dir)
