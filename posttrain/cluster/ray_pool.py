@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from posttrain.cluster.ray_cluster import death_report, import_ray, init_ray
-from posttrain.errors import ConfigError
-from posttrain.models.weights import iter_weight_buckets
-from posttrain.sampling import Completion, SamplingParams
 from posttrain.cluster.replicas import EngineReplica, ReplicaError, split_contiguous, unwrap_policy
+from posttrain.errors import ConfigError
+from posttrain.models.weights import iter_weight_buckets, weights_checksum
+from posttrain.sampling import Completion, SamplingParams
 from posttrain.sync.base import dtype_name, transfer_dir, wire_dtype
 from posttrain.sync.broadcast import WeightGroup, master_store
 from posttrain.sync.checkpoint import WEIGHTS_FILE, StagingBuffer, save_weights, weights_nbytes
@@ -124,8 +124,6 @@ class EngineReplicaActor:
         return version
 
     def weights_checksum(self) -> str:
-        from posttrain.models.weights import weights_checksum
-
         return weights_checksum(self.replica.model)
 
     def close_group(self) -> None:

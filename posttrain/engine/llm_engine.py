@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from typing import Any, Callable, Sequence as Seq
+from typing import Any, Callable
+from typing import Sequence as Seq
 
 import torch
 
@@ -21,6 +22,8 @@ from posttrain.engine.scheduler import Scheduler
 from posttrain.engine.sequence import Sequence, SequenceSampling, SequenceStatus
 from posttrain.errors import PosttrainError
 from posttrain.models.loading import autocast_context
+from posttrain.models.lora import hot_swap_adapter
+from posttrain.models.weights import load_named_tensors
 from posttrain.sampling import Completion, SamplingParams, eos_token_ids, stop_string_end, tail_has_stop
 
 logger = logging.getLogger("posttrain.engine")
@@ -105,8 +108,6 @@ class Engine:
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
         if named_tensors:
-            from posttrain.models.weights import load_named_tensors
-
             if self._fp32_params:  # mid-generate under cpu_dtype=bfloat16: update the fp32 masters, then recast
                 for p, data in self._fp32_params:
                     p.data = data
@@ -218,8 +219,6 @@ class Engine:
         """Apply the peft adapter saved in ``adapter_dir`` without a restart. The first adapter
         changes the model's modules (peft wraps its linear layers), so the decode graphs are
         captured again; later ones are copied in place and only drop cached prefixes."""
-        from posttrain.models.lora import hot_swap_adapter
-
         self.model, modules_changed = hot_swap_adapter(self.model, adapter_dir)
         if modules_changed:
             self.parameters_moved()

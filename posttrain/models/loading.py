@@ -18,6 +18,7 @@ from posttrain.checkpoint.validate import validate_model_folder
 from posttrain.config.schema import ModelConfig, MoEConfig
 from posttrain.errors import PosttrainError
 from posttrain.models.lora import apply_lora, is_adapter_checkpoint, load_adapter, lora_enabled
+from posttrain.models.moe import build_random_moe_model
 
 logger = logging.getLogger("posttrain.models")
 
@@ -241,8 +242,6 @@ def load_model_and_tokenizer(
     weights = source if source is not None and adapter_dir is None else model_source(cfg)
     tokenizer = load_tokenizer(source or weights, cfg)  # an adapter checkpoint saves its tokenizer too
     if source is None and moe is not None and moe.random_init.family:
-        from posttrain.models.moe import build_random_moe_model
-
         model = _ready_for_training(build_random_moe_model(moe, tokenizer, cfg.attn_implementation), cfg, device)
     else:
         model = load_model(weights, cfg, device)

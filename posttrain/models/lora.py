@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.checkpoint.manager import ADAPTER_STEP_PREFIX, STEP_PREFIX
 from posttrain.config.schema import LoRAConfig, ModelConfig
 from posttrain.errors import PosttrainError
 
@@ -152,6 +153,4 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
 
 def checkpoint_prefix(model: torch.nn.Module) -> str:
     """Checkpoint folder prefix for ``model``: ``adapter_step`` for a LoRA (peft) model, else ``step``."""
-    from posttrain.checkpoint.manager import ADAPTER_STEP_PREFIX, STEP_PREFIX
-
     return ADAPTER_STEP_PREFIX if is_peft_model(model) else STEP_PREFIX

@@ -7,7 +7,11 @@ from typing import Any
 
 import torch
 
+from posttrain.engine import Engine
+from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
 from posttrain.models.loading import autocast_context
+from posttrain.rollout.hf_engine import HFEngine
+from posttrain.rollout.openai_engine import OpenAIEngine
 from posttrain.sampling import RolloutEngine, eos_token_ids
 
 logger = logging.getLogger("posttrain.rollout")
@@ -20,8 +24,6 @@ def build_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype
     requests to ``cfg.rollout.base_url`` and gets new weights through ``cfg.sync``."""
     backend = cfg.rollout.backend
     if backend == "engine":
-        from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
-
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         sharded = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         if sharded:
@@ -35,13 +37,9 @@ def build_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype
                            ", ".join(SUPPORTED_MODEL_TYPES), model_type)
         backend = "hf"
     if backend == "hf":
-        from posttrain.rollout.hf_engine import HFEngine
-
         return HFEngine(model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size,
                         compute_dtype=compute_dtype)
     if backend == "openai":
-        from posttrain.rollout.openai_engine import OpenAIEngine
-
         r = cfg.rollout
         device = next(model.parameters()).device
         return OpenAIEngine(r.base_url, tokenizer, api_key=r.api_key, model_name=r.model_name,
@@ -65,8 +63,6 @@ def engine_max_model_len(cfg: Any, model: torch.nn.Module) -> int:
 
 
 def build_posttrain_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype) -> RolloutEngine:
-    from posttrain.engine import Engine
-
     e = cfg.rollout.engine
     return Engine(
         model, tokenizer, max_model_len=engine_max_model_len(cfg, model), compute_dtype=compute_dtype,

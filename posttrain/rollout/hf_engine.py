@@ -15,8 +15,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from posttrain.models.loading import autocast_context
-from posttrain.models.weights import load_named_tensors
 from posttrain.models.logprobs import make_token_batch, response_logprobs
+from posttrain.models.lora import hot_swap_adapter
+from posttrain.models.weights import load_named_tensors
 from posttrain.sampling import Completion, SamplingParams, eos_token_ids, stop_string_end
 
 SCORE_CHUNK_ROWS = 16
@@ -61,8 +62,6 @@ class HFEngine:
 
     def load_lora_adapter(self, adapter_dir: str) -> None:
         """Apply the peft adapter saved in ``adapter_dir`` without a restart (see hot_swap_adapter)."""
-        from posttrain.models.lora import hot_swap_adapter
-
         self.model, _ = hot_swap_adapter(self.model, adapter_dir)
 
     @torch.no_grad()

@@ -29,8 +29,10 @@ from pydantic import ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from posttrain.envs.base import Environment
+from posttrain.envs.registry import resolve_env_class
+from posttrain.errors import PosttrainError
+from posttrain.server.prompt_config import PromptConfig, load_prompt_config
 from posttrain.server.protocol import APIError, _Strict, install_error_handlers, read_json
-from posttrain.server.prompt_config import PromptConfig
 
 logger = logging.getLogger("posttrain.proxy")
 
@@ -263,10 +265,6 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
 def serve_proxy(args: Any) -> int:
     """``posttrain serve --proxy URL --prompt-config NAME [--env NAME] [--dry-run]``."""
     from posttrain.server.uvicorn_run import run_until_signal
-
-    from posttrain.envs.registry import resolve_env_class
-    from posttrain.errors import PosttrainError
-    from posttrain.server.prompt_config import load_prompt_config
 
     try:
         if not args.prompt_config:

@@ -18,21 +18,21 @@ import torch
 
 from posttrain.sampling import RolloutEngine
 from posttrain.sync.base import WeightSync, wire_dtype
+from posttrain.sync.broadcast import BroadcastSync
 from posttrain.sync.cadence import SyncCadence
+from posttrain.sync.checkpoint import CheckpointSync
 from posttrain.sync.client import EngineClient
+from posttrain.sync.lora import LoraSync
+from posttrain.sync.shared import SharedSync
 
 logger = logging.getLogger("posttrain.sync")
 
 
 def _shared(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    from posttrain.sync.shared import SharedSync
-
     return SharedSync(engine, model, client)  # client None: the engine is in this process
 
 
 def _broadcast(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    from posttrain.sync.broadcast import BroadcastSync
-
     s = cfg.sync
     return BroadcastSync(model, _need(client), master_address=s.master_address, master_port=s.master_port,
                          backend=s.backend, bucket_mb=s.bucket_mb, dtype=wire_dtype(s.dtype),
@@ -40,14 +40,10 @@ def _broadcast(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: 
 
 
 def _checkpoint(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    from posttrain.sync.checkpoint import CheckpointSync
-
     return CheckpointSync(model, _need(client), cfg.sync.checkpoint_dir, wire_dtype(cfg.sync.dtype))
 
 
 def _lora(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    from posttrain.sync.lora import LoraSync
-
     return LoraSync(model, _need(client), cfg.sync.checkpoint_dir)
 
 

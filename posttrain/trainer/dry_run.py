@@ -24,9 +24,26 @@ import torch.nn.functional as F
 
 from posttrain.algorithms import resolved_off_policy_correction
 from posttrain.config.schema import LoRAConfig, ModelConfig
+from posttrain.data.chat import encode_prompts
+from posttrain.data.packing import TokenBudgetBatcher
+from posttrain.data.preference import load_preference_examples, tokenize_pairs
+from posttrain.data.prompts import load_prompt_data
+from posttrain.data.sampler import EpochSampler
+from posttrain.data.sft import load_sft_conversations, tokenize_conversations
+from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.models.loading import (
-    autocast_context, load_model_and_tokenizer, load_tokenizer, model_source, resolve_compute_dtype, resolve_device,
+    autocast_context,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    model_source,
+    resolve_compute_dtype,
+    resolve_device,
 )
+from posttrain.models.lora import apply_lora
+from posttrain.models.value_model import ValueModel
+from posttrain.rollout.builder import build_engine, engine_max_model_len
+from posttrain.sampling import SamplingParams
+from posttrain.trainer.memory import prepare_for_training
 
 GiB = 2**30
 # Generation work per GRPO/PPO step above which a CPU step takes minutes (the trainers warn at the same size).
@@ -74,14 +91,10 @@ def meta_model_shape(model_cfg: ModelConfig, critic: bool = False) -> ModelShape
     ``critic``: the PPO value model instead (the transformer without its LM head, plus a value head)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from posttrain.models.lora import apply_lora
-
     config = AutoConfig.from_pretrained(model_source(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     if critic:
-        from posttrain.models.value_model import ValueModel
-
         model = ValueModel(model.base_model)
     elif model_cfg.lora.r > 0:
         model = apply_lora(model, model_cfg.lora)
@@ -199,8 +212,6 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
         return 0
     model, tokenizer = load_model_and_tokenizer(cfg.model, device)
     if rl:
-        from posttrain.trainer.memory import prepare_for_training
-
         model = prepare_for_training(model, cfg.trainer, device, compute_dtype)
     lines = []
     generation = None
@@ -290,8 +301,6 @@ def _kv_cache_lines(cfg: Any, policy: ModelShape, plan: StepPlan, device: torch.
                     param_dtype: torch.dtype) -> tuple[list[str], float]:
     """The KV cache's lines and one step's KV bytes with this data's prompt lengths. The dtype is the
     engine's (model_runner.py): the compute dtype on a GPU, the weights' dtype during generation on a CPU."""
-    from posttrain.rollout.builder import engine_max_model_len
-
     r, e = cfg.rollout, cfg.rollout.engine
     if device.type == "cuda":
         dtype = compute_dtype
@@ -397,10 +406,6 @@ def _settings(command: str, cfg: Any, device: torch.device, compute_dtype: torch
 
 
 def _rl_plan(cfg: Any, tokenizer: Any) -> StepPlan:
-    from posttrain.data.prompts import load_prompt_data
-    from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
-    from posttrain.data.chat import encode_prompts
-
     r, a, t, v = cfg.rollout, cfg.algorithm, cfg.trainer, cfg.validation
     # The trainers' first checks: an environment that does not import, or rows it cannot score, fail here too.
     env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))
@@ -432,8 +437,6 @@ def _rl_plan(cfg: Any, tokenizer: Any) -> StepPlan:
 
 
 def _sft_plan(cfg: Any, tokenizer: Any) -> StepPlan:
-    from posttrain.data.sft import load_sft_conversations, tokenize_conversations
-
     t = cfg.trainer
     train, val = load_sft_conversations(cfg.data, cfg.seed)
     examples = tokenize_conversations(train[:PROMPT_SAMPLE], tokenizer, cfg.model, cfg.data.max_seq_len)
@@ -454,8 +457,6 @@ def _sft_plan(cfg: Any, tokenizer: Any) -> StepPlan:
 def _sft_steps(cfg: Any, lengths: list[int], num_rows: int) -> int:
     """The steps of trainer.num_epochs, as the SFT recipe counts them: exactly (its batcher) when
     every row was tokenized, else from the mean length of the rows that were."""
-    from posttrain.data.packing import TokenBudgetBatcher
-
     t = cfg.trainer
     if len(lengths) == num_rows:
         return TokenBudgetBatcher(lengths, t.batch_tokens, cfg.seed, cfg.data.shuffle,
@@ -469,9 +470,6 @@ def _sft_steps(cfg: Any, lengths: list[int], num_rows: int) -> int:
 
 
 def _dpo_plan(cfg: Any, tokenizer: Any) -> StepPlan:
-    from posttrain.data.preference import load_preference_examples, tokenize_pairs
-    from posttrain.data.sampler import EpochSampler
-
     d, t = cfg.data, cfg.trainer
     train, val = load_preference_examples(d, cfg.seed)
     pairs = tokenize_pairs(train[:PROMPT_SAMPLE], tokenizer, use_chat_template=cfg.model.use_chat_template,
@@ -503,9 +501,6 @@ def _time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_d
     run's own engine, generating 1 + DECODE_STEPS tokens (EOS ignored) after a warm-up. posttrain's
     engine is timed step by step (prefill steps, then the median decode step); the hf backend by
     the difference between a 1-token and a longer generation."""
-    from posttrain.sampling import SamplingParams
-    from posttrain.rollout.builder import build_engine
-
     r = cfg.rollout
     device = next(model.parameters()).device
     sequences = min(r.batch_size, r.engine.max_num_seqs) if r.backend == "engine" else r.batch_size
