@@ -67,6 +67,15 @@ PANELS: tuple[Panel, ...] = (
                                                              "rollout/logprob_mismatch_max",
                                                              "actor/rollout_logprob_diff"), "|logprob difference|",
           log_y=True),
+    # algorithm.off_policy_correction: how far the engine's samples are from the trainer's policy
+    # (ratio pi_old / pi_engine per token, k3 KL) and what the correction masked. Every GRPO/PPO run
+    # logs them (ratio 1 where the engine's logprobs are the old ones). See docs/off_policy.md.
+    Panel("off_policy_ratio", "Off-policy: importance ratio trainer / engine", (
+        "off_policy/is_ratio_p05", "off_policy/is_ratio_p50", "off_policy/is_ratio_p95", "off_policy/is_ratio_max"),
+        "pi_old / pi_engine per token", log_y=True),
+    Panel("off_policy", "Off-policy: mismatch and masking", (
+        "off_policy/mismatch_kl", "off_policy/masked_fraction", "off_policy/masked_seq_fraction",
+        "off_policy/dropped_seq_fraction"), "k3 KL (nats / token); fraction"),
     Panel("moe_expert_load", "MoE expert load", ("moe/*",), "load"),
     Panel("lr", "Learning rate", ("lr", "critic/lr"), "lr"),
 )
