@@ -129,7 +129,8 @@ class OpenAIEngine:
         out = self._post("/generate", {"input_ids": prompt, "sampling_params": sampling})
         outputs = out if isinstance(out, list) else [out]
         return [Completion(prompt_token_ids=prompt, token_ids=list(o["output_ids"]), text=o["text"],
-                           logprobs=list(o["logprobs"] or []), finish_reason=o["finish_reason"]) for o in outputs]
+                           logprobs=list(o["logprobs"] or []), finish_reason=o["finish_reason"],
+                           token_versions=_token_versions(o)) for o in outputs]
 
     def _generate_completions(self, prompt: list[int], params: SamplingParams, seed: int | None) -> list[Completion]:
         body: dict[str, Any] = {"model": self.model_name, "prompt": prompt, "n": params.n,
@@ -172,3 +173,12 @@ class OpenAIEngine:
                                "algorithm.is_correction_cap > 0 to recompute old logprobs in the trainer)", self.base_url)
                 self._warned_eos = True
         return Completion(prompt_token_ids=prompt, token_ids=ids, text=text, logprobs=logprobs, finish_reason=finish)
+
+
+def _token_versions(output: dict[str, Any]) -> list[int] | None:
+    """The per-token weight versions `posttrain serve` reports in ``meta_info`` (None from servers
+    that do not, or do not for every token: the trainer then counts the version it last synced)."""
+    versions = (output.get("meta_info") or {}).get("token_versions")
+    if not isinstance(versions, list) or len(versions) != len(output["output_ids"]):
+        return None
+    return [int(v) for v in versions]

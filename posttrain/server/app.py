@@ -590,11 +590,15 @@ def create_app(
         )
         prompt = server.check_prompt(list(req.input_ids), "input_ids")
         [group] = await server.generate([prompt], params)
+        # meta_info as SGLang's: weight_version is the label of the weights loaded when the answer
+        # left; token_versions (posttrain's) the integer version that sampled each output token, which
+        # changes inside a completion when weights are updated between two decode steps.
         outputs = [
             {"output_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs if sp.logprobs else None,
              "finish_reason": c.finish_reason,
              "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(c.token_ids),
-                       "total_tokens": len(prompt) + len(c.token_ids)}}
+                       "total_tokens": len(prompt) + len(c.token_ids)},
+             "meta_info": {"weight_version": receiver.weight_version, "token_versions": c.token_versions}}
             for c in group
         ]
         return outputs[0] if params.n == 1 else outputs

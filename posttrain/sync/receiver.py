@@ -39,6 +39,7 @@ class WeightReceiver:
         self._join_ids = 0
         self._lock = threading.Lock()  # groups and _joining change on the group thread, are read by others
         self.weight_version = INITIAL_VERSION
+        self._labelled_updates = 0
         self.instance_id = uuid.uuid4().hex  # a restarted server has a new one: the trainer then re-syncs
 
     @property
@@ -47,8 +48,17 @@ class WeightReceiver:
         return torch.device(device) if device is not None else torch.device("cpu")
 
     def _set_version(self, version: str | None) -> None:
-        if version is not None:
-            self.weight_version = version
+        """After an update that carried ``weight_version`` (SGLang's label; a broadcast sends it with
+        its last bucket, once all the weights are in). The engine stamps every token it samples with
+        its integer ``weight_version``, which ``/generate`` reports per token: a numeric label is used
+        as it is (posttrain's trainer sends its policy version), any other label counts labelled
+        updates (1, 2, ...). An update without a label leaves both as they were."""
+        if version is None:
+            return
+        self.weight_version = version
+        self._labelled_updates += 1
+        if hasattr(self.engine, "weight_version"):
+            self.engine.weight_version = int(version) if _is_integer(version) else self._labelled_updates
 
     # -- broadcast ------------------------------------------------------------------------------
 
@@ -206,3 +216,11 @@ class WeightReceiver:
 
     def info(self) -> dict[str, Any]:
         return {"weight_version": self.weight_version, "instance_id": self.instance_id}
+
+
+def _is_integer(label: str) -> bool:
+    try:
+        int(label)
+    except ValueError:
+        return False
+    return True

@@ -163,7 +163,9 @@ def test_weight_update_runs_between_steps_on_the_loop_thread(tmp_path):
 
     engine.runner.run = stop_mid_request
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
-        assert http.post("/generate", json=_body(prompt)).json()["output_ids"] == before
+        first = http.post("/generate", json=_body(prompt)).json()
+        assert first["output_ids"] == before
+        assert first["meta_info"] == {"weight_version": "initial", "token_versions": [0] * len(before)}
         engine._next_request = 9  # the long request's id, for the spy
         results, threads = _post_in_threads(url, [_body(PROMPTS[1], max_new_tokens=30)])
         assert reached.wait(30)
@@ -173,6 +175,13 @@ def test_weight_update_runs_between_steps_on_the_loop_thread(tmp_path):
         assert http.post("/continue_generation").status_code == 200
         threads[0].join(60)
         assert results[0].status_code == 200
+        # Per-token versions show the switch: the prefill's token and the first decode step's came
+        # from the initial weights, every later one from version 2.
+        long = results[0].json()
+        versions = long["meta_info"]["token_versions"]
+        assert len(versions) == len(long["output_ids"]) > 2
+        assert versions == [0, 0] + [2] * (len(versions) - 2)
+        assert long["meta_info"]["weight_version"] == "2"
         assert http.post("/generate", json=_body(prompt)).json()["output_ids"] == after
     # The update ran on the thread that steps the engine, while the long request was in flight.
     assert updates == [("posttrain-engine-loop", True)]

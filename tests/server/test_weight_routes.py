@@ -40,6 +40,25 @@ def test_update_from_disk_loads_weights_and_version(served, tmp_path):
     assert out["success"] is True and "loaded" in out["message"]
     assert weights_checksum(model) == weights_checksum(trained) == client.weights_checksum()
     assert client.weight_version() == {"weight_version": "7", "instance_id": info["instance_id"]}
+    # The engine stamps the tokens it samples with the numeric label; /generate reports them.
+    out = http.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3}}).json()
+    assert out["meta_info"] == {"weight_version": "7", "token_versions": [7] * len(out["output_ids"])}
+
+
+def test_a_label_that_is_not_a_number_counts_labelled_updates(served, tmp_path):
+    from posttrain.rollout.openai_engine import OpenAIEngine
+    from posttrain.sampling import SamplingParams
+
+    model, client, http = served
+    save_file({n: p.detach() for n, p in model.named_parameters()}, str(tmp_path / "model.safetensors"))
+    client.update_weights_from_disk(str(tmp_path))  # no label: versions unchanged
+    client.update_weights_from_disk(str(tmp_path), weight_version="step-a")
+    client.update_weights_from_disk(str(tmp_path), weight_version="step-b")
+    # posttrain's remote engine reads the per-token versions into its completions.
+    engine = OpenAIEngine("http://testserver", make_tokenizer(), http=http)
+    [[c]] = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
+    engine.pool.shutdown(wait=True)  # not close(): the fixture closes its client
+    assert engine._native and c.token_versions == [2] * len(c.token_ids) and c.token_ids
 
 
 def test_failed_updates_answer_success_false_with_400(served, tmp_path):
