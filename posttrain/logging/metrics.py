@@ -16,6 +16,7 @@ skips the steps that run already holds.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -28,6 +29,7 @@ from typing import Any
 from posttrain.config.schema import LoggingConfig
 from posttrain.errors import PosttrainError, write_failure
 from posttrain.logging.mlflow_sink import MLflowSink
+from posttrain.logging.run_files import read_step_records, warn_skipped_lines
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -185,18 +187,15 @@ def strict_json_line(record: Mapping[str, Any]) -> str:
 
 
 def truncate_jsonl(path: Path, resume_step: int) -> None:
-    """Drop lines with step > resume_step (and broken lines) by an atomic rewrite."""
+    """Drop lines with step > resume_step by an atomic rewrite. Unreadable lines (not UTF-8, not
+    JSON, no integer step) are dropped too, each named with its line number in one warning: they
+    must not stop a resume, and no reader could use them."""
     if not path.exists():
         return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by a crash
-            if isinstance(record, dict) and int(record.get("step", 0)) <= resume_step:
-                kept.append(strict_json_line(record))  # also repairs NaN tokens older versions wrote
+    records, problems = read_step_records(path)
+    warn_skipped_lines(path, problems, logging.getLogger("posttrain.logging"), "the resume drops them from the file")
+    # strict_json_line also repairs NaN tokens older versions wrote.
+    kept = [strict_json_line(record) for record in records if record["step"] <= resume_step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)

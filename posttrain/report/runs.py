@@ -9,7 +9,7 @@ plots that apply to them).
 from __future__ import annotations
 
 import fnmatch
-import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from posttrain.errors import PosttrainError
 from posttrain.logging.metrics import METRICS_FILE
+from posttrain.logging.run_files import read_step_records, warn_skipped_lines
 from posttrain.logging.samples import SAMPLES_FILE, VALIDATION_SAMPLES_FILE
 
 
@@ -134,20 +135,13 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Objects of a JSONL file; a missing file is empty and a line cut off by a crash is skipped.
-    Reads both strict JSON (null) and Python's NaN / Infinity."""
-    if not path.is_file():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                out.append(record)
-    return out
+    """Objects of a JSONL file with an integer step; a missing file is empty. A damaged line is
+    skipped with a warning naming the file and line (the report shows what could be read), and a
+    last line cut off by a crash is skipped quietly. Reads both strict JSON (null) and Python's
+    NaN / Infinity."""
+    records, problems = read_step_records(path)
+    warn_skipped_lines(path, problems, logging.getLogger("posttrain.report"), "shown without them")
+    return records
 
 
 def metric_series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
