@@ -278,7 +278,7 @@ class RolloutConfig:
     )
     partial_recompute_kv: bool = opt(
         False,
-        "partial_rollouts: what the requests in flight keep across a weight update. false (AReaL, PipelineRL): "
+        "partial_rollouts: what the requests in flight keep across a weight update. false (as PipelineRL): "
         "their KV cache, computed by the old weights, so the tokens after the update see old keys and values of "
         "the earlier ones; no extra work. true: the cache is dropped and each running request is prefilled again "
         "(prompt and generated tokens) under the new weights, so its later tokens are exactly what the new policy "
@@ -337,8 +337,8 @@ class AlgorithmConfig:
         "default) the weights stay near 1 (the engine's kernels round differently from the trainer's); with "
         "rollout.backend=hf, whose logprobs come from the trainer's own forward pass, they are exactly 1; with "
         "rollout.backend=openai they also correct for the server's numerics. The older spelling of "
-        "off_policy_correction=tis_token: when > 0 it selects that correction with this cap (overriding "
-        "off_policy_cap); it cannot be combined with another off_policy_correction.",
+        "off_policy_correction=tis_token, deprecated (it warns): when > 0 it selects that correction with this cap "
+        "(overriding off_policy_cap); it cannot be combined with another off_policy_correction.",
     )
     off_policy_correction: str = opt(
         "none",
@@ -347,7 +347,8 @@ class AlgorithmConfig:
         "engine logprobs): 'none'; 'tis_token': min(ratio, off_policy_cap) per token; 'tis_seq': the sequence's "
         "product of ratios, capped, on all its tokens; 'geo_mask': drops sequences whose geometric-mean ratio is "
         "outside [off_policy_low, off_policy_high]; 'icepop': drops tokens whose ratio is outside that range. "
-        "Anything but 'none' makes the trainer recompute the old logprobs.",
+        "Anything but 'none' makes the trainer recompute the old logprobs. What each does, when to use it, papers "
+        "and the off_policy/* metrics every run logs: docs/off_policy.md.",
     )
     off_policy_cap: float = opt(2.0, "tis_token / tis_seq: the truncation of the importance weight.")
     off_policy_low: float = opt(0.5, "geo_mask / icepop: the lowest ratio kept.")

@@ -7,7 +7,7 @@ Token ids go in and come out, so the trainer sees exactly the tokens that were s
   ``logprobs=0`` (the sampled tokens' logprobs). The response carries text, so the completion's
   ids are the text re-tokenized; when the server stopped at EOS, the EOS id is appended (the model
   must learn to stop) with logprob 0.0, since the OpenAI API does not report it. Prefer
-  ``algorithm.is_correction_cap`` > 0 with such servers: the trainer then recomputes old logprobs.
+  ``algorithm.off_policy_correction=tis_token`` with such servers: the trainer then recomputes old logprobs.
 
 Each prompt's group (``n`` completions) is one request; up to ``max_concurrency`` are in flight,
 so a server with continuous batching sees them all at once.
@@ -160,7 +160,7 @@ class OpenAIEngine:
             # align by position, 0.0 where the server gave none.
             if not self._warned_tokens:
                 logger.warning("remote engine %s: %d logprobs for %d re-tokenized tokens; aligning by position "
-                               "(set algorithm.is_correction_cap > 0 so the trainer recomputes old logprobs)",
+                               "(set algorithm.off_policy_correction=tis_token so the trainer recomputes old logprobs)",
                                self.base_url, len(logprobs), len(ids))
                 self._warned_tokens = True
             logprobs = (logprobs + [0.0] * len(ids))[: len(ids)]
@@ -170,7 +170,7 @@ class OpenAIEngine:
             logprobs.append(0.0)
             if not self._warned_eos:
                 logger.warning("remote engine %s reports no logprob for EOS; using 0.0 (set "
-                               "algorithm.is_correction_cap > 0 to recompute old logprobs in the trainer)", self.base_url)
+                               "algorithm.off_policy_correction=tis_token to recompute old logprobs in the trainer)", self.base_url)
                 self._warned_eos = True
         return Completion(prompt_token_ids=prompt, token_ids=ids, text=text, logprobs=logprobs, finish_reason=finish)
 
