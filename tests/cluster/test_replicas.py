@@ -168,23 +168,28 @@ def test_partial_rollout_with_other_keys_and_values_keeps_or_recomputes_the_kv_c
     cfg.rollout.partial_recompute_kv = recompute_kv
     replica = EngineReplica(cfg, copy.deepcopy(old), tok, torch.float32)
     reached = _slow_switch(replica, partial=True)
-    params = SamplingParams(n=1, temperature=1.0, max_tokens=30, ignore_eos=True)
-    thread, result = _generate_in_thread(replica, _prompts(tok)[2], params)
+    # A batch: every prompt's two samples are prefilled together, then decode one token per step.
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=30, ignore_eos=True)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", replica.generate(_prompts(tok), params, seed=5)))
+    thread.start()
     assert reached.wait(10)
     replica.load_weights(new.named_parameters(), version=1)
     thread.join(10)
-    assert not thread.is_alive()
-    [[c]] = result["out"]
-    assert c.token_versions == [0] * SWITCH_STEP + [1] * (30 - SWITCH_STEP)
-    lp = torch.tensor(c.logprobs)
-    torch.testing.assert_close(lp[:SWITCH_STEP], _teacher_forced(old, tok, c)[:SWITCH_STEP], atol=1e-4, rtol=0)
-    after, fresh = lp[SWITCH_STEP:], _teacher_forced(new, tok, c)[SWITCH_STEP:]
-    if recompute_kv:
-        torch.testing.assert_close(after, fresh, atol=1e-4, rtol=0)
-    else:
-        assert (after - fresh).abs().max() > 1e-2
+    assert not thread.is_alive()  # no deadlock
+    completions = [c for group in result["out"] for c in group]
+    assert len(completions) == 2 * len(TEXTS)
+    for c in completions:
+        assert c.token_versions == [0] * SWITCH_STEP + [1] * (30 - SWITCH_STEP)
+        lp = torch.tensor(c.logprobs)
+        torch.testing.assert_close(lp[:SWITCH_STEP], _teacher_forced(old, tok, c)[:SWITCH_STEP], atol=1e-4, rtol=0)
+        after, fresh = lp[SWITCH_STEP:], _teacher_forced(new, tok, c)[SWITCH_STEP:]
+        if recompute_kv:
+            torch.testing.assert_close(after, fresh, atol=1e-4, rtol=0)
+        else:
+            assert (after - fresh).abs().max() > 1e-2
     # One re-prefill per running sequence per update, and only when asked for.
-    assert replica.engine.stats()["engine/kv_recomputes"] == float(recompute_kv)
+    assert replica.engine.stats()["engine/kv_recomputes"] == float(recompute_kv) * len(completions)
     assert replica.engine.stats()["engine/preemptions"] == 0.0
 
 
