@@ -16,8 +16,8 @@ from posttrain.config.loader import config_to_yaml, load_config
 from posttrain.config.reference import format_options_help
 from posttrain.config.commands import SCHEMAS
 from posttrain.errors import (
-    EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, ConfigError, PosttrainError, Terminated,
-    describe_os_error, sigterm_as_interrupt,
+    EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, TRACEBACK_LIMIT, ConfigError, PosttrainError,
+    Terminated, clip_text, describe_os_error, sigterm_as_interrupt,
 )
 
 EXAMPLES = {"grpo": """\
@@ -399,12 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def error_line(exc: Exception) -> str:
     """What the CLI prints for ``exc``: a PosttrainError's own message (written for users); for
     anything else its type and first line, and how to see the traceback."""
+    # Bounded: messages may carry text from user code (an environment's exception, a traceback).
     if isinstance(exc, ConfigError):
-        return f"config error: {exc}"
+        return f"config error: {clip_text(str(exc), TRACEBACK_LIMIT)}"
     if isinstance(exc, PosttrainError):
-        return f"error: {exc}"
+        return f"error: {clip_text(str(exc), TRACEBACK_LIMIT)}"
     text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).strip()
-    first = text.splitlines()[0] if text else ""
+    first = clip_text(text.splitlines()[0]) if text else ""
     return f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)"
 
 

@@ -37,6 +37,23 @@ class Terminated(KeyboardInterrupt):
     last whole step, stop workers) handles it too; the CLI then exits with EXIT_TERMINATED."""
 
 
+USER_TEXT_LIMIT = 2000  # characters of a message from user code (an env's exception) in one log line
+TRACEBACK_LIMIT = 8000  # characters of a traceback from user code
+
+
+def clip_text(text: str, limit: int = USER_TEXT_LIMIT) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and its end around a note
+    of how much was cut. Text from user code (a reward environment's exception, a traceback) goes
+    to the console and train.log on every step: a 20 MB message must not be copied whole there.
+    The end is kept too, because a traceback's last lines name the error."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head
+    cut = len(text) - head - tail
+    return f"{text[:head]} [... {cut:,} of {len(text):,} characters cut ...] {text[-tail:]}"
+
+
 def raise_terminated(signum: int, frame: object) -> None:
     """The SIGTERM handler: the first SIGTERM raises Terminated; from then on SIGTERM has its
     default action again, so a second one ends the process at once (a scheduler that lost patience,

@@ -26,7 +26,7 @@ import torch
 
 from posttrain.envs.base import Environment, MessageLog
 from posttrain.envs.registry import SINGLE_TASK, env_specs
-from posttrain.envs.worker import EnvSpecs, _Worker, build_envs, exception_text, failed, score_one
+from posttrain.envs.worker import EnvSpecs, _Worker, build_envs, exception_text, failed, score_one, traceback_text
 from posttrain.errors import ConfigError, PosttrainError
 
 logger = logging.getLogger("posttrain.envs")
@@ -226,7 +226,7 @@ class RewardPool:
         try:
             return score_one(self._local_envs, self._task_of(metadata), message_log, metadata)
         except Exception as e:
-            logger.debug("reward raised", exc_info=True)
+            logger.debug("reward raised:\n%s", traceback_text())  # bounded: user code's message may be huge
             return failed(metadata, exception_text(e))
 
     def _score_remote(self, message_logs: list[MessageLog], metadata: list[dict[str, Any]]) -> list[dict[str, Any]]:

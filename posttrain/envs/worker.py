@@ -21,6 +21,7 @@ from typing import Any
 
 from posttrain.envs.base import Environment, EnvironmentReturn
 from posttrain.envs.registry import resolve_env_class
+from posttrain.errors import TRACEBACK_LIMIT, clip_text
 
 _POLL_S = 1.0  # how often an idle worker checks that its parent is still alive
 
@@ -71,7 +72,14 @@ def failed(metadata: dict[str, Any] | None, message: str, kind: str = "error") -
 
 
 def exception_text(e: BaseException) -> str:
-    return f"reward raised {type(e).__name__}: {e}"
+    """The one line a failed reward leaves in the log, the sample's metadata and its observation,
+    bounded: the exception comes from user code and may carry megabytes."""
+    return clip_text(f"reward raised {type(e).__name__}: {e}")
+
+
+def traceback_text() -> str:
+    """The current exception's traceback, bounded (its end, which names the error, is kept)."""
+    return clip_text(traceback.format_exc(), TRACEBACK_LIMIT)
 
 
 def score_one(envs: dict[str, Environment], task: str, message_log: Any, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +108,7 @@ def worker_main(specs: EnvSpecs, conn: Connection, parent_pid: int) -> None:
     try:
         envs = build_envs(specs)
     except BaseException:
-        conn.send(("init_error", traceback.format_exc()))
+        conn.send(("init_error", traceback_text()))
         return
     conn.send(("ready", None))
     default_task = next(iter(specs))  # for a job without a task (older 3-tuple jobs)
@@ -121,7 +129,7 @@ def worker_main(specs: EnvSpecs, conn: Connection, parent_pid: int) -> None:
         try:
             conn.send(("result", job_id, score_one(envs, task, message_log, metadata)))
         except Exception as e:
-            conn.send(("error", job_id, exception_text(e), traceback.format_exc()))
+            conn.send(("error", job_id, exception_text(e), traceback_text()))
 
 
 class _Worker:

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.data.chat import TokenizedPrompt
+from posttrain.errors import clip_text
 from posttrain.sampling import RolloutEngine, SamplingParams
 
 
@@ -46,9 +47,11 @@ def validate(
             for p, c, r, answer in zip(prompts, completions, scored.rewards.tolist(), scored.answers)
         )
     for p, c, r, answer in list(zip(prompts, completions, scored.rewards.tolist(), scored.answers))[:print_samples]:
-        question = p.messages[-1]["content"]
-        expected = p.metadata.get("expected_answer", "?")
-        write(f"  [val] Q: {question}\n        A: {c.text.strip()!r}\n        extracted={answer!r} expected={expected!r} reward={r:.2f}")
+        # Bounded: the console and train.log get a few of these per validation; prompts can be megabytes.
+        question = clip_text(p.messages[-1]["content"], 500)
+        expected = clip_text(repr(p.metadata.get("expected_answer", "?")), 200)
+        write(f"  [val] Q: {question}\n        A: {clip_text(c.text.strip())!r}\n        "
+              f"extracted={clip_text(repr(answer), 200)} expected={expected} reward={r:.2f}")
     return metrics
 
 

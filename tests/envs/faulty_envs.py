@@ -1,7 +1,8 @@
 """Test-only environments for the reward pool: each sample says how to misbehave.
 
 metadata["mode"]: "ok" (reward = metadata["value"]), "sleep" (never returns), "crash"
-(os._exit(3) kills the worker), "raise" (ValueError), "slow" (sleeps metadata["seconds"]).
+(os._exit(3) kills the worker), "raise" (ValueError), "raise_huge" (a ValueError of
+metadata["size"] characters), "slow" (sleeps metadata["seconds"]).
 Imported in spawned workers as ``envs.faulty_envs``: tests/ is on sys.path (tests/conftest.py)
 and spawn children inherit the parent's sys.path.
 """
@@ -33,6 +34,8 @@ class ScriptedEnv(Environment):
                 os._exit(3)
             if mode == "raise":
                 raise ValueError(f"boom {meta.get('value')}")
+            if mode == "raise_huge":  # an exception message of meta["size"] characters
+                raise ValueError("boom " + "x" * int(meta["size"]))
             if mode == "slow":
                 time.sleep(meta["seconds"])
             rewards.append(float(meta.get("value", 0.0)) + self.bonus)
@@ -53,6 +56,11 @@ class ScriptedEnv(Environment):
 class BrokenInitEnv(Environment):
     def __init__(self) -> None:
         raise RuntimeError("cannot build this environment")
+
+
+class HugeInitErrorEnv(Environment):
+    def __init__(self) -> None:
+        raise RuntimeError("cannot build this environment " + "y" * 20_000_000)
 
 
 class NotAnEnv:

@@ -166,3 +166,31 @@ def test_close_leaves_no_live_children(pool):
     assert not [c for c in mp.active_children() if c.pid in pids]
     with pytest.raises(PosttrainError, match="after close"):
         pool.score(*batch(1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_20_mb_exception_message_is_cut_before_it_reaches_the_log(num_workers, caplog):
+    """A reward environment raising a 20 MB message: the sample's error, its metadata, its
+    observation and every log record (the traceback at debug level too) stay a few KB, and say
+    how much was cut."""
+    size = 20_000_000
+    logs, metadata = batch("raise_huge", 1.0)
+    metadata[0]["size"] = size
+    with caplog.at_level(logging.DEBUG, logger="posttrain"):
+        with RewardPool(SCRIPTED, {}, num_workers=num_workers, timeout_s=30.0) as p:
+            scored = p.score(logs, metadata)
+    assert scored.rewards.tolist() == [0.0, 1.0]
+    error = scored.errors[0]
+    assert error.startswith("reward raised ValueError: boom xxx") and len(error) < 2100
+    assert f"of {len('reward raised ValueError: boom ') + size:,} characters cut" in error
+    assert len(scored.metadata[0]["reward_error"]) < 2100 and len(scored.observations[0]["content"]) < 2100
+    assert sum(len(r.getMessage()) for r in caplog.records) < 20_000
+    assert any("characters cut" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_a_huge_exception_while_building_the_env_is_cut(capsys):
+    with pytest.raises(PosttrainError) as info:
+        RewardPool("envs.faulty_envs.HugeInitErrorEnv", {}, num_workers=1, timeout_s=TIMEOUT_S)
+    message = str(info.value)
+    assert "cannot build this environment yyy" in message and "characters cut" in message
+    assert len(message) < 10_000
