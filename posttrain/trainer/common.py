@@ -25,16 +25,20 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
     from posttrain.trainer.run_lock import lock_run_folder
 
     _remember_resumed_run(None)  # forget an earlier run of this process
+    _remember_created_run(None)
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
     # Several ranks: rank 0's clock names the folder; rank 0 alone writes the log and config.
     output_dir = Path(broadcast_object(str(resolve_output_dir(cfg.trainer.output_dir, resume_ckpt, command))))
     if is_main_process():
+        created = _topmost_missing(output_dir)
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise PosttrainError(f"Cannot create the run folder '{output_dir}': it or a folder above it is a file. "
                                  "Set trainer.output_dir to a folder path.") from None
         lock_run_folder(output_dir)  # before anything is written there: a second run stops here (exit 2)
+        if created is not None:
+            _remember_created_run((output_dir, created))
         log_to_file(output_dir / "train.log")
         if resume_ckpt is not None:
             _remember_resumed_run(output_dir)
@@ -48,6 +52,59 @@ def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | 
 
 CONFIG_FILE = "config.yaml"
 CONFIG_HISTORY_SUBDIR = "config_history"
+
+# A new run folder that start_run created in this process, and the topmost folder created with it
+# (output_dir=a/b/run with no a/: a), for undo_failed_start.
+_created_run: tuple[Path, Path] | None = None
+
+
+def _remember_created_run(created: tuple[Path, Path] | None) -> None:
+    global _created_run
+    _created_run = created
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (None: ``path`` exists)."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def undo_failed_start() -> None:
+    """After a new run failed or was interrupted before it wrote anything but the files of its
+    start (train.log, config.yaml, the lock, an empty metrics.jsonl): remove the run folder it
+    created, so a failed start (a bad model path, a data error) leaves no near-empty run folder
+    behind for `--resume auto`, report or a person to trip over. A folder that holds anything more
+    (a metrics line, a checkpoint, files of the user's) is kept. The CLI prints the error itself."""
+    from posttrain.logging.metrics import METRICS_FILE
+    from posttrain.trainer.run_lock import LOCK_FILE, release_run_folder
+
+    global _created_run
+    if _created_run is None:
+        return
+    output_dir, topmost = _created_run
+    _created_run = None
+    start_files = {"train.log", CONFIG_FILE, LOCK_FILE, METRICS_FILE}
+    try:
+        entries = list(output_dir.iterdir())
+        if any(p.name not in start_files or not p.is_file() for p in entries) or (
+                (output_dir / METRICS_FILE).is_file() and (output_dir / METRICS_FILE).stat().st_size):
+            return
+        _close_run_log()  # train.log is open
+        release_run_folder()
+        for p in entries:
+            p.unlink()
+        folder = output_dir
+        while True:  # the run folder, then the parents created with it, while they are empty
+            folder.rmdir()
+            if folder == topmost or folder.parent == folder:
+                break
+            folder = folder.parent
+    except OSError as e:  # the run's own error is the one to report
+        logging.getLogger("posttrain.trainer").warning("Could not remove the run folder %s of the failed start "
+                                                       "(%s); delete it by hand.", output_dir, e)
 
 
 # What start_run found in the folder of the run it resumes, for undo_failed_resume: the run
@@ -259,15 +316,22 @@ def log_to_file(path: Path) -> None:
     from posttrain.logging.progress import CONSOLE_LOGGER
 
     loggers = [logging.getLogger("posttrain"), logging.getLogger(CONSOLE_LOGGER)]
-    for log in loggers:
-        for old in [h for h in log.handlers if getattr(h, "posttrain_run_log", False)]:
-            log.removeHandler(old)
-            old.close()
+    _close_run_log()
     handler = _RunLogHandler(path)
     handler.posttrain_run_log = True
     handler.setFormatter(_RunLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for log in loggers:
         log.addHandler(handler)
+
+
+def _close_run_log() -> None:
+    """Detach and close the train.log handler of this process's run, if any."""
+    from posttrain.logging.progress import CONSOLE_LOGGER
+
+    for log in (logging.getLogger("posttrain"), logging.getLogger(CONSOLE_LOGGER)):
+        for old in [h for h in log.handlers if getattr(h, "posttrain_run_log", False)]:
+            log.removeHandler(old)
+            old.close()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
