@@ -47,6 +47,7 @@ from posttrain.models.value_model import ValueModel
 from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
 from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, seed_everything, start_run
+from posttrain.trainer.async_rollouts import token_staleness_metrics
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
@@ -155,6 +156,10 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
             for step in range(start_step + 1, cfg.trainer.max_steps + 1):
                 step_start = time.perf_counter()
                 seed_everything(cfg.seed * 1_000_003 + step)  # sampling independent of the past: exact resume
+                # The engine computes with the trainer's own modules: every token it samples comes from
+                # the policy version (optimizer steps) this step starts from, and records it.
+                policy_version = (step - 1) * optimizer_steps // cfg.trainer.max_steps
+                engine.weight_version = policy_version
 
                 # ---- rollouts and rewards
                 with progress.phase("generating"):  # a CPU step takes minutes: say which part runs
@@ -207,6 +212,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                         "critic/lr": critic_lr,
                         **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
                         "data/epoch": float(sampler.epoch),
+                        **token_staleness_metrics(rollouts.completions, policy_version, policy_version),
                     }
                     metrics_log.log(step, step_metrics)
                     if num_recorded:  # during critic warm-up without trainer logprobs and entropy

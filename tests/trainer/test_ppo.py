@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -55,6 +56,12 @@ def test_two_steps_checkpoint_and_resume_match_uninterrupted_run(model_dir, tmp_
                 "critic/advantages_mean", "critic/advantages_std", "critic/grad_norm", "critic/lr"):
         assert key in metrics[2], key
     assert metrics[1]["critic/values_mean"] == 0.0  # zero-initialised head
+    # The engine runs the trainer's modules: every token comes from the version the step started from.
+    assert metrics[2]["off_policy/staleness_max"] == 0.0 and metrics[2]["off_policy/staleness_hist/0"] == 1.0
+    samples = [json.loads(line) for line in (interrupted / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2}
+    for s in samples:  # 2 optimizer steps per step (batch 8 / mini-batch 4)
+        assert s["version"] == 2 * (s["step"] - 1) and s["token_versions"] == [s["version"]] * len(s["tokens"])
     assert metrics[2]["critic/values_mean"] != 0.0 and metrics[2]["critic/value_loss"] > 0
     ckpt = interrupted / "checkpoints" / "step_000002"
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
