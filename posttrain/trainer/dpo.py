@@ -16,17 +16,14 @@ from pathlib import Path
 import torch
 
 from posttrain.algorithms import dpo_loss, sequence_logps, uses_length_average
-from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.config.dpo_schema import DPOConfig
-from posttrain.config.loader import config_to_dict
 from posttrain.data.preference import PreferencePair, load_preference_examples, tokenize_pairs
 from posttrain.data.sampler import EpochSampler
-from posttrain.logging.metrics import MetricsLogger, format_console_line
-from posttrain.logging.progress import ProgressBar
+from posttrain.logging.metrics import format_console_line
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.loading import autocast_context
-from posttrain.models.lora import adapters_disabled, checkpoint_prefix, is_peft_model, lora_enabled
+from posttrain.models.lora import adapters_disabled, is_peft_model, lora_enabled
 from posttrain.trainer.common import (
     SkippedStepGuard, due, log_small_data, save_on_interrupt, seed_everything, start_run,
 )
@@ -38,8 +35,8 @@ from posttrain.trainer.dpo_reference import (
     reference_fingerprint,
     save_reference,
 )
-from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
+from posttrain.trainer.optim import clip_and_step
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.samples import chunks
 
 logger = logging.getLogger("posttrain.trainer")
@@ -96,25 +93,16 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
                 sampler.epochs_for_steps(max_steps))
     log_small_data(len(train_pairs), len(train_pairs), batch_size, "trainer.batch_size", "pairs", "pairs",
                    cfg.trainer.steps_cross_epochs)
-    optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same field names as GRPO's
-    scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
-    start_step = 0
-    if resume_ckpt is not None:
-        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
-        start_step = state["step"]
-        sampler.load_state_dict(state["sampler"])
-        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
-        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+    # Same option names as GRPO's trainer section: one optimizer builder for every recipe.
+    optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir, max_steps, resume_ckpt)
+    optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
+    if optimization.resumed_state is not None:
+        sampler.load_state_dict(optimization.resumed_state["sampler"])
     pad_token_id = tokenizer.pad_token_id
 
     with contextlib.ExitStack() as stack:
-        metrics_log = stack.enter_context(
-            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
-        )
-        progress = ProgressBar(max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
-        stack.callback(progress.close)
-        guard = stack.enter_context(InterruptGuard())
+        outputs = open_run_outputs(stack, output_dir, cfg, max_steps, start_step, resumed=resume_ckpt is not None)
+        metrics_log, progress, guard = outputs.metrics, outputs.progress, outputs.guard
 
         def run_validation(step: int) -> None:
             with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
@@ -128,14 +116,9 @@ def train(cfg: DPOConfig, resume_from: str | None = None) -> Path:
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
-            with progress.phase("saving checkpoint", pause=True):
-                path = checkpoints.save(
-                    completed, model, tokenizer,
-                    {"sampler": sampler_state, "seed": cfg.seed, "max_steps": max_steps},
-                    optimizer if cfg.checkpoint.save_optimizer else None,
-                    scheduler if cfg.checkpoint.save_optimizer else None,
-                )
-            progress.write(f"saved checkpoint {path}")
+            optimization.save(completed, model, tokenizer,
+                              {"sampler": sampler_state, "seed": cfg.seed, "max_steps": max_steps},
+                              save_optimizer=cfg.checkpoint.save_optimizer, progress=progress)
 
         try:
             for step in range(start_step + 1, max_steps + 1):

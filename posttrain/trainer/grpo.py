@@ -8,15 +8,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 
 from posttrain.algorithms import get_advantage_estimator, resolved_off_policy_correction
 from posttrain.checkpoint.manager import CheckpointManager
-from posttrain.checkpoint.sharded import ShardedCheckpointManager, is_sharded_checkpoint
-from posttrain.config.loader import config_to_dict
+from posttrain.checkpoint.sharded import is_sharded_checkpoint
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
@@ -27,10 +25,7 @@ from posttrain.distributed import (
 from posttrain.distributed.layout import ParallelLayout
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
-from posttrain.errors import PosttrainError
-from posttrain.logging.metrics import MetricsLogger, format_console_line
-from posttrain.logging.progress import ProgressBar
-from posttrain.logging.samples import SampleLog
+from posttrain.logging.metrics import format_console_line
 from posttrain.data.chat import encode_prompts
 from posttrain.models import (
     load_model_and_tokenizer,
@@ -38,15 +33,14 @@ from posttrain.models import (
     resolve_compute_dtype,
     resolve_device,
 )
-from posttrain.models.lora import checkpoint_prefix, is_peft_model
+from posttrain.models.lora import is_peft_model
 from posttrain.models.moe import check_moe_config, moe_checklist, prepare_moe_policy
 from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
 from posttrain.sync import build_weight_sync
-from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
-from posttrain.trainer.optim import build_optimizer, build_scheduler, follow_schedule
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
     PENDING_ROLLOUTS_FILE, AsyncRollouts, PoolEngine, ReadyBatch, SerializedRewards, load_pending, save_pending, staleness_metrics,
@@ -135,28 +129,14 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups
         sampler = RankShardedSampler(sampler, prompts_per_mini_batch=cfg.trainer.mini_batch_size // group_size)
     optimizer_steps_per_step = cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
-    optimizer = build_optimizer(model, cfg.trainer)
-    scheduler = build_scheduler(optimizer, cfg.trainer, cfg.trainer.max_steps * optimizer_steps_per_step)
-    checkpoint_manager = ShardedCheckpointManager if is_distributed() else CheckpointManager
-    checkpoints = checkpoint_manager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
-    start_step = 0
+    optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir,
+                                      cfg.trainer.max_steps * optimizer_steps_per_step, resume_ckpt)
+    optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
     pending: list[ReadyBatch] = []  # async: batches generated before the checkpoint, not trained yet
-    if resume_ckpt is not None:
-        if sharded_resume:
-            state = ShardedCheckpointManager.load(resume_ckpt, model, optimizer, scheduler)
-        elif is_distributed():
-            raise PosttrainError(
-                f"'{resume_ckpt}' is a single-process checkpoint; resume it with trainer.num_processes=1, or start "
-                f"a new multi-process run from its weights (model.path={resume_ckpt})."
-            )
-        else:
-            state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
-        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
-        start_step = state["step"]
-        sampler.load_state_dict(state["sampler"])
+    if optimization.resumed_state is not None:
+        sampler.load_state_dict(optimization.resumed_state["sampler"])
         if asynchronous:
             pending = load_pending(CheckpointManager.load_extra(resume_ckpt, PENDING_ROLLOUTS_FILE), start_step)
-        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
     sampling = SamplingParams(
         n=group_size,
         temperature=cfg.rollout.temperature,
@@ -176,15 +156,9 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     with contextlib.ExitStack() as stack:
         rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))
         main = is_main_process()  # rank 0 logs metrics and shows progress; the others stay quiet
-        metrics_log = stack.enter_context(
-            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
-        ) if main else None
-        sample_log = SampleLog(output_dir, cfg.logging, resume_step=start_step if resume_ckpt else None) if main else None
-        if not main:
-            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-        progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar and main)
-        stack.callback(progress.close)
-        guard = stack.enter_context(InterruptGuard(defer_always=is_distributed()))
+        outputs = open_run_outputs(stack, output_dir, cfg, cfg.trainer.max_steps, start_step,
+                                   resumed=resume_ckpt is not None, rollout_samples=True)
+        metrics_log, sample_log, progress, guard = outputs.metrics, outputs.samples, outputs.progress, outputs.guard
         if asynchronous:
             # Policy versions count steps here; the replicas start with the weights of start_step.
             rewards = SerializedRewards(rewards)  # the producer thread scores while validation may too
@@ -244,15 +218,8 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             if asynchronous:  # finished batches not trained yet survive; after Ctrl-C running ones are re-queued
                 resume_sampler, ready = producer.pending_state(sampler_state, wait=not interrupted)
                 extra = {PENDING_ROLLOUTS_FILE: save_pending(ready)}
-            with progress.phase("saving checkpoint", pause=True):
-                path = checkpoints.save(
-                    completed, model, tokenizer,
-                    {"sampler": resume_sampler, "seed": cfg.seed},
-                    optimizer if cfg.checkpoint.save_optimizer else None,
-                    scheduler if cfg.checkpoint.save_optimizer else None,
-                    extra_files=extra,
-                )
-            progress.write(f"saved checkpoint {path}")
+            optimization.save(completed, model, tokenizer, {"sampler": resume_sampler, "seed": cfg.seed},
+                              save_optimizer=cfg.checkpoint.save_optimizer, progress=progress, extra_files=extra)
 
         try:
             if asynchronous:

@@ -27,22 +27,19 @@ from posttrain.algorithms import (
     rlhf_token_rewards,
     value_loss,
 )
-from posttrain.checkpoint.manager import CheckpointManager, _torch_load
-from posttrain.config.loader import config_to_dict
+from posttrain.checkpoint.manager import _torch_load
 from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import LoRAConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
-from posttrain.logging.metrics import MetricsLogger, format_console_line
-from posttrain.logging.progress import ProgressBar
-from posttrain.logging.samples import SampleLog
+from posttrain.logging.metrics import format_console_line
 from posttrain.data.chat import encode_prompts
 from posttrain.models import load_model_and_tokenizer, make_reference_model, model_source
 from posttrain.models import resolve_compute_dtype, resolve_device
 from posttrain.models.loading import load_model
-from posttrain.models.lora import checkpoint_prefix, is_peft_model
+from posttrain.models.lora import is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
@@ -57,8 +54,8 @@ from posttrain.trainer.rollouts import (
     shaping_metrics,
     timing_metrics,
 )
-from posttrain.trainer.interrupt import InterruptGuard
 from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
 from posttrain.trainer.validation import validate
 
@@ -96,21 +93,16 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     optimizer_steps = cfg.trainer.max_steps * cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
-    optimizer = build_optimizer(model, cfg.trainer)
-    scheduler = build_scheduler(optimizer, cfg.trainer, optimizer_steps)
+    optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir, optimizer_steps,
+                                      resume_ckpt)
+    optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
     critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)  # AdamW settings and schedule of trainer
     critic_optimizer = build_optimizer(critic, critic_trainer)
     critic_scheduler = build_scheduler(critic_optimizer, critic_trainer, optimizer_steps)
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
-    start_step = 0
-    if resume_ckpt is not None:
-        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
-        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
+    if optimization.resumed_state is not None:
         load_critic_optimizer(resume_ckpt / CRITIC_SUBDIR, critic_optimizer, critic_scheduler, device)
         follow_schedule(critic_optimizer, critic_scheduler, cfg.critic.lr)
-        start_step = state["step"]
-        sampler.load_state_dict(state["sampler"])
-        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+        sampler.load_state_dict(optimization.resumed_state["sampler"])
     sampling = SamplingParams(n=group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
     algo = cfg.algorithm
@@ -118,13 +110,9 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
 
     with contextlib.ExitStack() as stack:
         rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))
-        metrics_log = stack.enter_context(
-            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
-        )
-        sample_log = SampleLog(output_dir, cfg.logging, resume_step=start_step if resume_ckpt else None)
-        progress = ProgressBar(cfg.trainer.max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
-        stack.callback(progress.close)
-        guard = stack.enter_context(InterruptGuard())
+        outputs = open_run_outputs(stack, output_dir, cfg, cfg.trainer.max_steps, start_step,
+                                   resumed=resume_ckpt is not None, rollout_samples=True)
+        metrics_log, sample_log, progress, guard = outputs.metrics, outputs.samples, outputs.progress, outputs.guard
 
         def run_validation(step: int) -> None:
             progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
@@ -141,14 +129,9 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
-            with progress.phase("saving checkpoint", pause=True):
-                path = checkpoints.save(
-                    completed, PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer),
-                    tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
-                    optimizer if cfg.checkpoint.save_optimizer else None,
-                    scheduler if cfg.checkpoint.save_optimizer else None,
-                )
-            progress.write(f"saved checkpoint {path}")
+            policy = PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer)
+            optimization.save(completed, policy, tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
+                              save_optimizer=cfg.checkpoint.save_optimizer, progress=progress)
 
         try:
             if cfg.validation.at_start and start_step == 0 and val_prompts:

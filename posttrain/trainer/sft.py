@@ -19,8 +19,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from posttrain.checkpoint.manager import CheckpointManager
-from posttrain.config.loader import config_to_dict
 from posttrain.config.sft_schema import SFTConfig
 from posttrain.data.packing import (
     IGNORE_INDEX,
@@ -30,16 +28,14 @@ from posttrain.data.packing import (
     position_ids_isolate_documents,
 )
 from posttrain.data.sft import load_sft_conversations, tokenize_conversations
-from posttrain.logging.metrics import MetricsLogger, format_console_line
-from posttrain.logging.progress import ProgressBar
+from posttrain.logging.metrics import format_console_line
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
-from posttrain.models.lora import checkpoint_prefix
 from posttrain.trainer.common import (
     SkippedStepGuard, due, log_small_data, save_on_interrupt, seed_everything, start_run,
 )
-from posttrain.trainer.interrupt import InterruptGuard
-from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
+from posttrain.trainer.optim import clip_and_step
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 
 logger = logging.getLogger("posttrain.trainer")
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -79,24 +75,15 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
                        "about %d steps of trainer.batch_tokens=%d (metrics log data/epoch). Set trainer.max_steps=0 to "
                        "train trainer.num_epochs=%g epochs instead.", max_steps, epochs, len(train_examples),
                        batcher.steps_for_epochs(1.0), cfg.trainer.batch_tokens, cfg.trainer.num_epochs)
-    optimizer = build_optimizer(model, cfg.trainer)  # type: ignore[arg-type]  # same option names as GRPO's
-    scheduler = build_scheduler(optimizer, cfg.trainer, max_steps)  # type: ignore[arg-type]
-    checkpoints = CheckpointManager(output_dir, cfg.checkpoint.keep_last, prefix=checkpoint_prefix(model))
-    start_step = 0
-    if resume_ckpt is not None:
-        state = checkpoints.load_trainer_state(resume_ckpt, optimizer, scheduler)
-        follow_schedule(optimizer, scheduler, cfg.trainer.lr)
-        start_step = state["step"]
-        batcher.load_state_dict(state["data"])
-        logger.info("Resumed from %s at step %d", resume_ckpt, start_step)
+    # Same option names as GRPO's trainer section: one optimizer builder for every recipe.
+    optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir, max_steps, resume_ckpt)
+    optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
+    if optimization.resumed_state is not None:
+        batcher.load_state_dict(optimization.resumed_state["data"])
 
     with contextlib.ExitStack() as stack:
-        metrics_log = stack.enter_context(
-            MetricsLogger(output_dir, cfg.logging, config_to_dict(cfg), resume_step=start_step if resume_ckpt else None)
-        )
-        progress = ProgressBar(max_steps, initial=start_step, enabled=cfg.logging.progress_bar)
-        stack.callback(progress.close)
-        guard = stack.enter_context(InterruptGuard())
+        outputs = open_run_outputs(stack, output_dir, cfg, max_steps, start_step, resumed=resume_ckpt is not None)
+        metrics_log, progress, guard = outputs.metrics, outputs.progress, outputs.guard
 
         def run_validation(step: int) -> None:
             with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
@@ -109,14 +96,8 @@ def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
         skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
 
         def save_checkpoint() -> None:
-            with progress.phase("saving checkpoint", pause=True):
-                path = checkpoints.save(
-                    completed, model, tokenizer,
-                    {"data": data_state, "seed": cfg.seed, "max_steps": max_steps},
-                    optimizer if cfg.checkpoint.save_optimizer else None,
-                    scheduler if cfg.checkpoint.save_optimizer else None,
-                )
-            progress.write(f"saved checkpoint {path}")
+            optimization.save(completed, model, tokenizer, {"data": data_state, "seed": cfg.seed, "max_steps": max_steps},
+                              save_optimizer=cfg.checkpoint.save_optimizer, progress=progress)
 
         evaluate = cfg.trainer.eval_every > 0 and bool(val_batches)
         try:

@@ -61,7 +61,8 @@ def test_two_process_grpo_resumes_exactly_and_converts(tmp_path, monkeypatch):
 
     # DCP stores global shapes: one process resumes the 2-rank checkpoint (and writes HF checkpoints).
     single = tmp_path / "single"
-    one_process = [a for a in run_args(model_dir, single, 2) if a != "trainer.num_processes=2"]
+    # --resume continues with the run's saved settings: one process is asked for explicitly.
+    one_process = [a for a in run_args(model_dir, single, 2) if a != "trainer.num_processes=2"] + ["trainer.num_processes=1"]
     assert main([*one_process, "--resume", str(ckpt)]) == 0
     assert sorted(step_metrics(single)) == [2]
     AutoModelForCausalLM.from_pretrained(single / "checkpoints" / "step_000002")
