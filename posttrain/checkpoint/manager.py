@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from posttrain.checkpoint.rng import capture_rng_state, restore_rng_state
-from posttrain.checkpoint.validate import TRAINER_STATE_FILE, checkpoint_problems, trainer_state_problem
+from posttrain.checkpoint.validate import STATE_FILES_KEY, TRAINER_STATE_FILE, checkpoint_problems, trainer_state_problem
 from posttrain.errors import PosttrainError, write_failure
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class CheckpointManager:
             raise write_failure(exc, tmp_dir, f"checkpoint of step {step}") from exc
         try:
             # trainer_state first: a non-serialisable value fails before the slow model write.
-            state = {**trainer_state, "step": step}
+            saved_with = [name for name, obj in ((OPTIMIZER_FILE, optimizer), (SCHEDULER_FILE, scheduler)) if obj is not None]
+            state = {**trainer_state, "step": step, STATE_FILES_KEY: saved_with}
             _write_bytes(tmp_dir / TRAINER_STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
             # transformers >= 4.35 writes safetensors by default and 5.x only safetensors (it no
             # longer takes safe_serialization), so the default call is the safe one for both.
@@ -263,8 +264,15 @@ class CheckpointManager:
         if problem is not None:
             raise PosttrainError(f"'{ckpt_dir}' is not a usable checkpoint: {TRAINER_STATE_FILE}: {problem}.")
         trainer_state = json.loads((ckpt_dir / TRAINER_STATE_FILE).read_bytes())
+        saved_with = trainer_state.pop(STATE_FILES_KEY, None)  # bookkeeping of the checkpoint, not the recipe's
         if optimizer is not None:
             optimizer_file = ckpt_dir / OPTIMIZER_FILE
+            if not optimizer_file.is_file() and isinstance(saved_with, list) and OPTIMIZER_FILE in saved_with:
+                raise PosttrainError(
+                    f"Checkpoint '{ckpt_dir}' was saved with {OPTIMIZER_FILE}, which is missing now (deleted or lost), "
+                    "so training cannot resume from it exactly. Resume from the run folder (it uses the newest "
+                    f"complete checkpoint), or start a new run from its weights (model.path={ckpt_dir})."
+                )
             if not optimizer_file.is_file():
                 raise PosttrainError(
                     f"Checkpoint '{ckpt_dir}' has no {OPTIMIZER_FILE}: it was saved with "

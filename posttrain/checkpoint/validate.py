@@ -24,6 +24,9 @@ CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pt")
+# trainer_state.json key: the optional state files (optimizer, scheduler) a checkpoint was saved
+# with, so that one deleted later is a missing file, not a checkpoint.save_optimizer=false run.
+STATE_FILES_KEY = "state_files"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # A header larger than this is not a real one (transformers' own limit is 100 MB).
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -149,6 +152,11 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
     problems = []
     if (problem := trainer_state_problem(ckpt)) is not None:
         problems.append(f"{TRAINER_STATE_FILE}: {problem}")
+    else:
+        saved_with = json.loads((ckpt / TRAINER_STATE_FILE).read_bytes()).get(STATE_FILES_KEY)
+        for name in saved_with if isinstance(saved_with, list) else []:
+            if isinstance(name, str) and not (ckpt / name).is_file():
+                problems.append(f"{name}: missing (the checkpoint was saved with it: deleted or lost since)")
     problems += model_folder_problems(ckpt)
     for name in TORCH_STATE_FILES:
         if (ckpt / name).is_file() and (problem := _zip_problem(ckpt / name)) is not None:

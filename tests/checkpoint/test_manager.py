@@ -41,7 +41,8 @@ def test_save_layout_and_hf_round_trip(tmp_path, tiny):
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "rng_state.pt"} <= names
     assert "optimizer.pt" not in names and "scheduler.pt" not in names
-    assert json.loads((path / "trainer_state.json").read_text()) == {"epoch": 1, "samples": [1, 2], "step": 10}
+    assert json.loads((path / "trainer_state.json").read_text()) == {
+        "epoch": 1, "samples": [1, 2], "step": 10, "state_files": []}  # state_files: saved without optimizer
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000010"]
 
     loaded = AutoModelForCausalLM.from_pretrained(path)
@@ -98,6 +99,27 @@ def test_missing_optimizer_state_explains_save_optimizer(tmp_path, tiny):
     with pytest.raises(PosttrainError, match="checkpoint.save_optimizer=false"):
         CheckpointManager.load_trainer_state(path, optimizer=optimizer)
     assert CheckpointManager.load_trainer_state(path) == {"step": 1}
+
+
+def test_a_deleted_optimizer_file_falls_back_to_the_previous_complete_checkpoint(tmp_path, tiny, caplog):
+    """optimizer.pt deleted from the latest checkpoint (saved with it): resuming the run folder
+    skips that checkpoint, naming the file, for the previous one; resuming the checkpoint itself
+    says the file is missing, not that it was saved with checkpoint.save_optimizer=false."""
+    model, tokenizer = tiny
+    optimizer, scheduler = make_optimizer_and_scheduler(model)
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    first = manager.save(1, model, tokenizer, {}, optimizer, scheduler)
+    latest = manager.save(2, model, tokenizer, {}, optimizer, scheduler)
+    (latest / "optimizer.pt").unlink()
+    with caplog.at_level("WARNING"):
+        assert CheckpointManager.resolve(tmp_path) == first
+    assert f"Skipping checkpoint {latest}" in caplog.text and "optimizer.pt: missing" in caplog.text
+    with pytest.raises(PosttrainError, match="optimizer.pt: missing.*newest complete checkpoint of this run is"):
+        CheckpointManager.resolve(latest)
+    with pytest.raises(PosttrainError, match="was saved with optimizer.pt, which is missing now") as info:
+        CheckpointManager.load_trainer_state(latest, optimizer=optimizer)
+    assert "save_optimizer" not in str(info.value)
+    assert CheckpointManager.load_trainer_state(first, optimizer=optimizer, scheduler=scheduler) == {"step": 1}
 
 
 def test_keep_last_prunes_oldest_and_resave_replaces(tmp_path, tiny):
