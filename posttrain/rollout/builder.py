@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from posttrain.config.derived import validation_max_new_tokens
 from posttrain.engine import Engine
 from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
 from posttrain.models.loading import autocast_context
@@ -55,9 +56,8 @@ def engine_max_model_len(cfg: Any, model: torch.nn.Module) -> int:
         return r.engine.max_model_len
     turns = getattr(r, "max_turns", 1)
     length = cfg.data.max_prompt_tokens + turns * r.max_new_tokens + (turns - 1) * 512
-    validation = getattr(cfg, "validation", None)
-    if validation is not None and validation.max_new_tokens:
-        length = max(length, cfg.data.max_prompt_tokens + turns * validation.max_new_tokens + (turns - 1) * 512)
+    if getattr(cfg, "validation", None) is not None:  # validation's completions may be longer
+        length = max(length, cfg.data.max_prompt_tokens + turns * validation_max_new_tokens(cfg) + (turns - 1) * 512)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return min(length, limit) if limit else length
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from posttrain.algorithms import get_advantage_estimator, resolved_off_policy_correction
 from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.checkpoint.sharded import is_sharded_checkpoint
+from posttrain.config import derived
 from posttrain.config.schema import GRPOConfig
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
@@ -128,7 +129,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups
         sampler = RankShardedSampler(sampler, prompts_per_mini_batch=cfg.trainer.mini_batch_size // group_size)
-    optimizer_steps_per_step = cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
+    optimizer_steps_per_step = derived.optimizer_steps_per_step(cfg)
     optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir,
                                       cfg.trainer.max_steps * optimizer_steps_per_step, resume_ckpt)
     optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
@@ -151,7 +152,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     # rollout.source=api: remote environments generate and score; each step pulls their groups.
     api_source = (make_api_source(cfg, model, tokenizer, device, autocast, start_version=start_step)
                   if cfg.rollout.source == "api" else None)
-    val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
+    val_max_tokens = derived.validation_max_new_tokens(cfg)
 
     with contextlib.ExitStack() as stack:
         rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))

@@ -21,6 +21,7 @@ from posttrain.algorithms import (
     off_policy_metrics,
     resolved_off_policy_correction,
 )
+from posttrain.config import derived
 from posttrain.config.schema import GRPOConfig
 from posttrain.distributed import all_gather_objects, all_reduce_sum, get_world_size
 from posttrain.trainer.memory import compiled
@@ -64,7 +65,7 @@ def policy_update(
     has run before it, so these are the logprobs of the weights the step started with, at no extra
     forward pass (samples.jsonl shows them beside the engine's)."""
     algo, trainer = cfg.algorithm, cfg.trainer
-    scheduler_steps = algo.ppo_epochs * (cfg.rollout.batch_size // trainer.mini_batch_size)
+    scheduler_steps = derived.optimizer_steps_per_step(cfg)
     if not samples:
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore", UserWarning)

@@ -28,6 +28,7 @@ from posttrain.algorithms import (
     value_loss,
 )
 from posttrain.checkpoint.manager import _torch_load
+from posttrain.config import derived
 from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import LoRAConfig
 from posttrain.data.prompts import load_prompt_data
@@ -92,7 +93,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     engine = build_engine(cfg, model, tokenizer, compute_dtype)
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
-    optimizer_steps = cfg.trainer.max_steps * cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
+    optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg)
     optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir, optimizer_steps,
                                       resume_ckpt)
     optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
@@ -106,7 +107,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     sampling = SamplingParams(n=group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
     algo = cfg.algorithm
-    val_max_tokens = cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
+    val_max_tokens = derived.validation_max_new_tokens(cfg)
 
     with contextlib.ExitStack() as stack:
         rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))
