@@ -48,22 +48,64 @@ def encode_prompts(
     """Tokenize ``PromptExample``s (objects with ``messages`` and ``metadata``).
 
     Prompts longer than ``max_prompt_tokens`` are dropped with one warning; dropping all of them
-    is an error, since training could not start."""
+    is an error, since training could not start. A prompt whose text alone is too long for
+    ``max_prompt_tokens`` tokens (see ``prompt_char_limit``) is dropped before it is templated or
+    tokenised: a multi-megabyte row would otherwise cost gigabytes and a minute of tokenising."""
+    char_limit = prompt_char_limit(tokenizer, max_prompt_tokens)
+    kept = [ex for ex in examples if not char_limit or _content_chars(ex.messages) <= char_limit]
     texts = [
         format_prompt(ex.messages, tokenizer, use_chat_template=use_chat_template, system_prompt=system_prompt)
-        for ex in examples
+        for ex in kept
     ]
+    if char_limit:
+        kept, texts = [ex for ex, t in zip(kept, texts) if len(t) <= char_limit], [t for t in texts if len(t) <= char_limit]
+    cut_early = len(examples) - len(kept)
     # The chat template already holds any BOS token; adding special tokens again would double it.
     add_special = not use_chat_template
-    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
     prompts = [
         TokenizedPrompt(token_ids=list(t), messages=list(ex.messages), metadata=dict(ex.metadata))
-        for t, ex in zip(ids, examples)
+        for t, ex in zip(ids, kept)
         if not max_prompt_tokens or len(t) <= max_prompt_tokens
     ]
     dropped = len(examples) - len(prompts)
     if dropped:
-        logger.warning("Dropped %d of %d %s longer than data.max_prompt_tokens=%d", dropped, len(examples), what, max_prompt_tokens)
+        logger.warning("Dropped %d of %d %s longer than data.max_prompt_tokens=%d%s", dropped, len(examples), what,
+                       max_prompt_tokens, f" ({cut_early} of them over {char_limit:,} characters, before tokenising)"
+                       if cut_early else "")
     if examples and not prompts:
         raise PosttrainError(f"Every one of the {what} is longer than data.max_prompt_tokens={max_prompt_tokens}; raise it.")
     return prompts
+
+
+# Characters per token assumed at most beyond the longest vocabulary entry: normalisation (NFC)
+# can merge up to about 3 characters into one, so the bound keeps a margin for it.
+_NORMALISATION_MARGIN = 4
+
+
+def prompt_char_limit(tokenizer: Any, max_prompt_tokens: int) -> int:
+    """A length in characters above which a prompt surely has more than ``max_prompt_tokens``
+    tokens, so it can be dropped without tokenising it; 0 when no such bound is known.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and BPE with byte fallback (Llama 2, Mistral)
+    turn every character into at least one byte of some token, and one token spells at most as
+    many characters as its longest vocabulary entry, so a text of more characters than
+    max_prompt_tokens x that length (x a margin for normalisation) has more tokens than allowed.
+    Other tokenizers (word-level, WordPiece, Unigram without byte fallback) may map an arbitrarily
+    long word to one unknown token: no bound."""
+    if not max_prompt_tokens:
+        return 0
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if type(model).__name__ != "BPE":
+        return 0
+    byte_level = "ByteLevel" in repr(backend.pre_tokenizer) or "ByteLevel" in repr(backend.decoder)
+    if not (byte_level or getattr(model, "byte_fallback", False)):
+        return 0
+    longest = max(map(len, tokenizer.get_vocab()), default=0)
+    return max_prompt_tokens * max(longest, 1) * _NORMALISATION_MARGIN
+
+
+def _content_chars(messages: Sequence[dict[str, Any]]) -> int:
+    """Characters of the messages' text (the chat template only adds to it)."""
+    return sum(len(m.get("content")) for m in messages if isinstance(m.get("content"), str))
