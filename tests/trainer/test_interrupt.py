@@ -212,3 +212,45 @@ def test_sigterm_in_sft_waits_for_the_step_and_exits_143(tmp_path, monkeypatch, 
 def test_resume_auto_needs_an_output_dir(capsys):
     assert main(["sft", "data.train_path=x.jsonl", "--resume", "auto"]) == 2
     assert "--resume auto needs trainer.output_dir" in capsys.readouterr().err
+
+
+def test_a_second_sigterm_ends_the_process_at_once(tmp_path):
+    """The first SIGTERM waits for the update in progress; a second one ends the process at once,
+    with the status a SIGTERM'd process has (a scheduler's second signal, or a user's)."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from posttrain.errors import sigterm_as_interrupt\n"
+        "from posttrain.trainer.interrupt import InterruptGuard\n"
+        "with sigterm_as_interrupt(), InterruptGuard() as guard, guard.deferred():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    print('still updating', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('not reached', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == "still updating\n"
+    assert proc.stderr.count("SIGTERM: finishing the weight update in progress") == 1
+
+
+def test_sigterm_in_dpo_waits_for_the_step_and_exits_143(tmp_path, monkeypatch, capfd):
+    from posttrain.logging.metrics import MetricsLogger
+    from test_dpo import run_args, write_pairs
+
+    real_log = MetricsLogger.log
+
+    def log_then_terminate(self, step, metrics, prefix=""):
+        real_log(self, step, metrics, prefix)
+        if step == 2 and "loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_terminate)
+    model_dir = save_tiny_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    assert main(run_args(model_dir, write_pairs(tmp_path / "pairs.jsonl", 24), run_dir, 50, "checkpoint.every=0")) == 143
+    captured = capfd.readouterr()
+    assert "stopped by SIGTERM (a second SIGTERM ends the process at once): saving a checkpoint at the last " \
+           "completed step (2)" in captured.out
+    assert [p.name for p in _checkpoints(run_dir)] == ["step_000002"]
