@@ -121,3 +121,28 @@ def test_no_module_import_cycles():
         if module not in index:
             visit(module)
     assert not cycles, f"modules that import each other (directly or around a loop): {cycles}"
+
+
+# Modules that may import posttrain modules inside functions, and why. Everywhere else an import
+# inside a function is either a hidden cycle or needless.
+LAZY_IMPORTS_ALLOWED = {
+    "posttrain.cli": "each command loads its modules when it runs: --help and config errors stay fast",
+    "posttrain.server.cli": "fastapi and uvicorn are the optional serve extra",
+    "posttrain.server.proxy": "uvicorn is the optional serve extra",
+    "posttrain.server.rollout_api": "uvicorn is the optional serve extra",
+    "posttrain.config.validate.grpo": "the algorithm registries import torch; the CLI validates without waiting for it",
+}
+
+
+def test_imports_inside_functions_only_where_allowed():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        if module in LAZY_IMPORTS_ALLOWED:
+            continue
+        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("posttrain"):
+                        found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.module}")
+    assert not found, f"posttrain imports inside functions (move them to the top, or explain in LAZY_IMPORTS_ALLOWED): {found}"

@@ -9,7 +9,9 @@ from pathlib import Path
 from posttrain.errors import EXIT_OK, PosttrainError
 from posttrain.logging.samples import SAMPLES_FILE
 from posttrain.report import build_report
+from posttrain.report.html import token_view_page
 from posttrain.report.runs import load_run
+from posttrain.report.terminal import print_samples
 
 
 def report(args: argparse.Namespace) -> int:
@@ -30,13 +32,9 @@ def view(args: argparse.Namespace) -> int:
         )
     try:
         if args.html:
-            from posttrain.report.html import token_view_page
-
             Path(args.html).write_text(token_view_page(run, args.step, args.color), encoding="utf-8")
             print(f"samples: {args.html}")
         else:
-            from posttrain.report.terminal import print_samples
-
             print_samples(run.samples, args.step, args.color)
     except ValueError as exc:  # no samples at --step: the message names the steps there are
         raise PosttrainError(f"{args.run_dir}: {exc}; pass one of them with --step.") from exc

@@ -7,7 +7,12 @@ import logging
 import sys
 from typing import Any
 
+from posttrain.config.schema import ModelConfig
+from posttrain.engine import Engine
+from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models.loading import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
+from posttrain.rollout.hf_engine import HFEngine
 
 logger = logging.getLogger("posttrain.server")
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -15,8 +20,6 @@ DEFAULT_MAX_MODEL_LEN = 8192
 
 def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, compute_dtype: Any) -> tuple[Any, int]:
     """The engine ``--engine`` asks for, and the longest prompt it serves."""
-    from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
-
     choice = getattr(args, "engine", "auto")
     model_type = getattr(model.config, "model_type", None)
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -25,10 +28,7 @@ def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, c
                     ", ".join(SUPPORTED_MODEL_TYPES), model_type)
         choice = "hf"
     if choice == "hf":
-        from posttrain.rollout.hf_engine import HFEngine
-
         return HFEngine(model, tokenizer, compute_dtype=compute_dtype), args.max_prompt_tokens or positions or 4096
-    from posttrain.engine import Engine
 
     max_model_len = args.max_model_len or min(positions or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
     if args.max_prompt_tokens >= max_model_len:
@@ -48,14 +48,13 @@ def serve(args: argparse.Namespace) -> int:
 
         return serve_proxy(args)
     try:
+        # fastapi and uvicorn are the optional serve extra: imported here, so a missing one is a clear error.
         from posttrain.server.app import create_app
         from posttrain.server.uvicorn_run import run_until_signal
     except ImportError as exc:
         print(f"posttrain: error: `posttrain serve` needs the serve extra ({exc.name} is missing): "
               "pip install 'posttrain[serve]'", file=sys.stderr)
         return 1
-    from posttrain.config.schema import ModelConfig  # heavy imports only now
-    from posttrain.models.loading import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 
     try:
         cfg = ModelConfig(path=args.model, device=args.device, dtype=args.dtype)

@@ -264,7 +264,7 @@ def create_proxy_app(backend_url: str | None, prompts: PromptConfig, *, env: Env
 
 def serve_proxy(args: Any) -> int:
     """``posttrain serve --proxy URL --prompt-config NAME [--env NAME] [--dry-run]``."""
-    from posttrain.server.uvicorn_run import run_until_signal
+    from posttrain.server.uvicorn_run import run_until_signal  # uvicorn (optional, serve extra) only now
 
     try:
         if not args.prompt_config:

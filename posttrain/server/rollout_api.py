@@ -197,7 +197,7 @@ def create_rollout_api_app(queue: GroupQueue, *, max_request_bytes: int = 64 << 
 
 def run_rollout_api(args: Any) -> int:
     """``posttrain rollout-api``: serve the rollout API with uvicorn until interrupted."""
-    from posttrain.server.uvicorn_run import run_until_signal
+    from posttrain.server.uvicorn_run import run_until_signal  # uvicorn (optional, serve extra) only now
 
     try:
         prompts = PromptFeed(args.prompts, args.seed) if args.prompts else None

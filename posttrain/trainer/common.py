@@ -11,19 +11,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from posttrain.checkpoint.rng import seed_everything  # noqa: F401  (the recipes import it from here)
+from posttrain.checkpoint.manager import CHECKPOINTS_SUBDIR, CheckpointManager
+from posttrain.checkpoint.rng import seed_everything
+from posttrain.config.loader import config_to_yaml
+from posttrain.distributed import broadcast_object, is_main_process
 from posttrain.errors import PosttrainError, Terminated
+from posttrain.logging.metrics import METRICS_FILE
+from posttrain.logging.progress import CONSOLE_LOGGER
+from posttrain.trainer.run_lock import LOCK_FILE, lock_run_folder, release_run_folder
 
 
 def start_run(cfg, resume_from: str | None, command: str) -> tuple[Path, Path | None]:
     """The prologue of every recipe: resolve the checkpoint to resume, create the run folder with
     its train.log and config.yaml, and seed everything. Returns (run folder, checkpoint or None)."""
-    from posttrain.checkpoint.manager import CheckpointManager
-    from posttrain.config.loader import config_to_yaml
-
-    from posttrain.distributed import broadcast_object, is_main_process
-    from posttrain.trainer.run_lock import lock_run_folder
-
     _remember_resumed_run(None)  # forget an earlier run of this process
     _remember_created_run(None)
     resume_ckpt = CheckpointManager.resolve(resume_from) if resume_from else None
@@ -78,8 +78,6 @@ def undo_failed_start() -> None:
     created, so a failed start (a bad model path, a data error) leaves no near-empty run folder
     behind for `--resume auto`, report or a person to trip over. A folder that holds anything more
     (a metrics line, a checkpoint, files of the user's) is kept. The CLI prints the error itself."""
-    from posttrain.logging.metrics import METRICS_FILE
-    from posttrain.trainer.run_lock import LOCK_FILE, release_run_folder
 
     global _created_run
     if _created_run is None:
@@ -128,8 +126,6 @@ def _history_files(output_dir: Path) -> set[str]:
 
 
 def _checkpoint_ids(output_dir: Path) -> set[tuple[str, int]]:
-    from posttrain.checkpoint.manager import CHECKPOINTS_SUBDIR
-
     folder = output_dir / CHECKPOINTS_SUBDIR
     return {(p.name, p.stat().st_ino) for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
 
@@ -277,8 +273,6 @@ class _RunLogFormatter(logging.Formatter):
     their level and logger name, as the console shows them."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from posttrain.logging.progress import CONSOLE_LOGGER
-
         if record.name == CONSOLE_LOGGER:
             return f"{self.formatTime(record)} {record.getMessage()}"
         return super().format(record)
@@ -313,8 +307,6 @@ def log_to_file(path: Path) -> None:
     """Write posttrain's log records and the console's lines (steps, validation, checkpoints) to
     ``path`` (the run's train.log). Replaces the train.log handler of an earlier run in this
     process, which would otherwise receive this run's lines too."""
-    from posttrain.logging.progress import CONSOLE_LOGGER
-
     loggers = [logging.getLogger("posttrain"), logging.getLogger(CONSOLE_LOGGER)]
     _close_run_log()
     handler = _RunLogHandler(path)
@@ -326,8 +318,6 @@ def log_to_file(path: Path) -> None:
 
 def _close_run_log() -> None:
     """Detach and close the train.log handler of this process's run, if any."""
-    from posttrain.logging.progress import CONSOLE_LOGGER
-
     for log in (logging.getLogger("posttrain"), logging.getLogger(CONSOLE_LOGGER)):
         for old in [h for h in log.handlers if getattr(h, "posttrain_run_log", False)]:
             log.removeHandler(old)

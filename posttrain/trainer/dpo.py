@@ -16,17 +16,15 @@ from pathlib import Path
 import torch
 
 from posttrain.algorithms import dpo_loss, sequence_logps, uses_length_average
+from posttrain.checkpoint.rng import seed_everything
 from posttrain.config.dpo_schema import DPOConfig
 from posttrain.data.preference import PreferencePair, load_preference_examples, tokenize_pairs
 from posttrain.data.sampler import EpochSampler
 from posttrain.logging.metrics import format_console_line
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
-from posttrain.models.loading import load_tokenizer, model_source
-from posttrain.models.loading import autocast_context
+from posttrain.models.loading import autocast_context, load_tokenizer, model_source
 from posttrain.models.lora import adapters_disabled, is_peft_model, lora_enabled
-from posttrain.trainer.common import (
-    SkippedStepGuard, due, log_small_data, save_on_interrupt, seed_everything, start_run,
-)
+from posttrain.trainer.common import SkippedStepGuard, due, log_small_data, save_on_interrupt, start_run
 from posttrain.trainer.dpo_reference import (
     REFERENCE_FILE,
     compute_reference_logps,
@@ -36,8 +34,8 @@ from posttrain.trainer.dpo_reference import (
     save_reference,
 )
 from posttrain.trainer.optim import clip_and_step
-from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.samples import chunks
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 
 logger = logging.getLogger("posttrain.trainer")
 

@@ -11,45 +11,55 @@ import math
 import time
 from pathlib import Path
 
-
 from posttrain.algorithms import get_advantage_estimator, resolved_off_policy_correction
 from posttrain.checkpoint.manager import CheckpointManager
+from posttrain.checkpoint.rng import seed_everything
 from posttrain.checkpoint.sharded import is_sharded_checkpoint
+from posttrain.cluster import build_replica_pool
 from posttrain.config import derived
 from posttrain.config.schema import GRPOConfig
+from posttrain.data.chat import encode_prompts
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
 from posttrain.distributed import (
-    RankShardedSampler, all_gather_objects, all_reduce_max, gathered_for_generation, get_rank, get_world_size, init_process_group, is_distributed,
-    is_main_process, mean_across_ranks,
+    RankShardedSampler,
+    all_gather_objects,
+    all_reduce_max,
+    gathered_for_generation,
+    get_rank,
+    get_world_size,
+    init_process_group,
+    is_distributed,
+    is_main_process,
+    mean_across_ranks,
 )
 from posttrain.distributed.layout import ParallelLayout
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import format_console_line
-from posttrain.data.chat import encode_prompts
-from posttrain.models import (
-    load_model_and_tokenizer,
-    make_reference_model,
-    resolve_compute_dtype,
-    resolve_device,
-)
+from posttrain.models import load_model_and_tokenizer, make_reference_model, resolve_compute_dtype, resolve_device
+from posttrain.models.loading import autocast_context
 from posttrain.models.lora import is_peft_model
 from posttrain.models.moe import check_moe_config, moe_checklist, prepare_moe_policy
-from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
+from posttrain.sampling import SamplingParams
 from posttrain.sync import build_weight_sync
-from posttrain.trainer.memory import prepare_for_training
-from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, seed_everything, start_run
-from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
-    PENDING_ROLLOUTS_FILE, AsyncRollouts, PoolEngine, ReadyBatch, SerializedRewards, load_pending, save_pending, staleness_metrics,
+    PENDING_ROLLOUTS_FILE,
+    AsyncRollouts,
+    PoolEngine,
+    ReadyBatch,
+    SerializedRewards,
+    load_pending,
+    save_pending,
+    staleness_metrics,
     token_staleness_metrics,
 )
-from posttrain.cluster import build_replica_pool
-from posttrain.models.loading import autocast_context
+from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, start_run
+from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.samples import Sample
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -65,6 +75,7 @@ from posttrain.trainer.rollouts import (
     shaping_metrics,
     timing_metrics,
 )
+
 
 def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
     """Run GRPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""

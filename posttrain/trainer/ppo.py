@@ -28,24 +28,31 @@ from posttrain.algorithms import (
     value_loss,
 )
 from posttrain.checkpoint.manager import _torch_load
+from posttrain.checkpoint.rng import seed_everything
 from posttrain.config import derived
 from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import LoRAConfig
+from posttrain.data.chat import encode_prompts
 from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import format_console_line
-from posttrain.data.chat import encode_prompts
-from posttrain.models import load_model_and_tokenizer, make_reference_model, model_source
-from posttrain.models import resolve_compute_dtype, resolve_device
+from posttrain.models import (
+    load_model_and_tokenizer,
+    make_reference_model,
+    model_source,
+    resolve_compute_dtype,
+    resolve_device,
+)
 from posttrain.models.loading import load_model
 from posttrain.models.lora import is_peft_model
 from posttrain.models.value_model import ValueModel
-from posttrain.sampling import SamplingParams
 from posttrain.rollout.builder import build_engine
-from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, seed_everything, start_run
+from posttrain.sampling import SamplingParams
 from posttrain.trainer.async_rollouts import token_staleness_metrics
+from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, start_run
+from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
@@ -55,9 +62,8 @@ from posttrain.trainer.rollouts import (
     shaping_metrics,
     timing_metrics,
 )
-from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
-from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
+from posttrain.trainer.setup import build_optimization, open_run_outputs
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")

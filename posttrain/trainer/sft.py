@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from posttrain.checkpoint.rng import seed_everything
 from posttrain.config.sft_schema import SFTConfig
 from posttrain.data.packing import (
     IGNORE_INDEX,
@@ -31,9 +32,7 @@ from posttrain.data.sft import load_sft_conversations, tokenize_conversations
 from posttrain.logging.metrics import format_console_line
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.loading import autocast_context
-from posttrain.trainer.common import (
-    SkippedStepGuard, due, log_small_data, save_on_interrupt, seed_everything, start_run,
-)
+from posttrain.trainer.common import SkippedStepGuard, due, log_small_data, save_on_interrupt, start_run
 from posttrain.trainer.optim import clip_and_step
 from posttrain.trainer.setup import build_optimization, open_run_outputs
 

@@ -22,7 +22,7 @@ from posttrain.rollout.builder import build_engine
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.cluster import build_replica_pool
 from posttrain.cluster.replicas import EngineReplica, LocalReplicaPool, ReplicaError, split_contiguous
-from posttrain.trainer.common import seed_everything
+from posttrain.checkpoint.rng import seed_everything
 
 TEXTS = ["What is 2+3?", "Hi", "A longer prompt here", "Count: 1, 2,", "xyz"]
 SWITCH_STEP = 10  # partial-rollout tests load new weights after this many engine steps
