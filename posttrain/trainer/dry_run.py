@@ -14,23 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from posttrain.algorithms import resolved_off_policy_correction
-from posttrain.config.schema import LoRAConfig, ModelConfig
-from posttrain.data.chat import encode_prompts
-from posttrain.data.packing import TokenBudgetBatcher
-from posttrain.data.preference import load_preference_examples, tokenize_pairs
-from posttrain.data.prompts import load_prompt_data
-from posttrain.data.sampler import EpochSampler
-from posttrain.data.sft import load_sft_conversations, tokenize_conversations
-from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
+from posttrain.config.schema import LoRAConfig
 from posttrain.models.loading import (
     autocast_context,
     load_model_and_tokenizer,
@@ -39,10 +28,9 @@ from posttrain.models.loading import (
     resolve_compute_dtype,
     resolve_device,
 )
-from posttrain.models.lora import apply_lora
-from posttrain.models.value_model import ValueModel
-from posttrain.rollout.builder import build_engine, engine_max_model_len
-from posttrain.sampling import SamplingParams
+from posttrain.rollout.builder import engine_max_model_len
+from posttrain.trainer.dry_run_plan import ModelShape, StepPlan, dpo_plan, meta_model_shape, rl_plan, sft_plan
+from posttrain.trainer.dry_run_timing import device_memory, time_forward_backward, time_generation
 from posttrain.trainer.memory import prepare_for_training
 
 GiB = 2**30
@@ -50,88 +38,6 @@ GiB = 2**30
 CPU_SLOW_GENERATED_TOKENS = 8192
 CPU_SLOW_STEP_S = 120.0  # a step slower than this on a CPU gets a warning
 CPU_SLOW_VALIDATION_S = 30.0  # and so does a validation slower than this (it runs several times)
-PROMPT_SAMPLE = 256  # rows tokenized to measure the data's lengths
-MEASURED_TOKENS = {"cpu": 256, "cuda": 2048}  # tokens of the timed forward+backward
-# Sequences of the timed generation on a CPU, where time grows about linearly with them (compute-bound),
-# so a few stand for the whole batch; a GPU times the engine's whole first wave, which costs about one step.
-CPU_MEASURED_SEQUENCES = 32
-DECODE_STEPS = 8  # timed decode steps of generation
-REPEATS = 2  # each timing is the fastest of this many runs, after a warm-up (other processes add noise)
-
-
-@dataclass
-class ModelShape:
-    """What the estimates need from a model: parameter counts and the transformer's sizes."""
-
-    total: int
-    trainable: int
-    layers: int
-    hidden: int
-    intermediate: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    max_positions: int
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token in a cache of 1-byte elements (multiply by the dtype's size)."""
-        return 2 * self.layers * self.kv_heads * self.head_dim
-
-    def activation_values_per_token(self, checkpointing: bool) -> int:
-        """Values kept for the backward pass per token: about 8 x hidden + 4 x kv + 4 x intermediate
-        per layer (norm inputs and outputs, q/k/v, attention output, the MLP's gate/up/product);
-        with activation checkpointing, each layer's input plus one layer recomputed at a time."""
-        per_layer = 8 * self.hidden + 4 * self.kv_heads * self.head_dim + 4 * self.intermediate
-        return self.layers * self.hidden + per_layer if checkpointing else self.layers * per_layer
-
-
-def meta_model_shape(model_cfg: ModelConfig, critic: bool = False) -> ModelShape:
-    """Build the model on the ``meta`` device from its config (no weights are read) and measure it.
-    ``critic``: the PPO value model instead (the transformer without its LM head, plus a value head)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_source(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
-    if critic:
-        model = ValueModel(model.base_model)
-    elif model_cfg.lora.r > 0:
-        model = apply_lora(model, model_cfg.lora)
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    return ModelShape(
-        total=sum(p.numel() for p in model.parameters()),
-        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        layers=text.num_hidden_layers, hidden=text.hidden_size,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
-        max_positions=getattr(text, "max_position_embeddings", 0) or 0,
-    )
-
-
-@dataclass
-class StepPlan:
-    """One step's work in tokens, for the estimates. Lengths are means over a sample of the data."""
-
-    sequence_tokens: float  # one training sequence (prompt + response)
-    trained_tokens: float  # forward+backward through the policy per step
-    forward_tokens: float  # forward-only policy/reference passes per step
-    micro_batch_tokens: int
-    forward_what: str = ""  # which passes those are
-    completions: int = 0  # generated per step (grpo/ppo)
-    max_new_tokens: int = 0
-    critic_tokens: float = 0.0  # ppo: forward + forward+backward of the critic per step
-    once_forward_tokens: float = 0.0  # dpo: the reference pass over every pair, once
-    validation: str = ""  # what one validation does
-    validation_forward_tokens: float = 0.0  # sft/dpo: forward tokens of one validation
-    validation_generated: int = 0  # grpo/ppo: greedy completions of one validation
-    validation_max_tokens: int = 0
-    num_validations: int = 0
-    steps: int = 0
-    sequences: list = dataclasses.field(default_factory=list)  # token ids of the data, for the timed pass
-    prompts: list = dataclasses.field(default_factory=list)  # grpo/ppo: prompt token ids, for the timed generation
 
 
 def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int:
@@ -156,7 +62,7 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
 
     # ---- the step's shape, from a sample of the data (which also checks the data as the trainer would)
     tokenizer = load_tokenizer(model_source(cfg.model), cfg.model)
-    plan = {"grpo": _rl_plan, "ppo": _rl_plan, "sft": _sft_plan, "dpo": _dpo_plan}[command](cfg, tokenizer)
+    plan = {"grpo": rl_plan, "ppo": rl_plan, "sft": sft_plan, "dpo": dpo_plan}[command](cfg, tokenizer)
 
     # ---- memory: training, then generation (the engine's KV cache is freed while the trainer runs)
     p_bytes, a_bytes = param_dtype.itemsize, compute_dtype.itemsize
@@ -175,7 +81,7 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     parts["activations"] = plan.micro_batch_tokens * policy.activation_values_per_token(checkpointing) * a_bytes
     chunk = cfg.model.chunked_logprobs if rl else 0  # sft/dpo compute their micro-batch's logits at once
     parts["logits"] = (min(chunk, plan.micro_batch_tokens) if chunk else plan.micro_batch_tokens) * policy.vocab * 4 * 2
-    capacity, capacity_name = _device_memory(device)
+    capacity, capacity_name = device_memory(device)
     lines = [f"{name:<14}{_gib(size)}" for name, size in parts.items()]
     lines.append(f"  (activations: {plan.micro_batch_tokens:,} tokens per micro-batch x {policy.layers} layers, hidden "
                  f"{policy.hidden}, MLP {policy.intermediate}; " + ("model.gradient_checkpointing=true)" if checkpointing else
@@ -216,12 +122,12 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     lines = []
     generation = None
     if generates:
-        generation = _time_generation(cfg, model, tokenizer, compute_dtype, plan.prompts)
+        generation = time_generation(cfg, model, tokenizer, compute_dtype, plan.prompts)
         lines.append(f"generation    {generation[2]} sequences: {_duration(generation[0])} to the first token (prefill), "
                      f"{_duration(generation[1])} per decode step")
     elif rl:
         lines.append("generation    not measured: a remote server or the rollout API generates")
-    fb, fwd, rows, row_len = _time_forward_backward(model, tokenizer, device, autocast_context(device, compute_dtype), plan)
+    fb, fwd, rows, row_len = time_forward_backward(model, tokenizer, device, autocast_context(device, compute_dtype), plan)
     del model
     lines.append(f"train pass    {rows} row{'s' * (rows > 1)} of {row_len} tokens: {fb * 1e3:.3g} ms per token forward+backward, "
                  f"{fwd * 1e3:.3g} ms per token forward only")
@@ -403,194 +309,6 @@ def _settings(command: str, cfg: Any, device: torch.device, compute_dtype: torch
                   f"trainer       {t.batch_size} pairs per step, micro-batch {t.micro_batch_size} pairs, lr {t.lr:g}"]
     lines.append(f"output        {t.output_dir or f'runs/{command}-<timestamp>'} (--dry-run creates nothing)")
     return lines
-
-
-def _rl_plan(cfg: Any, tokenizer: Any) -> StepPlan:
-    r, a, t, v = cfg.rollout, cfg.algorithm, cfg.trainer, cfg.validation
-    # The trainers' first checks: an environment that does not import, or rows it cannot score, fail here too.
-    env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))
-    train, val = load_prompt_data(cfg.data, cfg.seed)
-    check_task_data(env_classes, train, "training prompts")
-    check_task_data(env_classes, val, "validation prompts")
-    encode = dict(use_chat_template=cfg.model.use_chat_template, system_prompt=cfg.model.system_prompt,
-                  max_prompt_tokens=cfg.data.max_prompt_tokens)
-    prompts = encode_prompts(train[:PROMPT_SAMPLE], tokenizer, **encode, what="training prompts")
-    seq = sum(len(p.token_ids) for p in prompts) / len(prompts) + r.max_new_tokens
-    per_step = r.batch_size * seq
-    # Old logprobs are recomputed unless the engine's match the trainer's (the hf backend scores with it).
-    recompute = resolved_off_policy_correction(a).name != "none" or (r.recompute_logprobs and r.backend != "hf")
-    passes = ["reference logprobs"] * (a.kl_coef > 0) + ["old logprobs recomputed"] * recompute
-    num_val = min(len(val), v.max_prompts) if v.max_prompts else len(val)
-    # As the recipes do: before step 1, every `every` steps but the last, after the last.
-    validations = v.at_start + (t.max_steps - 1) // v.every * (v.every > 0) + v.at_end if num_val else 0
-    val_tokens = v.max_new_tokens or r.max_new_tokens
-    return StepPlan(
-        sequence_tokens=seq, trained_tokens=per_step * a.ppo_epochs,
-        forward_tokens=per_step * len(passes), forward_what=", ".join(passes),
-        micro_batch_tokens=t.micro_batch_tokens or int(t.micro_batch_size * (cfg.data.max_prompt_tokens + r.max_new_tokens)),
-        completions=r.batch_size, max_new_tokens=r.max_new_tokens,
-        critic_tokens=per_step * (1 + a.ppo_epochs) if hasattr(cfg, "critic") else 0.0,
-        validation=f"{num_val} greedy prompts x up to {val_tokens} tokens" if validations else "",
-        validation_generated=num_val, validation_max_tokens=val_tokens, num_validations=validations, steps=t.max_steps,
-        sequences=[p.token_ids for p in prompts], prompts=[p.token_ids for p in prompts],
-    )
-
-
-def _sft_plan(cfg: Any, tokenizer: Any) -> StepPlan:
-    t = cfg.trainer
-    train, val = load_sft_conversations(cfg.data, cfg.seed)
-    examples = tokenize_conversations(train[:PROMPT_SAMPLE], tokenizer, cfg.model, cfg.data.max_seq_len)
-    mean = sum(len(ex) for ex in examples) / max(len(examples), 1)
-    steps = t.max_steps or _sft_steps(cfg, [len(ex) for ex in examples], len(train))
-    evaluate = t.eval_every > 0 and bool(val)
-    # A step repeats conversations only with trainer.steps_cross_epochs (else it ends with its epoch).
-    data_tokens = len(train) * mean
-    trained = t.batch_tokens if t.steps_cross_epochs else min(t.batch_tokens, data_tokens)
-    return StepPlan(sequence_tokens=mean, trained_tokens=trained, forward_tokens=0.0,
-                    micro_batch_tokens=t.micro_batch_tokens, steps=steps,
-                    validation=f"loss on {len(val)} conversations" if evaluate else "",
-                    num_validations=2 + (steps - 1) // t.eval_every if evaluate else 0,
-                    validation_forward_tokens=len(val) * mean if evaluate else 0.0,
-                    sequences=[ex.input_ids for ex in examples])
-
-
-def _sft_steps(cfg: Any, lengths: list[int], num_rows: int) -> int:
-    """The steps of trainer.num_epochs, as the SFT recipe counts them: exactly (its batcher) when
-    every row was tokenized, else from the mean length of the rows that were."""
-    t = cfg.trainer
-    if len(lengths) == num_rows:
-        return TokenBudgetBatcher(lengths, t.batch_tokens, cfg.seed, cfg.data.shuffle,
-                                  epoch_bounded=not t.steps_cross_epochs).steps_for_epochs(t.num_epochs)
-    epoch_tokens = num_rows * sum(lengths) / max(len(lengths), 1)
-    if t.steps_cross_epochs:
-        return max(1, math.ceil(epoch_tokens * t.num_epochs / t.batch_tokens))
-    per_epoch = epoch_tokens / t.batch_tokens
-    whole, fraction = divmod(t.num_epochs, 1)
-    return max(1, int(whole) * math.ceil(per_epoch) + math.ceil(fraction * per_epoch))
-
-
-def _dpo_plan(cfg: Any, tokenizer: Any) -> StepPlan:
-    d, t = cfg.data, cfg.trainer
-    train, val = load_preference_examples(d, cfg.seed)
-    pairs = tokenize_pairs(train[:PROMPT_SAMPLE], tokenizer, use_chat_template=cfg.model.use_chat_template,
-                           system_prompt=cfg.model.system_prompt, max_prompt_tokens=d.max_prompt_tokens,
-                           max_response_tokens=d.max_response_tokens, what="training pairs")
-    # Chosen and rejected each go through the model with the prompt: two sequences per pair.
-    sequences = [s for p in pairs for s in (p.prompt_ids + p.chosen_ids, p.prompt_ids + p.rejected_ids)]
-    per_pair = sum(len(s) for s in sequences) / max(len(pairs), 1)
-    # Steps and pairs per step as the DPO recipe's sampler hands them out.
-    sampler = EpochSampler(len(train), t.batch_size, cfg.seed, d.shuffle, epoch_bounded=not t.steps_cross_epochs)
-    steps = t.max_steps or sampler.steps_for_epochs(t.num_epochs)
-    pairs_per_step = t.batch_size if t.steps_cross_epochs else min(t.batch_size, len(train))
-    return StepPlan(sequence_tokens=per_pair / 2, trained_tokens=pairs_per_step * per_pair, forward_tokens=0.0,
-                    micro_batch_tokens=int(t.micro_batch_size * per_pair), steps=steps,
-                    once_forward_tokens=(len(train) + len(val)) * per_pair,
-                    validation=f"loss and margins on {len(val)} pairs" if val else "",
-                    num_validations=(1 + (steps - 1) // t.eval_every if t.eval_every else 1) if val else 0,
-                    validation_forward_tokens=len(val) * per_pair, sequences=sequences)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype,
-                     sample: list[list[int]]) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds per decode step, sequences) for one step's prompts in the
-    run's own engine, generating 1 + DECODE_STEPS tokens (EOS ignored) after a warm-up. posttrain's
-    engine is timed step by step (prefill steps, then the median decode step); the hf backend by
-    the difference between a 1-token and a longer generation."""
-    r = cfg.rollout
-    device = next(model.parameters()).device
-    sequences = min(r.batch_size, r.engine.max_num_seqs) if r.backend == "engine" else r.batch_size
-    if device.type == "cpu":
-        sequences = min(sequences, CPU_MEASURED_SEQUENCES)
-    num_prompts = max(1, sequences // r.group_size)
-    prompts = [sample[i % len(sample)] for i in range(num_prompts)]
-    engine = build_engine(cfg, model, tokenizer, compute_dtype)
-
-    def generate(max_tokens: int) -> float:
-        params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_tokens=max_tokens, ignore_eos=True)
-        _sync(device)
-        start = time.perf_counter()
-        engine.generate(prompts, params)
-        _sync(device)
-        return time.perf_counter() - start
-
-    try:
-        generate(2)  # warm-up: KV cache allocation; on a GPU CUDA graphs and compilation
-        if hasattr(engine, "step"):  # posttrain's engine: generate() runs engine.step() until done
-            step_times: list[float] = []
-            step = engine.step
-
-            def timed_step():
-                start = time.perf_counter()
-                finished = step()
-                step_times.append(time.perf_counter() - start)  # a step ends with its tokens on the host
-                return finished
-
-            engine.step = timed_step
-            try:
-                generate(1 + DECODE_STEPS)
-            finally:
-                del engine.step
-            # The scheduler runs every prefill first; each later step decodes one token of every sequence.
-            first = sum(step_times[:-DECODE_STEPS])
-            decode = sorted(step_times[-DECODE_STEPS:])[DECODE_STEPS // 2]
-        else:
-            first = min(generate(1) for _ in range(REPEATS))
-            # The hf backend stops at EOS regardless of ignore_eos, so this is an upper bound per step.
-            decode = max(min(generate(1 + DECODE_STEPS) for _ in range(REPEATS)) - first, 0.0) / DECODE_STEPS
-    finally:
-        engine.sleep()
-        if hasattr(engine, "close"):
-            engine.close()
-    return first, decode, num_prompts * r.group_size
-
-
-def _time_forward_backward(model: torch.nn.Module, tokenizer: Any, device: torch.device, autocast: Callable,
-                           plan: StepPlan) -> tuple[float, float, int, int]:
-    """(seconds per token forward+backward, seconds per token forward, rows, row length): the run's
-    own token sequences, cut into rows of about one training sequence, through the policy."""
-    budget = min(plan.micro_batch_tokens, MEASURED_TOKENS.get(device.type, 2048))
-    row_len = max(2, min(int(plan.sequence_tokens), budget))
-    rows = max(1, budget // row_len)
-    stream = [tok for seq in plan.sequences for tok in seq] or list(range(len(tokenizer)))
-    stream = (stream * math.ceil(rows * row_len / len(stream)))[: rows * row_len]
-    ids = torch.tensor(stream, device=device).view(rows, row_len)
-
-    def forward_backward() -> None:
-        with autocast():
-            logits = model(input_ids=ids, use_cache=False).logits
-        F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten()).backward()
-
-    @torch.no_grad()
-    def forward() -> None:
-        with autocast():
-            model(input_ids=ids, use_cache=False)
-
-    model.train()
-    timings = []
-    for fn in (forward_backward, forward):
-        fn()  # warm-up (and compilation, with trainer.compile_layers)
-        runs = []
-        for _ in range(REPEATS):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            runs.append(time.perf_counter() - start)
-        timings.append(min(runs) / ids.numel())
-    model.zero_grad(set_to_none=True)
-    return timings[0], timings[1], rows, row_len
-
-
-def _device_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)} memory"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
 
 
 def _name(dtype: torch.dtype) -> str:

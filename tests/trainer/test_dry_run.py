@@ -106,7 +106,7 @@ def test_warnings_for_threads_memory_and_cpu_generation(model_dir, tmp_path, mon
     monkeypatch.setattr(dry_run_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(dry_run_module.os, "cpu_count", lambda: 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(dry_run_module, "_device_memory", lambda device: (2**20, "this machine's RAM"))
+    monkeypatch.setattr(dry_run_module, "device_memory", lambda device: (2**20, "this machine's RAM"))
     args = ["grpo", f"model.path={model_dir}", *RL_ARGS, "rollout.batch_size=64", "rollout.max_new_tokens=128",
             "trainer.mini_batch_size=64"]
     out = run_dry(args, tmp_path, monkeypatch, capsys)
@@ -130,7 +130,7 @@ def test_bad_data_fails_before_anything_runs(model_dir, tmp_path, monkeypatch, c
 
 
 def test_weights_that_cannot_load_are_not_measured(model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dry_run_module, "_device_memory", lambda device: (1024, "this machine's RAM"))
+    monkeypatch.setattr(dry_run_module, "device_memory", lambda device: (1024, "this machine's RAM"))
     monkeypatch.setattr(dry_run_module, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the model"))
     out = run_dry(command_args("sft", model_dir, tmp_path), tmp_path, monkeypatch, capsys)
     assert "nothing: the weights alone" in out and "estimated step time" not in out
