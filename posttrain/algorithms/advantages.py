@@ -24,9 +24,9 @@ Registered estimators:
   whitened over the batch (Hu 2025, REINFORCE++, arXiv:2501.03262).
 - ``reinforce_plus_plus_baseline``: the same after subtracting the group mean reward.
 
-Estimators that fold a KL penalty into the reward carry ``folds_kl_into_reward = True``
-(see :func:`folds_kl_into_reward`): the trainer then hands them the per-token KL and does not add
-a KL term to the loss as well.
+Estimators that fold a KL penalty into the reward are registered with
+``folds_kl_into_reward=True`` (see :func:`folds_kl_into_reward`): the trainer then hands them the
+per-token KL and does not add a KL term to the loss as well.
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def normalize_advantages(adv: Tensor, mask: Tensor | None = None, eps: float = 1
     return centred / (std + eps)
 
 
-def folds_kl_into_reward(estimator: Callable) -> bool:
-    """Whether ``estimator`` adds ``-kl_coef * token_kl`` to the reward itself (REINFORCE++).
-
-    The trainer then computes the per-token KL before the advantages and leaves it out of the loss.
+def folds_kl_into_reward(estimator: str | Callable) -> bool:
+    """Whether the advantage estimator (its registered name, or the function) adds
+    ``-kl_coef * token_kl`` to the reward itself (REINFORCE++, GAE): a property it is registered
+    with. The trainer then computes the per-token KL before the advantages and leaves it out of the loss.
     """
-    return bool(getattr(estimator, "folds_kl_into_reward", False))
+    return bool(ADVANTAGE_ESTIMATORS.property(estimator, "folds_kl_into_reward", False))
 
 
 def _check_inputs(rewards: Tensor, response_mask: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -211,7 +211,7 @@ def _whitened_returns(
     return normalize_advantages(returns, mask, eps=eps)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus")
+@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", folds_kl_into_reward=True)
 def compute_reinforce_pp_advantages(
     rewards: Tensor,
     response_mask: Tensor,
@@ -247,7 +247,7 @@ def compute_reinforce_pp_advantages(
     return _whitened_returns(rewards, mask, token_kl, kl_coef, eps)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline")
+@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline", folds_kl_into_reward=True)
 def compute_reinforce_pp_baseline_advantages(
     rewards: Tensor,
     response_mask: Tensor,
@@ -271,7 +271,3 @@ def compute_reinforce_pp_baseline_advantages(
     grouped = rewards.reshape(-1, group_size)
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).masked_fill(_constant_groups(grouped), 0.0)
     return _whitened_returns(centred.reshape(-1), mask, token_kl, kl_coef, eps)
-
-
-compute_reinforce_pp_advantages.folds_kl_into_reward = True  # type: ignore[attr-defined]
-compute_reinforce_pp_baseline_advantages.folds_kl_into_reward = True  # type: ignore[attr-defined]

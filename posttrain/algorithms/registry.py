@@ -13,7 +13,7 @@ module goes through the package ``__init__`` first, so the getters below always 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from posttrain.errors import ConfigError
 
@@ -36,9 +36,12 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Callable] = {}
+        self._properties: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(self, name: str, **properties: Any) -> Callable[[F], F]:
         """Decorator registering a function under ``name``; returns the function unchanged.
+        ``properties``: what the caller needs to know about the entry besides calling it, e.g.
+        ``folds_kl_into_reward=True`` for an advantage estimator (read with :meth:`property`).
 
         Registering a name twice is a programming error (two plugins fighting over one name
         would otherwise silently depend on import order), so it raises ``ValueError``.
@@ -48,9 +51,17 @@ class Registry:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered ({self._entries[name]!r})")
             self._entries[name] = fn
+            self._properties[name] = dict(properties)
             return fn
 
         return decorator
+
+    def property(self, entry: str | Callable, key: str, default: Any = None) -> Any:
+        """Property ``key`` of a registered entry, given by name or as the registered function
+        (``default`` when it was registered without it, or the function is not registered)."""
+        if not isinstance(entry, str):
+            entry = next((name for name, fn in self._entries.items() if fn is entry), "")
+        return self._properties.get(entry, {}).get(key, default)
 
     def get(self, name: str) -> Callable:
         """The function registered as ``name``.

@@ -164,7 +164,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return float(1.0 - (r - v).var() / var)
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register("gae", folds_kl_into_reward=True)
 def compute_gae_advantages(
     rewards: Tensor,
     response_mask: Tensor,
@@ -185,6 +185,3 @@ def compute_gae_advantages(
     token_rewards = rlhf_token_rewards(rewards, response_mask, token_kl, kl_coef)
     advantages, _ = compute_gae(token_rewards, values, response_mask, gamma=gamma, lam=lam)
     return advantages
-
-
-compute_gae_advantages.folds_kl_into_reward = True  # type: ignore[attr-defined]

@@ -81,3 +81,13 @@ def test_registries_cover_every_config_choice():
     assert set(choices["policy_loss"]) <= set(POLICY_LOSSES.names())
     assert set(choices["loss_agg_mode"]) <= set(LOSS_AGGREGATIONS.names())
     assert set(choices["kl_estimator"]) <= set(KL_ESTIMATORS.names())
+
+
+def test_entries_carry_properties_by_name_or_function():
+    from posttrain.algorithms import ADVANTAGE_ESTIMATORS, folds_kl_into_reward, get_advantage_estimator
+
+    assert folds_kl_into_reward("reinforce_plus_plus") and folds_kl_into_reward("gae")
+    assert not folds_kl_into_reward("grpo")
+    assert folds_kl_into_reward(get_advantage_estimator("reinforce_plus_plus_baseline"))
+    assert ADVANTAGE_ESTIMATORS.property("rloo", "folds_kl_into_reward", "unset") == "unset"
+    assert ADVANTAGE_ESTIMATORS.property(len, "folds_kl_into_reward", False) is False  # not registered
