@@ -40,6 +40,7 @@ from posttrain.algorithms.off_policy import (
     truncated_is_weights,
 )
 from posttrain.algorithms.shaping import informative_groups, overlong_penalty
+from posttrain.algorithms.objective import Objective
 from posttrain.algorithms.value import (
     compute_gae,
     compute_gae_advantages,
@@ -60,6 +61,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "OFF_POLICY_CORRECTIONS",
+    "Objective",
     "OffPolicyCorrection",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",

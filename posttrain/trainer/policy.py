@@ -11,15 +11,10 @@ import numpy as np
 import torch
 
 from posttrain.algorithms import (
+    Objective,
     OffPolicyCorrection,
-    aggregate_loss,
-    folds_kl_into_reward,
-    get_advantage_estimator,
-    get_policy_loss,
-    kl_penalty,
     masked_sequence_counts,
     off_policy_metrics,
-    resolved_off_policy_correction,
 )
 from posttrain.config import derived
 from posttrain.config.schema import GRPOConfig
@@ -72,18 +67,11 @@ def policy_update(
             for _ in range(scheduler_steps):
                 scheduler.step()
         return {"actor/skipped_updates": float(scheduler_steps)}
-    policy_loss = get_policy_loss(algo.policy_loss)
-    # Every policy loss takes the same keywords and ignores the ones it does not use.
-    loss_options = dict(
-        clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, dual_clip_c=algo.dual_clip_c,
-        gspo_clip_low=algo.gspo_clip_low, gspo_clip_high=algo.gspo_clip_high,
-    )
+    # Policy loss, KL, entropy and off-policy correction: the objective of the algorithm section.
+    objective = Objective.from_config(algo)
     # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
     # algorithm.off_policy_correction and the off_policy/* metrics.
-    correction = resolved_off_policy_correction(algo)
-    step_metrics = _off_policy_step_metrics(samples, correction)
-    # REINFORCE++ puts the KL into the reward; it is then logged but not added to the loss again.
-    kl_in_loss = not folds_kl_into_reward(get_advantage_estimator(algo.advantage))
+    step_metrics = _off_policy_step_metrics(samples, objective.correction)
     # Metrics are summed on the device and read once at the end: a read per micro-batch would make
     # the CPU wait for each backward pass before it can queue the next micro-batch's work.
     sums: dict[str, torch.Tensor] = {}
@@ -97,7 +85,7 @@ def policy_update(
     # MoE policies: router losses join the policy loss, router metrics the update's (docs/moe.md).
     moe = MoEUpdate.for_model(model, cfg.moe.router, device)
     if trainer.compile_loss:
-        policy_loss = compiled(policy_loss)
+        objective = objective.with_policy_loss(compiled(objective.policy_loss))
     model.train()
     mini_batches = [(mini_batch, split_micro_batches(mini_batch, trainer.micro_batch_size, trainer.micro_batch_tokens, packed))
                     for _ in range(algo.ppo_epochs) for mini_batch in chunks(samples, trainer.mini_batch_size // world_size)]
@@ -126,27 +114,12 @@ def policy_update(
                 )
             if index == 0 and record:
                 recorded.append((micro_batch, logprobs.detach(), entropy.detach()))
-            per_token, pg_metrics = policy_loss(
-                logprobs, batch.old_logprobs, batch.advantages, mask, **loss_options
+            per_token, pg_metrics, token_terms = objective.token_loss(
+                logprobs, batch.old_logprobs, batch.advantages, mask, entropy,
+                rollout_logprobs=batch.rollout_logprobs, ref_logprobs=batch.ref_logprobs,
             )
-            token_terms = {"entropy": entropy, "logprob_diff": (logprobs - batch.old_logprobs).abs()}
-            if batch.rollout_logprobs is not None:
-                token_terms["rollout_logprob_diff"] = (batch.old_logprobs - batch.rollout_logprobs).abs()
-                if correction.name != "none":
-                    is_weights = correction.weights(batch.old_logprobs, batch.rollout_logprobs, mask)
-                    per_token = per_token * is_weights
-                    token_terms["is_weight"] = is_weights
-            if batch.ref_logprobs is not None:
-                kl = kl_penalty(logprobs, batch.ref_logprobs, algo.kl_estimator)
-                if kl_in_loss:
-                    per_token = per_token + algo.kl_coef * kl
-                token_terms["kl"] = kl
-            if algo.entropy_coef > 0:
-                per_token = per_token - algo.entropy_coef * entropy
-            loss = aggregate_loss(
-                per_token, mask, algo.loss_agg_mode,
-                num_tokens=num_tokens, num_sequences=num_sequences, norm_length=float(cfg.rollout.max_new_tokens),
-            )
+            loss = objective.aggregate(per_token, mask, num_tokens=num_tokens, num_sequences=num_sequences,
+                                       norm_length=float(cfg.rollout.max_new_tokens))
             router_loss = moe.loss_term(routes, batch.tokens, mask, num_tokens) if moe is not None else 0.0
             ((loss + router_loss) * world_size).backward()
             loss_total += loss.detach()
