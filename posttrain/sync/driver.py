@@ -87,14 +87,15 @@ class WeightSyncDriver:
         if self.client is None and hasattr(self.engine, "weight_version"):
             self.engine.weight_version = version
 
-    def start(self, policy_version: int, resumed: bool) -> dict[str, float]:
+    def start(self, policy_version: int, resumed: bool, step: int = 0) -> dict[str, float]:
         """Before the first rollout: connect, and push the weights once to a separate engine (it
-        may serve another checkpoint, and after a resume it certainly does)."""
+        may serve another checkpoint, and after a resume it certainly does). ``step``: the step the
+        run starts from (the resumed checkpoint's), which the log lines and errors name."""
         self.instance_id = self._engine_instance()
-        self.mode.connect(0)
+        self.mode.connect(step)
         if resumed or self.client is not None:
             self.cadence.force("resume" if resumed else "start")
-            return self.after_update(policy_version, step=0)
+            return self.after_update(policy_version, step=step)
         return {}
 
     def before_rollout(self, policy_version: int, step: int) -> None:

@@ -237,7 +237,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
             if asynchronous:
                 producer.start()
             else:
-                weight_sync.start(start_step * optimizer_steps_per_step, resumed=resume_ckpt is not None)
+                weight_sync.start(start_step * optimizer_steps_per_step, resumed=resume_ckpt is not None, step=start_step)
             if cfg.validation.at_start and start_step == 0 and val_prompts:
                 run_validation(0)
             for step in range(start_step + 1, cfg.trainer.max_steps + 1):

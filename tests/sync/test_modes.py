@@ -172,3 +172,14 @@ def test_write_safetensors_round_trips_through_the_safetensors_reader(tmp_path):
         assert set(loaded) == set(tensors) and nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
         for name, t in tensors.items():
             assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
+
+
+def test_a_resumed_run_syncs_at_the_step_it_resumes_from(served, tok, tmp_path, caplog):
+    engine, client = served
+    trainer = make_tiny_llama(tok, seed=4)
+    driver = WeightSyncDriver(CheckpointSync(trainer, client, str(tmp_path)), SyncCadence(interval=1), client)
+    with caplog.at_level("INFO", logger="posttrain.sync"):
+        assert driver.start(14, resumed=True, step=7)["sync/bytes"] > 0
+    lines = [r.getMessage() for r in caplog.records if "weight sync" in r.getMessage()]
+    assert lines and all(line.startswith("step 7: weight sync (checkpoint, ") for line in lines), lines
+    assert weights_checksum(engine.model) == weights_checksum(trainer)
