@@ -22,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import async_grpo  # noqa: E402
-import random_model  # noqa: E402
-import posttrain.trainer.grpo as grpo  # noqa: E402
-from posttrain.cluster.replicas import unwrap_policy  # noqa: E402
+import async_grpo
+import random_model
+
+from posttrain.cluster.replicas import unwrap_policy
+from posttrain.trainer import grpo
 
 LEARNING_KEYS = ("reward/mean", "loss/policy", "kl", "entropy", "grad_norm", "response/length_mean")
 NOT_COMPARED = ("time/", "timestamp", "sync/", "perf/", "throughput", "off_policy/staleness", "off_policy/admitted",
