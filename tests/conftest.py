@@ -1,10 +1,12 @@
 import os
+import signal
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+_SESSION_SIGTERM = signal.getsignal(signal.SIGTERM)
 
 # Without a GPU, Triton kernels (posttrain/models/logit_kernels.py) run in Triton's interpreter when
 # Triton is installed. triton.jit makes that choice when a kernel is defined: before posttrain loads.
@@ -33,3 +35,13 @@ def _ctrl_c_as_in_a_terminal():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, inherited)
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_as_the_session_found_it():
+    # ray.init installs a SIGTERM handler in the driver (the pytest process, from a module-scoped
+    # fixture) and leaves it there; the SIGTERM tests check that posttrain puts back what it found,
+    # so every test starts and ends with the handler the session started with.
+    signal.signal(signal.SIGTERM, _SESSION_SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, _SESSION_SIGTERM)
