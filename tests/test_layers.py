@@ -130,7 +130,8 @@ LAZY_IMPORTS_ALLOWED = {
     "posttrain.server.cli": "fastapi and uvicorn are the optional serve extra",
     "posttrain.server.proxy": "uvicorn is the optional serve extra",
     "posttrain.server.rollout_api": "uvicorn is the optional serve extra",
-    "posttrain.config.validate.grpo": "the algorithm registries import torch; the CLI validates without waiting for it",
+    "posttrain.config.fields": "the algorithm registries import torch; loading a config and --help wait for it only "
+                               "where an option's choices are registered names",
 }
 
 

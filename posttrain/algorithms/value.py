@@ -164,7 +164,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return float(1.0 - (r - v).var() / var)
 
 
-@ADVANTAGE_ESTIMATORS.register("gae", folds_kl_into_reward=True)
+@ADVANTAGE_ESTIMATORS.register("gae", folds_kl_into_reward=True, needs_critic=True)
 def compute_gae_advantages(
     rewards: Tensor,
     response_mask: Tensor,

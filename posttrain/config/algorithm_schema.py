@@ -16,7 +16,7 @@ class AlgorithmConfig:
         "(leave-one-out baseline), 'reinforce_plus_plus' (gamma=1 token returns, KL in the reward, "
         "whitened over the batch), 'reinforce_plus_plus_baseline' (group mean subtracted, then as "
         "reinforce_plus_plus). See docs/algorithms/.",
-        ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"),
+        registry="ADVANTAGE_ESTIMATORS", where={"needs_critic": None},
     )
     scale_by_std: bool = opt(
         True,
@@ -27,7 +27,7 @@ class AlgorithmConfig:
         "ppo_clip",
         "Policy loss, by registered name: 'ppo_clip' (per-token ratio) or 'gspo' (one length-normalised "
         "ratio per sequence, clipped with gspo_clip_low/high; use loss_agg_mode=seq-mean-token-mean).",
-        ("ppo_clip", "gspo"),
+        registry="POLICY_LOSSES",
     )
     clip_ratio_low: float = opt(0.2, "PPO clip: lower bound of the ratio is 1 - clip_ratio_low (Schulman et al. 2017).")
     clip_ratio_high: float = opt(
@@ -66,6 +66,7 @@ class AlgorithmConfig:
         "outside [off_policy_low, off_policy_high]; 'icepop': drops tokens whose ratio is outside that range. "
         "Anything but 'none' makes the trainer recompute the old logprobs. What each does, when to use it, papers "
         "and the off_policy/* metrics every run logs: docs/off_policy.md.",
+        registry="OFF_POLICY_CORRECTIONS",
     )
     off_policy_cap: float = opt(2.0, "tis_token / tis_seq: the truncation of the importance weight.")
     off_policy_low: float = opt(0.5, "geo_mask / icepop: the lowest ratio kept.")
@@ -79,7 +80,7 @@ class AlgorithmConfig:
     )
     kl_estimator: str = opt(
         "k3", "KL estimator (Schulman 2020, 'Approximating KL divergence'): k1, k2 or k3 (low variance, >= 0).",
-        ("k1", "k2", "k3"),
+        registry="KL_ESTIMATORS",
     )
     entropy_coef: float = opt(0.0, "Entropy bonus weight (0: entropy is only logged).")
     loss_agg_mode: str = opt(
@@ -87,7 +88,7 @@ class AlgorithmConfig:
         "How per-token losses become one number: 'token-mean' (every token of the mini-batch weighs "
         "the same; DAPO), 'seq-mean-token-mean' (each sequence weighs the same; original GRPO), "
         "'seq-mean-token-sum-norm' (token sums divided by a constant; Dr.GRPO).",
-        ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+        registry="LOSS_AGGREGATIONS",
     )
     ppo_epochs: int = opt(1, "Passes over each rollout batch.")
     overlong_buffer: int = opt(

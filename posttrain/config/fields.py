@@ -101,6 +101,18 @@ def iter_fields(schema: type, prefix: str = "") -> Iterator[FieldInfo]:
         if dataclasses.is_dataclass(tp):
             yield from iter_fields(tp, key + ".")
             continue
-        choices = f.metadata.get("choices")
-        yield FieldInfo(key, type_name(tp), _default_of(f), f.metadata.get("help", ""),
-                        tuple(choices) if choices is not None else None)
+        yield FieldInfo(key, type_name(tp), _default_of(f), f.metadata.get("help", ""), field_choices(f))
+
+
+def field_choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
+    """The values a field allows: its fixed choices, or the names in its registry (see ``opt``)."""
+    if "registry" in f.metadata:
+        # Inside the function: the registries fill as posttrain.algorithms imports torch (1.7 s),
+        # which the loader and `posttrain --help` without these options do not wait for.
+        import posttrain.algorithms as algorithms
+
+        name, where = f.metadata["registry"]
+        registry = getattr(algorithms, name)
+        return tuple(n for n in registry.names() if all(registry.property(n, k) == v for k, v in where.items()))
+    choices = f.metadata.get("choices")
+    return tuple(choices) if choices is not None else None

@@ -28,7 +28,7 @@ class PPOAlgorithmConfig(AlgorithmConfig):
         "Advantage estimator: 'gae' (generalised advantage estimation over the critic's values; "
         "per-token rewards = the sequence reward on the last token minus kl_coef x KL on every token). "
         "The critic-free estimators are for `posttrain grpo`.",
-        ("gae",),
+        registry="ADVANTAGE_ESTIMATORS", where={"needs_critic": True},
     )
     kl_coef: float = opt(
         0.0,

@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from posttrain.config.fields import format_value
+from posttrain.config.fields import field_choices, format_value
 
 
 def choice_problems(cfg: Any, prefix: str) -> list[str]:
     problems: list[str] = []
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
-        choices = f.metadata.get("choices")
+        choices = field_choices(f)
         if dataclasses.is_dataclass(value):
             problems += choice_problems(value, key + ".")
         elif choices is not None and value not in choices:

@@ -12,20 +12,12 @@ from typing import Any
 from posttrain.config.schema import GRPOConfig
 from posttrain.config.validate.cluster import async_problems
 from posttrain.config.validate.common import lora_problems
-from posttrain.errors import ConfigError
 
 
 def off_policy_problems(a: Any) -> list[str]:
-    """Checks of ``algorithm.off_policy_*`` and its older form ``algorithm.is_correction_cap``."""
-    # Inside the function: the registries import torch (1.7 s), which `posttrain --help` and
-    # config errors should not wait for; they are loaded when a config is validated.
-    from posttrain.algorithms.registry import OFF_POLICY_CORRECTIONS
-
+    """Checks of ``algorithm.off_policy_*`` and its older form ``algorithm.is_correction_cap`` (the
+    correction's name is checked against the registry with every other registered choice)."""
     problems = []
-    try:
-        OFF_POLICY_CORRECTIONS.get(a.off_policy_correction)
-    except ConfigError as e:  # names the registered corrections and the nearest one
-        problems.append(f"algorithm.off_policy_correction: {e}")
     if a.is_correction_cap > 0 and a.off_policy_correction not in ("none", "tis_token"):
         problems.append(f"algorithm.is_correction_cap={a.is_correction_cap} is token-level truncated IS, and "
                         f"algorithm.off_policy_correction={a.off_policy_correction} is another correction: set one. "
