@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.sampling import SamplingParams
+
 
 def validation_max_new_tokens(cfg: Any) -> int:
     """Tokens a validation completion may reach: validation.max_new_tokens, or the rollouts' limit."""
@@ -16,3 +18,11 @@ def optimizer_steps_per_step(cfg: Any) -> int:
     batch (algorithm.ppo_epochs) takes rollout.batch_size / trainer.mini_batch_size of them. The
     LR schedule counts these, and so do policy versions."""
     return cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
+
+
+def rollout_sampling(cfg: Any) -> SamplingParams:
+    """How the rollouts of a policy-gradient recipe sample: rollout.group_size completions per
+    prompt, with the rollout section's temperature, top-p/top-k, length limit and stop strings."""
+    r = cfg.rollout
+    return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_tokens=r.max_new_tokens, stop=list(r.stop))

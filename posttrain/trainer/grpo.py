@@ -18,8 +18,6 @@ from posttrain.checkpoint.sharded import is_sharded_checkpoint
 from posttrain.cluster import build_replica_pool
 from posttrain.config import derived
 from posttrain.config.schema import GRPOConfig
-from posttrain.data.chat import encode_prompts
-from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
 from posttrain.distributed import (
     RankShardedSampler,
@@ -34,7 +32,7 @@ from posttrain.distributed import (
     mean_across_ranks,
 )
 from posttrain.distributed.layout import ParallelLayout
-from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
+from posttrain.envs.registry import env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import format_console_line
 from posttrain.models import load_model_and_tokenizer, make_reference_model, resolve_compute_dtype, resolve_device
@@ -42,7 +40,6 @@ from posttrain.models.loading import autocast_context
 from posttrain.models.lora import is_peft_model
 from posttrain.models.moe import check_moe_config, moe_checklist, prepare_moe_policy
 from posttrain.rollout.builder import build_engine
-from posttrain.sampling import SamplingParams
 from posttrain.sync import build_weight_sync
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
@@ -59,7 +56,7 @@ from posttrain.trainer.async_rollouts import (
 from posttrain.trainer.common import SkippedStepGuard, due, save_on_interrupt, start_run
 from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.samples import Sample
-from posttrain.trainer.setup import build_optimization, open_run_outputs
+from posttrain.trainer.setup import build_optimization, encode_rl_prompts, load_rl_prompt_data, open_run_outputs
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -89,12 +86,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
 
     # ---- build the parts. Data first: rows the environment cannot score (e.g. no reference
     # answer) fail here, before the model loads, not as all-zero rewards at step 1.
-    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
-    if cfg.validation.max_prompts:
-        val_examples = val_examples[: cfg.validation.max_prompts]
-    # Every row must reach an environment (with env.tasks: its task's) that can score it.
-    check_task_data(env_classes, train_examples, "training prompts")
-    check_task_data(env_classes, val_examples, "validation prompts")
+    train_examples, val_examples = load_rl_prompt_data(cfg, env_classes)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
     if device.type == "cpu" and cfg.rollout.batch_size * cfg.rollout.max_new_tokens >= 8192:
         logger.warning(
@@ -119,14 +111,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         )
         prepare_for_training(reference, cfg.trainer, device, compute_dtype)
     model = prepare_for_training(model, cfg.trainer, device, compute_dtype)  # before the optimizer sees it
-    encode = dict(
-        tokenizer=tokenizer,
-        use_chat_template=cfg.model.use_chat_template,
-        system_prompt=cfg.model.system_prompt,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-    )
-    train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
-    val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
+    train_prompts, val_prompts = encode_rl_prompts(cfg, tokenizer, train_examples, val_examples)
     asynchronous = cfg.rollout.mode == "async"
     # async: engine replicas on their own copies of the policy generate while this process trains.
     engine = None if asynchronous else build_engine(cfg, model, tokenizer, compute_dtype)
@@ -149,14 +134,7 @@ def train(cfg: GRPOConfig, resume_from: str | None = None) -> Path:
         sampler.load_state_dict(optimization.resumed_state["sampler"])
         if asynchronous:
             pending = load_pending(CheckpointManager.load_extra(resume_ckpt, PENDING_ROLLOUTS_FILE), start_step)
-    sampling = SamplingParams(
-        n=group_size,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        max_tokens=cfg.rollout.max_new_tokens,
-        stop=list(cfg.rollout.stop),
-    )
+    sampling = derived.rollout_sampling(cfg)
     algo = cfg.algorithm
     estimator = get_advantage_estimator(algo.advantage)
     target_groups = cfg.rollout.batch_size // group_size

@@ -32,10 +32,8 @@ from posttrain.checkpoint.rng import seed_everything
 from posttrain.config import derived
 from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import LoRAConfig
-from posttrain.data.chat import encode_prompts
-from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
-from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
+from posttrain.envs.registry import env_specs, resolve_env_classes
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import format_console_line
 from posttrain.models import (
@@ -49,7 +47,6 @@ from posttrain.models.loading import load_model
 from posttrain.models.lora import is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.rollout.builder import build_engine
-from posttrain.sampling import SamplingParams
 from posttrain.trainer.async_rollouts import token_staleness_metrics
 from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, start_run
 from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
@@ -63,7 +60,7 @@ from posttrain.trainer.rollouts import (
     timing_metrics,
 )
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
-from posttrain.trainer.setup import build_optimization, open_run_outputs
+from posttrain.trainer.setup import build_optimization, encode_rl_prompts, load_rl_prompt_data, open_run_outputs
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -79,12 +76,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     output_dir, resume_ckpt = start_run(cfg, resume_from, "ppo")
 
     # ---- build the parts: data, policy (+ reference), critic, engine, both optimizers
-    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
-    if cfg.validation.max_prompts:
-        val_examples = val_examples[: cfg.validation.max_prompts]
-    # Every row must reach an environment (with env.tasks: its task's) that can score it.
-    check_task_data(env_classes, train_examples, "training prompts")
-    check_task_data(env_classes, val_examples, "validation prompts")
+    train_examples, val_examples = load_rl_prompt_data(cfg, env_classes)
     device = resolve_device(cfg.model.device)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
@@ -92,10 +84,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     if cfg.algorithm.kl_coef > 0 and not is_peft_model(model):
         reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
     critic = build_critic(cfg, model, device, resume_ckpt)
-    encode = dict(tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template,
-                  system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
-    train_prompts = encode_prompts(train_examples, **encode, what="training prompts")
-    val_prompts = encode_prompts(val_examples, **encode, what="validation prompts")
+    train_prompts, val_prompts = encode_rl_prompts(cfg, tokenizer, train_examples, val_examples)
     engine = build_engine(cfg, model, tokenizer, compute_dtype)
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
@@ -110,8 +99,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
         load_critic_optimizer(resume_ckpt / CRITIC_SUBDIR, critic_optimizer, critic_scheduler, device)
         follow_schedule(critic_optimizer, critic_scheduler, cfg.critic.lr)
         sampler.load_state_dict(optimization.resumed_state["sampler"])
-    sampling = SamplingParams(n=group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_new_tokens, stop=list(cfg.rollout.stop))
+    sampling = derived.rollout_sampling(cfg)
     algo = cfg.algorithm
     val_max_tokens = derived.validation_max_new_tokens(cfg)
 

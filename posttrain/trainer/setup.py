@@ -2,6 +2,8 @@
 
 - ``build_optimization``: the optimizer, its LR schedule and the checkpoints of the run, restored
   from the checkpoint being resumed (``start_step`` and the saved trainer state);
+- ``load_rl_prompt_data`` and ``encode_rl_prompts``: the prompts of a policy-gradient recipe,
+  checked against its environments before any model loads, then tokenised;
 - ``open_run_outputs``: where the run reports (metrics, rollout samples, the progress bar) and
   Ctrl-C / SIGTERM handling, entered on the recipe's ExitStack so they close in order.
 
@@ -22,7 +24,11 @@ import torch
 from posttrain.checkpoint.manager import CheckpointManager
 from posttrain.checkpoint.sharded import ShardedCheckpointManager, is_sharded_checkpoint
 from posttrain.config.loader import config_to_dict
+from posttrain.data.chat import TokenizedPrompt, encode_prompts
+from posttrain.data.example import PromptExample
+from posttrain.data.prompts import load_prompt_data
 from posttrain.distributed import is_distributed, is_main_process
+from posttrain.envs.registry import check_task_data
 from posttrain.errors import PosttrainError
 from posttrain.logging.metrics import MetricsLogger
 from posttrain.logging.progress import ProgressBar
@@ -110,3 +116,24 @@ def open_run_outputs(stack: contextlib.ExitStack, output_dir: Path, cfg: Any, ma
     # Several ranks: Ctrl-C always waits for the step's end, so no rank leaves a collective half-way.
     guard = stack.enter_context(InterruptGuard(defer_always=is_distributed()))
     return RunOutputs(metrics, samples, progress, guard)
+
+
+def load_rl_prompt_data(cfg: Any, env_classes: dict) -> tuple[list[PromptExample], list[PromptExample]]:
+    """The run's training and validation prompts (validation cut to validation.max_prompts), each
+    row checked to reach an environment that can score it (with env.tasks: its task's). Called
+    before the model loads: a row without a reference answer fails here, not as zero rewards."""
+    train_examples, val_examples = load_prompt_data(cfg.data, cfg.seed)
+    if cfg.validation.max_prompts:
+        val_examples = val_examples[: cfg.validation.max_prompts]
+    check_task_data(env_classes, train_examples, "training prompts")
+    check_task_data(env_classes, val_examples, "validation prompts")
+    return train_examples, val_examples
+
+
+def encode_rl_prompts(cfg: Any, tokenizer: Any, train_examples: list[PromptExample],
+                      val_examples: list[PromptExample]) -> tuple[list[TokenizedPrompt], list[TokenizedPrompt]]:
+    """Both prompt sets as token ids: chat template, system prompt and data.max_prompt_tokens."""
+    encode = dict(tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template,
+                  system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    return (encode_prompts(train_examples, **encode, what="training prompts"),
+            encode_prompts(val_examples, **encode, what="validation prompts"))

@@ -19,3 +19,10 @@ def test_optimizer_steps_per_step_counts_epochs_and_mini_batches():
     assert derived.optimizer_steps_per_step(cfg) == 8
     ppo = load_config(PPOConfig, overrides=["rollout.batch_size=16", "trainer.mini_batch_size=16"])
     assert derived.optimizer_steps_per_step(ppo) == ppo.algorithm.ppo_epochs
+
+
+def test_rollout_sampling_follows_the_rollout_section():
+    cfg = load_config(GRPOConfig, overrides=["rollout.group_size=4", "rollout.temperature=0.7", "rollout.top_p=0.9",
+                                             "rollout.top_k=20", "rollout.max_new_tokens=33", "rollout.stop=['###']"])
+    s = derived.rollout_sampling(cfg)
+    assert (s.n, s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop) == (4, 0.7, 0.9, 20, 33, ["###"])
