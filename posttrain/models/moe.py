@@ -336,10 +336,8 @@ def moe_config_problems(cfg: Any) -> list[str]:
             problems.append(f"moe.router.{key}={value} must be >= 0 (0: {zero}).")
     if r.num_experts and r.top_k > r.num_experts:
         problems.append(f"moe.router.top_k={r.top_k} must be <= moe.router.num_experts={r.num_experts}.")
-    if r.dtype == "float32" and getattr(cfg.trainer, "param_dtype", "float32") != "float32":
-        problems.append(f"moe.router.dtype=float32 needs float32 router weights, but trainer.param_dtype="
-                        f"{cfg.trainer.param_dtype} stores them in 16 bits; set moe.router.dtype=auto or "
-                        "trainer.param_dtype=float32.")
+    if init.family:  # a random-init MoE policy: known to have routers before anything loads
+        problems += router_dtype_problems(cfg)
     if init.family:
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads"):
             if getattr(init, key) < 1:
@@ -410,11 +408,24 @@ def check_moe_model(model: torch.nn.Module, cfg: Any) -> MoEShape | None:
     return shape
 
 
+def router_dtype_problems(cfg: Any) -> list[str]:
+    """moe.router.dtype=float32 with 16-bit parameters (an MoE policy's problem only: a dense model
+    has no router, and its runs ignore moe.router.dtype)."""
+    if cfg.moe.router.dtype == "float32" and getattr(cfg.trainer, "param_dtype", "float32") != "float32":
+        return [f"moe.router.dtype=float32 needs float32 router weights, but trainer.param_dtype="
+                f"{cfg.trainer.param_dtype} stores them in 16 bits; set moe.router.dtype=auto or "
+                "trainer.param_dtype=float32."]
+    return []
+
+
 def prepare_moe_policy(model: torch.nn.Module, cfg: Any) -> MoEShape | None:
     """Check a freshly loaded policy against ``cfg.moe`` and apply the router dtype (before the
     KL reference is copied from it, so the reference routes the same way). None: a dense model."""
     shape = check_moe_model(model, cfg)
     if shape is not None:
+        problems = router_dtype_problems(cfg)
+        if problems:
+            raise ConfigError(f"Invalid configuration: {problems[0]}")
         apply_router_dtype(model, cfg.moe.router.dtype)
     return shape
 

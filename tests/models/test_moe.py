@@ -18,7 +18,7 @@ from posttrain.models.logprobs import make_packed_token_batch, make_token_batch,
 from posttrain.models.moe import (
     RouterRecorder, RouterStats, apply_router_dtype, build_random_moe_model, check_expert_dtype, check_moe_model,
     dropped_assignments, expert_load, find_routers, load_balancing_loss, load_max_vio, moe_config_problems,
-    moe_shape, route_agreement, router_token_index, router_z_loss, routing_confidence, routing_entropy,
+    moe_shape, prepare_moe_policy, route_agreement, router_token_index, router_z_loss, routing_confidence, routing_entropy,
 )
 from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.policy import policy_update
@@ -247,6 +247,15 @@ def test_config_problems_name_their_keys():
     assert "moe.random_init.num_attention_heads=5 must divide moe.random_init.hidden_size=64" in problems
 
 
+def test_bf16_parameters_need_no_router_setting_for_a_dense_policy():
+    from helpers import make_tiny_llama, make_tokenizer
+
+    cfg = GRPOConfig()
+    cfg.trainer.param_dtype = "bfloat16"  # moe.router.dtype stays at its default, float32
+    assert moe_config_problems(cfg) == []  # a dense model has no router: nothing to ask for
+    assert prepare_moe_policy(make_tiny_llama(make_tokenizer()), cfg) is None
+
+
 def test_model_checks_against_the_moe_section():
     model, cfg = tiny_moe()
     assert check_moe_model(model, cfg).num_experts == 4
@@ -395,3 +404,12 @@ def test_fp8_experts_on_cpu_exit_2_before_the_run_folder_is_made(tmp_path, capsy
     assert main(["grpo", "--config", "moe_demo", "moe.expert_dtype=fp8", f"trainer.output_dir={run}"]) == 2
     assert "moe.expert_dtype=fp8 needs an NVIDIA GPU of compute capability 8.9" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_bf16_parameters_with_a_float32_router_stop_an_moe_policy_when_it_loads():
+    model, cfg = tiny_moe()
+    cfg.trainer.param_dtype = "bfloat16"
+    with pytest.raises(ConfigError, match="moe.router.dtype=float32 needs float32 router weights"):
+        prepare_moe_policy(model, cfg)
+    cfg.moe.router.dtype = "auto"
+    assert prepare_moe_policy(model, cfg) is not None
