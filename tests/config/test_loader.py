@@ -209,3 +209,16 @@ def test_engine_sizes_that_cannot_work_are_config_errors():
                                   "rollout.engine.kv_cache_memory_fraction=1.5", "rollout.engine.cpu_kv_cache_gb=0"])
     for key in ("block_size=12", "max_num_seqs=0", "kv_cache_memory_fraction=1.5", "cpu_kv_cache_gb=0"):
         assert f"rollout.engine.{key}" in message
+
+
+def test_partial_recompute_kv_only_where_weights_change_mid_generation():
+    from posttrain.config.schema import GRPOConfig
+    from posttrain.errors import ConfigError
+
+    base = ["rollout.partial_recompute_kv=true", "env.num_workers=1"]
+    for extra, named in [([], "mode=sync"), (["rollout.mode=async", "rollout.partial_rollouts=false"],
+                                             "partial_rollouts=false"),
+                         (["rollout.mode=async", "rollout.backend=hf"], "backend=hf")]:
+        with pytest.raises(ConfigError, match=f"rollout.partial_recompute_kv=true applies.*{named}"):
+            load_config(GRPOConfig, overrides=base + extra)
+    assert load_config(GRPOConfig, overrides=base + ["rollout.mode=async"]).rollout.partial_recompute_kv

@@ -21,6 +21,12 @@ def async_problems(cfg: Any) -> list[str]:
         problems.append(f"cluster.wait_timeout_s={c.wait_timeout_s} must be > 0 seconds.")
     if c.max_replica_restarts < 0:
         problems.append(f"cluster.max_replica_restarts={c.max_replica_restarts} must be >= 0.")
+    if r.partial_recompute_kv and (r.mode != "async" or not r.partial_rollouts or r.backend != "engine"):
+        # It would do nothing: only posttrain's engine in async replicas takes weights mid-generation.
+        problems.append(f"rollout.partial_recompute_kv=true applies to weight updates in the middle of a generation, "
+                        f"which happen only with rollout.mode=async, rollout.partial_rollouts=true and "
+                        f"rollout.backend=engine (this run: mode={r.mode}, partial_rollouts={str(r.partial_rollouts).lower()}, "
+                        f"backend={r.backend}); set those or rollout.partial_recompute_kv=false.")
     if r.mode != "async":
         if c.backend == "ray":
             problems.append("cluster.backend=ray places the engine replicas of asynchronous rollouts; set "
