@@ -19,6 +19,7 @@ from posttrain import __version__
 from posttrain.config.loader import config_to_yaml, load_config
 from posttrain.config.reference import format_options_help
 from posttrain.config.commands import SCHEMAS
+from posttrain.config.encoding import check_utf8_file, check_utf8_settings, check_utf8_text
 from posttrain.errors import (
     EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, TRACEBACK_LIMIT, ConfigError, PosttrainError,
     Terminated, clip_text, describe_os_error, sigterm_as_interrupt,
@@ -529,54 +530,6 @@ def _resume_auto(output_dir: str) -> str | None:
     _setup_console_logging()  # the line must show: it is the only sign that nothing was resumed
     logging.getLogger("posttrain").info("--resume auto: no checkpoint in %s yet, starting a new run there.", folder)
     return None
-
-
-def check_utf8_file(path: str | Path, what: str) -> None:
-    """A ConfigError naming the file and line when ``path`` is not UTF-8 text (YAML files are
-    read as UTF-8; a file saved in Latin-1 otherwise fails with a bare UnicodeDecodeError)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return  # the loader names a file it cannot read
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{what} file '{path}' is not UTF-8 text: line {line} holds the byte 0x{data[exc.start]:02x}. "
-                          "Save it as UTF-8 (editors: 'save with encoding'; or `iconv -f latin1 -t utf-8`).") from None
-
-
-def check_utf8_text(value: str, what: str) -> None:
-    """A ConfigError when ``value`` holds bytes that are not UTF-8: a name typed or passed in
-    another encoding reaches Python as lone surrogates, which no UTF-8 file (config.yaml,
-    train.log, metrics.jsonl) can hold."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise ConfigError(f"{what}: '{shown}' holds bytes that are not UTF-8 text (a name in another encoding). "
-                          "Use a UTF-8 name (e.g. ASCII letters, digits, '-', '_').") from None
-
-
-def check_utf8_settings(cfg: object) -> None:
-    """check_utf8_text for every text setting of ``cfg`` (a config dataclass), named by its key."""
-    import dataclasses
-
-    def walk(node: object, key: str) -> None:
-        if dataclasses.is_dataclass(node):
-            children = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
-        elif isinstance(node, dict):
-            children = [(str(k), v) for k, v in node.items()]
-        elif isinstance(node, (list, tuple)):
-            children = [(str(i), v) for i, v in enumerate(node)]
-        else:
-            if isinstance(node, str):
-                check_utf8_text(node, key)
-            return
-        for name, value in children:
-            walk(value, f"{key}.{name}" if key else name)
-
-    walk(cfg, "")
 
 
 def saved_run_config(resume: str) -> Path | None:

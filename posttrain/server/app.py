@@ -48,8 +48,13 @@ from posttrain.server.engine_loop import EngineLoop, GenerationPaused, TokenStre
 from posttrain.server.metrics import add_metrics
 from posttrain.server.protocol import APIError, install_error_handlers, read_json
 from posttrain.server.requests import (
-    ChatCompletionRequest, CompletionRequest, GenerateRequest, chat_prompt_ids, completion_prompt_ids,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    chat_prompt_ids,
+    completion_prompt_ids,
 )
+from posttrain.server.responses import chat_logprobs, completion_logprobs, usage_counts
 from posttrain.server.streaming import StreamedChoice, cut_at_stops, live_chunks, sse_response
 from posttrain.server.weight_routes import add_weight_routes
 
@@ -296,10 +301,7 @@ class _Server:
         return [(t, lp) for t, lp in zip(completion.token_ids, completion.logprobs) if t not in special]
 
     def usage(self, prompts: list[list[int]], groups: list[list[Completion]]) -> dict[str, int]:
-        prompt_tokens = sum(len(p) for p in prompts)
-        completion_tokens = sum(len(c.token_ids) for g in groups for c in g)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return usage_counts(sum(len(p) for p in prompts), sum(len(c.token_ids) for g in groups for c in g))
 
 
 def _api_error(exc: Exception) -> APIError:
@@ -334,31 +336,6 @@ def _live_sse(server: _Server, stream: TokenStream, head_chunks: list[dict[str, 
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _chat_logprobs(tokenizer: Any, tokens: list[tuple[int, float]]) -> dict[str, Any]:
-    content = []
-    for token_id, lp in tokens:
-        token = tokenizer.decode([token_id])
-        content.append({"token": token, "logprob": lp, "bytes": list(token.encode("utf-8")), "top_logprobs": []})
-    return {"content": content}
-
-
-def _completion_logprobs(tokenizer: Any, tokens: list[tuple[int, float]], offset: int = 0) -> dict[str, Any]:
-    """Text offsets start at ``offset``: where these tokens' text begins in the completion."""
-    texts, token_logprobs, offsets = [], [], []
-    for token_id, lp in tokens:
-        token = tokenizer.decode([token_id])
-        texts.append(token)
-        token_logprobs.append(lp)
-        offsets.append(offset)
-        offset += len(token)
-    return {"tokens": texts, "token_logprobs": token_logprobs, "top_logprobs": None, "text_offset": offsets}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def create_app(
@@ -461,7 +438,7 @@ def create_app(
                 if text or (req.logprobs and tokens):
                     chunks.append({**head, "choices": [{
                         "index": i, "delta": {"content": text}, "finish_reason": None,
-                        "logprobs": _chat_logprobs(server.tokenizer, tokens) if req.logprobs else None}]})
+                        "logprobs": chat_logprobs(server.tokenizer, tokens) if req.logprobs else None}]})
                 if choice.finish_reason is not None:
                     chunks.append({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                                         "finish_reason": choice.finish_reason}]})
@@ -470,7 +447,7 @@ def create_app(
             def chat_usage():
                 if not (req.stream_options and req.stream_options.include_usage):
                     return None
-                return {**head, "choices": [], "usage": _usage(len(prompt), sum(len(c.token_ids) for c in choices))}
+                return {**head, "choices": [], "usage": usage_counts(len(prompt), sum(len(c.token_ids) for c in choices))}
 
             roles = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                            "finish_reason": None}]} for i in range(params.n)]
@@ -478,7 +455,7 @@ def create_app(
         [group] = await server.generate([prompt], params)
 
         def logprobs_of(c: Completion) -> dict[str, Any] | None:
-            return _chat_logprobs(server.tokenizer, server.reported_tokens(c)) if req.logprobs else None
+            return chat_logprobs(server.tokenizer, server.reported_tokens(c)) if req.logprobs else None
 
         texts = [server.visible_text(c, params.stop) for c in group]
         usage = server.usage([prompt], [group])
@@ -544,7 +521,7 @@ def create_app(
                     return []
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = _completion_logprobs(server.tokenizer, tokens, offsets[i])
+                    logprobs = completion_logprobs(server.tokenizer, tokens, offsets[i])
                     offsets[i] += sum(len(t) for t in logprobs["tokens"])
                 return [{**head, "choices": [{"index": i, "text": text, "logprobs": logprobs,
                                               "finish_reason": choice.finish_reason}]}]
@@ -552,14 +529,14 @@ def create_app(
             def text_usage():
                 if not (req.stream_options and req.stream_options.include_usage):
                     return None
-                return {**head, "choices": [], "usage": _usage(sum(len(p) for p in prompts),
+                return {**head, "choices": [], "usage": usage_counts(sum(len(p) for p in prompts),
                                                                sum(len(c.token_ids) for c in live))}
 
             return _live_sse(server, stream, [], live_chunks(stream, live, text_chunks), text_usage)
         groups = await server.generate(prompts, params)
 
         def logprobs_of(c: Completion) -> dict[str, Any] | None:
-            return None if req.logprobs is None else _completion_logprobs(server.tokenizer, server.reported_tokens(c))
+            return None if req.logprobs is None else completion_logprobs(server.tokenizer, server.reported_tokens(c))
 
         choices = [
             {"index": p * params.n + j, "text": server.visible_text(c, params.stop), "logprobs": logprobs_of(c),
