@@ -16,21 +16,12 @@ from posttrain.errors import PosttrainError
 from posttrain.models import load_model_and_tokenizer
 from posttrain.models.weights import weights_checksum
 from posttrain.sampling import SamplingParams
-from posttrain.cluster.replicas import EngineReplica, split_contiguous
+from posttrain.cluster.replicas import EngineReplica, ReplicaError, split_contiguous
 from tests.helpers import save_tiny_model
 
 ray = pytest.importorskip("ray")
 
 PARAMS = SamplingParams(n=2, max_tokens=6, temperature=1.0)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # 4 logical CPUs: two pools of one-CPU actors may be up at once; the machine may have 2 cores
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="posttrain-tests")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +102,22 @@ def test_broadcast_push_and_a_push_after_a_replica_was_killed(broadcast_pool):
     prompts = [tokenizer.encode(text) for text in ("hi", "yo")]
     got = pool.generate(prompts, PARAMS, seed=2)
     assert token_ids(got) == token_ids(local_reference(cfg, model, tokenizer, prompts, 2, version=5))
+
+
+def test_a_stuck_replica_gives_a_timeout_error_naming_it(broadcast_pool):
+    cfg, pool, _, tokenizer = broadcast_pool
+    pid = pool.info()[1]["pid"]
+    pool.timeout_s = 2.0  # cluster.wait_timeout_s, shortened once the replicas are up
+    os.kill(pid, signal.SIGSTOP)  # stuck: alive, but it never answers
+    try:
+        with pytest.raises(ReplicaError, match=r"Engine replica\(s\) 1 did not finish generating .* within "
+                                               r"cluster.wait_timeout_s=2s"):
+            pool.generate([tokenizer.encode(text) for text in ("ab", "cd")], PARAMS, seed=0)
+        with pytest.raises(ReplicaError, match=r"Engine replica 1 did not answer info\(\) within cluster.wait_timeout_s=2s"):
+            pool.info()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        pool.timeout_s = cfg.cluster.wait_timeout_s
 
 
 def test_checkpoint_push_and_a_generate_after_a_replica_was_killed(ray_local, model_path):
