@@ -1,6 +1,8 @@
 """Where engine replicas run for asynchronous rollouts (``cluster.backend``): in this process
-(``replicas``: copies of the policy generating in threads) or as Ray actors (``ray_pool``).
-The recipe asks ``build_replica_pool`` for its engines and never imports ray itself."""
+(``replicas``: copies of the policy generating in threads) or as Ray actors (``ray_pool``); and
+where rewards are computed: worker processes (``posttrain.envs.reward_pool``) or Ray actors
+(``ray_rewards``). The recipe asks ``build_replica_pool`` and ``build_reward_pool`` for them and
+never imports ray itself."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ from typing import Any
 import torch
 
 from posttrain.cluster.ray_pool import RayReplicaPool
+from posttrain.cluster.ray_rewards import RayRewardPool
 from posttrain.cluster.replicas import EngineReplica, LocalReplicaPool, ReplicaError, unwrap_policy
+from posttrain.envs.reward_pool import RewardPool
 
-__all__ = ["EngineReplica", "LocalReplicaPool", "RayReplicaPool", "ReplicaError", "build_replica_pool"]
+__all__ = ["EngineReplica", "LocalReplicaPool", "RayReplicaPool", "RayRewardPool", "ReplicaError", "build_replica_pool",
+           "build_reward_pool"]
 
 
 def build_replica_pool(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype,
@@ -32,3 +37,14 @@ def build_replica_pool(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute
                 module._compiled_call_impl = None
         replicas.append(EngineReplica(cfg, replica_model, tokenizer, compute_dtype, replica_id=i, version=start_version))
     return LocalReplicaPool(replicas, cfg.cluster.wait_timeout_s)
+
+
+def build_reward_pool(env: Any, cluster: Any) -> RewardPool:
+    """The reward pool of ``cluster.backend`` for ``env`` (``cfg.env``; ``cluster`` is
+    ``cfg.cluster``): 'local' runs ``env.num_workers`` worker processes, 'ray' as many Ray actors
+    (``cluster.cpus_per_reward_worker`` CPUs each, ``cluster.wait_timeout_s`` to start). Both have
+    ``env.timeout_s`` per sample and the same crash containment; ``env.num_workers=0`` scores in
+    this process with either backend (debugging: no timeouts)."""
+    if cluster.backend == "ray" and env.num_workers > 0:
+        return RayRewardPool(env.cls, env.kwargs, env.num_workers, env.timeout_s, cluster, tasks=env.tasks)
+    return RewardPool(env.cls, env.kwargs, env.num_workers, env.timeout_s, tasks=env.tasks)

@@ -66,6 +66,11 @@ class ClusterConfig:
     )
     num_cpus: int = opt(0, "ray, local instance only: CPUs Ray may schedule (0: all of this machine's).")
     namespace: str = opt("posttrain", "ray: the namespace of the run's actors (separates runs sharing a cluster).")
+    cpus_per_reward_worker: float = opt(
+        0.5,
+        "ray: CPUs each reward worker actor (env.num_workers of them) reserves. Ray counts them for placement only "
+        "(no limit on what a worker uses); fractions let workers share a core, as they mostly wait between batches.",
+    )
     max_replica_restarts: int = opt(
         3,
         "Restarts allowed per engine replica that dies (OOM kill, crash). A fresh replica takes its place with the "

@@ -19,7 +19,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from posttrain.envs.base import Environment, EnvironmentReturn
+from posttrain.envs.base import Environment, EnvironmentReturn, MessageLog
 from posttrain.envs.registry import resolve_env_class
 from posttrain.errors import TRACEBACK_LIMIT, clip_text
 
@@ -156,3 +156,31 @@ class _Worker:
                 signal_it()
                 self.process.join(timeout=2.0)
         self.conn.close()
+
+
+class RewardWorkerActor:
+    """The body of one reward worker that is a Ray actor (``posttrain.cluster.ray_rewards``): every
+    task's environment, built once, and the scoring of one sample per call, with the messages of
+    ``worker_main`` (less the job id). Defined here, with no Ray import, so that an actor imports
+    only ``posttrain.envs``."""
+
+    def __init__(self, specs: EnvSpecs, sys_path: list[str]) -> None:
+        # As a spawned local worker: the trainer's import path, where it exists on this node.
+        sys.path.extend(p for p in sys_path if p not in sys.path and os.path.isdir(p))
+        self.init_error: str | None = None
+        try:
+            self.envs = build_envs(specs)
+        except BaseException:  # noqa: BLE001 - reported by ready(), as the local worker's init_error
+            self.envs = {}
+            self.init_error = traceback_text()
+
+    def ready(self) -> tuple[int, str | None]:
+        """``(pid, None)`` once the environments are built, ``(pid, traceback)`` if that failed."""
+        return os.getpid(), self.init_error
+
+    def score(self, message_log: MessageLog, metadata: dict[str, Any], task: str) -> tuple:
+        """``("result", result)`` or ``("error", message, traceback)``: the local worker's messages."""
+        try:
+            return ("result", score_one(self.envs, task, message_log, metadata))
+        except Exception as e:  # noqa: BLE001 - user code: any exception is this sample's error
+            return ("error", exception_text(e), traceback_text())

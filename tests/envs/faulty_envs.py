@@ -53,6 +53,15 @@ class ScriptedEnv(Environment):
         return batch, {"mean_reward": float(batch["rewards"].mean()), "parent_pid": float(os.getpid())}
 
 
+class BrokenOnceFlaggedEnv(ScriptedEnv):
+    """ScriptedEnv that cannot be built once the file ``flag`` exists: replacement workers fail to start."""
+
+    def __init__(self, flag: str) -> None:
+        if os.path.exists(flag):
+            raise RuntimeError("cannot build this environment any more")
+        super().__init__()
+
+
 class BrokenInitEnv(Environment):
     def __init__(self) -> None:
         raise RuntimeError("cannot build this environment")

@@ -21,6 +21,8 @@ def async_problems(cfg: Any) -> list[str]:
         problems.append(f"cluster.wait_timeout_s={c.wait_timeout_s} must be > 0 seconds.")
     if c.max_replica_restarts < 0:
         problems.append(f"cluster.max_replica_restarts={c.max_replica_restarts} must be >= 0.")
+    if c.cpus_per_reward_worker < 0:
+        problems.append(f"cluster.cpus_per_reward_worker={c.cpus_per_reward_worker} must be >= 0.")
     if r.partial_recompute_kv and (r.mode != "async" or not r.partial_rollouts or r.backend != "engine"):
         # It would do nothing: only posttrain's engine in async replicas takes weights mid-generation.
         problems.append(f"rollout.partial_recompute_kv=true applies to weight updates in the middle of a generation, "
