@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import threading
+from array import array
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from posttrain.errors import PosttrainError
 
@@ -21,6 +24,35 @@ PARQUET_EXTENSIONS = (".parquet",)
 MAX_ROW_BYTES = 16 << 20
 
 
+def _row_too_large(path: str, lineno: int, size: int) -> PosttrainError:
+    return PosttrainError(
+        f"{path}:{lineno}: the line is {size / 2**20:.1f} MiB; rows over {MAX_ROW_BYTES >> 20} MiB "
+        "are refused before parsing (a trainer keeps at most its length limit in tokens of a row). "
+        "Split or shorten that row, or remove it."
+    )
+
+
+def _not_json(path: str, lineno: int, e: json.JSONDecodeError) -> PosttrainError:
+    return PosttrainError(
+        f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a JSONL file must be one "
+        "complete JSON object; fix or remove that line."
+    )
+
+
+def _not_object(path: str, lineno: int, row: Any) -> PosttrainError:
+    return PosttrainError(
+        f"{path}:{lineno}: expected a JSON object with named columns, got {type(row).__name__}. "
+        "Write each row as {\"prompt\": ..., ...}."
+    )
+
+
+def _binary_file(path: str, config_key: str) -> PosttrainError:
+    return PosttrainError(
+        f"{config_key}: '{path}' is a binary file, not JSON lines text (it contains NUL bytes). "
+        "Point it at a UTF-8 .jsonl file; Parquet files need the .parquet extension."
+    )
+
+
 def read_jsonl(path: str, config_key: str = "data.train_path") -> list[Row]:
     """Read a JSON-lines file (one object per line; blank lines are skipped).
 
@@ -32,10 +64,7 @@ def read_jsonl(path: str, config_key: str = "data.train_path") -> list[Row]:
     with open(path, "rb") as f:
         head = f.read(8192)
         if b"\0" in head:
-            raise PosttrainError(
-                f"{config_key}: '{path}' is a binary file, not JSON lines text (it contains NUL bytes). "
-                "Point it at a UTF-8 .jsonl file; Parquet files need the .parquet extension."
-            )
+            raise _binary_file(path, config_key)
         f.seek(0)
         if path.endswith(".json") and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             lines = _json_array_rows(path, f.read())
@@ -43,27 +72,17 @@ def read_jsonl(path: str, config_key: str = "data.train_path") -> list[Row]:
             lines = []
             for lineno, raw in enumerate(f, start=1):
                 if len(raw) > MAX_ROW_BYTES:
-                    raise PosttrainError(
-                        f"{path}:{lineno}: the line is {len(raw) / 2**20:.1f} MiB; rows over {MAX_ROW_BYTES >> 20} MiB "
-                        "are refused before parsing (a trainer keeps at most its length limit in tokens of a row). "
-                        "Split or shorten that row, or remove it."
-                    )
+                    raise _row_too_large(path, lineno, len(raw))
                 line = _decode(raw, path, lineno, first=lineno == 1)
                 if not line.strip():
                     continue
                 try:
                     lines.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise PosttrainError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a JSONL file must be one "
-                        "complete JSON object; fix or remove that line."
-                    ) from None
+                    raise _not_json(path, lineno, e) from None
     for lineno, row in lines:
         if not isinstance(row, dict):
-            raise PosttrainError(
-                f"{path}:{lineno}: expected a JSON object with named columns, got {type(row).__name__}. "
-                "Write each row as {\"prompt\": ..., ...}."
-            )
+            raise _not_object(path, lineno, row)
     return [row for _, row in lines]
 
 
@@ -110,20 +129,28 @@ def read_rows(source: str, *, split: str = "train", config_key: str = "data.trai
     if lower.endswith(JSON_EXTENSIONS):
         return read_jsonl(source, config_key)
     if lower.endswith(PARQUET_EXTENSIONS):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(source).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise PosttrainError(f"{source}: could not read Parquet file ({e}). Check that it is a valid Parquet file.") from None
+        return _read_parquet(source).to_pylist()
     raise PosttrainError(
         f"{config_key}: unsupported file extension {os.path.splitext(source)[1]!r} in {source!r}. "
         "Use .jsonl/.json (JSON lines), .parquet, a datasets save_to_disk folder, or 'hf:NAME'."
     )
 
 
+def _read_parquet(source: str) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(source)
+    except (pa.ArrowException, OSError) as e:
+        raise PosttrainError(f"{source}: could not read Parquet file ({e}). Check that it is a valid Parquet file.") from None
+
+
 def _read_saved_dataset(path: str, split: str, config_key: str) -> list[Row]:
+    return _load_saved_dataset(path, split, config_key).to_list()
+
+
+def _load_saved_dataset(path: str, split: str, config_key: str) -> Any:
     import datasets
 
     try:
@@ -139,10 +166,14 @@ def _read_saved_dataset(path: str, split: str, config_key: str) -> list[Row]:
                 f"{path!r} holds splits {sorted(ds)} but not {split!r}. Set data.split to one of them."
             )
         ds = ds[split]
-    return ds.to_list()
+    return ds
 
 
 def _read_hub(name: str, split: str) -> list[Row]:
+    return _read_hub_dataset(name, split).to_list()
+
+
+def _read_hub_dataset(name: str, split: str) -> Any:
     import datasets
 
     if not name:
@@ -154,4 +185,222 @@ def _read_hub(name: str, split: str) -> list[Row]:
             f"could not load dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. Check the "
             "name, data.split, and network access (HF_HUB_OFFLINE=1 allows only cached datasets)."
         ) from None
-    return ds.to_list()
+    return ds
+
+
+# ---- Row sources: rows read on demand, so that memory grows with the batch, not the file ----
+
+RowCheck = Callable[[Row, int], Any]
+
+
+class RowSource(Protocol):
+    """Rows of a data file by position: ``row(i)`` (any order, any thread) and ``rows()`` (all in
+    order, faster). ``open_rows`` makes them; ``PromptRows`` (data/stream.py) builds on them."""
+
+    def __len__(self) -> int: ...
+
+    def row(self, i: int) -> Row: ...
+
+    def rows(self) -> Iterator[Row]: ...
+
+
+class ListRows:
+    """Rows already in memory (a JSON array file, which must be parsed whole anyway)."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, i: int) -> Row:
+        return self._rows[i]
+
+    def rows(self) -> Iterator[Row]:
+        return iter(self._rows)
+
+
+class JsonlRows:
+    """A JSON-lines file read once, line by line, into an index of where each row is (12 bytes a
+    row); a row is read and parsed again when asked for. Every check of ``read_jsonl`` runs in
+    that one pass (a line is never held longer than it takes to parse it), plus ``check(row, i)``
+    for each row (``i``: its position among the non-blank lines), so rows that load cannot fail
+    later: unless the file is changed in place while it is in use, which is an error naming it.
+    A file replaced by a new one (rename, ``mv``) keeps being read from the open original."""
+
+    def __init__(self, path: str, config_key: str = "data.train_path", check: RowCheck | None = None) -> None:
+        self.path = path
+        self._starts = array("q")
+        self._sizes = array("I")  # rows are at most MAX_ROW_BYTES
+        self._lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._scan(config_key, check)
+            st = os.fstat(self._fd)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        self._signature = (st.st_size, st.st_mtime_ns)
+
+    def _scan(self, config_key: str, check: RowCheck | None) -> None:
+        with open(self._fd, "rb", closefd=False) as f:
+            if b"\0" in f.read(8192):
+                raise _binary_file(self.path, config_key)
+            f.seek(0)
+            offset, lineno = 0, 0
+            while True:
+                raw = f.readline(MAX_ROW_BYTES + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > MAX_ROW_BYTES:
+                    raise _row_too_large(self.path, lineno, len(raw) + _rest_of_line(f))
+                start, size = offset, len(raw)
+                offset += size
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM: not part of the row
+                    start, size = start + 3, size - 3
+                line = _decode(raw, self.path, lineno, first=lineno == 1)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _not_json(self.path, lineno, e) from None
+                if not isinstance(row, dict):
+                    raise _not_object(self.path, lineno, row)
+                if check is not None:
+                    check(row, len(self._starts))
+                self._starts.append(start)
+                self._sizes.append(size)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def _changed(self) -> PosttrainError:
+        return PosttrainError(
+            f"{self.path}: the file changed while this run was using it (it is read again as batches need "
+            "its rows). Do not edit a data file in place during a run: write a new file and point the "
+            "config at it, or replace it with `mv` (the run keeps reading the file it opened)."
+        )
+
+    def _fd_checked(self) -> int:
+        if self._fd < 0:
+            with self._lock:  # unpickled or closed: open the path again, and check it is the same file
+                if self._fd < 0:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != self._signature:
+            raise self._changed()
+        return self._fd
+
+    def row(self, i: int) -> Row:
+        raw = os.pread(self._fd_checked(), self._sizes[i], self._starts[i])
+        return self._parse(raw)
+
+    def _parse(self, raw: bytes) -> Row:
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._changed() from None
+        if not isinstance(row, dict):
+            raise self._changed()
+        return row
+
+    def rows(self) -> Iterator[Row]:
+        with open(self._fd_checked(), "rb", closefd=False, buffering=1 << 20) as f:
+            for start, size in zip(self._starts, self._sizes):
+                if f.tell() != start:
+                    f.seek(start)
+                yield self._parse(f.read(size))
+        self._fd_checked()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fd"], state["_lock"] = -1, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+
+def _rest_of_line(f: Any) -> int:
+    """Bytes up to and including the next newline, skipped in bounded chunks."""
+    skipped = 0
+    while True:
+        chunk = f.readline(1 << 20)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
+
+
+class ArrowRows:
+    """Rows of an Arrow table (Parquet) or a ``datasets.Dataset`` (memory-mapped): columnar and
+    compact in memory, turned into dicts a row (or, for ``rows()``, a thousand rows) at a time."""
+
+    def __init__(self, num_rows: int, slice_table: Callable[[int, int], Any]) -> None:
+        self._num_rows = num_rows
+        self._slice = slice_table  # (start, stop) -> a pyarrow.Table of those rows
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    def row(self, i: int) -> Row:
+        return self._slice(i, i + 1).to_pylist()[0]
+
+    def rows(self) -> Iterator[Row]:
+        for start in range(0, self._num_rows, 1024):
+            yield from self._slice(start, min(start + 1024, self._num_rows)).to_pylist()
+
+
+def open_rows(source: str, *, split: str = "train", config_key: str = "data.train_path",
+              check: RowCheck | None = None) -> RowSource:
+    """The rows of ``source`` (as ``read_rows`` reads them) without keeping them in memory as
+    Python objects: a JSONL file becomes an index of line offsets, Parquet and ``datasets``
+    sources stay Arrow tables. ``check(row, i)`` runs on every row once, in order."""
+    rows: RowSource
+    if source.startswith("hf:"):
+        rows = _dataset_rows(_read_hub_dataset(source[3:], split))
+    elif not os.path.exists(source):
+        return ListRows(read_rows(source, split=split, config_key=config_key))  # raises the missing-file error
+    elif os.path.isdir(source):
+        rows = _dataset_rows(_load_saved_dataset(source, split, config_key))
+    elif source.lower().endswith(JSON_EXTENSIONS):
+        return open_jsonl(source, config_key, check)
+    elif source.lower().endswith(PARQUET_EXTENSIONS):
+        table = _read_parquet(source)
+        rows = ArrowRows(table.num_rows, lambda start, stop: table.slice(start, stop - start))
+    else:
+        return ListRows(read_rows(source, split=split, config_key=config_key))  # raises the extension error
+    if check is not None:
+        for i, row in enumerate(rows.rows()):
+            check(row, i)
+    return rows
+
+
+def open_jsonl(path: str, config_key: str = "data.train_path", check: RowCheck | None = None) -> RowSource:
+    """``read_jsonl``'s rows as a row source: a ``JsonlRows`` index, or for a ``.json`` file holding
+    one JSON array (parsed whole anyway) the rows in memory. ``check`` as for ``open_rows``."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if path.endswith(".json") and b"\0" not in head and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        rows = ListRows(read_jsonl(path, config_key))
+        if check is not None:
+            for i, row in enumerate(rows.rows()):
+                check(row, i)
+        return rows
+    return JsonlRows(path, config_key, check)
+
+
+def _dataset_rows(ds: Any) -> ArrowRows:
+    arrow = ds.with_format("arrow")
+    return ArrowRows(len(ds), lambda start, stop: arrow[start:stop])

@@ -6,7 +6,8 @@ import os
 import re
 
 from posttrain.data.example import PromptExample
-from posttrain.data.files import read_jsonl
+from posttrain.data.files import Row, open_jsonl
+from posttrain.data.stream import PromptRows
 from posttrain.errors import PosttrainError
 
 _MARKER = "####"
@@ -31,29 +32,38 @@ def load_gsm8k(path: str, *, config_key: str = "data.train_path") -> list[Prompt
     """Load a GSM8K JSONL file: the question becomes the user message; metadata holds
     ``expected_answer`` (normalised final answer), ``solution`` (the full worked answer) and
     ``task="gsm8k"``. The instruction is added by ``load_prompt_data``, not here."""
+    return list(open_gsm8k(path, config_key=config_key))
+
+
+def open_gsm8k(path: str, *, config_key: str = "data.train_path") -> PromptRows:
+    """``load_gsm8k`` as a sequence that reads each row when it is asked for (every row is checked
+    here, in one pass over the file)."""
     if not path:
         raise PosttrainError(f"{config_key} is empty. Set it to a GSM8K JSONL file (e.g. gsm8k/train.jsonl).")
     if not os.path.isfile(path):
         raise PosttrainError(f"{config_key}: no such file: {path!r}. Set {config_key} to a GSM8K JSONL file.")
-    rows = read_jsonl(path, config_key)
-    if not rows:
+
+    def convert(row: Row, i: int) -> PromptExample:
+        return _gsm8k_example(row, path, i + 1)
+
+    rows = open_jsonl(path, config_key, check=convert)
+    if not len(rows):
         raise PosttrainError(f"{path}: the GSM8K file is empty. Point {config_key} at a non-empty JSONL file.")
-    examples = []
-    for i, row in enumerate(rows, start=1):
-        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-            raise PosttrainError(
-                f"{path}: row {i} lacks string 'question' and 'answer' fields (columns found: {sorted(row)}). "
-                "GSM8K rows look like {\"question\": ..., \"answer\": \"... #### 42\"}; use data.task=prompts "
-                "for other layouts."
-            )
-        try:
-            expected = extract_gsm8k_answer(row["answer"])
-        except PosttrainError as e:
-            raise PosttrainError(f"{path}: row {i}: {e}") from None
-        examples.append(
-            PromptExample(
-                messages=[{"role": "user", "content": row["question"]}],
-                metadata={"expected_answer": expected, "solution": row["answer"], "task": "gsm8k"},
-            )
+    return PromptRows(rows, convert)
+
+
+def _gsm8k_example(row: Row, path: str, i: int) -> PromptExample:
+    if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+        raise PosttrainError(
+            f"{path}: row {i} lacks string 'question' and 'answer' fields (columns found: {sorted(row)}). "
+            "GSM8K rows look like {\"question\": ..., \"answer\": \"... #### 42\"}; use data.task=prompts "
+            "for other layouts."
         )
-    return examples
+    try:
+        expected = extract_gsm8k_answer(row["answer"])
+    except PosttrainError as e:
+        raise PosttrainError(f"{path}: row {i}: {e}") from None
+    return PromptExample(
+        messages=[{"role": "user", "content": row["question"]}],
+        metadata={"expected_answer": expected, "solution": row["answer"], "task": "gsm8k"},
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,9 @@ import numpy as np
 from posttrain.config.schema import DataConfig
 from posttrain.data.arithmetic import make_arithmetic_splits
 from posttrain.data.example import DEFAULT_MATH_INSTRUCTION, PromptExample
-from posttrain.data.files import Row, read_rows
-from posttrain.data.gsm8k import load_gsm8k
+from posttrain.data.files import Row, open_rows
+from posttrain.data.gsm8k import open_gsm8k
+from posttrain.data.stream import Interleaved, Mapped, PromptRows, lazy, take
 from posttrain.errors import PosttrainError
 
 logger = logging.getLogger("posttrain.data")
@@ -65,30 +67,49 @@ def rows_to_examples(rows: list[Row], cfg: DataConfig, source: str) -> list[Prom
     ``answer_column`` is also copied to ``metadata["expected_answer"]`` as a string."""
     if not rows:
         raise PosttrainError(f"{source}: the dataset is empty. Point the data path at a file with at least one row.")
-    examples = []
-    for i, row in enumerate(rows):
-        where = f"{source}: row {i + 1}"
-        if row.get(cfg.messages_column) is not None:
-            messages = _parse_messages(row[cfg.messages_column], where, cfg.messages_column)
-        elif row.get(cfg.prompt_column) is not None:
-            prompt = row[cfg.prompt_column]
-            if not isinstance(prompt, str):
-                raise PosttrainError(
-                    f"{where}: column {cfg.prompt_column!r} must be a string, got {_preview(prompt)}. "
-                    "Use data.messages_column for chat lists."
-                )
-            messages = [{"role": "user", "content": prompt}]
-        else:
+    return [row_to_example(row, cfg, source, i) for i, row in enumerate(rows)]
+
+
+def open_examples(path: str, cfg: DataConfig, config_key: str, instruction: str = "") -> PromptRows:
+    """``rows_to_examples(read_rows(path))`` as a sequence that makes each example when it is asked
+    for: every row is read and checked here, once, but none is kept (see data/stream.py).
+    ``instruction``: also check that it can be appended to every row (``append_instruction``)."""
+
+    def convert(row: Row, i: int) -> PromptExample:
+        return row_to_example(row, cfg, path, i)
+
+    def check(row: Row, i: int) -> None:
+        append_instruction(convert(row, i), instruction)
+
+    rows = open_rows(path, split=cfg.split, config_key=config_key, check=check)
+    if not len(rows):
+        raise PosttrainError(f"{path}: the dataset is empty. Point the data path at a file with at least one row.")
+    return PromptRows(rows, convert)
+
+
+def row_to_example(row: Row, cfg: DataConfig, source: str, i: int) -> PromptExample:
+    """The prompt of row ``i`` (0-based) of ``source``, as ``rows_to_examples`` makes it."""
+    where = f"{source}: row {i + 1}"
+    if row.get(cfg.messages_column) is not None:
+        messages = _parse_messages(row[cfg.messages_column], where, cfg.messages_column)
+    elif row.get(cfg.prompt_column) is not None:
+        prompt = row[cfg.prompt_column]
+        if not isinstance(prompt, str):
             raise PosttrainError(
-                f"{where}: has neither a {cfg.prompt_column!r} nor a {cfg.messages_column!r} column; "
-                f"columns found: {sorted(row)}. Set data.prompt_column (a text column) or "
-                "data.messages_column (a chat message list) to one of them."
+                f"{where}: column {cfg.prompt_column!r} must be a string, got {_preview(prompt)}. "
+                "Use data.messages_column for chat lists."
             )
-        metadata = {k: v for k, v in row.items() if k not in (cfg.prompt_column, cfg.messages_column)}
-        if row.get(cfg.answer_column) is not None:
-            metadata["expected_answer"] = _answer_to_str(row[cfg.answer_column])
-        examples.append(PromptExample(messages=messages, metadata=metadata))
-    return examples
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        raise PosttrainError(
+            f"{where}: has neither a {cfg.prompt_column!r} nor a {cfg.messages_column!r} column; "
+            f"columns found: {sorted(row)}. Set data.prompt_column (a text column) or "
+            "data.messages_column (a chat message list) to one of them."
+        )
+    metadata = {k: v for k, v in row.items() if k not in (cfg.prompt_column, cfg.messages_column)}
+    if row.get(cfg.answer_column) is not None:
+        metadata["expected_answer"] = _answer_to_str(row[cfg.answer_column])
+    return PromptExample(messages=messages, metadata=metadata)
 
 
 def append_instruction(example: PromptExample, instruction: str) -> PromptExample:
@@ -108,11 +129,12 @@ def append_instruction(example: PromptExample, instruction: str) -> PromptExampl
 
 
 def split_validation(
-    examples: list[PromptExample], validation_size: int, seed: int, key: str = "data.validation_size"
-) -> tuple[list[PromptExample], list[PromptExample]]:
+    examples: Sequence[PromptExample], validation_size: int, seed: int, key: str = "data.validation_size"
+) -> tuple[Sequence[PromptExample], Sequence[PromptExample]]:
     """Carve ``validation_size`` examples off ``examples`` at random (seeded, deterministic).
 
     Returns (train, validation); they are disjoint by position and train keeps the file order.
+    Lists for a list; for a lazy sequence (data/stream.py) views of it.
     """
     if validation_size < 0:
         raise PosttrainError(f"data.validation_size must be >= 0, got {validation_size}.")
@@ -126,26 +148,26 @@ def split_validation(
         validation_size = clamped
     # A stream separate from the sampler's ([seed, epoch]) so the two never share draws.
     rng = np.random.default_rng([seed % 2**64, 0x5EED_0F_7A1D])
-    held_out = set(rng.permutation(len(examples))[:validation_size].tolist())
-    train = [ex for i, ex in enumerate(examples) if i not in held_out]
-    validation = [ex for i, ex in enumerate(examples) if i in held_out]
-    return train, validation
+    held_out = np.zeros(len(examples), dtype=bool)
+    held_out[rng.permutation(len(examples))[:validation_size]] = True
+    return take(examples, np.flatnonzero(~held_out)), take(examples, np.flatnonzero(held_out))
 
 
-def _load_source(cfg: DataConfig, path: str, config_key: str) -> list[PromptExample]:
+def _load_source(cfg: DataConfig, path: str, config_key: str) -> PromptRows:
     if cfg.task == "gsm8k":
-        # Imported here because the adapter itself builds on this module's readers.
-        return load_gsm8k(path, config_key=config_key)
-    return rows_to_examples(read_rows(path, split=cfg.split, config_key=config_key), cfg, path)
+        return open_gsm8k(path, config_key=config_key)
+    return open_examples(path, cfg, config_key, instruction=cfg.instruction)
 
 
-def tag_task(examples: list[PromptExample], task: str) -> list[PromptExample]:
-    """Examples with ``metadata["task"] = task``, except those that already name a task."""
-    return [
-        ex if ex.metadata.get("task") is not None
-        else PromptExample(messages=ex.messages, metadata={**ex.metadata, "task": task})
-        for ex in examples
-    ]
+def tag_task(examples: Sequence[PromptExample], task: str) -> Sequence[PromptExample]:
+    """Examples with ``metadata["task"] = task``, except those that already name a task (a list
+    for a list, else a lazy view)."""
+    def tag(ex: PromptExample) -> PromptExample:
+        if ex.metadata.get("task") is not None:
+            return ex
+        return PromptExample(messages=ex.messages, metadata={**ex.metadata, "task": task})
+
+    return Mapped(examples, tag) if lazy(examples) else [tag(ex) for ex in examples]
 
 
 def weighted_interleave(sizes: list[int], weights: list[float], seed: int, total: int | None = None) -> list[tuple[int, int]]:
@@ -157,6 +179,13 @@ def weighted_interleave(sizes: list[int], weights: list[float], seed: int, total
     repeats before every row of its source was used. Built once from the seed, the list is the
     training set that the epoch sampler then shuffles and resumes as usual.
     """
+    source, row = weighted_interleave_arrays(sizes, weights, seed, total)
+    return list(zip(source.tolist(), row.tolist()))
+
+
+def weighted_interleave_arrays(sizes: list[int], weights: list[float], seed: int,
+                               total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``weighted_interleave`` as two arrays, (source, row): the same pairs, 12 bytes each."""
     if len(sizes) != len(weights) or not sizes or min(sizes) < 1 or min(weights) <= 0:
         raise ValueError(f"need non-empty sources and weights > 0, got sizes {sizes} and weights {weights}")
     total = sum(sizes) if total is None else total
@@ -166,25 +195,34 @@ def weighted_interleave(sizes: list[int], weights: list[float], seed: int, total
     # Largest remainder: the rounding leftovers go to the sources closest to their next row.
     for s in np.argsort(-(shares - counts), kind="stable")[: total - int(counts.sum())]:
         counts[s] += 1
-    pairs: list[tuple[int, int]] = []
+    sources, rows = [], []
     for s, (size, count) in enumerate(zip(sizes, counts.tolist())):
-        rows: list[int] = []
-        while len(rows) < count:
-            rows += rng.permutation(size).tolist()
-        pairs += [(s, r) for r in rows[:count]]
-    return [pairs[i] for i in rng.permutation(len(pairs)).tolist()]
+        perms, drawn = [], 0
+        while drawn < count:  # the same draws, in the same order, as one list grown a permutation at a time
+            perms.append(rng.permutation(size))
+            drawn += size
+        rows.append(np.concatenate(perms)[:count] if perms else np.zeros(0, dtype=np.int64))
+        sources.append(np.full(count, s, dtype=np.int32))
+    source, row = np.concatenate(sources), np.concatenate(rows).astype(np.int64)
+    order = rng.permutation(len(row))
+    return source[order], row[order]
 
 
-def _round_robin(parts: list[list[PromptExample]]) -> list[PromptExample]:
+def _round_robin(parts: list[Sequence[PromptExample]]) -> Sequence[PromptExample]:
     """One row of each part in turn, so that truncating the list (validation.max_prompts) keeps
     every part represented."""
-    out = []
-    for i in range(max((len(p) for p in parts), default=0)):
-        out += [p[i] for p in parts if i < len(p)]
-    return out
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    turn = np.arange(int(sizes.max(initial=0)))
+    # Position i of the result: the turn-th row of each part that still has one, parts in order.
+    present = turn[:, None] < sizes[None, :]
+    source = np.broadcast_to(np.arange(len(parts)), present.shape)[present]
+    row = np.broadcast_to(turn[:, None], present.shape)[present]
+    if any(lazy(p) for p in parts):
+        return Interleaved(list(parts), source, row)
+    return [parts[s][r] for s, r in zip(source.tolist(), row.tolist())]
 
 
-def load_mixed_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], list[PromptExample]]:
+def load_mixed_prompt_data(cfg: DataConfig, seed: int) -> tuple[Sequence[PromptExample], Sequence[PromptExample]]:
     """(train, validation) of ``cfg.mix``: each source read with its own column overrides, tagged
     with its task, its validation rows carved off (or read from its validation_path); train is the
     weighted interleaving of the sources, validation takes the sources' rows in turn."""
@@ -194,10 +232,10 @@ def load_mixed_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExamp
         overrides = {k: source[k] for k in ("prompt_column", "messages_column", "answer_column") if source.get(k)}
         source_cfg = dataclasses.replace(cfg, **overrides)
         path = source["path"]
-        train = rows_to_examples(read_rows(path, split=cfg.split, config_key=f"{key}.path"), source_cfg, path)
+        train = open_examples(path, source_cfg, f"{key}.path", instruction=cfg.instruction)
         if source.get("validation_path"):
             vpath = source["validation_path"]
-            validation = rows_to_examples(read_rows(vpath, split=cfg.split, config_key=f"{key}.validation_path"), source_cfg, vpath)
+            validation = open_examples(vpath, source_cfg, f"{key}.validation_path", instruction=cfg.instruction)
         else:
             size = source.get("validation_size")
             try:
@@ -208,15 +246,18 @@ def load_mixed_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExamp
         trains.append(tag_task(train, source["task"]))
         validations.append(tag_task(validation, source["task"]))
         weights.append(float(source.get("weight", 1.0)))
-    index = weighted_interleave([len(t) for t in trains], weights, seed)
-    return [trains[s][r] for s, r in index], _round_robin(validations)
+    source_of, row_of = weighted_interleave_arrays([len(t) for t in trains], weights, seed)
+    return Interleaved(trains, source_of, row_of), _round_robin(validations)
 
 
-def load_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], list[PromptExample]]:
+def load_prompt_data(cfg: DataConfig, seed: int) -> tuple[Sequence[PromptExample], Sequence[PromptExample]]:
     """Load (train, validation) prompts for ``cfg.task`` with the instruction applied.
 
     ``seed`` only drives the validation carve-out; the arithmetic task uses its own
     ``cfg.arithmetic.seed`` so the problems stay fixed when the training seed changes.
+
+    Data read from files comes back as read-only sequences that read each row when it is asked
+    for (data/stream.py: memory grows with the batch, not the file); the arithmetic task as lists.
     """
     if cfg.task == "arithmetic":
         train, validation = make_arithmetic_splits(cfg.arithmetic)
@@ -239,6 +280,11 @@ def load_prompt_data(cfg: DataConfig, seed: int) -> tuple[list[PromptExample], l
         instruction = cfg.instruction or (DEFAULT_MATH_INSTRUCTION if cfg.task == "gsm8k" else "")
     else:
         raise PosttrainError(f"unknown data.task {cfg.task!r}. Use one of: arithmetic, gsm8k, prompts.")
+    if lazy(train) or lazy(validation):
+        if instruction:
+            train = Mapped(train, lambda ex: append_instruction(ex, instruction))
+            validation = Mapped(validation, lambda ex: append_instruction(ex, instruction))
+        return train, validation
     train = [append_instruction(ex, instruction) for ex in train]
     validation = [append_instruction(ex, instruction) for ex in validation]
     return train, validation

@@ -137,57 +137,92 @@ def check_required_metadata(env_cls: type, examples: Iterable[Any], what: str) -
     """Raise ConfigError unless every example's metadata has each of ``env_cls.required_metadata``.
 
     examples: prompt examples (objects with a ``metadata`` dict, e.g. ``PromptExample``) or the
-        metadata dicts themselves. A key whose value is None counts as missing.
+        metadata dicts themselves. A key whose value is None counts as missing. They are looked at
+        once, in one pass, and not kept (a lazy sequence of a large file stays lazy).
     what: names the examples in the message, e.g. "training prompts".
 
     The message names the environment class, the missing key, how many rows lack it, the
     columns those rows do have, and the fix (for 'expected_answer': ``data.answer_column``).
     """
-    required = getattr(env_cls, "required_metadata", ()) or ()
-    if isinstance(required, str):
-        required = (required,)  # a common slip for ("key",)
-    name = getattr(env_cls, "__name__", repr(env_cls))
-    if not all(isinstance(key, str) for key in required):
-        raise ConfigError(
-            f"{name}.required_metadata must be a tuple of metadata key names (strings), e.g. "
-            f'("expected_answer",); got {required!r}.'
-        )
-    if not required:
+    tally = _MetadataTally(env_cls)
+    tally.check_declaration()
+    if not tally.keys:
         return
-    metadata = [getattr(ex, "metadata", ex) for ex in examples]
-    metadata = [m if isinstance(m, Mapping) else {} for m in metadata]
-    problems = []
-    for key in required:
-        lacking = [m for m in metadata if m.get(key) is None]
-        if not lacking:
-            continue
-        columns = sorted({str(c) for m in lacking for c in m})
-        listed = ", ".join(repr(c) for c in columns[:_MAX_LISTED_COLUMNS])
-        if len(columns) > _MAX_LISTED_COLUMNS:
-            listed += f", ... ({len(columns) - _MAX_LISTED_COLUMNS} more)"
-        if columns:
-            have = f"columns of those rows besides the prompt: {listed}"
-        else:
-            have = "those rows have no column besides the prompt"
-        if key == "expected_answer":
-            example = next((c for c in columns if "answer" in c.lower() and c != key), "<column>")
-            fix = (
-                "Set data.answer_column to the column holding the reference answer (it reaches the "
-                f"environment as 'expected_answer'), e.g. data.answer_column={example}"
-            )
-        else:
-            fix = (
-                f"Add a {key!r} column to the data: every column except the prompt "
-                "(data.prompt_column / data.messages_column) reaches the environment as metadata"
-            )
-        if 0 < len(lacking) < len(metadata):
-            fix += "; or fill in or drop the rows without it"
-        problems.append(
-            f"{name} needs metadata {key!r} in every prompt row, but {len(lacking)} of "
-            f"{len(metadata)} {what} lack it ({have}). {fix}."
+    for ex in examples:
+        tally.add(ex)
+    tally.raise_problems(what)
+
+
+class _MetadataTally:
+    """Counts, over examples seen one at a time, the rows lacking each required metadata key."""
+
+    def __init__(self, env_cls: type) -> None:
+        required = getattr(env_cls, "required_metadata", ()) or ()
+        if isinstance(required, str):
+            required = (required,)  # a common slip for ("key",)
+        self.required = required
+        self.name = getattr(env_cls, "__name__", repr(env_cls))
+        try:
+            valid = all(isinstance(key, str) for key in required)
+        except TypeError:
+            valid = False
+        self.keys: tuple[str, ...] = tuple(required) if valid else ()
+        self.total = 0
+        self.lacking = {key: 0 for key in self.keys}
+        self.columns: dict[str, set[str]] = {key: set() for key in self.keys}
+
+    def check_declaration(self) -> None:
+        if self.keys or not self.required:
+            return
+        raise ConfigError(
+            f"{self.name}.required_metadata must be a tuple of metadata key names (strings), e.g. "
+            f'("expected_answer",); got {self.required!r}.'
         )
-    if problems:
-        raise ConfigError(" ".join(problems))
+
+    def add(self, example: Any) -> None:
+        metadata = getattr(example, "metadata", example)
+        if not isinstance(metadata, Mapping):
+            metadata = {}
+        self.total += 1
+        for key in self.keys:
+            if metadata.get(key) is None:
+                self.lacking[key] += 1
+                self.columns[key].update(str(c) for c in metadata)
+
+    def raise_problems(self, what: str) -> None:
+        self.check_declaration()
+        problems = []
+        for key in self.keys:
+            lacking = self.lacking[key]
+            if not lacking:
+                continue
+            columns = sorted(self.columns[key])
+            listed = ", ".join(repr(c) for c in columns[:_MAX_LISTED_COLUMNS])
+            if len(columns) > _MAX_LISTED_COLUMNS:
+                listed += f", ... ({len(columns) - _MAX_LISTED_COLUMNS} more)"
+            if columns:
+                have = f"columns of those rows besides the prompt: {listed}"
+            else:
+                have = "those rows have no column besides the prompt"
+            if key == "expected_answer":
+                example = next((c for c in columns if "answer" in c.lower() and c != key), "<column>")
+                fix = (
+                    "Set data.answer_column to the column holding the reference answer (it reaches the "
+                    f"environment as 'expected_answer'), e.g. data.answer_column={example}"
+                )
+            else:
+                fix = (
+                    f"Add a {key!r} column to the data: every column except the prompt "
+                    "(data.prompt_column / data.messages_column) reaches the environment as metadata"
+                )
+            if 0 < lacking < self.total:
+                fix += "; or fill in or drop the rows without it"
+            problems.append(
+                f"{self.name} needs metadata {key!r} in every prompt row, but {lacking} of "
+                f"{self.total} {what} lack it ({have}). {fix}."
+            )
+        if problems:
+            raise ConfigError(" ".join(problems))
 
 
 #: Task name of a single-environment run (``env.cls`` / ``env.kwargs``, ``env.tasks`` empty).
@@ -262,11 +297,18 @@ def check_task_data(env_classes: Mapping[str, type], examples: Iterable[Any], wh
     if list(env_classes) == [SINGLE_TASK]:
         check_required_metadata(env_classes[SINGLE_TASK], examples, what)
         return
-    examples = list(examples)
-    by_task: dict[Any, list[Any]] = {}
+    # One pass, keeping counts, not rows: the examples may be a lazy sequence of a large file.
+    by_task: dict[Any, int] = {}
+    tallies = {task: _MetadataTally(cls) for task, cls in env_classes.items()}
     for ex in examples:
-        by_task.setdefault(row_task(ex), []).append(ex)
-    bad = [(task, len(rows)) for task, rows in by_task.items() if task not in env_classes]
+        task = row_task(ex)
+        by_task[task] = by_task.get(task, 0) + 1
+        if task in tallies and tallies[task].keys:
+            tallies[task].add(ex)
+        elif task in tallies:
+            tallies[task].total += 1
+    total = sum(by_task.values())
+    bad = [(task, n) for task, n in by_task.items() if task not in env_classes]
     if bad:
         configured = ", ".join(repr(t) for t in env_classes)
         parts = [
@@ -275,9 +317,9 @@ def check_task_data(env_classes: Mapping[str, type], examples: Iterable[Any], wh
             for task, n in bad
         ]
         raise ConfigError(
-            f"{'; '.join(parts)} (of {len(examples)} {what}), but env.tasks configures only the tasks "
+            f"{'; '.join(parts)} (of {total} {what}), but env.tasks configures only the tasks "
             f"{configured}. Every row's 'task' column must name one of them: add the missing tasks to "
             "env.tasks, fix the rows' task column, or tag each data.mix source with its task."
         )
-    for task, rows in by_task.items():
-        check_required_metadata(env_classes[task], rows, f"{what} of task {task!r}")
+    for task in by_task:
+        tallies[task].raise_problems(f"{what} of task {task!r}")
