@@ -14,11 +14,12 @@ from ports import bound_socket, closed_port, free_port  # noqa: F401  (re-export
 
 
 @contextlib.contextmanager
-def live_server(app, *, health_path: str = "/health", timeout_s: float = 20.0) -> Iterator[str]:
-    """Serve ``app`` until the block ends; yields its base URL (``http://127.0.0.1:PORT``)."""
+def live_server(app, *, health_path: str = "/health", timeout_s: float = 20.0, config=uvicorn.Config) -> Iterator[str]:
+    """Serve ``app`` until the block ends; yields its base URL (``http://127.0.0.1:PORT``).
+    ``config``: makes the uvicorn config, e.g. ``posttrain.server.uvicorn_run.server_config``."""
     sock = bound_socket()  # uvicorn listens on it: no other process can take the port meanwhile
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
