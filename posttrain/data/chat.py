@@ -157,8 +157,8 @@ def _encode_streaming(examples: LazySequence, tokenizer: PreTrainedTokenizerBase
     _report_dropped(total, len(kept), cut_early, char_limit, max_prompt_tokens, what)
     bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=bounds[1:])
-    return TokenizedPrompts(examples, np.frombuffer(kept, dtype=np.int64).copy(), bounds,
-                            np.frombuffer(ids, dtype=np.int32).copy())
+    # Views of the arrays (no copy: they are not resized again, and the views keep them alive).
+    return TokenizedPrompts(examples, np.frombuffer(kept, dtype=np.int64), bounds, np.frombuffer(ids, dtype=np.int32))
 
 
 # Characters per token assumed at most beyond the longest vocabulary entry: normalisation (NFC)

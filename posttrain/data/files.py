@@ -220,6 +220,9 @@ class ListRows:
         return iter(self._rows)
 
 
+_READ_BLOCK = 1 << 20  # bytes read at once by JsonlRows.rows()
+
+
 class JsonlRows:
     """A JSON-lines file read once, line by line, into an index of where each row is (12 bytes a
     row); a row is read and parsed again when asked for. Every check of ``read_jsonl`` runs in
@@ -298,9 +301,9 @@ class JsonlRows:
         raw = os.pread(self._fd_checked(), self._sizes[i], self._starts[i])
         return self._parse(raw)
 
-    def _parse(self, raw: bytes) -> Row:
+    def _parse(self, raw: bytes | memoryview) -> Row:
         try:
-            row = json.loads(raw.decode("utf-8"))
+            row = json.loads(str(raw, "utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise self._changed() from None
         if not isinstance(row, dict):
@@ -308,11 +311,16 @@ class JsonlRows:
         return row
 
     def rows(self) -> Iterator[Row]:
-        with open(self._fd_checked(), "rb", closefd=False, buffering=1 << 20) as f:
-            for start, size in zip(self._starts, self._sizes):
-                if f.tell() != start:
-                    f.seek(start)
-                yield self._parse(f.read(size))
+        # pread, never the descriptor's offset: several passes (generators, threads) may be under way at once.
+        fd = self._fd_checked()
+        block, block_start = memoryview(b""), 0
+        for start, size in zip(self._starts, self._sizes):
+            if start < block_start or start + size > block_start + len(block):
+                if size > _READ_BLOCK:
+                    yield self._parse(os.pread(fd, size, start))
+                    continue
+                block, block_start = memoryview(os.pread(fd, _READ_BLOCK, start)), start
+            yield self._parse(block[start - block_start:start - block_start + size])
         self._fd_checked()
 
     def __getstate__(self) -> dict[str, Any]:

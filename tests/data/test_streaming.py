@@ -182,6 +182,17 @@ def test_jsonl_rows_index_blank_lines_crlf_and_a_bom(tmp_path):
     assert list(again.rows()) == list(source.rows()) and again.row(1) == {"prompt": "é"}
 
 
+def test_passes_over_one_file_may_run_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("posttrain.data.files._READ_BLOCK", 64)  # rows straddle blocks, some exceed one
+    rows_ = rows(50) + [{"prompt": "long " * 40, "expected_answer": 1}] + rows(20, offset=50)
+    source = JsonlRows(write_jsonl(tmp_path / "p.jsonl", rows_))
+    first, second = source.rows(), source.rows()
+    next(second)
+    pairs = [(a, b) for a, b in zip(first, second)]  # two generators, interleaved: no shared file offset
+    assert [a for a, _ in pairs] == rows_[:-1] and [b for _, b in pairs] == rows_[1:]
+    assert source.row(50) == rows_[50] and list(source.rows()) == rows_
+
+
 @pytest.mark.parametrize("content,message", [
     (b'{"prompt": "a"}\n{"prompt": \n', r"p.jsonl:2: not valid JSON"),
     (b'{"prompt": "a"}\n[1, 2]\n', r"p.jsonl:2: expected a JSON object"),
