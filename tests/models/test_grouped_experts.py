@@ -134,6 +134,26 @@ def test_out_of_range_expert_ids_raise():
         grouped_experts(x, ids + 3, weights, gate_up, down)
 
 
+def test_the_grouped_mm_call_equals_the_segment_loop_where_torch_runs_it_on_the_cpu():
+    """The same torch._grouped_mm call (offsets, transposed weight views, autograd, an empty
+    expert) as on the GPU, through the CPU kernel that recent torch versions ship."""
+    x, ids, weights, gate_up, down = random_experts(tokens=40, hidden=64, inter=32, experts=8)
+    ids[ids == 3] = 0  # expert 3 gets no tokens
+    leaves = {path: [t.clone().requires_grad_() for t in (x, weights, gate_up, down)] for path in (0, 1)}
+    (xg, wg, gug, downg), (xl, wl, gul, downl) = leaves[1], leaves[0]
+    try:
+        grouped = grouped_experts(xg, ids, wg, gug, downg, use_grouped_mm=True)
+    except (AttributeError, NotImplementedError, RuntimeError) as error:
+        pytest.skip(f"torch {torch.__version__} has no CPU torch._grouped_mm ({type(error).__name__})")
+    loop = grouped_experts(xl, ids, wl, gul, downl, use_grouped_mm=False)
+    torch.testing.assert_close(grouped, loop, atol=ATOL, rtol=RTOL)
+    grouped.square().sum().backward()
+    loop.square().sum().backward()
+    for a, b in zip(leaves[1], leaves[0]):
+        torch.testing.assert_close(a.grad, b.grad, atol=ATOL, rtol=RTOL)
+    assert gug.grad[3].abs().sum() == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="torch._grouped_mm needs a CUDA GPU of compute capability 9.0+")
 def test_grouped_mm_equals_the_segment_loop_on_the_gpu():
