@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -224,27 +225,27 @@ _READ_BLOCK = 1 << 20  # bytes read at once by JsonlRows.rows()
 
 
 class JsonlRows:
-    """A JSON-lines file read once, line by line, into an index of where each row is (12 bytes a
-    row); a row is read and parsed again when asked for. Every check of ``read_jsonl`` runs in
-    that one pass (a line is never held longer than it takes to parse it), plus ``check(row, i)``
-    for each row (``i``: its position among the non-blank lines), so rows that load cannot fail
-    later: unless the file is changed in place while it is in use, which is an error naming it.
+    """A JSON-lines file read once, line by line, into an index of where each row is and its
+    CRC-32 (16 bytes a row); a row is read and parsed again when asked for. Every check of
+    ``read_jsonl`` runs in that one pass (a line is never held longer than it takes to parse it),
+    plus ``check(row, i)`` for each row (``i``: its position among the non-blank lines), so rows
+    that load cannot fail later, unless the file is edited in place while it is in use: a row
+    whose bytes changed is an error naming the file (rows appended, or a `touch`, change nothing).
     A file replaced by a new one (rename, ``mv``) keeps being read from the open original."""
 
     def __init__(self, path: str, config_key: str = "data.train_path", check: RowCheck | None = None) -> None:
         self.path = path
         self._starts = array("q")
         self._sizes = array("I")  # rows are at most MAX_ROW_BYTES
+        self._crcs = array("I")
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_RDONLY)
         try:
             self._scan(config_key, check)
-            st = os.fstat(self._fd)
         except BaseException:
             os.close(self._fd)
             self._fd = -1
             raise
-        self._signature = (st.st_size, st.st_mtime_ns)
 
     def _scan(self, config_key: str, check: RowCheck | None) -> None:
         with open(self._fd, "rb", closefd=False) as f:
@@ -259,10 +260,10 @@ class JsonlRows:
                 lineno += 1
                 if len(raw) > MAX_ROW_BYTES:
                     raise _row_too_large(self.path, lineno, len(raw) + _rest_of_line(f))
-                start, size = offset, len(raw)
+                start, size, bom = offset, len(raw), 0
                 offset += size
                 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM: not part of the row
-                    start, size = start + 3, size - 3
+                    start, size, bom = start + 3, size - 3, 3
                 line = _decode(raw, self.path, lineno, first=lineno == 1)
                 if not line.strip():
                     continue
@@ -276,32 +277,32 @@ class JsonlRows:
                     check(row, len(self._starts))
                 self._starts.append(start)
                 self._sizes.append(size)
+                self._crcs.append(zlib.crc32(memoryview(raw)[bom:]))
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def _changed(self) -> PosttrainError:
         return PosttrainError(
-            f"{self.path}: the file changed while this run was using it (it is read again as batches need "
-            "its rows). Do not edit a data file in place during a run: write a new file and point the "
-            "config at it, or replace it with `mv` (the run keeps reading the file it opened)."
+            f"{self.path}: the file was edited while this run was using it: rows it had read changed (it is "
+            "read again as batches need its rows). Do not edit a data file in place during a run: write a "
+            "new file and point the config at it, or replace it with `mv` (the run keeps reading the file "
+            "it opened)."
         )
 
-    def _fd_checked(self) -> int:
+    def _open_fd(self) -> int:
         if self._fd < 0:
-            with self._lock:  # unpickled or closed: open the path again, and check it is the same file
+            with self._lock:  # unpickled or closed: open the path again (its rows' CRCs are checked)
                 if self._fd < 0:
                     self._fd = os.open(self.path, os.O_RDONLY)
-        st = os.fstat(self._fd)
-        if (st.st_size, st.st_mtime_ns) != self._signature:
-            raise self._changed()
         return self._fd
 
     def row(self, i: int) -> Row:
-        raw = os.pread(self._fd_checked(), self._sizes[i], self._starts[i])
-        return self._parse(raw)
+        return self._parse(os.pread(self._open_fd(), self._sizes[i], self._starts[i]), self._crcs[i])
 
-    def _parse(self, raw: bytes | memoryview) -> Row:
+    def _parse(self, raw: bytes | memoryview, crc: int) -> Row:
+        if zlib.crc32(raw) != crc:
+            raise self._changed()
         try:
             row = json.loads(str(raw, "utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -312,16 +313,15 @@ class JsonlRows:
 
     def rows(self) -> Iterator[Row]:
         # pread, never the descriptor's offset: several passes (generators, threads) may be under way at once.
-        fd = self._fd_checked()
+        fd = self._open_fd()
         block, block_start = memoryview(b""), 0
-        for start, size in zip(self._starts, self._sizes):
+        for start, size, crc in zip(self._starts, self._sizes, self._crcs):
             if start < block_start or start + size > block_start + len(block):
                 if size > _READ_BLOCK:
-                    yield self._parse(os.pread(fd, size, start))
+                    yield self._parse(os.pread(fd, size, start), crc)
                     continue
                 block, block_start = memoryview(os.pread(fd, _READ_BLOCK, start)), start
-            yield self._parse(block[start - block_start:start - block_start + size])
-        self._fd_checked()
+            yield self._parse(block[start - block_start:start - block_start + size], crc)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -224,14 +224,20 @@ def test_a_data_file_edited_in_place_during_a_run_is_an_error_naming_it(tmp_path
     write_jsonl(replacement, rows(10, offset=100))
     os.replace(replacement, path)  # mv: the open file keeps being read
     assert train[0] == first and len(list(train)) == 8
-    with open(path, "a") as f:  # the new file at that path is not the one the run reads
-        f.write("{}\n")
-    assert train[0] == first
     source = JsonlRows(str(path))
-    with open(path, "r+b") as f:  # edited in place: what the index points at is gone
-        f.write(b"[")
-    with pytest.raises(PosttrainError, match="p.jsonl: the file changed while this run was using it"):
-        source.row(3)
+    want = list(source.rows())
+    with open(path, "a") as f:  # rows appended: the rows read are unchanged
+        f.write('{"prompt": "new"}\n')
+    os.utime(path)
+    assert list(source.rows()) == want and source.row(9) == want[9]
+    with open(path, "r+b") as f:  # edited in place: one digit of row 3 (id 103) differs, still valid JSON
+        data = f.read()
+        f.seek(data.index(b'"What is 103'))
+        f.write(b'"What is 903')
+    assert source.row(2) == want[2] and source.row(4) == want[4]
+    for read in (lambda: source.row(3), lambda: list(source.rows())):
+        with pytest.raises(PosttrainError, match="p.jsonl: the file was edited while this run was using it"):
+            read()
 
 
 def test_required_metadata_checks_stream_and_keep_their_messages(tmp_path):
