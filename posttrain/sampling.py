@@ -57,6 +57,12 @@ class Completion:
     # Per token: the engine's weight version that sampled it. One completion can span versions
     # when weights change mid-generation (partial rollouts); None: the engine does not know.
     token_versions: list[int] | None = None
+    # MoE models on posttrain's engine: the expert ids that each MoE layer's router chose (top-k)
+    # for each token the engine ran through the model, int16 (num_moe_layers, len(prompt_token_ids)
+    # + len(token_ids) - 1, top_k) on the CPU. Row p is the token at position p of prompt +
+    # completion; the last completion token has no row (it was sampled, never run), and its
+    # routing changes no logprob of the completion. None: a dense model or another backend.
+    routed_experts: torch.Tensor | None = None
 
 
 @runtime_checkable

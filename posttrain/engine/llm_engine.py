@@ -255,6 +255,7 @@ class Engine:
         block_manager = self.scheduler.block_manager
         eos = set(self.eos_token_ids)
         version = self.weight_version
+        ending: list[tuple[Sequence, str]] = []
         for i, seq in enumerate(seqs):
             block_manager.register_filled_block(seq)  # this step wrote every current position
             token = out.token_ids[i]
@@ -273,8 +274,13 @@ class Engine:
             elif seq.num_completion_tokens >= s.max_tokens:
                 reason = "length"
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                finished.append(seq)
+                ending.append((seq, reason))
+        if ending and self.runner.route_cache is not None:  # MoE: the routes, before the blocks are freed
+            for (seq, _), routes in zip(ending, self.runner.read_routes([seq for seq, _ in ending])):
+                seq.routed_experts = routes
+        for seq, reason in ending:
+            self.scheduler.finish(seq, reason)
+            finished.append(seq)
         if finished:
             self.scheduler.remove_finished()
         return finished
@@ -301,6 +307,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             top_logprobs=list(seq.top_logprobs) if seq.sampling.top_logprobs else None,
             token_versions=list(seq.token_versions),
+            routed_experts=seq.routed_experts,
         )
 
     # ---- metrics

@@ -3,7 +3,8 @@
 The runner gets a list of sequences from the scheduler and returns one sampled token each. It
 owns the KV cache (sized from free device memory, freed by ``free_kv_cache`` while the trainer
 runs) and, on CUDA, one captured graph per decode batch size: a decode step of a small model is
-hundreds of tiny kernels, and replaying a graph launches them all at once.
+hundreds of tiny kernels, and replaying a graph launches them all at once. For an MoE model it
+also owns the route cache, the expert ids of every cached position (``read_routes``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from posttrain.engine.attention import AttentionMetadata, attend_gathered, paged_decode_attention, triton_available
-from posttrain.engine.paged_model import PagedDecoder
+from posttrain.engine.paged_model import ROUTE_DTYPE, PagedDecoder
 from posttrain.engine.sampler import Sampler, SamplerOutput
 from posttrain.engine.sequence import Sequence
 from posttrain.errors import PosttrainError
@@ -56,15 +57,20 @@ class ModelRunner:
         self.cpu_kv_cache_gb = cpu_kv_cache_gb
         self.use_triton = triton_available(self.device) and self.decoder.head_dim in (16, 32, 64, 128, 256)
         self.use_cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.use_triton
+        if self.use_cuda_graphs and not self.decoder.graphable(compute_dtype):
+            logger.info("decode CUDA graphs off: this MoE model's grouped experts need torch._grouped_mm "
+                        "(bf16 on compute capability 9.0+) to run without host syncs")
+            self.use_cuda_graphs = False
         self.use_compile = compile and self.device.type == "cuda"
         if self.use_compile:
             self.decoder.enable_compile()
         self.sampler = Sampler()
         self.kv_cache: torch.Tensor | None = None
+        self.route_cache: torch.Tensor | None = None  # MoE: (num_moe_layers, num_slots, top_k) expert ids
         self._kv_logged = False
         self.num_blocks = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_kv_ptr = 0
+        self._graph_cache_ptrs = None
         with torch.no_grad():
             self.decoder.build_rope_tables(max_model_len)
 
@@ -73,7 +79,8 @@ class ModelRunner:
         """Allocate the cache; returns the number of blocks. One extra block receives the writes of
         the padding rows of a graph batch."""
         d = self.decoder
-        bytes_per_block = 2 * d.num_layers * self.block_size * d.num_kv_heads * d.head_dim * self.kv_dtype.itemsize
+        bytes_per_block = self.block_size * (2 * d.num_layers * d.num_kv_heads * d.head_dim * self.kv_dtype.itemsize
+                                             + d.num_moe_layers * d.top_k * ROUTE_DTYPE.itemsize)
         needed = self.max_num_seqs * self.max_blocks_per_seq
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -90,14 +97,16 @@ class ModelRunner:
             )
         slots = (num_blocks + 1) * self.block_size
         self.kv_cache = torch.zeros(2, d.num_layers, slots, d.num_kv_heads, d.head_dim, dtype=self.kv_dtype, device=self.device)
+        if d.moe is not None:
+            self.route_cache = torch.zeros(d.num_moe_layers, slots, d.top_k, dtype=ROUTE_DTYPE, device=self.device)
         self.num_blocks = num_blocks
         self.dummy_slot = num_blocks * self.block_size
         # Once at INFO; every later wake-up (one per training step) at DEBUG.
         logger.log(logging.DEBUG if self._kv_logged else logging.INFO, "KV cache: %d blocks of %d tokens (%.2f GiB)",
                    num_blocks, self.block_size, self.kv_cache.numel() * self.kv_dtype.itemsize / 2**30)
         self._kv_logged = True
-        if self.use_cuda_graphs and self.kv_cache.data_ptr() != self._graph_kv_ptr:
-            self.capture_graphs()  # graphs hold the cache's address; a new address needs new graphs
+        if self.use_cuda_graphs and self._cache_ptrs() != self._graph_cache_ptrs:
+            self.capture_graphs()  # graphs hold the caches' addresses; a new address needs new graphs
         return num_blocks
 
     def parameters_moved(self) -> None:
@@ -107,7 +116,7 @@ class ModelRunner:
         if not self.graphs:
             return
         self.graphs.clear()
-        self._graph_kv_ptr = 0
+        self._graph_cache_ptrs = None
         if self.kv_cache is not None:
             self.capture_graphs()
 
@@ -116,6 +125,22 @@ class ModelRunner:
         in the same process reuses it, and the next ``allocate_kv_cache`` usually gets the same
         address back, so the captured graphs stay valid."""
         self.kv_cache = None
+        self.route_cache = None
+
+    def _cache_ptrs(self) -> tuple[int, int]:
+        return self.kv_cache.data_ptr(), self.route_cache.data_ptr() if self.route_cache is not None else 0
+
+    def read_routes(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """The expert ids of every position each sequence ran through the model (its prompt and
+        completion but the last token, which no step consumed): one ``(num_moe_layers,
+        len(seq) - 1, top_k)`` int16 CPU tensor per sequence, read in one gather and one copy."""
+        size = self.block_size
+        slots = []
+        for seq in seqs:
+            positions = np.arange(len(seq) - 1)
+            slots.append(np.asarray(seq.block_table, dtype=np.int64)[positions // size] * size + positions % size)
+        routes = self.route_cache.index_select(1, self._to_device(np.concatenate(slots))).cpu()
+        return list(routes.split([len(s) for s in slots], dim=1))
 
     def _layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self.decoder.num_layers)]
@@ -135,7 +160,8 @@ class ModelRunner:
 
     def _forward_logits(self, input_ids, positions, meta: AttentionMetadata, last: torch.Tensor | None) -> torch.Tensor:
         with self._autocast():
-            hidden = self.decoder.forward(input_ids, positions, self._layer_caches(), meta, self._attend(meta))
+            hidden = self.decoder.forward(input_ids, positions, self._layer_caches(), meta, self._attend(meta),
+                                          self.route_cache)
             if last is not None:
                 hidden = hidden[last]
             return self.decoder.logits(hidden)
@@ -253,7 +279,7 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.device)
-        self._graph_kv_ptr = self.kv_cache.data_ptr()
+        self._graph_cache_ptrs = self._cache_ptrs()
         logger.info("captured %d decode CUDA graphs in %.2f s", len(self.graphs), time.perf_counter() - start)
 
     def _or_eager(self, forward):
@@ -272,4 +298,4 @@ class ModelRunner:
 
     def release_graphs(self) -> None:
         self.graphs.clear()
-        self._graph_kv_ptr = 0
+        self._graph_cache_ptrs = None

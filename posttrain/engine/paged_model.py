@@ -6,14 +6,22 @@ norms, projections, MLP, LM head; LoRA-wrapped layers included) and replaces onl
 in colocated training therefore moves zero bytes.
 
 Supported families share the Llama layout: ``model.embed_tokens``, ``model.layers[i]`` with
-``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (biases as in Qwen2), optional per-head
-``q_norm``/``k_norm`` (Qwen3), ``post_attention_layernorm``, ``mlp``, then ``model.norm`` and
-``lm_head``, rotary embeddings with the half-rotation. Adding a family with that layout is one
-entry in ``SUPPORTED_MODEL_TYPES``; see docs/engine.md for one that differs.
+``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (biases as in Qwen2), optional ``q_norm``/``k_norm``
+(per head as in Qwen3, or over all heads with ``clip_qkv`` as in OLMoE), ``post_attention_layernorm``,
+``mlp`` (``block_sparse_moe`` in GraniteMoE), then ``model.norm`` and ``lm_head``, rotary embeddings
+with the half-rotation, and GraniteMoE's embedding, residual and logit multipliers. Adding a family
+with that layout is one entry in ``SUPPORTED_MODEL_TYPES``; see docs/engine.md for one that differs.
+
+MoE layers run transformers' sparse MoE blocks on posttrain's grouped experts
+(:func:`posttrain.models.moe.hf_blocks.use_grouped_experts`: the block's own router, no host sync
+on a GPU with ``torch._grouped_mm``), outside the compiled part. Each step writes the expert ids
+that every MoE layer chose for every new token into a route cache laid out like the KV cache
+(one row per slot), so prefix-cached tokens keep their routes and CUDA graph replays write them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -21,8 +29,13 @@ import torch
 from posttrain.engine.attention import AttentionMetadata, write_kv
 from posttrain.errors import PosttrainError
 from posttrain.models.chunked_logprobs import matmul_float32_out
+from posttrain.models.moe.grouped_experts import grouped_mm_supported
+from posttrain.models.moe.hf_blocks import use_grouped_experts
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+DENSE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
+ROUTE_DTYPE = torch.int16  # expert ids as the route cache and Completion.routed_experts hold them
 
 # Where the engine honours model.float32_logits. A CPU has no 16-bit matmul with a float32 output:
 # upcasting the head each step cost 40% of bf16 CPU rollout throughput (132 -> 81 tokens/s).
@@ -56,14 +69,27 @@ class PagedDecoder:
         # Float32 logits from a 16-bit head matmul, as the trainer computes them (model.float32_logits).
         self.float32_logits = float32_logits and isinstance(self.lm_head, torch.nn.Linear)
         self.layers = list(self.backbone.layers)
+        self.mlps = [layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe for layer in self.layers]
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.scale = attn.scaling
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.num_layers = len(self.layers)
-        self.has_qk_norm = hasattr(attn, "q_norm")
+        # "head": Qwen3's norm of each head; "all": OLMoE's norm over all heads' projections.
+        self.qk_norm = None if not hasattr(attn, "q_norm") else \
+            "head" if attn.q_norm.weight.shape[0] == self.head_dim else "all"
+        self.clip_qkv = getattr(config, "clip_qkv", None)  # OLMoE
+        # GraniteMoE scales the embeddings, each residual branch and the logits.
+        self.embedding_multiplier = getattr(config, "embedding_multiplier", 1.0)
+        self.residual_multiplier = getattr(config, "residual_multiplier", 1.0)
+        self.logits_scaling = getattr(config, "logits_scaling", 1.0)
         self.sliding_window = self._sliding_window(config)
+        # MoE: the sparse blocks on grouped experts (shared with the trainer when it shares the modules).
+        self.moe = use_grouped_experts(model) if model_type in MOE_MODEL_TYPES else None
+        self.is_moe_layer = [self.moe is not None and mlp in self.moe.blocks for mlp in self.mlps]
+        self.num_moe_layers = self.moe.num_layers if self.moe is not None else 0
+        self.top_k = config.num_experts_per_tok if self.moe is not None else 0
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.disable_compile()
@@ -102,28 +128,50 @@ class PagedDecoder:
     def enable_compile(self) -> None:
         """torch.compile the per-layer work around attention. A decode step of a small model is
         hundreds of tiny element-wise kernels (RMSNorm, rotary, SiLU, residuals); fused, a step
-        runs several times faster. Attention and the cache write stay outside."""
+        runs several times faster. Attention, the cache writes and MoE blocks stay outside."""
         self._before_attention = torch.compile(_before_attention, dynamic=True, fullgraph=True)
         self._after_attention = torch.compile(_after_attention, dynamic=True, fullgraph=True)
 
     def disable_compile(self) -> None:
         self._before_attention, self._after_attention = _before_attention, _after_attention
 
+    def graphable(self, compute_dtype: torch.dtype) -> bool:
+        """Whether a decode step can be captured in a CUDA graph: MoE layers need the sync-free
+        ``torch._grouped_mm`` path of the grouped experts (bf16 on compute capability 9.0+)."""
+        if self.moe is None:
+            return True
+        probe = torch.empty(0, device=self.device)
+        return all(grouped_mm_supported(probe, block.experts.gate_up_proj, compute_dtype) for block in self.moe.blocks)
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata, attend: AttentionFn,
+        meta: AttentionMetadata, attend: AttentionFn, route_cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids/positions: (num_tokens,) -> final hidden states (num_tokens, hidden)."""
+        """input_ids/positions: (num_tokens,) -> final hidden states (num_tokens, hidden).
+        ``route_cache`` (num_moe_layers, num_slots, top_k): MoE models write each new token's
+        expert ids at its slot (``meta.slot_mapping``)."""
         cos, sin = self.cos[positions], self.sin[positions]
         hidden = self.backbone.embed_tokens(input_ids)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            q, k, v = self._before_attention(layer, hidden, cos, sin, self.head_dim, self.has_qk_norm)
-            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = attend(q.to(k_cache.dtype), k_cache, v_cache, meta)
-            hidden = self._after_attention(layer, hidden, out)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
+        residual = self.residual_multiplier
+        with self.moe.recording() if self.moe is not None else contextlib.nullcontext() as routes:
+            for layer, mlp, is_moe, (k_cache, v_cache) in zip(self.layers, self.mlps, self.is_moe_layer, kv_caches):
+                q, k, v = self._before_attention(layer, hidden, cos, sin, self.head_dim, self.qk_norm, self.clip_qkv)
+                write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+                out = attend(q.to(k_cache.dtype), k_cache, v_cache, meta)
+                hidden, x = self._after_attention(layer, None if is_moe else mlp, hidden, out, residual)
+                if is_moe:  # grouped experts: eager (CUDA graphs still capture them)
+                    hidden = hidden + _scaled(mlp(x), residual)
+        if route_cache is not None:
+            route_cache.index_copy_(1, meta.slot_mapping, torch.stack(routes).to(route_cache.dtype))
         return self.backbone.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._head(hidden)
+        return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.float32_logits or hidden.device.type not in FLOAT32_LOGITS_DEVICE_TYPES:
             return self.lm_head(hidden)
         weight, bias = self.lm_head.weight, self.lm_head.bias
@@ -135,22 +183,33 @@ class PagedDecoder:
         return logits if bias is None else logits + bias.to(dtype).float()
 
 
-def _before_attention(layer, hidden, cos, sin, head_dim: int, has_qk_norm: bool):
-    """Input norm, q/k/v projections, optional per-head q/k norm, rotary: (tokens, heads, head_dim) each."""
+def _scaled(x: torch.Tensor, multiplier: float) -> torch.Tensor:
+    return x if multiplier == 1.0 else x * multiplier
+
+
+def _before_attention(layer, hidden, cos, sin, head_dim: int, qk_norm: str | None, clip_qkv: float | None):
+    """Input norm, q/k/v projections, optional q/k norms and clipping, rotary: (tokens, heads, head_dim) each."""
     num_tokens = hidden.shape[0]
     x = layer.input_layernorm(hidden)
     attn = layer.self_attn
-    q = attn.q_proj(x).view(num_tokens, -1, head_dim)
-    k = attn.k_proj(x).view(num_tokens, -1, head_dim)
-    v = attn.v_proj(x).view(num_tokens, -1, head_dim)
-    if has_qk_norm:
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if qk_norm == "all":
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if clip_qkv is not None:
+        q, k, v = (t.clamp(-clip_qkv, clip_qkv) for t in (q, k, v))
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
+    if qk_norm == "head":
         q, k = attn.q_norm(q), attn.k_norm(k)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     return q, k, v
 
 
-def _after_attention(layer, hidden, attn_out):
-    """Output projection and residual, then the MLP block and its residual."""
-    hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(hidden.shape[0], -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+def _after_attention(layer, mlp, hidden, attn_out, residual: float):
+    """Output projection and residual, then the MLP block and its residual. For an MoE layer
+    (``mlp`` None) it stops before the block: returns the residual stream and the block's input."""
+    hidden = hidden + _scaled(layer.self_attn.o_proj(attn_out.reshape(hidden.shape[0], -1)), residual)
+    x = layer.post_attention_layernorm(hidden)
+    if mlp is None:
+        return hidden, x
+    return hidden + _scaled(mlp(x), residual), None

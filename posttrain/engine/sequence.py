@@ -52,6 +52,7 @@ class Sequence:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     token_versions: list[int] = field(default_factory=list)  # the engine's weight_version per generated token
     finish_reason: str | None = None
+    routed_experts: torch.Tensor | None = None  # MoE, once finished: see Completion.routed_experts
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -269,12 +269,18 @@ def test_model_checks_against_the_moe_section():
         check_moe_model(make_tiny_llama(make_tokenizer()), dense_cfg)
 
 
-def test_posttrain_engine_refuses_moe_naming_the_backend_to_use():
+def test_posttrain_engine_refuses_an_moe_family_it_lacks_naming_the_backend_to_use():
+    """Mixtral, Qwen2/Qwen3-MoE, OLMoE and GraniteMoE run in the engine (tests/engine/test_moe_engine.py);
+    another MoE family is refused with the supported types and rollout.backend=hf named."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
     from posttrain.engine import Engine
 
-    model, _ = tiny_moe()
-    with pytest.raises(PosttrainError, match="model type 'mixtral'.*rollout.backend=hf"):
-        Engine(model, make_tokenizer(), max_model_len=64)
+    tok = make_tokenizer()
+    model = PhimoeForCausalLM(PhimoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+    with pytest.raises(PosttrainError, match="model type 'phimoe'.*mixtral, qwen2_moe, qwen3_moe.*rollout.backend=hf"):
+        Engine(model, tok, max_model_len=64)
 
 
 # ---------------------------------------------------------------- the policy update

@@ -477,9 +477,9 @@ def moe_checklist(shape: MoEShape, cfg: Any, layout: Any, model_name: str) -> st
         "  [ok] capacity: " + (f"factor {r.capacity_factor:g}: moe/dropped_fraction logs what it would drop "
                                "(the transformers experts are dropless)" if r.capacity_factor > 0 else "dropless"),
         f"  [ok] expert dtype: {cfg.moe.expert_dtype}",
-        f"  [{'ok' if backend in ('hf', 'openai') else '!!'}] rollout.backend={backend}"
-        + ("" if backend in ("hf", "openai") else ": posttrain's engine has no MoE layers yet; generating with "
-           "transformers (rollout.backend=hf)"),
+        f"  [ok] rollout.backend={backend}"
+        + (": posttrain's engine for Mixtral, Qwen2/Qwen3-MoE, OLMoE and GraniteMoE (grouped experts, routes "
+           "recorded); transformers for other families" if backend == "engine" else ""),
         "  [!!] router replay (R3): not yet; rollout and trainer route independently, so watch "
         "rollout/logprob_mismatch_* (docs/moe.md)",
     ]
