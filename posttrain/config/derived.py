@@ -20,6 +20,13 @@ def optimizer_steps_per_step(cfg: Any) -> int:
     return cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
 
 
+def needs_reference_copy(cfg: Any) -> bool:
+    """Whether a policy-gradient run holds a frozen copy of the starting policy for its KL term:
+    with algorithm.kl_coef > 0, unless the policy is LoRA (model.lora.r > 0), whose reference is
+    itself with the adapters disabled."""
+    return cfg.algorithm.kl_coef > 0 and cfg.model.lora.r == 0
+
+
 def rollout_sampling(cfg: Any) -> SamplingParams:
     """How the rollouts of a policy-gradient recipe sample: rollout.group_size completions per
     prompt, with the rollout section's temperature, top-p/top-k, length limit and stop strings."""

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from posttrain.config import derived
 from posttrain.config.schema import LoRAConfig
 from posttrain.models.loading import (
     autocast_context,
@@ -29,9 +30,9 @@ from posttrain.models.loading import (
     resolve_device,
 )
 from posttrain.rollout.builder import engine_max_model_len
+from posttrain.trainer.builder import build_policy
 from posttrain.trainer.dry_run_plan import ModelShape, StepPlan, dpo_plan, meta_model_shape, rl_plan, sft_plan
-from posttrain.trainer.dry_run_timing import device_memory, time_forward_backward, time_generation
-from posttrain.trainer.memory import prepare_for_training
+from posttrain.trainer.dry_run_timing import REPEATS, device_memory, machine_load, time_forward_backward, time_generation
 
 GiB = 2**30
 # Generation work per GRPO/PPO step above which a CPU step takes minutes (the trainers warn at the same size).
@@ -57,7 +58,7 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     if command == "ppo":  # the trainer's critic: the base model of critic.path or model.path, never LoRA
         critic = meta_model_shape(dataclasses.replace(cfg.model, path=cfg.critic.path or cfg.model.path, lora=LoRAConfig(),
                                                       gguf_file="" if cfg.critic.path else cfg.model.gguf_file), critic=True)
-    reference_copy = rl and cfg.algorithm.kl_coef > 0 and cfg.model.lora.r == 0
+    reference_copy = rl and derived.needs_reference_copy(cfg)
     _section(write, "parameters", _parameter_lines(command, cfg, policy, critic))
 
     # ---- the step's shape, from a sample of the data (which also checks the data as the trainer would)
@@ -116,21 +117,37 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
                                                  "so no step time is estimated"])
         _write_warnings(write, warnings)
         return 0
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device)
-    if rl:
-        model = prepare_for_training(model, cfg.trainer, device, compute_dtype)
+    if rl:  # the trainers' own builder: MoE preparation and memory knobs as the run will have them
+        policy_models = build_policy(cfg, device, compute_dtype, None, training_knobs=command == "grpo",
+                                     with_reference=False)
+        model, tokenizer = policy_models.model, policy_models.tokenizer
+    else:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+    load, cores = machine_load()  # before measuring: the dry run's own work is not in it yet
     lines = []
     generation = None
+    slowdowns: list[float] = []
     if generates:
-        generation = time_generation(cfg, model, tokenizer, compute_dtype, plan.prompts)
-        lines.append(f"generation    {generation[2]} sequences: {_duration(generation[0])} to the first token (prefill), "
-                     f"{_duration(generation[1])} per decode step")
+        first_t, decode_t, sequences = time_generation(cfg, model, tokenizer, compute_dtype, plan.prompts)
+        generation = (first_t.seconds, decode_t.seconds, sequences)
+        slowdowns += [first_t.slowdown, decode_t.slowdown]
+        lines.append(f"generation    {sequences} sequences: {_duration(first_t.seconds)} to the first token (prefill), "
+                     f"{_duration(decode_t.seconds)} per decode step")
     elif rl:
         lines.append("generation    not measured: a remote server or the rollout API generates")
-    fb, fwd, rows, row_len = time_forward_backward(model, tokenizer, device, autocast_context(device, compute_dtype), plan)
+    fb_t, fwd_t, rows, row_len = time_forward_backward(model, tokenizer, device, autocast_context(device, compute_dtype), plan)
+    fb, fwd = fb_t.seconds, fwd_t.seconds
+    slowdowns += [fb_t.slowdown, fwd_t.slowdown]
     del model
     lines.append(f"train pass    {rows} row{'s' * (rows > 1)} of {row_len} tokens: {fb * 1e3:.3g} ms per token forward+backward, "
                  f"{fwd * 1e3:.3g} ms per token forward only")
+    slowdown = max(slowdowns)
+    lines.append(f"how           each time is the fastest of {REPEATS} repeats (the slowest took {slowdown:.1f}x longer)")
+    busy = device.type == "cpu" and load > 0.75 * cores
+    if busy:
+        lines.append(f"busy machine  load average {load:.1f} on {cores} cores before measuring: the estimate below is "
+                     "for this run alone on the machine; while other work keeps the cores busy, steps take longer "
+                     f"(here up to {slowdown:.1f}x, as the slowest repeat)")
     threads = f" ({torch.get_num_threads()} torch threads)" if device.type == "cpu" else ""
     _section(write, f"measured on {device}{threads}", lines)
 
@@ -167,6 +184,8 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     if plan.steps:
         total = plan.steps * step_time + plan.num_validations * validation_time + plan.once_forward_tokens * fwd
         lines.append(f"whole run     ~{_duration(total)} for {plan.steps:,} steps and the validations")
+    if busy and slowdown > 1.25:
+        lines.append(f"busy machine  ~{_duration(step_time * slowdown)} per step at the slowest repeat's pace")
     _section(write, f"estimated step time: ~{_duration(step_time)} (an extrapolation of the measurements above, "
                     "not a promise)", lines)
 

@@ -1,11 +1,17 @@
 """``--dry-run``'s short measurements on the target device: a few decode steps of the rollout
-engine and one forward+backward of the real model, each the fastest of a few repeats."""
+engine and one forward+backward of the real model, each the fastest of a few repeats.
+
+Other work on the machine (a busy CPU above all) slows single timings by 2-5x, so two dry runs
+of one command could differ 4x. The fastest repeat is what the run gets when it has the machine
+to itself; the slowest repeat says how much other work slowed the measurement, and the report
+gives both (``Timing.slowdown``) together with the machine's load before measuring."""
 
 from __future__ import annotations
 
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -20,7 +26,32 @@ MEASURED_TOKENS = {"cpu": 256, "cuda": 2048}  # tokens of the timed forward+back
 # so a few stand for the whole batch; a GPU times the engine's whole first wave, which costs about one step.
 CPU_MEASURED_SEQUENCES = 32
 DECODE_STEPS = 8  # timed decode steps of generation
-REPEATS = 2  # each timing is the fastest of this many runs, after a warm-up (other processes add noise)
+REPEATS = 3  # each timing is the fastest of this many runs, after a warm-up (other processes add noise)
+
+
+@dataclass
+class Timing:
+    """A measured time (the fastest of REPEATS) and ``slowdown``: the slowest repeat over the fastest."""
+
+    seconds: float
+    slowdown: float = 1.0
+
+    @classmethod
+    def of(cls, runs: list[float]) -> "Timing":
+        fastest = min(runs)
+        return cls(fastest, max(runs) / fastest if fastest > 0 else 1.0)
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, CPU cores this process may use): above the cores, work waits for a core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0], cores
+    except OSError:
+        return 0.0, cores
 
 
 def synchronize(device: torch.device) -> None:
@@ -29,11 +60,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype,
-                     sample: list[list[int]]) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds per decode step, sequences) for one step's prompts in the
-    run's own engine, generating 1 + DECODE_STEPS tokens (EOS ignored) after a warm-up. posttrain's
-    engine is timed step by step (prefill steps, then the median decode step); the hf backend by
-    the difference between a 1-token and a longer generation."""
+                     sample: list[list[int]]) -> tuple[Timing, Timing, int]:
+    """(time to the first token, time per decode step, sequences) for one step's prompts in the
+    run's own engine, generating 1 + DECODE_STEPS tokens (EOS ignored) REPEATS times after a
+    warm-up. posttrain's engine is timed step by step (prefill steps, then the median decode
+    step); the hf backend by the difference between a 1-token and a longer generation."""
     r = cfg.rollout
     device = next(model.parameters()).device
     sequences = min(r.batch_size, r.engine.max_num_seqs) if r.backend == "engine" else r.batch_size
@@ -55,27 +86,31 @@ def time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dt
     try:
         generate(2)  # warm-up: KV cache allocation; on a GPU CUDA graphs and compilation
         if hasattr(engine, "step"):  # posttrain's engine: generate() runs engine.step() until done
-            step_times: list[float] = []
+            firsts, decodes = [], []
             step = engine.step
+            for _ in range(REPEATS):
+                step_times: list[float] = []
 
-            def timed_step():
-                start = time.perf_counter()
-                finished = step()
-                step_times.append(time.perf_counter() - start)  # a step ends with its tokens on the host
-                return finished
+                def timed_step():
+                    start = time.perf_counter()
+                    finished = step()
+                    step_times.append(time.perf_counter() - start)  # a step ends with its tokens on the host
+                    return finished
 
-            engine.step = timed_step
-            try:
-                generate(1 + DECODE_STEPS)
-            finally:
-                del engine.step
-            # The scheduler runs every prefill first; each later step decodes one token of every sequence.
-            first = sum(step_times[:-DECODE_STEPS])
-            decode = sorted(step_times[-DECODE_STEPS:])[DECODE_STEPS // 2]
+                engine.step = timed_step
+                try:
+                    generate(1 + DECODE_STEPS)
+                finally:
+                    del engine.step
+                # The scheduler runs every prefill first; each later step decodes one token of every sequence.
+                firsts.append(sum(step_times[:-DECODE_STEPS]))
+                decodes.append(sorted(step_times[-DECODE_STEPS:])[DECODE_STEPS // 2])
+            first, decode = Timing.of(firsts), Timing.of(decodes)
         else:
-            first = min(generate(1) for _ in range(REPEATS))
+            first = Timing.of([generate(1) for _ in range(REPEATS)])
             # The hf backend stops at EOS regardless of ignore_eos, so this is an upper bound per step.
-            decode = max(min(generate(1 + DECODE_STEPS) for _ in range(REPEATS)) - first, 0.0) / DECODE_STEPS
+            longer = Timing.of([generate(1 + DECODE_STEPS) for _ in range(REPEATS)])
+            decode = Timing(max(longer.seconds - first.seconds, 0.0) / DECODE_STEPS, longer.slowdown)
     finally:
         engine.sleep()
         if hasattr(engine, "close"):
@@ -84,9 +119,9 @@ def time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dt
 
 
 def time_forward_backward(model: torch.nn.Module, tokenizer: Any, device: torch.device, autocast: Callable,
-                           plan: StepPlan) -> tuple[float, float, int, int]:
-    """(seconds per token forward+backward, seconds per token forward, rows, row length): the run's
-    own token sequences, cut into rows of about one training sequence, through the policy."""
+                           plan: StepPlan) -> tuple[Timing, Timing, int, int]:
+    """(time per token forward+backward, time per token forward, rows, row length): the run's own
+    token sequences, cut into rows of about one training sequence, through the policy."""
     budget = min(plan.micro_batch_tokens, MEASURED_TOKENS.get(device.type, 2048))
     row_len = max(2, min(int(plan.sequence_tokens), budget))
     rows = max(1, budget // row_len)
@@ -115,7 +150,7 @@ def time_forward_backward(model: torch.nn.Module, tokenizer: Any, device: torch.
             fn()
             synchronize(device)
             runs.append(time.perf_counter() - start)
-        timings.append(min(runs) / ids.numel())
+        timings.append(Timing.of([run / ids.numel() for run in runs]))
     model.zero_grad(set_to_none=True)
     return timings[0], timings[1], rows, row_len
 

@@ -32,23 +32,14 @@ from posttrain.checkpoint.rng import seed_everything
 from posttrain.config import derived
 from posttrain.config.ppo_schema import PPOConfig
 from posttrain.config.schema import LoRAConfig
-from posttrain.data.sampler import EpochSampler
-from posttrain.envs.registry import env_specs, resolve_env_classes
-from posttrain.envs.reward_pool import RewardPool
 from posttrain.logging.metrics import format_console_line
-from posttrain.models import (
-    load_model_and_tokenizer,
-    make_reference_model,
-    model_source,
-    resolve_compute_dtype,
-    resolve_device,
-)
+from posttrain.models import model_source
 from posttrain.models.loading import load_model
 from posttrain.models.lora import is_peft_model
 from posttrain.models.value_model import ValueModel
-from posttrain.rollout.builder import build_engine
 from posttrain.trainer.async_rollouts import token_staleness_metrics
-from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt, start_run
+from posttrain.trainer.builder import build_rl_run, open_rl_outputs
+from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt
 from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
@@ -60,7 +51,6 @@ from posttrain.trainer.rollouts import (
     timing_metrics,
 )
 from posttrain.trainer.samples import Sample, chunks, collate, pad_rows
-from posttrain.trainer.setup import build_optimization, encode_rl_prompts, load_rl_prompt_data, open_run_outputs
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -72,41 +62,28 @@ CRITIC_SCHEDULER_FILE = "scheduler.pt"
 
 def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     """Run PPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
-    env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))  # task -> class
-    output_dir, resume_ckpt = start_run(cfg, resume_from, "ppo")
-
-    # ---- build the parts: data, policy (+ reference), critic, engine, both optimizers
-    train_examples, val_examples = load_rl_prompt_data(cfg, env_classes)
-    device = resolve_device(cfg.model.device)
-    compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
-    reference = None
-    if cfg.algorithm.kl_coef > 0 and not is_peft_model(model):
-        reference = make_reference_model(model if resume_ckpt is None else load_model_and_tokenizer(cfg.model, device)[0])
+    # ---- build the parts: GRPO's (data, policy + reference, engine, sampler, optimizer), then the
+    # critic with its own optimizer
+    run = build_rl_run(cfg, resume_from, "ppo", training_knobs=False)
+    device, output_dir, resume_ckpt, start_step = run.device, run.output_dir, run.resume_ckpt, run.start_step
+    model, tokenizer, reference, engine = run.policy.model, run.policy.tokenizer, run.policy.reference, run.engine
+    train_prompts, val_prompts, sampler = run.train_prompts, run.val_prompts, run.sampler
+    optimizer, scheduler = run.optimization.optimizer, run.optimization.scheduler
     critic = build_critic(cfg, model, device, resume_ckpt)
-    train_prompts, val_prompts = encode_rl_prompts(cfg, tokenizer, train_examples, val_examples)
-    engine = build_engine(cfg, model, tokenizer, compute_dtype)
-    group_size = cfg.rollout.group_size
-    sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg)
-    optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir, optimizer_steps,
-                                      resume_ckpt)
-    optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
     critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)  # AdamW settings and schedule of trainer
     critic_optimizer = build_optimizer(critic, critic_trainer)
     critic_scheduler = build_scheduler(critic_optimizer, critic_trainer, optimizer_steps)
-    if optimization.resumed_state is not None:
+    if run.optimization.resumed_state is not None:
         load_critic_optimizer(resume_ckpt / CRITIC_SUBDIR, critic_optimizer, critic_scheduler, device)
         follow_schedule(critic_optimizer, critic_scheduler, cfg.critic.lr)
-        sampler.load_state_dict(optimization.resumed_state["sampler"])
+    group_size = cfg.rollout.group_size
     sampling = derived.rollout_sampling(cfg)
     algo = cfg.algorithm
     val_max_tokens = derived.validation_max_new_tokens(cfg)
 
     with contextlib.ExitStack() as stack:
-        rewards = stack.enter_context(RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s, tasks=cfg.env.tasks))
-        outputs = open_run_outputs(stack, output_dir, cfg, cfg.trainer.max_steps, start_step,
-                                   resumed=resume_ckpt is not None, rollout_samples=True)
+        rewards, outputs = open_rl_outputs(stack, cfg, run)
         metrics_log, sample_log, progress, guard = outputs.metrics, outputs.samples, outputs.progress, outputs.guard
 
         def run_validation(step: int) -> None:
@@ -125,7 +102,7 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
 
         def save_checkpoint() -> None:
             policy = PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer)
-            optimization.save(completed, policy, tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
+            run.optimization.save(completed, policy, tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
                               save_optimizer=cfg.checkpoint.save_optimizer, progress=progress)
 
         try:

@@ -15,6 +15,7 @@ from posttrain.config.schema import LoRAConfig, ModelConfig
 from posttrain.models.loading import load_model_and_tokenizer
 from posttrain.models.value_model import ValueModel
 from posttrain.trainer import dry_run as dry_run_module
+from posttrain.trainer.dry_run_timing import REPEATS, Timing, machine_load
 
 RL_ARGS = [
     "model.device=cpu", "rollout.batch_size=8", "rollout.group_size=4", "rollout.max_new_tokens=12",
@@ -135,3 +136,34 @@ def test_weights_that_cannot_load_are_not_measured(model_dir, tmp_path, monkeypa
     out = run_dry(command_args("sft", model_dir, tmp_path), tmp_path, monkeypatch, capsys)
     assert "nothing: the weights alone" in out and "estimated step time" not in out
     assert "the training estimate" in out.split("\nwarnings\n")[1]
+
+
+def test_a_timing_is_the_fastest_repeat_and_says_how_much_slower_the_slowest_was():
+    timing = Timing.of([0.4, 0.1, 0.25])
+    assert timing.seconds == 0.1 and timing.slowdown == pytest.approx(4.0)
+    assert Timing.of([0.0, 0.0]).slowdown == 1.0
+    load, cores = machine_load()
+    assert load >= 0 and cores >= 1
+
+
+@pytest.mark.parametrize("load", [0.2, 9.0])
+def test_a_busy_machine_is_named_with_its_load_and_the_slower_pace(load, model_dir, tmp_path, monkeypatch, capsys):
+    # Two dry runs of one command once differed 4x on a busy 2-core machine (issue 29): the report
+    # takes the fastest of the repeats and, when other work holds the cores, says so and how much slower.
+    monkeypatch.setattr(dry_run_module, "machine_load", lambda: (load, 2))
+    real_timing = dry_run_module.time_forward_backward
+
+    def slowed(*args):  # the slowest repeat of the train pass took 3x the fastest
+        fb, fwd, rows, row_len = real_timing(*args)
+        return Timing(fb.seconds, 3.0), fwd, rows, row_len
+
+    monkeypatch.setattr(dry_run_module, "time_forward_backward", slowed)
+    out = run_dry(command_args("grpo", model_dir, tmp_path), tmp_path, monkeypatch, capsys)
+    slowest = float(out.split(f"each time is the fastest of {REPEATS} repeats (the slowest took ")[1].split("x")[0])
+    assert slowest >= 3.0  # the largest of every timing's slowdown (generation's may be larger still)
+    if load > 2:
+        assert "busy machine  load average 9.0 on 2 cores before measuring" in out
+        assert f"(here up to {slowest:.1f}x, as the slowest repeat)" in out
+        assert "per step at the slowest repeat's pace" in out
+    else:
+        assert "busy machine" not in out

@@ -89,7 +89,7 @@ def test_prompts_without_answer_column_fail_before_model_loads(tmp_path, capsys,
     def no_model_load(*args, **kwargs):
         raise AssertionError("the model must not load when the data cannot be scored")
 
-    monkeypatch.setattr("posttrain.trainer.grpo.load_model_and_tokenizer", no_model_load)
+    monkeypatch.setattr("posttrain.trainer.builder.load_model_and_tokenizer", no_model_load)
     out = tmp_path / "run"
     args = ["grpo", "data.task=prompts", f"data.train_path={data}", "data.validation_size=2", "env.cls=math",
             f"trainer.output_dir={out}"]

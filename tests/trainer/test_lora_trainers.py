@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import posttrain.trainer.builder as builder
 import posttrain.trainer.grpo as grpo
 from helpers import save_tiny_model
 from posttrain.cli import main
@@ -38,7 +39,7 @@ def test_grpo_lora_reference_is_the_base_without_a_copy_and_resume_is_exact(tmp_
     def no_copy(*args, **kwargs):
         raise AssertionError("a LoRA run must not copy the model for the reference")
 
-    monkeypatch.setattr(grpo, "make_reference_model", no_copy)
+    monkeypatch.setattr(builder, "make_reference_model", no_copy)
     original_fill = grpo.fill_reference_logprobs
     checked = []
 

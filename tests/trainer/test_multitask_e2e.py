@@ -43,7 +43,7 @@ def test_row_of_unknown_task_fails_before_model_loads(tmp_path, capsys, monkeypa
     def no_model_load(*args, **kwargs):
         raise AssertionError("the model must not load when rows have an unknown task")
 
-    monkeypatch.setattr("posttrain.trainer.grpo.load_model_and_tokenizer", no_model_load)
+    monkeypatch.setattr("posttrain.trainer.builder.load_model_and_tokenizer", no_model_load)
     args = ["grpo", "data.task=prompts", f"data.train_path={data}", "data.validation_size=2",
             "env.tasks={math: {cls: toy_envs.DigitFractionEnv}}", f"trainer.output_dir={tmp_path / 'run'}"]
     assert main(args) == 2
