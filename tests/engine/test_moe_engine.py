@@ -131,3 +131,29 @@ def test_dense_models_record_no_routes():
     [[c]] = engine.generate([tok("Hi", add_special_tokens=False).input_ids], SamplingParams(temperature=0.0, max_tokens=4))
     assert c.routed_experts is None
     assert engine.runner.decoder.moe is None and engine.runner.route_cache is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_of_an_moe_model_equals_eager_decode():
+    """On a GPU with torch._grouped_mm (bf16, compute capability 9.0+) the MoE layers have no host
+    sync, so decode steps are captured (a sync during capture would fail it); graph replays give
+    the tokens and routes of eager decode."""
+    from posttrain.models.moe.grouped_experts import grouped_mm_supported
+
+    tok = make_tokenizer()
+    model = tiny_moe("qwen3_moe", tok).cuda()
+    if not grouped_mm_supported(torch.empty(0, device="cuda"), model.model.layers[0].mlp.experts.gate_up_proj,
+                                torch.bfloat16):
+        pytest.skip("this GPU or torch has no torch._grouped_mm")
+    prompts = [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = []
+    for cuda_graphs in (True, False):
+        engine = Engine(model, tok, max_model_len=128, compute_dtype=torch.bfloat16, cuda_graphs=cuda_graphs,
+                        max_num_seqs=8, kv_cache_memory_fraction=0.05)
+        assert bool(engine.runner.graphs) == cuda_graphs
+        outs.append([c for group in engine.generate(prompts, params) for c in group])
+        engine.sleep()
+    for graphed, eager in zip(*outs):
+        assert graphed.token_ids == eager.token_ids
+        assert torch.equal(graphed.routed_experts, eager.routed_experts)
