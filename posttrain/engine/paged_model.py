@@ -86,13 +86,21 @@ class PagedDecoder:
         self.logits_scaling = getattr(config, "logits_scaling", 1.0)
         self.sliding_window = self._sliding_window(config)
         # MoE: the sparse blocks on grouped experts (shared with the trainer when it shares the modules).
-        self.moe = use_grouped_experts(model) if model_type in MOE_MODEL_TYPES else None
+        self.moe = self._grouped_experts(model) if model_type in MOE_MODEL_TYPES else None
         self.is_moe_layer = [self.moe is not None and mlp in self.moe.blocks for mlp in self.mlps]
         self.num_moe_layers = self.moe.num_layers if self.moe is not None else 0
         self.top_k = config.num_experts_per_tok if self.moe is not None else 0
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.disable_compile()
+
+    @staticmethod
+    def _grouped_experts(model: torch.nn.Module):
+        try:
+            return use_grouped_experts(model)
+        except PosttrainError as exc:
+            raise PosttrainError(f"{exc} The posttrain engine runs MoE layers on grouped experts only; use "
+                                 "rollout.backend=hf for this model.") from exc
 
     @staticmethod
     def _sliding_window(config) -> int | None:

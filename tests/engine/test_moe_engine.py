@@ -123,6 +123,16 @@ def test_continuous_batching_preemption_and_sleep_keep_the_routes():
     assert all(torch.equal(a.routed_experts, b.routed_experts) for g, h in zip(first, second) for a, b in zip(g, h))
 
 
+def test_experts_the_grouped_experts_cannot_run_are_refused_naming_the_backend_to_use():
+    from posttrain.errors import PosttrainError
+
+    tok = make_tokenizer()
+    model = tiny_moe("mixtral", tok)
+    model.model.layers[0].mlp.experts.has_bias = True  # as if its experts had biases
+    with pytest.raises(PosttrainError, match="has_bias.*rollout.backend=hf"):
+        Engine(model, tok, max_model_len=32)
+
+
 def test_dense_models_record_no_routes():
     from helpers import make_tiny_llama
 
