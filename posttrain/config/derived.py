@@ -20,6 +20,19 @@ def optimizer_steps_per_step(cfg: Any) -> int:
     return cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
 
 
+def uses_engine_replicas(cfg: Any) -> bool:
+    """Whether a GRPO run generates with engine replicas on their own copies of the policy (in
+    this process or as Ray actors) instead of an engine on the trainer's modules: in async runs,
+    and on Ray, where a synchronous run is the replicas' schedule with max_staleness 0."""
+    return cfg.rollout.mode == "async" or cfg.cluster.backend == "ray"
+
+
+def replica_max_staleness(cfg: Any) -> int:
+    """Policy versions a sample from the replicas may lag: rollout.max_staleness in async runs;
+    0 in synchronous ones (each batch is generated after the previous step's weights arrived)."""
+    return cfg.rollout.max_staleness if cfg.rollout.mode == "async" else 0
+
+
 def needs_reference_copy(cfg: Any) -> bool:
     """Whether a policy-gradient run holds a frozen copy of the starting policy for its KL term:
     with algorithm.kl_coef > 0, unless the policy is LoRA (model.lora.r > 0), whose reference is

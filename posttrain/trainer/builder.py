@@ -5,7 +5,8 @@ fails cheapest first:
    torchrun: the process group), the run folder (``start_run``: new, or the run being resumed);
 2. the prompts, checked against the environments before the model loads;
 3. the policy, its frozen reference (when ``algorithm.kl_coef > 0``) and the training knobs;
-4. the tokenised prompts, the rollout engine (sync runs; async runs get replicas in the recipe),
+4. the tokenised prompts, the rollout engine (runs with engine replicas, async or on Ray, start
+   them in the recipe instead),
    the prompt sampler, the optimizer with its schedule and checkpoints (restored when resuming).
 
 ``open_rl_outputs`` then enters what must be closed in order on the recipe's ExitStack: the reward
@@ -100,7 +101,7 @@ class RLRun:
     policy: PolicyModels
     train_prompts: list[TokenizedPrompt]
     val_prompts: list[TokenizedPrompt]
-    engine: Any  # None in async runs: the recipe starts engine replicas instead
+    engine: Any  # None in runs with engine replicas (async, Ray): the recipe starts them instead
     sampler: EpochSampler | RankShardedSampler
     optimization: Optimization
 
@@ -135,9 +136,10 @@ def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_kn
         )
     policy = build_policy(cfg, device, compute_dtype, resume_ckpt, training_knobs=training_knobs)
     train_prompts, val_prompts = encode_rl_prompts(cfg, policy.tokenizer, train_examples, val_examples)
-    # Sync runs generate with an engine built here, before the optimizer: on a GPU the engine's KV
+    # An engine on the policy's own modules is built here, before the optimizer: on a GPU its KV
     # budget is taken from the memory left after the models, not after the optimizer's state.
-    engine = None if cfg.rollout.mode == "async" else build_engine(cfg, policy.model, policy.tokenizer, compute_dtype)
+    # Runs with engine replicas (async, or on Ray) start them in the recipe instead.
+    engine = None if derived.uses_engine_replicas(cfg) else build_engine(cfg, policy.model, policy.tokenizer, compute_dtype)
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups

@@ -145,9 +145,9 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     lines.append(f"how           each time is the fastest of {REPEATS} repeats (the slowest took {slowdown:.1f}x longer)")
     busy = device.type == "cpu" and load > 0.75 * cores
     if busy:
-        lines.append(f"busy machine  load average {load:.1f} on {cores} cores before measuring: the estimate below is "
-                     "for this run alone on the machine; while other work keeps the cores busy, steps take longer "
-                     f"(here up to {slowdown:.1f}x, as the slowest repeat)")
+        lines.append(f"busy machine  load average {load:.1f} on {cores} cores before measuring: other work shared the "
+                     "cores, so these times (and the run's) depend on how busy the machine stays; the repeats "
+                     f"differed up to {slowdown:.1f}x. On a quiet machine steps are faster")
     threads = f" ({torch.get_num_threads()} torch threads)" if device.type == "cpu" else ""
     _section(write, f"measured on {device}{threads}", lines)
 
@@ -185,7 +185,8 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
         total = plan.steps * step_time + plan.num_validations * validation_time + plan.once_forward_tokens * fwd
         lines.append(f"whole run     ~{_duration(total)} for {plan.steps:,} steps and the validations")
     if busy and slowdown > 1.25:
-        lines.append(f"busy machine  ~{_duration(step_time * slowdown)} per step at the slowest repeat's pace")
+        lines.append(f"busy machine  ~{_duration(step_time * slowdown)} per step at the slowest repeat's pace; "
+                     "measure again when the machine is quiet for a steadier estimate")
     _section(write, f"estimated step time: ~{_duration(step_time)} (an extrapolation of the measurements above, "
                     "not a promise)", lines)
 

@@ -83,7 +83,9 @@ class GRPORecipe:
         self.cfg, self.run = cfg, run
         self.model, self.tokenizer, self.reference = run.policy.model, run.policy.tokenizer, run.policy.reference
         self.optimization, self.sampler, self.start_step = run.optimization, run.sampler, run.start_step
-        self.asynchronous = cfg.rollout.mode == "async"
+        # Engine replicas (async, or on Ray) generate in the background on their own copies of the
+        # policy; a synchronous run on Ray is their schedule with max_staleness 0.
+        self.asynchronous = derived.uses_engine_replicas(cfg)
         self.autocast = autocast_context(run.device, run.compute_dtype) if self.asynchronous else run.engine.autocast
         if run.policy.moe_shape is not None:  # the layout and router checklist, before anything trains
             logger.info(moe_checklist(run.policy.moe_shape, cfg, ParallelLayout.from_world_size(get_world_size()),
@@ -135,7 +137,7 @@ class GRPORecipe:
 
         self.producer = AsyncRollouts(
             make_batch, self.sampler, first_step=self.start_step + 1, last_step=cfg.trainer.max_steps,
-            published_version=self.start_step, max_staleness=cfg.rollout.max_staleness,
+            published_version=self.start_step, max_staleness=derived.replica_max_staleness(cfg),
             timeout_s=cfg.cluster.wait_timeout_s, ready=pending,
             describe_source=lambda: f"{self.pool.num_replicas} engine replica(s) (cluster.backend={cfg.cluster.backend})",
         )

@@ -222,3 +222,21 @@ def test_partial_recompute_kv_only_where_weights_change_mid_generation():
         with pytest.raises(ConfigError, match=f"rollout.partial_recompute_kv=true applies.*{named}"):
             load_config(GRPOConfig, overrides=base + extra)
     assert load_config(GRPOConfig, overrides=base + ["rollout.mode=async"]).rollout.partial_recompute_kv
+
+
+def test_a_synchronous_run_on_ray_gets_the_replica_checks_named_for_ray():
+    from posttrain.config import derived
+    from posttrain.config.ppo_schema import PPOConfig
+    from posttrain.config.schema import GRPOConfig
+
+    ray_sync = ["cluster.backend=ray", "env.num_workers=1"]
+    cfg = load_config(GRPOConfig, overrides=ray_sync)
+    assert derived.uses_engine_replicas(cfg) and derived.replica_max_staleness(cfg) == 0
+    local = load_config(GRPOConfig, overrides=["rollout.max_staleness=2"])
+    assert not derived.uses_engine_replicas(local) and derived.replica_max_staleness(local) == 0
+    asyn = load_config(GRPOConfig, overrides=["rollout.mode=async", "rollout.max_staleness=2", "env.num_workers=1"])
+    assert derived.uses_engine_replicas(asyn) and derived.replica_max_staleness(asyn) == 2
+    with pytest.raises(ConfigError, match="cluster.backend=ray is supported by the grpo command only"):
+        load_config(PPOConfig, overrides=ray_sync)
+    with pytest.raises(ConfigError, match="cluster.backend=ray with rollout.max_turns=2"):
+        load_config(GRPOConfig, overrides=ray_sync + ["rollout.max_turns=2"])

@@ -1,4 +1,5 @@
-"""Cross-field checks of asynchronous rollouts and their cluster (rollout.mode=async, cluster.*)."""
+"""Cross-field checks of engine replicas and their cluster: asynchronous rollouts (rollout.mode=async)
+and synchronous ones on Ray (cluster.backend=ray), cluster.*."""
 
 from __future__ import annotations
 
@@ -29,34 +30,33 @@ def async_problems(cfg: Any) -> list[str]:
                         f"which happen only with rollout.mode=async, rollout.partial_rollouts=true and "
                         f"rollout.backend=engine (this run: mode={r.mode}, partial_rollouts={str(r.partial_rollouts).lower()}, "
                         f"backend={r.backend}); set those or rollout.partial_recompute_kv=false.")
-    if r.mode != "async":
-        if c.backend == "ray":
-            problems.append("cluster.backend=ray places the engine replicas of asynchronous rollouts; set "
-                            "rollout.mode=async too (synchronous runs generate in the trainer's process).")
+    if r.mode != "async" and c.backend != "ray":
         return problems
+    # Engine replicas: async runs, and synchronous runs on Ray (the replicas' schedule with staleness 0).
+    what = "rollout.mode=async" if r.mode == "async" else "cluster.backend=ray"
     if type(cfg) is not GRPOConfig:
-        problems.append("rollout.mode=async is supported by the grpo command only; set rollout.mode=sync.")
+        problems.append(f"{what} is supported by the grpo command only; set rollout.mode=sync and cluster.backend=local.")
     if r.source != "generate":
-        problems.append(f"rollout.mode=async with rollout.source={r.source}: the rollout API is asynchronous already "
-                        "(environments push groups as they finish); set rollout.mode=sync.")
+        problems.append(f"{what} with rollout.source={r.source}: the rollout API is asynchronous already "
+                        "(environments push groups as they finish); set rollout.mode=sync and cluster.backend=local.")
     if r.backend == "openai":
-        problems.append("rollout.mode=async runs its own engine replicas (rollout.backend=engine or hf); for a "
-                        "remote server use rollout.mode=sync with sync.interval / sync.max_staleness instead.")
+        problems.append(f"{what} runs its own engine replicas (rollout.backend=engine or hf); for a remote server use "
+                        "rollout.mode=sync and cluster.backend=local with sync.interval / sync.max_staleness instead.")
     if r.max_turns > 1:
-        problems.append(f"rollout.mode=async with rollout.max_turns={r.max_turns}: multi-turn episodes are "
-                        "synchronous for now; set rollout.max_turns=1 or rollout.mode=sync.")
+        problems.append(f"{what} with rollout.max_turns={r.max_turns}: multi-turn episodes run in the trainer's "
+                        "process for now; set rollout.max_turns=1, or rollout.mode=sync and cluster.backend=local.")
     if cfg.env.num_workers < 1:
-        problems.append("rollout.mode=async scores in a background thread, which needs reward worker processes "
+        problems.append(f"{what} scores in a background thread, which needs reward worker processes "
                         "(math-verify's timeouts work only in a main thread): set env.num_workers >= 1.")
     if getattr(cfg.trainer, "num_processes", 1) > 1:
-        problems.append(f"rollout.mode=async with trainer.num_processes={cfg.trainer.num_processes}: one trainer "
+        problems.append(f"{what} with trainer.num_processes={cfg.trainer.num_processes}: one trainer "
                         "process drives the replicas for now; set trainer.num_processes=1 and add "
                         "rollout.num_replicas instead.")
     if cfg.model.lora.r > 0:
-        problems.append("rollout.mode=async with a LoRA policy (model.lora.r > 0) is not supported yet; use "
-                        "rollout.mode=sync (adapters hot-swap there) or full fine-tuning.")
+        problems.append(f"{what} with a LoRA policy (model.lora.r > 0) is not supported yet; use rollout.mode=sync "
+                        "and cluster.backend=local (adapters hot-swap there) or full fine-tuning.")
     if cfg.sync.mode in ("shared", "lora"):
-        problems.append(f"sync.mode={cfg.sync.mode} with rollout.mode=async: replicas hold their own copy of the "
+        problems.append(f"sync.mode={cfg.sync.mode} with {what}: replicas hold their own copy of the "
                         "weights, so they cannot read the trainer's in place; use sync.mode=auto (or broadcast / "
                         "checkpoint with cluster.backend=ray).")
     return problems

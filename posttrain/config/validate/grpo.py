@@ -247,7 +247,7 @@ def rollout_backend_problems(cfg: Any) -> list[str]:
     """Checks of rollout.backend and the sync section together: which sync modes fit which engine."""
     r, s = cfg.rollout, cfg.sync
     lora = cfg.model.lora.r > 0
-    ray_replicas = getattr(r, "mode", "sync") == "async" and getattr(getattr(cfg, "cluster", None), "backend", "") == "ray"
+    ray_replicas = getattr(getattr(cfg, "cluster", None), "backend", "") == "ray"  # async, or sync on Ray
     problems: list[str] = []
     if r.backend == "openai":
         if type(cfg) is not GRPOConfig:
