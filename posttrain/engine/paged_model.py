@@ -10,7 +10,8 @@ Supported families share the Llama layout: ``model.embed_tokens``, ``model.layer
 (per head as in Qwen3, or over all heads with ``clip_qkv`` as in OLMoE), ``post_attention_layernorm``,
 ``mlp`` (``block_sparse_moe`` in GraniteMoE), then ``model.norm`` and ``lm_head``, rotary embeddings
 with the half-rotation, and GraniteMoE's embedding, residual and logit multipliers. Adding a family
-with that layout is one entry in ``SUPPORTED_MODEL_TYPES``; see docs/engine.md for one that differs.
+with that layout is one entry in ``DENSE_MODEL_TYPES`` (or ``MOE_MODEL_TYPES``, once its MoE block
+is in hf_blocks' family table); see docs/engine.md for one that differs.
 
 MoE layers run transformers' sparse MoE blocks on posttrain's grouped experts
 (:func:`posttrain.models.moe.hf_blocks.use_grouped_experts`: the block's own router, no host sync
