@@ -11,21 +11,25 @@ from typing import Any
 
 import torch
 
+from posttrain.cluster.process_pool import ProcessReplicaPool
 from posttrain.cluster.ray_pool import RayReplicaPool
 from posttrain.cluster.ray_rewards import RayRewardPool
 from posttrain.cluster.replicas import EngineReplica, LocalReplicaPool, ReplicaError, unwrap_policy
 from posttrain.envs.reward_pool import RewardPool
 
-__all__ = ["EngineReplica", "LocalReplicaPool", "RayReplicaPool", "RayRewardPool", "ReplicaError", "build_replica_pool",
+__all__ = ["EngineReplica", "LocalReplicaPool", "ProcessReplicaPool", "RayReplicaPool", "RayRewardPool", "ReplicaError", "build_replica_pool",
            "build_reward_pool"]
 
 
 def build_replica_pool(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype,
                        start_version: int) -> Any:
     """The engine replicas of ``cluster.backend``: 'local' copies the trainer's policy into
-    ``rollout.num_replicas`` replicas in this process; 'ray' starts Ray actors that load their own."""
+    ``rollout.num_replicas`` replicas in this process; 'process' starts that many child processes
+    and 'ray' Ray actors, which load their own copy and get the trainer's weights pushed."""
     if cfg.cluster.backend == "ray":
         return RayReplicaPool(cfg, start_version=start_version, model=model)
+    if cfg.cluster.backend == "process":
+        return ProcessReplicaPool(cfg, start_version=start_version, model=model)
     policy = unwrap_policy(model)
     replicas = []
     for i in range(cfg.rollout.num_replicas):

@@ -53,11 +53,13 @@ class ClusterConfig:
     backend: str = opt(
         "local",
         "'local': engine replicas live in the trainer's process, each on its own copy of the policy, generating "
-        "in background threads (one machine, no extra dependency). 'ray': each replica is a Ray actor (its own "
+        "in background threads (one machine, no extra dependency). 'process': each replica is a child process on "
+        "this machine (its own Python interpreter: no GIL shared with the trainer; a crashed replica is restarted), "
+        "weights through shared memory (CPU) or CUDA IPC (GPU). 'ray': each replica is a Ray actor (its own "
         "process, rollout.gpus_per_replica GPUs), so replicas can sit on other GPUs and nodes; needs `pip "
         "install ray`. Weights reach Ray replicas as sync.mode says (broadcast: NCCL on GPU, gloo on CPU; "
         "checkpoint: safetensors in shared memory).",
-        ("local", "ray"),
+        ("local", "process", "ray"),
     )
     address: str = opt(
         "",

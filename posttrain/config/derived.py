@@ -22,9 +22,10 @@ def optimizer_steps_per_step(cfg: Any) -> int:
 
 def uses_engine_replicas(cfg: Any) -> bool:
     """Whether a GRPO run generates with engine replicas on their own copies of the policy (in
-    this process or as Ray actors) instead of an engine on the trainer's modules: in async runs,
-    and on Ray, where a synchronous run is the replicas' schedule with max_staleness 0."""
-    return cfg.rollout.mode == "async" or cfg.cluster.backend == "ray"
+    this process, in child processes or as Ray actors) instead of an engine on the trainer's
+    modules: in async runs, and with cluster.backend=process or ray, where a synchronous run is the
+    replicas' schedule with max_staleness 0."""
+    return cfg.rollout.mode == "async" or cfg.cluster.backend in ("process", "ray")
 
 
 def replica_max_staleness(cfg: Any) -> int:

@@ -1,5 +1,5 @@
 """Cross-field checks of engine replicas and their cluster: asynchronous rollouts (rollout.mode=async)
-and synchronous ones on Ray (cluster.backend=ray), cluster.*."""
+and synchronous ones in replica processes or on Ray (cluster.backend=process|ray), cluster.*."""
 
 from __future__ import annotations
 
@@ -30,10 +30,14 @@ def async_problems(cfg: Any) -> list[str]:
                         f"which happen only with rollout.mode=async, rollout.partial_rollouts=true and "
                         f"rollout.backend=engine (this run: mode={r.mode}, partial_rollouts={str(r.partial_rollouts).lower()}, "
                         f"backend={r.backend}); set those or rollout.partial_recompute_kv=false.")
-    if r.mode != "async" and c.backend != "ray":
+    if r.mode != "async" and c.backend == "local":
         return problems
-    # Engine replicas: async runs, and synchronous runs on Ray (the replicas' schedule with staleness 0).
-    what = "rollout.mode=async" if r.mode == "async" else "cluster.backend=ray"
+    # Engine replicas: async runs, and synchronous runs in replica processes or on Ray (the
+    # replicas' schedule with staleness 0).
+    what = "rollout.mode=async" if r.mode == "async" else f"cluster.backend={c.backend}"
+    if c.backend == "process" and cfg.sync.mode != "auto":
+        problems.append(f"sync.mode={cfg.sync.mode} with cluster.backend=process: replica processes get the weights "
+                        "through shared memory (CPU) or CUDA IPC (GPU); leave sync.mode=auto.")
     if type(cfg) is not GRPOConfig:
         problems.append(f"{what} is supported by the grpo command only; set rollout.mode=sync and cluster.backend=local.")
     if r.source != "generate":
@@ -55,7 +59,7 @@ def async_problems(cfg: Any) -> list[str]:
     if cfg.model.lora.r > 0:
         problems.append(f"{what} with a LoRA policy (model.lora.r > 0) is not supported yet; use rollout.mode=sync "
                         "and cluster.backend=local (adapters hot-swap there) or full fine-tuning.")
-    if cfg.sync.mode in ("shared", "lora"):
+    if cfg.sync.mode in ("shared", "lora") and c.backend != "process":
         problems.append(f"sync.mode={cfg.sync.mode} with {what}: replicas hold their own copy of the "
                         "weights, so they cannot read the trainer's in place; use sync.mode=auto (or broadcast / "
                         "checkpoint with cluster.backend=ray).")

@@ -247,7 +247,8 @@ def rollout_backend_problems(cfg: Any) -> list[str]:
     """Checks of rollout.backend and the sync section together: which sync modes fit which engine."""
     r, s = cfg.rollout, cfg.sync
     lora = cfg.model.lora.r > 0
-    ray_replicas = getattr(getattr(cfg, "cluster", None), "backend", "") == "ray"  # async, or sync on Ray
+    # Replica processes and Ray actors are separate engines (async, or sync with those backends).
+    ray_replicas = getattr(getattr(cfg, "cluster", None), "backend", "") in ("process", "ray")
     problems: list[str] = []
     if r.backend == "openai":
         if type(cfg) is not GRPOConfig:
