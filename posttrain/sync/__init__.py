@@ -8,7 +8,8 @@ See docs/weight_sync.md.
 
 from posttrain.sync.base import SyncError, WeightSync
 from posttrain.sync.cadence import SyncCadence
+from posttrain.sync.client import EngineClient
 from posttrain.sync.driver import SYNC_MODES, WeightSyncDriver, build_weight_sync, resolve_sync_mode
 
-__all__ = ["SYNC_MODES", "SyncCadence", "SyncError", "WeightSync", "WeightSyncDriver", "build_weight_sync",
+__all__ = ["SYNC_MODES", "EngineClient", "SyncCadence", "SyncError", "WeightSync", "WeightSyncDriver", "build_weight_sync",
            "resolve_sync_mode"]

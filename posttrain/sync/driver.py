@@ -28,23 +28,22 @@ from posttrain.sync.shared import SharedSync
 logger = logging.getLogger("posttrain.sync")
 
 
-def _shared(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
+def _shared(sync: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
     return SharedSync(engine, model, client)  # client None: the engine is in this process
 
 
-def _broadcast(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    s = cfg.sync
-    return BroadcastSync(model, _need(client), master_address=s.master_address, master_port=s.master_port,
-                         backend=s.backend, bucket_mb=s.bucket_mb, dtype=wire_dtype(s.dtype),
-                         timeout_s=s.collective_timeout_s)
+def _broadcast(sync: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
+    return BroadcastSync(model, _need(client), master_address=sync.master_address, master_port=sync.master_port,
+                         backend=sync.backend, bucket_mb=sync.bucket_mb, dtype=wire_dtype(sync.dtype),
+                         timeout_s=sync.collective_timeout_s)
 
 
-def _checkpoint(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    return CheckpointSync(model, _need(client), cfg.sync.checkpoint_dir, wire_dtype(cfg.sync.dtype))
+def _checkpoint(sync: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
+    return CheckpointSync(model, _need(client), sync.checkpoint_dir, wire_dtype(sync.dtype))
 
 
-def _lora(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
-    return LoraSync(model, _need(client), cfg.sync.checkpoint_dir)
+def _lora(sync: Any, model: torch.nn.Module, engine: RolloutEngine, client: EngineClient | None) -> WeightSync:
+    return LoraSync(model, _need(client), sync.checkpoint_dir)
 
 
 def _need(client: EngineClient | None) -> EngineClient:
@@ -58,14 +57,15 @@ SYNC_MODES: dict[str, Callable[..., WeightSync]] = {
 }
 
 
-def resolve_sync_mode(cfg: Any) -> str:
-    """``sync.mode`` with 'auto' resolved: shared in-process, lora for a LoRA policy on a server,
-    else checkpoint (the mode that needs nothing but a shared folder)."""
-    if cfg.sync.mode != "auto":
-        return cfg.sync.mode
-    if cfg.rollout.backend in ("hf", "engine"):  # in-process engines run the trainer's own modules
+def resolve_sync_mode(sync: Any, rollout_backend: str, lora: bool) -> str:
+    """``sync.mode`` (the ``sync`` config section) with 'auto' resolved: shared with an engine in
+    this process (``rollout_backend`` hf or engine), lora for a LoRA policy on a server, else
+    checkpoint (the mode that needs nothing but a shared folder)."""
+    if sync.mode != "auto":
+        return sync.mode
+    if rollout_backend in ("hf", "engine"):  # in-process engines run the trainer's own modules
         return "shared"
-    return "lora" if cfg.model.lora.r > 0 else "checkpoint"
+    return "lora" if lora else "checkpoint"
 
 
 class WeightSyncDriver:
@@ -138,12 +138,10 @@ class WeightSyncDriver:
             self.client.close()
 
 
-def build_weight_sync(cfg: Any, model: torch.nn.Module, engine: RolloutEngine, start_version: int = 0) -> WeightSyncDriver:
-    """The driver for ``cfg.sync`` (a GRPO-style config with ``rollout`` and ``sync`` sections)."""
-    mode_name = resolve_sync_mode(cfg)
-    client = None
-    if cfg.rollout.backend == "openai":
-        client = EngineClient(cfg.rollout.base_url, cfg.rollout.api_key, cfg.rollout.request_timeout_s)
-    mode = SYNC_MODES[mode_name](cfg, model, engine, client)
-    cadence = SyncCadence(cfg.sync.interval, cfg.sync.max_staleness, cfg.sync.timeout_s, synced_version=start_version)
+def build_weight_sync(sync: Any, model: torch.nn.Module, engine: RolloutEngine, *, rollout_backend: str,
+                      lora: bool, client: EngineClient | None = None, start_version: int = 0) -> WeightSyncDriver:
+    """The driver for the ``sync`` config section: the mode (``resolve_sync_mode``) and the cadence.
+    ``client``: the remote engine's (rollout.backend=openai), None for an engine in this process."""
+    mode = SYNC_MODES[resolve_sync_mode(sync, rollout_backend, lora)](sync, model, engine, client)
+    cadence = SyncCadence(sync.interval, sync.max_staleness, sync.timeout_s, synced_version=start_version)
     return WeightSyncDriver(mode, cadence, client, engine)

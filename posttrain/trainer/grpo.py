@@ -35,7 +35,7 @@ from posttrain.distributed.layout import ParallelLayout
 from posttrain.logging.metrics import format_console_line
 from posttrain.models.loading import autocast_context
 from posttrain.models.moe import moe_checklist
-from posttrain.sync import build_weight_sync
+from posttrain.sync import EngineClient, build_weight_sync
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
     PENDING_ROLLOUTS_FILE,
@@ -106,7 +106,10 @@ class GRPORecipe:
             self._start_replicas(stack)
         else:
             # Policy versions count optimizer steps; the engine starts with the weights of start_step.
-            self.weight_sync = build_weight_sync(cfg, self.model, self.engine,
+            r = cfg.rollout
+            client = EngineClient(r.base_url, r.api_key, r.request_timeout_s) if r.backend == "openai" else None
+            self.weight_sync = build_weight_sync(cfg.sync, self.model, self.engine, rollout_backend=r.backend,
+                                                 lora=cfg.model.lora.r > 0, client=client,
                                                  start_version=self.start_step * self.optimizer_steps_per_step)
             stack.callback(self.weight_sync.close)
         self.completed, self.sampler_state = self.start_step, self.sampler.state_dict()

@@ -16,7 +16,8 @@ REMOTE = ["rollout.backend=openai", "rollout.base_url=http://127.0.0.1:8001"]
     (REMOTE + ["sync.mode=broadcast"], "broadcast"),
 ])
 def test_auto_mode(overrides, expected):
-    assert resolve_sync_mode(load_config(GRPOConfig, None, overrides)) == expected
+    cfg = load_config(GRPOConfig, None, overrides)
+    assert resolve_sync_mode(cfg.sync, cfg.rollout.backend, cfg.model.lora.r > 0) == expected
 
 
 @pytest.mark.parametrize("overrides, message", [
