@@ -53,7 +53,7 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     _section(write, "settings", _settings(command, cfg, device, compute_dtype, param_dtype))
 
     # ---- parameters, from the models built on the meta device
-    policy = meta_model_shape(cfg.model)
+    policy = meta_model_shape(cfg.model, moe=getattr(cfg, "moe", None) if command == "grpo" else None)
     critic = None
     if command == "ppo":  # the trainer's critic: the base model of critic.path or model.path, never LoRA
         critic = meta_model_shape(dataclasses.replace(cfg.model, path=cfg.critic.path or cfg.model.path, lora=LoRAConfig(),

@@ -19,8 +19,9 @@ from posttrain.data.prompts import load_prompt_data
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sft import load_sft_conversations, tokenize_conversations
 from posttrain.envs.registry import check_task_data, env_specs, resolve_env_classes
-from posttrain.models.loading import model_source
+from posttrain.models.loading import load_tokenizer, model_source
 from posttrain.models.lora import apply_lora
+from posttrain.models.moe import build_random_moe_model
 from posttrain.models.value_model import ValueModel
 
 PROMPT_SAMPLE = 256  # rows tokenized to measure the data's lengths
@@ -53,14 +54,22 @@ class ModelShape:
         return self.layers * self.hidden + per_layer if checkpointing else self.layers * per_layer
 
 
-def meta_model_shape(model_cfg: ModelConfig, critic: bool = False) -> ModelShape:
+def meta_model_shape(model_cfg: ModelConfig, critic: bool = False, moe: Any = None) -> ModelShape:
     """Build the model on the ``meta`` device from its config (no weights are read) and measure it.
-    ``critic``: the PPO value model instead (the transformer without its LM head, plus a value head)."""
+    ``critic``: the PPO value model instead (the transformer without its LM head, plus a value head).
+    ``moe`` with ``random_init.family`` set: the random-init MoE policy the run builds (model.path
+    then only lends its tokenizer), as ``load_model_and_tokenizer`` does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_source(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    if moe is not None and moe.random_init.family and not critic:
+        with torch.device("meta"):
+            model = build_random_moe_model(moe, load_tokenizer(model_source(model_cfg), model_cfg),
+                                           model_cfg.attn_implementation)
+        config = model.config
+    else:
+        config = AutoConfig.from_pretrained(model_source(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     if critic:
         model = ValueModel(model.base_model)
     elif model_cfg.lora.r > 0:
@@ -71,7 +80,9 @@ def meta_model_shape(model_cfg: ModelConfig, critic: bool = False) -> ModelShape
         total=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         layers=text.num_hidden_layers, hidden=text.hidden_size,
-        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        # An MoE layer runs top-k experts per token: its MLP activations are k experts' worth.
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size) * (
+            getattr(text, "num_experts_per_tok", None) or 1),
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
         max_positions=getattr(text, "max_position_embeddings", 0) or 0,

@@ -167,3 +167,20 @@ def test_a_busy_machine_is_named_with_its_load_and_the_slower_pace(load, model_d
         assert "per step at the slowest repeat's pace" in out
     else:
         assert "busy machine" not in out
+
+
+def test_a_random_init_moe_policy_is_measured_not_the_model_path(model_dir, tmp_path, monkeypatch, capsys):
+    # moe.random_init builds the policy (model.path only lends the tokenizer): the report must
+    # count and size that model, as the run loads it.
+    from posttrain.config.loader import load_config
+    from posttrain.config.schema import GRPOConfig
+
+    moe = ["moe.random_init.family=mixtral", "moe.random_init.hidden_size=32", "moe.random_init.intermediate_size=48",
+           "moe.random_init.num_layers=2", "moe.random_init.num_attention_heads=4", "moe.random_init.num_key_value_heads=2",
+           "moe.router.num_experts=4", "moe.router.top_k=2", "model.dtype=float32"]
+    cfg = load_config(GRPOConfig, overrides=[f"model.path={model_dir}", *RL_ARGS, *moe])
+    built, _ = load_model_and_tokenizer(cfg.model, torch.device("cpu"), moe=cfg.moe)
+    out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS, *moe], tmp_path, monkeypatch, capsys)
+    total = sum(p.numel() for p in built.parameters())
+    assert f"policy        {total:,} ({total:,} trainable)" in out
+    assert "x 2 layers, hidden 32, MLP 96" in out  # 2 experts of 48 per token
