@@ -79,6 +79,15 @@ class MoERandomInitConfig:
 @dataclass
 class MoEConfig:
     router: MoERouterConfig = section(MoERouterConfig, "The router: experts, top-k, capacity, aux and z-loss, dtype.")
+    router_replay: bool = opt(
+        True,
+        "Rollout routing replay (R3): the old-logprob and training forwards route every token to the experts "
+        "the rollout engine chose for it (Completion.routed_experts), with the routing weights still from the "
+        "softmax over the trainer's own router logits, so the router keeps learning. On by default for MoE; "
+        "only takes effect for MoE policies whose rollouts carry routes, i.e. rollout.backend=engine (the "
+        "KL reference routes on its own). false: the trainer routes on its own and logs moe/route_agreement. "
+        "See docs/moe.md.",
+    )
     expert_dtype: str = opt(
         "auto",
         "Dtype of the expert matmuls. 'auto': model.dtype like the rest of the model (bf16 on GPU). 'fp8' "

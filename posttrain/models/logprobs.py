@@ -66,6 +66,8 @@ class TokenBatch:
     index: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # packed: transformers' document ids of the rows, computed on the host (see known_documents)
     document_ids: torch.Tensor | None = None
+    # (rows (B,), columns (B,)) of each sample's first token, kept on the host (see lay_out_per_token)
+    sample_starts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def response_len(self) -> int:
@@ -114,6 +116,7 @@ def make_token_batch(
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     host = TokenBatch(input_ids, attention_mask, position_ids, prompt_lens, _response_mask(responses))
     host.index = host.prediction_index()
+    host.sample_starts = (torch.arange(B), torch.zeros(B, dtype=torch.long))
     return _to_device(host, device)
 
 
@@ -135,7 +138,23 @@ def _to_device(batch: TokenBatch, device: torch.device | str) -> TokenBatch:
                                                      for k, v in batch.document_kwargs.items()},
         None if batch.index is None else tuple(move(t) for t in batch.index),
         move(batch.document_ids),
+        batch.sample_starts,  # stays on the host
     )
+
+
+def lay_out_per_token(batch: TokenBatch, values: list[torch.Tensor], fill: int = 0) -> torch.Tensor:
+    """Per-token values of each sample laid out like ``batch.input_ids``: ``values[b]`` is ``(n_b,
+    *rest)`` for the first ``n_b`` tokens of sample b (at most its prompt + response length), and the
+    result is ``(rows, width, *rest)`` on the host, ``fill`` wherever no value was given (padding,
+    and tokens past ``n_b``). Padded batches: row b holds sample b from column 0; packed ones: the
+    samples' documents after each other, as their tokens are."""
+    rows, cols = batch.sample_starts
+    first = values[0]
+    out = torch.full((*batch.input_ids.shape, *first.shape[1:]), fill, dtype=first.dtype)
+    lengths = torch.tensor([v.shape[0] for v in values], dtype=torch.long)
+    offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    out[rows.repeat_interleave(lengths), cols.repeat_interleave(lengths) + offsets] = torch.cat(values)
+    return out
 
 
 def make_packed_token_batch(
@@ -185,7 +204,7 @@ def make_packed_token_batch(
         torch.from_numpy(input_ids.reshape(len(rows), width)), None, torch.from_numpy(position_ids),
         torch.from_numpy(prompt_lens), _response_mask(responses), torch.from_numpy(response_starts),
         torch.from_numpy(sample_rows), varlen_kwargs(position_ids), tuple(torch.from_numpy(a) for a in index),
-        document_ids(position_ids),
+        document_ids(position_ids), (torch.from_numpy(sample_rows), torch.from_numpy(response_starts - prompt_lens)),
     )
     return _to_device(host, device)
 

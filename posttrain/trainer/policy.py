@@ -23,8 +23,9 @@ from posttrain.trainer.memory import compiled
 from posttrain.trainer.optim import clip_and_step
 from posttrain.models import response_logprobs
 from posttrain.models.moe import MoEUpdate
+from posttrain.models.moe.hf_blocks import GroupedMoE
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
-from posttrain.trainer.samples import Sample, chunks, collate, pad_rows, token_masks
+from posttrain.trainer.samples import Sample, chunks, collate, grouped_moe_for_routes, pad_rows, token_masks
 
 logger = logging.getLogger("posttrain.trainer")
 
@@ -84,6 +85,8 @@ def policy_update(
     world_size = get_world_size()
     # MoE policies: router losses join the policy loss, router metrics the update's (docs/moe.md).
     moe = MoEUpdate.for_model(model, cfg.moe.router, device)
+    # Router replay (R3): micro-batches whose samples carry the engine's routes use them (docs/moe.md).
+    replay = grouped_moe_for_routes(model, samples) if moe is not None and cfg.moe.router_replay else None
     if trainer.compile_loss:
         objective = objective.with_policy_loss(compiled(objective.policy_loss))
     model.train()
@@ -92,7 +95,7 @@ def policy_update(
     # Collated one ahead, after the current micro-batch's work is queued: the host builds the next
     # batch while the GPU runs, also across the gradient-norm sync that ends each mini-batch.
     collated = (collate(micro_batch, pad_token_id, device, packed,
-                        packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
+                        packed_row_tokens(model, trainer.packed_row_tokens, micro_batch), routes=replay is not None)
                 for _, micro_batches in mini_batches for micro_batch in micro_batches)
     next_batch = next(collated)
     record = {id(s) for s in mini_batches[0][0][:record_tokens]} if record_tokens else set()
@@ -106,7 +109,8 @@ def policy_update(
         for micro_batch in micro_batches:
             batch = next_batch
             mask = batch.loss_mask
-            with autocast(), (moe.recording() if moe is not None else contextlib.nullcontext()) as routes:
+            with autocast(), _replaying(replay, batch.routes), \
+                    (moe.recording() if moe is not None else contextlib.nullcontext()) as routes:
                 logprobs, entropy = response_logprobs(
                     model, batch.tokens, temperature=cfg.rollout.temperature,
                     with_entropy=True, entropy_grad=algo.entropy_coef > 0,
@@ -120,8 +124,11 @@ def policy_update(
             )
             loss = objective.aggregate(per_token, mask, num_tokens=num_tokens, num_sequences=num_sequences,
                                        norm_length=float(cfg.rollout.max_new_tokens))
-            router_loss = moe.loss_term(routes, batch.tokens, mask, num_tokens) if moe is not None else 0.0
-            ((loss + router_loss) * world_size).backward()
+            # Under replay the experts used are the replayed ones: the load and the aux loss count those.
+            router_loss = moe.loss_term(routes, batch.tokens, mask, num_tokens, selected=batch.routes) \
+                if moe is not None else 0.0
+            with _replaying(replay, batch.routes):  # gradient checkpointing recomputes the MoE blocks here
+                ((loss + router_loss) * world_size).backward()
             loss_total += loss.detach()
             # Token-weighted sums, so logged means do not depend on the micro-batch split.
             micro_tokens = mask.sum().double()
@@ -166,6 +173,11 @@ def policy_update(
         out.update(moe.metrics(all_reduce_sum))
     out.update(step_metrics)
     return out
+
+
+def _replaying(moe: GroupedMoE | None, routes: list[torch.Tensor] | None) -> contextlib.AbstractContextManager:
+    """Router replay of a micro-batch's engine routes (``TrainBatch.routes``), or nothing."""
+    return moe.replaying(routes) if moe is not None and routes is not None else contextlib.nullcontext()
 
 
 def _off_policy_step_metrics(samples: list[Sample], correction: OffPolicyCorrection) -> dict[str, float]:

@@ -3,6 +3,7 @@ per-token advantages, reference and old logprobs, and the rollout metrics. Share
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from posttrain.envs.reward_pool import RewardPool
 from posttrain.data.chat import TokenizedPrompt
 from posttrain.models import response_logprobs
 from posttrain.models.lora import adapters_disabled
+from posttrain.models.moe import RouteAgreement, router_token_index
+from posttrain.models.moe.hf_blocks import GroupedMoE
 from posttrain.sampling import SamplingParams
 from posttrain.rollout.episodes import Episode, episode_metrics, run_episodes
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
-from posttrain.trainer.samples import Sample, collate, pad_rows, token_masks
+from posttrain.trainer.samples import Sample, collate, grouped_moe_for_routes, pad_rows, token_masks
 from posttrain.trainer.validation import per_task_means
 
 logger = logging.getLogger("posttrain.trainer")
@@ -211,7 +214,8 @@ def _generate_and_score_episodes(engine: HFEngine, rewards: RewardPool, batch_pr
 
 @torch.no_grad()
 def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
-    """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled."""
+    """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled.
+    It routes on its own (no router replay): the KL is to the reference policy as it is."""
     with adapters_disabled(reference):
         for s, logprobs in zip(samples, _sample_logprobs(reference, samples, cfg, pad_token_id, device, autocast)):
             s.ref_logprobs = logprobs
@@ -221,12 +225,19 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_to
     """The trainer's own logprobs become the old logprobs of the ratio; the engine's are kept as
     rollout logprobs (the behaviour policy of ``algorithm.off_policy_correction``). Returns the
     engine/trainer mismatch over trained tokens: ``rollout/logprob_mismatch_mean`` and ``_max``
-    (a growing mismatch is a known cause of RL collapse)."""
+    (a growing mismatch is a known cause of RL collapse).
+
+    MoE samples with engine routes: with ``moe.router_replay`` the forward replays them (R3), and
+    ``moe/route_agreement`` (per layer and their mean) says how often the trainer's router would
+    have chosen the engine's expert set on its own, over the trained tokens' predicting positions."""
     was_training = model.training
     model.eval()
     total, count, worst = 0.0, 0, 0.0
+    moe = grouped_moe_for_routes(model, samples)
+    agreement = RouteAgreement(moe.num_layers) if moe is not None else None
     try:
-        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg, pad_token_id, device, autocast)):
+        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg, pad_token_id, device, autocast, moe=moe,
+                                                         replay=cfg.moe.router_replay, agreement=agreement)):
             s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
             mask = s.response_mask if s.response_mask is not None else [1] * len(logprobs)
             diffs = [abs(a - b) for a, b, m in zip(s.rollout_logprobs, logprobs, mask) if m]
@@ -234,22 +245,33 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_to
             worst = max([worst, *diffs])
     finally:
         model.train(was_training)
-    return {"rollout/logprob_mismatch_mean": total / max(count, 1), "rollout/logprob_mismatch_max": worst}
+    metrics = {"rollout/logprob_mismatch_mean": total / max(count, 1), "rollout/logprob_mismatch_max": worst}
+    if agreement is not None:
+        metrics.update(agreement.metrics())
+    return metrics
 
 
 @torch.no_grad()
-def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> list[list[float]]:
+def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast,
+                     moe: GroupedMoE | None = None, replay: bool = False,
+                     agreement: RouteAgreement | None = None) -> list[list[float]]:
+    """``moe``: the policy's grouped MoE blocks, given when samples carry engine routes; ``replay``
+    then replays them, and ``agreement`` accumulates the router's own choices against them."""
     trainer = cfg.trainer
     packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
     out: dict[int, list[float]] = {}  # by id: token-budget micro-batches do not keep the sample order
     for micro_batch in split_micro_batches(samples, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
         batch = collate(micro_batch, pad_token_id, device, packed,
-                        packed_row_tokens(model, trainer.packed_row_tokens, micro_batch))
-        with autocast():
+                        packed_row_tokens(model, trainer.packed_row_tokens, micro_batch), routes=moe is not None)
+        routed = batch.routes is not None
+        with autocast(), (moe.replaying(batch.routes) if replay and routed else contextlib.nullcontext()), \
+                (moe.recording(router_choice=True) if agreement is not None and routed else contextlib.nullcontext()) as chosen:
             logprobs, _ = response_logprobs(
                 model, batch.tokens, temperature=cfg.rollout.temperature, chunk_size=cfg.model.chunked_logprobs,
                 float32_logits=cfg.model.float32_logits,
             )
+        if chosen is not None:
+            agreement.add(chosen, batch.routes, *router_token_index(batch.tokens, batch.loss_mask))
         logprobs = logprobs.float().cpu()
         out.update((id(s), logprobs[i, : len(s.response_ids)].tolist()) for i, s in enumerate(micro_batch))
     return [out[id(s)] for s in samples]

@@ -9,7 +9,15 @@ import numpy as np
 import torch
 
 from posttrain.data.packing import pack_documents
-from posttrain.models.logprobs import TokenBatch, make_packed_token_batch, make_token_batch, to_device
+from posttrain.errors import PosttrainError
+from posttrain.models.logprobs import (
+    TokenBatch,
+    lay_out_per_token,
+    make_packed_token_batch,
+    make_token_batch,
+    to_device,
+)
+from posttrain.models.moe.hf_blocks import GroupedMoE, use_grouped_experts
 
 
 @dataclass
@@ -31,6 +39,10 @@ class Sample:
     # Per response token, set by policy_update(record_tokens=...) for the samples written to samples.jsonl.
     trainer_logprobs: list[float] | None = None
     entropy: list[float] | None = None
+    # MoE rollouts of posttrain's engine: its Completion.routed_experts, the top-k expert ids of every
+    # MoE layer for each token it ran, int16 (moe_layers, len(prompt_ids) + len(response_ids) - 1, k).
+    # Replayed by the old-logprob and training forwards (moe.router_replay). None: no routes.
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +63,9 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None  # (B, R)
     loss_mask: torch.Tensor  # (B, R): tokens.response_mask, zero on untrainable rows and non-model tokens
     rollout_logprobs: torch.Tensor | None = None  # (B, R)
+    # collate(routes=True) and every sample carries routes: per MoE layer the engine's expert ids
+    # (rows x width, k) int16, laid out like tokens.input_ids flattened (padding: expert 0).
+    routes: list[torch.Tensor] | None = None
 
 
 def pad_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
@@ -69,10 +84,12 @@ def token_masks(samples: list[Sample], width: int) -> torch.Tensor:
 
 
 def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str, packed: bool = False,
-            row_tokens: int = 0) -> TrainBatch:
+            row_tokens: int = 0, routes: bool = False) -> TrainBatch:
     """``packed``: the samples are packed into rows of at most ``row_tokens`` tokens (first-fit
     decreasing; 0: all in one row) with restarting position ids (``make_packed_token_batch``), else
-    one right-padded row per sample. The per-token tensors are (B, R) per sample either way."""
+    one right-padded row per sample. The per-token tensors are (B, R) per sample either way.
+    ``routes``: also lay out the samples' engine routes (``TrainBatch.routes``, see
+    :func:`routes_like_tokens`) when every sample carries them."""
     prompts, responses = [s.prompt_ids for s in samples], [s.response_ids for s in samples]
     if packed:
         rows = pack_documents([s.num_tokens for s in samples], row_tokens) if row_tokens > 0 else None
@@ -90,7 +107,40 @@ def collate(samples: list[Sample], pad_token_id: int, device: torch.device | str
         rollout_logprobs=(
             pad_rows([s.rollout_logprobs for s in samples], width, device) if samples[0].rollout_logprobs is not None else None
         ),
+        routes=routes_like_tokens(samples, tokens, device) if routes else None,
     )
+
+
+def grouped_moe_for_routes(model: torch.nn.Module, samples: list[Sample]) -> GroupedMoE | None:
+    """The policy's MoE blocks on grouped experts (swapped now if the engine has not already: same
+    outputs and gradients) when some sample carries engine routes, else None (dense policies, and
+    rollouts of other backends)."""
+    if not any(s.routed_experts is not None for s in samples):
+        return None
+    moe = use_grouped_experts(model)
+    return moe if moe.num_layers else None
+
+
+def routes_like_tokens(samples: list[Sample], tokens: TokenBatch, device: torch.device | str) -> list[torch.Tensor] | None:
+    """The samples' ``routed_experts`` laid out like ``tokens`` (padded or packed rows): per MoE
+    layer a ``(rows x width, k)`` int16 tensor on ``device``, row ``r * width + c`` the expert ids of
+    the token at row r, column c, the flattening an MoE block sees. Positions without a route
+    (padding, and each sample's last token, which the engine never ran and whose routing changes
+    none of its logprobs) get expert 0. None when a sample carries no routes."""
+    if not samples or any(s.routed_experts is None for s in samples):
+        return None
+    per_token = []
+    for s in samples:
+        layers, rows, k = s.routed_experts.shape
+        if not s.num_tokens - 1 <= rows <= s.num_tokens or (layers, k) != samples[0].routed_experts.shape[::2]:
+            raise PosttrainError(
+                f"routed_experts of shape {tuple(s.routed_experts.shape)} for a sample of {s.num_tokens} tokens; "
+                f"expected ({samples[0].routed_experts.shape[0]}, {s.num_tokens - 1}, "
+                f"{samples[0].routed_experts.shape[2]}): MoE layers, the tokens the engine ran, top-k.")
+        per_token.append(s.routed_experts.transpose(0, 1))  # (tokens, layers, k)
+    laid = lay_out_per_token(tokens, per_token)  # (rows, width, layers, k)
+    flat = laid.permute(2, 0, 1, 3).reshape(laid.shape[2], -1, laid.shape[3])
+    return list(to_device(flat.contiguous(), device).unbind(0))
 
 
 def _loss_mask(samples: list[Sample], response_mask: torch.Tensor, device: torch.device | str) -> torch.Tensor:

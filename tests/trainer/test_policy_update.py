@@ -144,8 +144,8 @@ def test_next_micro_batch_is_collated_before_the_gradient_norm_sync(monkeypatch)
 
     events = []
     real_collate, real_clip = policy.collate, policy.clip_and_step
-    monkeypatch.setattr(policy, "collate", lambda samples, *a: events.append(f"collate {len(samples)}") or
-                        real_collate(samples, *a))
+    monkeypatch.setattr(policy, "collate", lambda samples, *a, **kw: events.append(f"collate {len(samples)}") or
+                        real_collate(samples, *a, **kw))
     monkeypatch.setattr(policy, "clip_and_step", lambda *a: events.append("clip") or real_clip(*a))
     cfg = GRPOConfig()
     cfg.rollout.batch_size, cfg.trainer.mini_batch_size, cfg.trainer.micro_batch_size = 8, 4, 2

@@ -100,6 +100,35 @@ def route_agreement(selected_a: torch.Tensor, selected_b: torch.Tensor, weights:
     return (same * weights.float()).sum() / weights.float().sum().clamp(min=1e-12)
 
 
+class RouteAgreement:
+    """``moe/route_agreement`` over several forward passes: per MoE layer, the weighted fraction of
+    tokens whose expert set in one routing (the trainer's router) equals the one in another (the
+    rollout engine's). Sums stay on the device until :meth:`metrics`."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.same: torch.Tensor | float = torch.zeros(num_layers, dtype=torch.float64)
+        self.total: torch.Tensor | float = 0.0
+
+    def add(self, selected_a: list[torch.Tensor], selected_b: list[torch.Tensor], index: torch.Tensor,
+            weights: torch.Tensor) -> None:
+        """One forward pass: per layer ``(tokens, k)`` ids of either routing, ``index`` the rows
+        (tokens) that count and ``weights`` (N,) how much each counts."""
+        total = weights.double().sum()
+        same = torch.stack([route_agreement(a[index].long(), b[index].long(), weights).double()
+                            for a, b in zip(selected_a, selected_b)]) * total
+        self.same, self.total = same + self.same.to(same.device), total + self.total
+
+    def metrics(self) -> dict[str, float]:
+        """``moe/route_agreement`` (mean over layers) and ``moe/route_agreement/layer_<i>``; nothing
+        when no token counted."""
+        total = float(self.total)
+        if total <= 0:
+            return {}
+        per_layer = (self.same / total).tolist()
+        return {"moe/route_agreement": sum(per_layer) / len(per_layer),
+                **{f"moe/route_agreement/layer_{i}": v for i, v in enumerate(per_layer)}}
+
+
 # ---------------------------------------------------------------- finding and recording routers
 
 
@@ -289,9 +318,14 @@ class MoEUpdate:
     def recording(self) -> contextlib.AbstractContextManager[list[RouterOutput]]:
         return self.recorder.recording()
 
-    def loss_term(self, records: list[RouterOutput], batch: Any, loss_mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    def loss_term(self, records: list[RouterOutput], batch: Any, loss_mask: torch.Tensor, num_tokens: float,
+                  selected: list[torch.Tensor] | None = None) -> torch.Tensor:
         """This micro-batch's router loss, weighted by its share of the mini-batch's ``num_tokens``
-        loss tokens, so accumulated gradients equal those of the mini-batch's token-weighted mean."""
+        loss tokens, so accumulated gradients equal those of the mini-batch's token-weighted mean.
+        ``selected``: per layer the ``(tokens, k)`` experts actually used when they are not the
+        routers' own choice (router replay); the load metrics and the aux loss count those."""
+        if selected is not None:
+            records = [RouterOutput(r.logits, s.long()) for r, s in zip(records, selected)]
         index, weights = router_token_index(batch, loss_mask)
         return self.stats.add(records, index, weights) * (weights.sum() / num_tokens)
 
@@ -480,7 +514,18 @@ def moe_checklist(shape: MoEShape, cfg: Any, layout: Any, model_name: str) -> st
         f"  [ok] rollout.backend={backend}"
         + (": posttrain's engine for Mixtral, Qwen2/Qwen3-MoE, OLMoE and GraniteMoE (grouped experts, routes "
            "recorded); transformers for other families" if backend == "engine" else ""),
-        "  [!!] router replay (R3): not yet; rollout and trainer route independently, so watch "
-        "rollout/logprob_mismatch_* (docs/moe.md)",
+        router_replay_line(cfg.moe.router_replay, backend),
     ]
     return "\n".join(lines)
+
+
+def router_replay_line(replay: bool, backend: str) -> str:
+    """The checklist's router replay (R3) line."""
+    if replay and backend == "engine":
+        return ("  [ok] router replay (R3): the old-logprob and training forwards replay the engine's routes "
+                "(moe.router_replay=true); moe/route_agreement: how often the trainer's router agrees")
+    if replay:
+        return (f"  [!!] router replay (R3): rollout.backend={backend} records no routes, so nothing is replayed; "
+                "watch rollout/logprob_mismatch_* (docs/moe.md)")
+    return ("  [!!] router replay (R3): off (moe.router_replay=false); rollout and trainer route independently: "
+            "watch moe/route_agreement and rollout/logprob_mismatch_* (docs/moe.md)")

@@ -67,6 +67,7 @@ class GroupedMoE:
     def __init__(self, blocks: list[torch.nn.Module]) -> None:
         self.blocks = blocks
         self._recorded: list[torch.Tensor | None] | None = None
+        self._record_router_choice = False
         self._replay: Sequence[torch.Tensor] | None = None
 
     @property
@@ -74,16 +75,19 @@ class GroupedMoE:
         return len(self.blocks)
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[list[torch.Tensor | None]]:
+    def recording(self, router_choice: bool = False) -> Iterator[list[torch.Tensor | None]]:
         """A list with one entry per MoE layer that each forward inside sets to the layer's expert
         ids ``(T, k)`` long (detached; T = batch x sequence positions, row-major). Meant for one
         forward pass: a second one overwrites it (so does the recomputation of gradient
-        checkpointing, with the same ids)."""
+        checkpointing, with the same ids). The ids are those the layer used; with
+        ``router_choice``, the router's own top-k instead, which differ only under
+        :meth:`replaying` (how far the router has drifted from the replayed routes)."""
         self._recorded = [None] * self.num_layers
+        self._record_router_choice = router_choice
         try:
             yield self._recorded
         finally:
-            self._recorded = None
+            self._recorded, self._record_router_choice = None, False
 
     @contextlib.contextmanager
     def replaying(self, topk_ids: Sequence[torch.Tensor]) -> Iterator[None]:
@@ -102,7 +106,22 @@ class GroupedMoE:
     def restore(self) -> None:
         """Give every block back transformers' own forward."""
         for block in self.blocks:
-            del block.forward, block.grouped_moe, block.moe_layer_index
+            del block.forward, block.grouped_moe, block.moe_layer_index, _unwrapped(block.experts).forward
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a peft wrapper holds (LoRA on a router's or the experts' parameters, ``ParamWrapper``,
+    possibly nested), or ``module`` itself."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
+def grouped_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The forward of a stacked experts module (bound by :func:`use_grouped_experts`), with
+    transformers' arguments. Called through the module, so a peft wrapper around it applies LoRA to
+    the weights read here (it parametrizes them for the call)."""
+    return grouped_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
 
 
 def grouped_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -118,17 +137,17 @@ def grouped_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> t
     x = hidden_states.reshape(-1, shape[-1])
     router = getattr(self, family.router)
     logits, weights, ids = router(x)
+    router_ids = ids
     if moe._replay is not None:
         ids = moe._replay[layer].to(device=x.device, dtype=torch.long)
         if ids.shape != weights.shape:
             raise PosttrainError(f"router replay: MoE layer {layer} got expert ids of shape {tuple(ids.shape)} for "
                                  f"{x.shape[0]} tokens; it routes (tokens, top_k) = {tuple(weights.shape)}.")
-        renormalize = family.renormalize if family.renormalize is not None else router.norm_topk_prob
+        renormalize = family.renormalize if family.renormalize is not None else _unwrapped(router).norm_topk_prob
         weights = replay_weights(logits, ids, renormalize, torch.float32 if family.float32_weights else logits.dtype)
     if moe._recorded is not None:
-        moe._recorded[layer] = ids.detach()
-    experts = self.experts
-    out = grouped_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+        moe._recorded[layer] = (router_ids if moe._record_router_choice else ids).detach()
+    out = self.experts(x, ids, weights)  # grouped_experts_forward, through any peft wrapper
     if family.shared_expert:
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
     return out.reshape(shape)
@@ -136,6 +155,7 @@ def grouped_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> t
 
 def _check_experts(block: torch.nn.Module, name: str) -> None:
     experts = getattr(block, "experts", None)
+    experts = _unwrapped(experts) if isinstance(experts, torch.nn.Module) else experts
     layout = {"has_gate": True, "is_concatenated": True, "has_bias": False, "is_transposed": False,
               "has_post_expert_norm": False, "_is_expert_parallel": False}
     odd = [key for key, value in layout.items() if getattr(experts, key, value) != value]
@@ -170,4 +190,6 @@ def use_grouped_experts(model: torch.nn.Module) -> GroupedMoE:
         # copy.deepcopy (the KL reference) binds the copy's forward to the copy.
         block.grouped_moe, block.moe_layer_index = moe, layer
         block.forward = types.MethodType(grouped_moe_forward, block)
+        experts = _unwrapped(block.experts)
+        experts.forward = types.MethodType(grouped_experts_forward, experts)
     return moe
