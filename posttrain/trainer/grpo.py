@@ -323,9 +323,11 @@ class GRPORecipe:
 
 def training_samples(batch: Rollouts, mask_truncated: bool) -> list[Sample]:
     """One Sample per completion of ``batch``, with its shaped reward; a truncated completion is
-    not trained on with ``mask_truncated``; multi-turn observation tokens carry mask 0."""
+    not trained on with ``mask_truncated``; multi-turn observation tokens carry mask 0; an MoE
+    completion from posttrain's engine carries its routes (moe.router_replay replays them)."""
     return [
         Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (mask_truncated and c.finish_reason == "length"),
-               response_mask=getattr(c, "trainable_mask", None))
+               response_mask=getattr(c, "trainable_mask", None),  # multi-turn: observation tokens 0
+               routed_experts=getattr(c, "routed_experts", None))  # MoE: the engine's routes, for router replay
         for p, c, r in zip(batch.prompts, batch.completions, batch.shaped_rewards.tolist())
     ]

@@ -124,7 +124,8 @@ def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
                     {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
                 )
                 samples = [
-                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"))
+                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"),
+                           routed_experts=getattr(c, "routed_experts", None))  # MoE: replayed with moe.router_replay
                     for p, c, r in zip(rollouts.prompts, rollouts.completions, rollouts.shaped_rewards.tolist())
                 ]
 

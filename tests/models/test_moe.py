@@ -419,3 +419,24 @@ def test_bf16_parameters_with_a_float32_router_stop_an_moe_policy_when_it_loads(
         prepare_moe_policy(model, cfg)
     cfg.moe.router.dtype = "auto"
     assert prepare_moe_policy(model, cfg) is not None
+
+
+def test_moe_demo_replays_the_engines_routes_in_the_trainer(tmp_path, monkeypatch):
+    # The engine records every token's experts (Completion.routed_experts); the GRPO recipe hands
+    # them to its samples and the old-logprob and training forwards replay them (moe.router_replay).
+    from posttrain.cli import main
+    from posttrain.models.moe import hf_blocks
+
+    replayed: list[int] = []
+    original = hf_blocks.GroupedMoE.replaying
+
+    def counting(self, topk_ids):
+        replayed.append(len(topk_ids))
+        return original(self, topk_ids)
+
+    monkeypatch.setattr(hf_blocks.GroupedMoE, "replaying", counting)
+    assert main(_demo_args(tmp_path, "trainer.max_steps=2", "validation.every=0", "validation.at_end=false",
+                           "algorithm.off_policy_correction=tis_token")) == 0  # tis_token: old logprobs recomputed
+    assert replayed and set(replayed) == {4}  # every replayed forward covers the 4 MoE layers
+    for m in _metrics(tmp_path / "run"):
+        assert 0.5 < m["moe/route_agreement"] <= 1.0  # the trainer's own routing vs the engine's
