@@ -1,8 +1,9 @@
-"""The objective of a policy update, built once from the ``algorithm`` section: which policy loss
-(by registered name) with which clip options, the KL to the reference (in the loss, or folded into
-the reward by the advantage estimator), the entropy bonus, the off-policy correction, and how the
-per-token loss becomes one number. The trainer computes log-probabilities and sums what this
-returns with the terms only it knows (an MoE router's auxiliary loss).
+"""The objective of a policy update, built once from the ``algorithm`` section (and, for an MoE
+policy, ``moe.router``): which policy loss (by registered name) with which clip options, the KL to
+the reference (in the loss, or folded into the reward by the advantage estimator), the entropy
+bonus, the off-policy correction, how the per-token loss becomes one number, and the weights of an
+MoE router's load-balancing and z losses. The trainer computes log-probabilities and the routers'
+per-layer losses, and adds what this returns.
 
 Pure tensor functions over ``(batch, response_len)`` rows; nothing here touches a model.
 """
@@ -33,10 +34,13 @@ class Objective:
     kl_in_loss: bool  # False when the advantage estimator already put the KL into the reward
     entropy_coef: float
     loss_agg_mode: str
+    router_aux_coef: float = 0.0  # MoE: moe.router.aux_loss_coef (load balancing, Switch Transformer)
+    router_z_coef: float = 0.0  # MoE: moe.router.z_loss_coef (ST-MoE)
 
     @classmethod
-    def from_config(cls, algo: Any) -> Objective:
-        """The objective of an ``algorithm`` config section (GRPO's or PPO's)."""
+    def from_config(cls, algo: Any, router: Any = None) -> Objective:
+        """The objective of an ``algorithm`` config section (GRPO's or PPO's); ``router``: the
+        ``moe.router`` section for an MoE policy (its loss coefficients), else None."""
         return cls(
             policy_loss=get_policy_loss(algo.policy_loss),
             loss_options=dict(clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
@@ -48,6 +52,8 @@ class Objective:
             kl_in_loss=not folds_kl_into_reward(algo.advantage),
             entropy_coef=algo.entropy_coef,
             loss_agg_mode=algo.loss_agg_mode,
+            router_aux_coef=router.aux_loss_coef if router is not None else 0.0,
+            router_z_coef=router.z_loss_coef if router is not None else 0.0,
         )
 
     def with_policy_loss(self, policy_loss: Callable[..., tuple[Tensor, dict[str, Any]]]) -> Objective:
@@ -80,6 +86,11 @@ class Objective:
         if self.entropy_coef > 0:
             per_token = per_token - self.entropy_coef * entropy
         return per_token, metrics, terms
+
+    def router_loss(self, aux_per_layer: Tensor, z_per_layer: Tensor) -> Tensor:
+        """An MoE policy's router loss: ``aux_coef * sum_layers load_balancing + z_coef * sum_layers z``
+        (the per-layer losses as the trainer measured them, already token-weighted)."""
+        return self.router_aux_coef * aux_per_layer.sum() + self.router_z_coef * z_per_layer.sum()
 
     def aggregate(self, per_token: Tensor, mask: Tensor, *, num_tokens: float, num_sequences: float,
                   norm_length: float) -> Tensor:

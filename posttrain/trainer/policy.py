@@ -68,8 +68,11 @@ def policy_update(
             for _ in range(scheduler_steps):
                 scheduler.step()
         return {"actor/skipped_updates": float(scheduler_steps)}
-    # Policy loss, KL, entropy and off-policy correction: the objective of the algorithm section.
-    objective = Objective.from_config(algo)
+    # MoE policies: router losses join the policy loss, router metrics the update's (docs/moe.md).
+    moe = MoEUpdate.for_model(model, cfg.moe.router, device)
+    # Policy loss, KL, entropy, off-policy correction and the router losses' weights: the objective
+    # of the algorithm section (and of moe.router for an MoE policy).
+    objective = Objective.from_config(algo, router=cfg.moe.router if moe is not None else None)
     # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
     # algorithm.off_policy_correction and the off_policy/* metrics.
     step_metrics = _off_policy_step_metrics(samples, objective.correction)
@@ -83,8 +86,6 @@ def policy_update(
     # the mini-batch's global counts, and FSDP averages gradients over ranks, so each rank's loss is
     # scaled by N: the summed gradient is then exactly the one-process gradient of the mini-batch.
     world_size = get_world_size()
-    # MoE policies: router losses join the policy loss, router metrics the update's (docs/moe.md).
-    moe = MoEUpdate.for_model(model, cfg.moe.router, device)
     # Router replay (R3): micro-batches whose samples carry the engine's routes use them (docs/moe.md).
     replay = grouped_moe_for_routes(model, samples) if moe is not None and cfg.moe.router_replay else None
     if trainer.compile_loss:
@@ -125,8 +126,8 @@ def policy_update(
             loss = objective.aggregate(per_token, mask, num_tokens=num_tokens, num_sequences=num_sequences,
                                        norm_length=float(cfg.rollout.max_new_tokens))
             # Under replay the experts used are the replayed ones: the load and the aux loss count those.
-            router_loss = moe.loss_term(routes, batch.tokens, mask, num_tokens, selected=batch.routes) \
-                if moe is not None else 0.0
+            router_loss = objective.router_loss(*moe.loss_terms(routes, batch.tokens, mask, num_tokens,
+                                                                selected=batch.routes)) if moe is not None else 0.0
             with _replaying(replay, batch.routes):  # gradient checkpointing recomputes the MoE blocks here
                 ((loss + router_loss) * world_size).backward()
             loss_total += loss.detach()

@@ -57,3 +57,19 @@ def test_off_policy_correction_weights_the_tokens():
     per_token, _, terms = none.token_loss(logprobs, logprobs, advantages, mask, entropy, rollout_logprobs=rollout)
     torch.testing.assert_close(per_token * mask, -advantages * mask)
     assert "is_weight" not in terms and "rollout_logprob_diff" in terms
+
+
+def test_the_router_losses_are_weighed_by_the_moe_router_section():
+    from types import SimpleNamespace
+
+    import torch
+
+    from posttrain.algorithms.objective import Objective
+    from posttrain.config.schema import GRPOConfig
+
+    algo = GRPOConfig().algorithm
+    aux, z = torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0])
+    dense = Objective.from_config(algo)
+    assert float(dense.router_loss(aux, z)) == 0.0  # no router section: no router loss
+    moe = Objective.from_config(algo, router=SimpleNamespace(aux_loss_coef=0.01, z_loss_coef=0.001))
+    assert float(moe.router_loss(aux, z)) == pytest.approx(0.01 * 3.0 + 0.001 * 30.0)

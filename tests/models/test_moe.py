@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import make_tiny_llama, make_tokenizer, save_tiny_model
+from posttrain.algorithms.objective import Objective
 from posttrain.config.schema import GRPOConfig
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.logprobs import make_packed_token_batch, make_token_batch, response_logprobs
@@ -184,7 +185,8 @@ def test_padded_and_packed_batches_give_the_same_router_loss_and_metrics(family)
                 response_logprobs(model, batch, chunk_size=chunk_size)
             mask = batch.response_mask.clone()
             mask[2] = 0  # an untrainable sample: its token counts nowhere
-            loss = stats.add(routes, *router_token_index(batch, mask))
+            aux, z = stats.add(routes, *router_token_index(batch, mask))
+            loss = Objective.from_config(cfg.algorithm, router=cfg.moe.router).router_loss(aux, z)
             results.append((float(loss.detach()), stats.metrics()))
     for loss, metrics in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)

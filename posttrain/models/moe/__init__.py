@@ -254,9 +254,10 @@ class RouterStats:
         self.entropy, self.confidence, self.dropped = zeros(shape.num_layers), zeros(shape.num_layers), zeros(shape.num_layers)
         self.tokens, self.aux, self.z = zeros(()), zeros(()), zeros(())
 
-    def add(self, records: list[RouterOutput], index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Account one forward pass; returns its router loss term (scalar, with gradient):
-        ``aux_loss_coef * sum_layers load_balancing_loss + z_loss_coef * sum_layers z_loss``."""
+    def add(self, records: list[RouterOutput], index: torch.Tensor,
+            weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Account one forward pass; returns its per-layer ``(load_balancing_loss (L,), z_loss (L,))``
+        with gradient (the objective weighs and sums them: ``algorithms.Objective.router_loss``)."""
         if len(records) != self.shape.num_layers:
             raise PosttrainError(f"expected router outputs of {self.shape.num_layers} MoE layers in one forward "
                                  f"pass, got {len(records)} (a router called more than once per layer?)")
@@ -277,7 +278,7 @@ class RouterStats:
         self.tokens += total
         self.aux += aux.detach().mean().double() * total
         self.z += z.detach().mean().double() * total
-        return self.cfg.aux_loss_coef * aux.sum() + self.cfg.z_loss_coef * z.sum()
+        return aux, z
 
     def metrics(self, reduce_sum: Any = None) -> dict[str, float]:
         """Per-layer and layer-mean metrics; ``reduce_sum``: sums a list of floats over ranks."""
@@ -318,16 +319,20 @@ class MoEUpdate:
     def recording(self) -> contextlib.AbstractContextManager[list[RouterOutput]]:
         return self.recorder.recording()
 
-    def loss_term(self, records: list[RouterOutput], batch: Any, loss_mask: torch.Tensor, num_tokens: float,
-                  selected: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """This micro-batch's router loss, weighted by its share of the mini-batch's ``num_tokens``
-        loss tokens, so accumulated gradients equal those of the mini-batch's token-weighted mean.
-        ``selected``: per layer the ``(tokens, k)`` experts actually used when they are not the
-        routers' own choice (router replay); the load metrics and the aux loss count those."""
+    def loss_terms(self, records: list[RouterOutput], batch: Any, loss_mask: torch.Tensor, num_tokens: float,
+                   selected: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This micro-batch's per-layer router losses ``(load balancing (L,), z (L,))``, each
+        weighted by the micro-batch's share of the mini-batch's ``num_tokens`` loss tokens, so
+        accumulated gradients equal those of the mini-batch's token-weighted mean; the objective
+        applies the coefficients (``Objective.router_loss``). ``selected``: per layer the
+        ``(tokens, k)`` experts actually used when they are not the routers' own choice (router
+        replay); the load metrics and the aux loss count those."""
         if selected is not None:
             records = [RouterOutput(r.logits, s.long()) for r, s in zip(records, selected)]
         index, weights = router_token_index(batch, loss_mask)
-        return self.stats.add(records, index, weights) * (weights.sum() / num_tokens)
+        aux, z = self.stats.add(records, index, weights)
+        share = weights.sum() / num_tokens
+        return aux * share, z * share
 
     def metrics(self, reduce_sum: Any = None) -> dict[str, float]:
         """The update's metrics; removes the hooks (call once, at the end)."""
