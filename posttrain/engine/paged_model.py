@@ -31,7 +31,7 @@ from posttrain.engine.attention import AttentionMetadata, write_kv
 from posttrain.errors import PosttrainError
 from posttrain.models.chunked_logprobs import matmul_float32_out
 from posttrain.models.moe.grouped_experts import grouped_mm_supported
-from posttrain.models.moe.hf_blocks import use_grouped_experts
+from posttrain.models.moe.hf_blocks import base_layer, use_grouped_experts
 
 DENSE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -150,7 +150,8 @@ class PagedDecoder:
         if self.moe is None:
             return True
         probe = torch.empty(0, device=self.device)
-        return all(grouped_mm_supported(probe, block.experts.gate_up_proj, compute_dtype) for block in self.moe.blocks)
+        return all(grouped_mm_supported(probe, base_layer(block.experts).gate_up_proj, compute_dtype)  # under peft too
+                   for block in self.moe.blocks)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],

@@ -106,10 +106,10 @@ class GroupedMoE:
     def restore(self) -> None:
         """Give every block back transformers' own forward."""
         for block in self.blocks:
-            del block.forward, block.grouped_moe, block.moe_layer_index, _unwrapped(block.experts).forward
+            del block.forward, block.grouped_moe, block.moe_layer_index, base_layer(block.experts).forward
 
 
-def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+def base_layer(module: torch.nn.Module) -> torch.nn.Module:
     """The module a peft wrapper holds (LoRA on a router's or the experts' parameters, ``ParamWrapper``,
     possibly nested), or ``module`` itself."""
     get_base_layer = getattr(module, "get_base_layer", None)
@@ -143,7 +143,7 @@ def grouped_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> t
         if ids.shape != weights.shape:
             raise PosttrainError(f"router replay: MoE layer {layer} got expert ids of shape {tuple(ids.shape)} for "
                                  f"{x.shape[0]} tokens; it routes (tokens, top_k) = {tuple(weights.shape)}.")
-        renormalize = family.renormalize if family.renormalize is not None else _unwrapped(router).norm_topk_prob
+        renormalize = family.renormalize if family.renormalize is not None else base_layer(router).norm_topk_prob
         weights = replay_weights(logits, ids, renormalize, torch.float32 if family.float32_weights else logits.dtype)
     if moe._recorded is not None:
         moe._recorded[layer] = (router_ids if moe._record_router_choice else ids).detach()
@@ -155,7 +155,7 @@ def grouped_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> t
 
 def _check_experts(block: torch.nn.Module, name: str) -> None:
     experts = getattr(block, "experts", None)
-    experts = _unwrapped(experts) if isinstance(experts, torch.nn.Module) else experts
+    experts = base_layer(experts) if isinstance(experts, torch.nn.Module) else experts
     layout = {"has_gate": True, "is_concatenated": True, "has_bias": False, "is_transposed": False,
               "has_post_expert_norm": False, "_is_expert_parallel": False}
     odd = [key for key, value in layout.items() if getattr(experts, key, value) != value]
@@ -190,6 +190,6 @@ def use_grouped_experts(model: torch.nn.Module) -> GroupedMoE:
         # copy.deepcopy (the KL reference) binds the copy's forward to the copy.
         block.grouped_moe, block.moe_layer_index = moe, layer
         block.forward = types.MethodType(grouped_moe_forward, block)
-        experts = _unwrapped(block.experts)
+        experts = base_layer(block.experts)
         experts.forward = types.MethodType(grouped_experts_forward, experts)
     return moe
