@@ -193,6 +193,9 @@ class ProcessReplicaPool:
         self._latest: tuple[list, dict[str, torch.Tensor], int] | None = None  # the last push, for restarts
         self._version = start_version
         self._push_lock = threading.Lock()  # a restart reloads the weights; one load at a time per pool
+        # One generation at a time: the producer thread and validation (the trainer's thread) share
+        # each replica's generate pipe, whose answers must go back to the call that asked.
+        self._generate_lock = threading.Lock()
         self.replicas: list[_Replica] = []
         try:
             self.replicas = [self._start(i, start_version) for i in range(self.num_replicas)]
@@ -260,7 +263,11 @@ class ProcessReplicaPool:
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Completion]]:
         """Contiguous chunks of ``prompts``, one per replica, generated concurrently; chunk ``i`` is
         seeded ``seed + i`` (one replica: exactly ``seed``). A chunk whose replica dies is generated
-        again by the restarted replica, with the same seed."""
+        again by the restarted replica, with the same seed. Calls from several threads take turns."""
+        with self._generate_lock:
+            return self._generate(prompts, params, seed)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Completion]]:
         chunks = {i: (start, end) for i, (start, end) in enumerate(split_contiguous(len(prompts), self.num_replicas))
                   if end > start}
         results: dict[int, list[list[Completion]]] = {}
@@ -323,11 +330,14 @@ class ProcessReplicaPool:
         return {"sync/seconds": time.perf_counter() - start, "sync/bytes": float(nbytes * self.num_replicas)}
 
     def info(self) -> list[dict]:
-        return [self._call(i, "weights", ("info", ()), "report its state")[1] for i in range(self.num_replicas)]
+        with self._push_lock:  # the weights pipe answers one caller at a time
+            return [self._call(i, "weights", ("info", ()), "report its state")[1] for i in range(self.num_replicas)]
 
     def checksums(self) -> list[str]:
         """Each replica's ``weights_checksum`` (tests and debugging: equal to the trainer's after a push)."""
-        return [self._call(i, "weights", ("checksum", ()), "checksum its weights")[1] for i in range(self.num_replicas)]
+        with self._push_lock:
+            return [self._call(i, "weights", ("checksum", ()), "checksum its weights")[1]
+                    for i in range(self.num_replicas)]
 
     def metrics(self) -> dict[str, float]:
         return {"rollout/replica_restarts": float(sum(self.restarts)),

@@ -135,3 +135,30 @@ def test_a_replica_that_cannot_load_the_model_says_why(tmp_path):
     cfg.model.path = str(tmp_path / "missing")
     with pytest.raises(ReplicaError, match="engine replica 0 failed to start"):
         ProcessReplicaPool(cfg, start_version=0)
+
+
+def test_generations_from_two_threads_each_get_their_own_answers(model_dir):
+    # The async producer and validation call the pool from different threads at once.
+    import threading
+
+    cfg = _cfg(model_dir)
+    model, tok = _trainer(cfg)
+    pool = build_replica_pool(cfg, model, tok, torch.float32, start_version=0)
+    results: dict[str, list] = {}
+    try:
+        calls = {"four_by_one": (_prompts(tok), SamplingParams(n=1, max_tokens=6)),
+                 "two_by_three": (_prompts(tok)[:2], SamplingParams(n=3, max_tokens=6))}
+        def run(key, args):
+            results.setdefault(key, []).append(pool.generate(*args, seed=1))
+
+        threads = [threading.Thread(target=run, args=(k, a))
+                   for _ in range(4) for k, a in calls.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        pool.close()
+    assert len(results["four_by_one"]) == len(results["two_by_three"]) == 4
+    assert all([len(g) for g in out] == [1, 1, 1, 1] for out in results["four_by_one"])
+    assert all([len(g) for g in out] == [3, 3] for out in results["two_by_three"])
