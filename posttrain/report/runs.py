@@ -78,6 +78,9 @@ PANELS: tuple[Panel, ...] = (
         "off_policy/mismatch_kl", "off_policy/masked_fraction", "off_policy/masked_seq_fraction",
         "off_policy/dropped_seq_fraction"), "k3 KL (nats / token); fraction"),
     Panel("moe_expert_load", "MoE expert load", ("moe/*",), "load"),
+    # Router replay (R3): how often the trainer's own top-k experts equal the engine's (1: no drift).
+    Panel("moe_route_agreement", "MoE: trainer routes vs engine routes", ("moe/route_agreement",),
+          "fraction of tokens"),
     Panel("lr", "Learning rate", ("lr", "critic/lr"), "lr"),
 )
 

@@ -247,14 +247,15 @@ def test_metric_series_and_panel_keys():
         {"step": 2, "a": 1.0, "moe/layer0/load": 0.5, "note": "text"},
         {"step": 1, "a": None, "off_policy/staleness_mean": 1.0},
         {"step": 2, "a": 3.0},  # the same step again: the last value wins
-        {"step": 3, "b": 2},
+        {"step": 3, "b": 2, "moe/route_agreement": 0.9},
     ]
     steps, values = metric_series(records, "a")
     assert steps == [1, 2] and math.isnan(values[0]) and values[1] == 3.0
     assert metric_series(records, "note") == ([], [])  # strings are not plotted
     run = Run(Path("."), "r", records)
     by_name = {p.name: p for p in PANELS}
-    assert panel_keys(by_name["moe_expert_load"], [run]) == ["moe/layer0/load"]
+    assert panel_keys(by_name["moe_expert_load"], [run]) == ["moe/layer0/load", "moe/route_agreement"]
+    assert panel_keys(by_name["moe_route_agreement"], [run]) == ["moe/route_agreement"]  # R3's own panel too
     assert panel_keys(by_name["staleness"], [run]) == ["off_policy/staleness_mean"]
     assert panel_keys(by_name["reward"], [run]) == []
 
