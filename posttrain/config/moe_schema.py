@@ -92,8 +92,9 @@ class MoEConfig:
         "auto",
         "Dtype of the expert matmuls. 'auto': model.dtype like the rest of the model (bf16 on GPU). 'fp8' "
         "needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); 'nvfp4' needs 10.0 or newer "
-        "(Blackwell). Both are checked against the GPU before loading, but their expert kernels are not "
-        "implemented yet, so for now they stop the run with a message saying so.",
+        "(Blackwell). Both are checked against the GPU before loading; fp8 experts exist as building blocks "
+        "(models/moe/fp8_experts.py) but are not wired into runs yet, so for now both stop the run with a "
+        "message saying so.",
         ("auto", "fp8", "nvfp4"),
     )
     random_init: MoERandomInitConfig = section(

@@ -20,7 +20,6 @@ from posttrain.errors import ConfigError
 from posttrain.models.moe.fp8_experts import (
     FP8_DTYPE,
     FP8_MAX,
-    check_expert_dtype_capability,
     dequantize_fp8_rows,
     fp8_grouped_experts,
     quantize_experts,
@@ -28,6 +27,7 @@ from posttrain.models.moe.fp8_experts import (
     quantize_model_experts,
     scaled_mm_capable,
 )
+from posttrain.models.moe import check_expert_dtype_capability
 from posttrain.models.moe.grouped_experts import grouped_experts
 
 E, H, I, T, K = 4, 64, 32, 48, 2
@@ -146,7 +146,7 @@ def test_expert_dtype_capability(dtype, capability, ok):
         check_expert_dtype_capability(dtype, capability, "GPU X")
     message = str(info.value)
     assert f"GPU X has compute capability {capability[0]}.{capability[1]}" in message
-    assert f"moe.expert_dtype={dtype} needs a GPU of compute capability" in message
+    assert f"moe.expert_dtype={dtype} needs an NVIDIA GPU of compute capability" in message
     if dtype == "nvfp4":
         assert "10.0" in message and ("Use moe.expert_dtype=fp8" in message) == (capability >= (8, 9))
 

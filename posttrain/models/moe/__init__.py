@@ -410,20 +410,33 @@ def check_expert_dtype(expert_dtype: str, device: torch.device,
     if expert_dtype == "auto":
         return
     need = EXPERT_DTYPE_CAPABILITY[expert_dtype]
-    wanted = f"an NVIDIA GPU of compute capability {need[0]}.{need[1]} or newer ({'Blackwell' if need >= (10, 0) else 'Ada, Hopper or Blackwell'})"
     if device.type != "cuda":
-        raise ConfigError(f"moe.expert_dtype={expert_dtype} needs {wanted}; this run is on the {device.type.upper()}. "
-                          "Use moe.expert_dtype=auto.")
+        raise ConfigError(f"moe.expert_dtype={expert_dtype} needs {_capable_gpus(need)}; this run is on the "
+                          f"{device.type.upper()}. Use moe.expert_dtype=auto.")
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
         gpu_name = torch.cuda.get_device_name(device)
-    if tuple(capability) < need:
-        raise ConfigError(f"moe.expert_dtype={expert_dtype} needs {wanted}; this GPU ({gpu_name}) has compute "
-                          f"capability {capability[0]}.{capability[1]}. Use moe.expert_dtype="
-                          f"{'fp8' if expert_dtype == 'nvfp4' and tuple(capability) >= (8, 9) else 'auto'}.")
+    check_expert_dtype_capability(expert_dtype, capability, f"this GPU ({gpu_name})")
     raise ConfigError(f"moe.expert_dtype={expert_dtype}: {gpu_name} (capability {capability[0]}.{capability[1]}) "
-                      f"supports it, but posttrain has no {expert_dtype} expert kernels yet (docs/moe.md); use "
-                      "moe.expert_dtype=auto.")
+                      f"supports it, but posttrain's {expert_dtype} experts are building blocks not wired into runs "
+                      "yet (models/moe/fp8_experts.py, docs/moe.md); use moe.expert_dtype=auto.")
+
+
+def check_expert_dtype_capability(expert_dtype: str, capability: tuple[int, int], gpu_name: str = "this GPU") -> None:
+    """Raise ConfigError when a GPU of compute ``capability`` cannot hold ``moe.expert_dtype``
+    experts (fp8: 8.9, Ada/Hopper/Blackwell; nvfp4: 10.0, Blackwell), naming its capability and
+    what to use instead. ``auto`` always passes. Pure: the capability is given."""
+    need = EXPERT_DTYPE_CAPABILITY.get(expert_dtype)
+    if need is None or tuple(capability) >= need:
+        return
+    fallback = "fp8" if expert_dtype == "nvfp4" and tuple(capability) >= EXPERT_DTYPE_CAPABILITY["fp8"] else "auto"
+    raise ConfigError(f"moe.expert_dtype={expert_dtype} needs {_capable_gpus(need)}; {gpu_name} has compute "
+                      f"capability {capability[0]}.{capability[1]}. Use moe.expert_dtype={fallback}.")
+
+
+def _capable_gpus(need: tuple[int, int]) -> str:
+    family = "Blackwell" if need >= (10, 0) else "Ada, Hopper or Blackwell"
+    return f"an NVIDIA GPU of compute capability {need[0]}.{need[1]} or newer ({family})"
 
 
 def check_moe_model(model: torch.nn.Module, cfg: Any) -> MoEShape | None:

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import ConfigError
-from posttrain.models.moe import EXPERT_DTYPE_CAPABILITY
 from posttrain.models.moe.grouped_experts import grouped_experts, sort_by_expert
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -102,22 +101,6 @@ def quantize_model_experts(model: torch.nn.Module) -> dict[str, FP8Experts]:
 
 
 # ---------------------------------------------------------------- capability checks (pure)
-
-
-def check_expert_dtype_capability(expert_dtype: str, capability: tuple[int, int], gpu_name: str = "this GPU") -> None:
-    """Raise ConfigError when a GPU of compute ``capability`` cannot hold ``moe.expert_dtype``
-    experts: fp8 needs 8.9 (Ada, Hopper, Blackwell), nvfp4 needs 10.0 (Blackwell). The message
-    names the GPU's capability. ``auto``/``bf16`` always pass."""
-    need = EXPERT_DTYPE_CAPABILITY.get(expert_dtype)
-    if need is None:
-        return
-    capability = tuple(capability)
-    if capability < need:
-        family = "Blackwell, e.g. B200" if need >= (10, 0) else "Ada, Hopper or Blackwell"
-        fallback = "fp8" if expert_dtype == "nvfp4" and capability >= EXPERT_DTYPE_CAPABILITY["fp8"] else "auto"
-        raise ConfigError(f"moe.expert_dtype={expert_dtype} needs a GPU of compute capability {need[0]}.{need[1]} or "
-                          f"newer ({family}); {gpu_name} has compute capability {capability[0]}.{capability[1]}. "
-                          f"Use moe.expert_dtype={fallback}.")
 
 
 def scaled_mm_capable(capability: tuple[int, int]) -> bool:
