@@ -20,6 +20,7 @@ returns. The last pushed buffers are kept for restarts (one copy of the weights)
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import tempfile
 import threading
@@ -62,13 +63,7 @@ def flatten_weights(model: torch.nn.Module) -> tuple[list[tuple[str, list[int], 
 def unflatten_weights(specs: list[tuple[str, list[int], str, int]],
                       buffers: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """The named tensors of :func:`flatten_weights`, as views of ``buffers``."""
-    out = []
-    for name, shape, dtype, offset in specs:
-        numel = 1
-        for size in shape:
-            numel *= size
-        out.append((name, buffers[dtype][offset: offset + numel].view(shape)))
-    return out
+    return [(name, buffers[dtype][offset: offset + math.prod(shape)].view(shape)) for name, shape, dtype, offset in specs]
 
 
 def _serve(conn: Connection, handle: Any, lock: threading.Lock) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from posttrain.cluster.ray_cluster import death_report, import_ray, init_ray
 from posttrain.envs.base import MessageLog
-from posttrain.envs.reward_pool import _MAX_START_FAILURES, RewardPool
+from posttrain.envs.reward_pool import RewardPool
 from posttrain.envs.worker import EnvSpecs, RewardWorkerActor, exception_text, failed
 from posttrain.errors import PosttrainError, clip_text
 
@@ -154,14 +154,7 @@ class RayRewardPool(RewardPool):
         """Kill an actor and start a new one in its slot; give up after repeated start-up failures."""
         w.stop()
         self._workers[self._workers.index(w)] = self._spawn(w.index)
-        if start_failure is not None:
-            self._start_failures += 1
-            logger.warning("%s", start_failure)
-            if self._start_failures >= _MAX_START_FAILURES:
-                raise PosttrainError(
-                    f"reward workers (Ray actors) failed to start {self._start_failures} times in a row; last "
-                    f"error: {start_failure}"
-                )
+        self._count_start_failure(start_failure, "reward workers (Ray actors)")
 
     def close(self) -> None:
         """Kill every actor (idempotent), and shut Ray down if this pool started it."""

@@ -48,7 +48,8 @@ class EngineConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where asynchronous rollouts run (rollout.mode=async). See docs/scale-out.md."""
+    """Where engine replicas run: asynchronous rollouts (rollout.mode=async), and synchronous ones with
+    cluster.backend=process or ray. See docs/scale-out.md."""
 
     backend: str = opt(
         "local",

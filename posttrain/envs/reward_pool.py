@@ -297,15 +297,19 @@ class RewardPool:
         """Kill a worker and start a new one; give up after repeated start-up failures."""
         w.stop(kill=True)
         self._workers.remove(w)
-        if start_failure is not None:
-            self._start_failures += 1
-            logger.warning("%s", start_failure)
-            if self._start_failures >= _MAX_START_FAILURES:
-                raise PosttrainError(
-                    f"reward workers failed to start {self._start_failures} times in a row; last "
-                    f"error: {start_failure}"
-                )
+        self._count_start_failure(start_failure)
         self._workers.append(self._spawn())
+
+    def _count_start_failure(self, start_failure: str | None, workers: str = "reward workers") -> None:
+        """Count a replacement that failed to start (None: the replacement is for another reason);
+        after _MAX_START_FAILURES in a row, stop with the last one's error."""
+        if start_failure is None:
+            return
+        self._start_failures += 1
+        logger.warning("%s", start_failure)
+        if self._start_failures >= _MAX_START_FAILURES:
+            raise PosttrainError(f"{workers} failed to start {self._start_failures} times in a row; last "
+                                 f"error: {start_failure}")
 
     def _assemble(self, results: list[dict[str, Any]]) -> ScoredBatch:
         kinds = [r.get("error_kind") for r in results]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ from posttrain.trainer.setup import (
 )
 
 logger = logging.getLogger("posttrain.trainer")
+
+# Generation work per GRPO/PPO step above which a CPU step takes minutes (a warning here and in --dry-run).
+CPU_SLOW_GENERATED_TOKENS = 8192
 
 
 @dataclass
@@ -99,9 +103,9 @@ class RLRun:
     output_dir: Path
     resume_ckpt: Path | None
     policy: PolicyModels
-    train_prompts: list[TokenizedPrompt]
-    val_prompts: list[TokenizedPrompt]
-    engine: Any  # None in runs with engine replicas (async, Ray): the recipe starts them instead
+    train_prompts: Sequence[TokenizedPrompt]
+    val_prompts: Sequence[TokenizedPrompt]
+    engine: Any  # None in runs with engine replicas (async, process, Ray): the recipe starts them instead
     sampler: EpochSampler | RankShardedSampler
     optimization: Optimization
 
@@ -129,7 +133,7 @@ def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_kn
     # the model loads, not as all-zero rewards at step 1.
     train_examples, val_examples = load_rl_prompt_data(cfg, env_classes)
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
-    if device.type == "cpu" and cfg.rollout.batch_size * cfg.rollout.max_new_tokens >= 8192:
+    if device.type == "cpu" and cfg.rollout.batch_size * cfg.rollout.max_new_tokens >= CPU_SLOW_GENERATED_TOKENS:
         logger.warning(
             "Training on CPU: each step generates %d completions of up to %d tokens and takes minutes. "
             "For a quick look use `--config cpu_quick`.", cfg.rollout.batch_size, cfg.rollout.max_new_tokens,

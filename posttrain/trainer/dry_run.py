@@ -30,13 +30,11 @@ from posttrain.models.loading import (
     resolve_device,
 )
 from posttrain.rollout.builder import engine_max_model_len
-from posttrain.trainer.builder import build_policy
+from posttrain.trainer.builder import CPU_SLOW_GENERATED_TOKENS, build_policy
 from posttrain.trainer.dry_run_plan import ModelShape, StepPlan, dpo_plan, meta_model_shape, rl_plan, sft_plan
 from posttrain.trainer.dry_run_timing import REPEATS, device_memory, machine_load, time_forward_backward, time_generation
 
 GiB = 2**30
-# Generation work per GRPO/PPO step above which a CPU step takes minutes (the trainers warn at the same size).
-CPU_SLOW_GENERATED_TOKENS = 8192
 CPU_SLOW_STEP_S = 120.0  # a step slower than this on a CPU gets a warning
 CPU_SLOW_VALIDATION_S = 30.0  # and so does a validation slower than this (it runs several times)
 

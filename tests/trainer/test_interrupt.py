@@ -57,15 +57,15 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*"))
 
 
-def test_ctrl_c_checkpoints_last_whole_step_and_resumes(tmp_path):
-    model_dir = save_tiny_model(tmp_path / "model")
-    run_dir = tmp_path / "run"
-    args = tiny_run_args(model_dir, run_dir, 1000, "checkpoint.every=0", "validation.at_start=false")
+def _signal_after_two_steps(tmp_path: Path, run_dir: Path, args: list[str],
+                            sig: signal.Signals) -> tuple[int, str, list[int]]:
+    """Run `posttrain` in a session of its own and, after 2 steps, send ``sig`` to the whole process
+    group (as a terminal's Ctrl-C or Slurm's preemption does). Returns (exit code, output, the
+    trainer's child pids when signalled)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO_ROOT), env.get("PYTHONPATH")]))
     log_path = tmp_path / "output.txt"
     with open(log_path, "wb") as log:
-        # A session of its own: SIGINT goes to the whole process group, as a terminal's Ctrl-C does.
         proc = subprocess.Popen(
             [sys.executable, "-m", "posttrain", *args], cwd=tmp_path, env=env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -75,16 +75,23 @@ def test_ctrl_c_checkpoints_last_whole_step_and_resumes(tmp_path):
         assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()}"
         children = _child_pids(proc.pid)
         assert children, "expected reward worker processes"
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         try:
             code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"trainer did not exit after SIGINT:\n{log_path.read_text()}") from None
+            raise AssertionError(f"trainer did not exit after {sig.name}:\n{log_path.read_text()}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    output = log_path.read_text()
+    return code, log_path.read_text(), children
+
+
+def test_ctrl_c_checkpoints_last_whole_step_and_resumes(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(model_dir, run_dir, 1000, "checkpoint.every=0", "validation.at_start=false")
+    code, output, children = _signal_after_two_steps(tmp_path, run_dir, args, signal.SIGINT)
     assert code == 130, output
     assert "interrupted" in output
 
@@ -141,29 +148,7 @@ def test_sigterm_checkpoints_last_whole_step_exits_143_and_resume_auto_continues
     model_dir = save_tiny_model(tmp_path / "model")
     run_dir = tmp_path / "run"
     args = tiny_run_args(model_dir, run_dir, 1000, "checkpoint.every=0", "validation.at_start=false", "--resume", "auto")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log_path = tmp_path / "output.txt"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "posttrain", *args], cwd=tmp_path, env=env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        _wait_for(lambda: _step_lines(run_dir) >= 2 or proc.poll() is not None, 60, "2 training steps")
-        assert proc.poll() is None, f"trainer exited early:\n{log_path.read_text()}"
-        children = _child_pids(proc.pid)
-        assert children, "expected reward worker processes"
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"trainer did not exit after SIGTERM:\n{log_path.read_text()}") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    output = log_path.read_text()
+    code, output, children = _signal_after_two_steps(tmp_path, run_dir, args, signal.SIGTERM)
     assert code == 143, output
     assert "--resume auto: no checkpoint in" in output
     assert "stopped by SIGTERM (a second SIGTERM ends the process at once): saving a checkpoint" in output
