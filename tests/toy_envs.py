@@ -49,6 +49,16 @@ class SomeGroupsConstantEnv(Environment):
         )
 
 
+class RandomRewardEnv(DigitFractionEnv):
+    """Reward drawn uniformly from [0, 1) per completion: every group's rewards differ (almost surely), so
+    every step moves the weights, whatever the sampled text (tests that assert the weights changed)."""
+
+    def step(self, message_log_batch, metadata):
+        ret = super().step(message_log_batch, metadata)
+        ret.rewards = torch.rand(len(message_log_batch))
+        return ret
+
+
 class ConstantEnv(DigitFractionEnv):
     """Reward 0.5 for everything: every group is uniform."""
 
