@@ -7,6 +7,7 @@ docs/config.md) all read the schemas through these functions.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ def type_name(tp: Any) -> str:
     if origin is None:
         return getattr(tp, "__name__", str(tp))
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[...] / int | str
         names = [type_name(a) for a in args]
         if len(args) < len(typing.get_args(tp)):
             names.append("None")

@@ -81,7 +81,7 @@ def config_reference_markdown(schemas: dict[str, type]) -> str:
                 desc = f.help
                 if f.choices:
                     desc += " Choices: " + ", ".join(f"`{c}`" for c in f.choices) + "."
-                out.append(f"| `{f.key}` | {f.type_name} | `{_cell(format_value(f.default))}` "
+                out.append(f"| `{f.key}` | {_cell(f.type_name)} | `{_cell(format_value(f.default))}` "
                            f"| {_cell(desc)} |")
     return "\n".join(out) + "\n"
 

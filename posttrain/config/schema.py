@@ -84,15 +84,17 @@ class ModelConfig:
         "Where dequantized GGUF models are cached as safetensors so later runs load in a second "
         "(empty: $POSTTRAIN_CACHE or ~/.cache/posttrain).",
     )
-    chunked_logprobs: int = opt(
-        4096,
+    chunked_logprobs: int | str = opt(
+        "auto",
         "Chunk size in tokens for computing logprobs and entropy from the final hidden states "
         "without holding the full (tokens x vocab) logits, forward or backward; 0 = off (the model's "
         "own LM head over all response positions). Same results as 0 to float rounding. A chunk's "
-        "logits take chunk x vocab x 2 bytes in bf16 (1.2 GB at 4096 tokens and a 150k vocabulary; "
-        "float32 on CPU, twice that). Larger chunks run the LM head faster: 8192 gave 3 points more "
-        "MFU at 0.5B on an H100 for 1.2 GB more (docs/benchmarks.md). Models with logit soft-capping "
-        "or scaling use the plain path.",
+        "logits take chunk x vocab x 4 bytes with float32_logits (2 without, in bf16), and their "
+        "gradient as much again. 'auto': on a GPU the largest power of two from 1024 to 8192 whose "
+        "logits take at most 1/16 of the GPU's memory and 1/4 of its free memory (8192 for a 152k "
+        "vocabulary on an 80 GB H100, 2048 on a 24 GB card); 4096 on CPU. Larger chunks run the LM "
+        "head faster: 8192 gave 3 points more MFU than 4096 at 0.5B on an H100 (docs/benchmarks.md). "
+        "Models with logit soft-capping or scaling use the plain path.",
     )
     float32_logits: bool = opt(
         True,

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from posttrain.algorithms import entropy_from_logits
-from posttrain.models.chunked_logprobs import chunked_logprobs
 from posttrain.distributed.fsdp import forward_through_root
+from posttrain.models.chunked_logprobs import AUTO_CHUNK, chunked_logprobs, resolve_chunk_size
 from posttrain.models.packed_attention import VARLEN_NAME, document_ids, known_documents, varlen_kwargs
 
 logger = logging.getLogger("posttrain.models")
@@ -228,7 +228,7 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
-    chunk_size: int = 0,
+    chunk_size: int | str = 0,
     float32_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprobs (B, R) of the response tokens under ``softmax(logits / temperature)``, and
@@ -238,14 +238,17 @@ def response_logprobs(
     never materialised a second time. Padded positions hold arbitrary values: mask them.
 
     ``chunk_size > 0`` computes the same values chunk by chunk from the backbone's hidden states
-    (see the module docstring); 0 runs the model's own LM head over all kept positions.
+    (see the module docstring); 0 runs the model's own LM head over all kept positions; ``"auto"``
+    sizes the chunk from the vocabulary and the device's memory (:func:`resolve_chunk_size`).
 
     ``float32_logits`` keeps the LM head's output in float32 when its matmul runs in 16 bits
     (``model.float32_logits``). It takes the chunked path, in one chunk when ``chunk_size`` is 0;
     a model that cannot (see the module docstring) gets its own head's logits."""
-    if chunk_size > 0 or float32_logits:
+    if chunk_size == AUTO_CHUNK or chunk_size > 0 or float32_logits:
         parts = _backbone_and_head(model)
         if parts is not None:
+            chunk_size = resolve_chunk_size(chunk_size, parts[1].weight.shape[0], parts[1].weight.device,
+                                            _logit_bytes(parts[1].weight, float32_logits))
             # Through the root's forward: under FSDP that gathers the head's (tied) weight.
             return forward_through_root(
                 model, _chunked_response_logprobs, *parts, batch, temperature=temperature, with_entropy=with_entropy,
@@ -309,6 +312,13 @@ def _packed_response_logprobs(
             entropy = entropy_from_logits(logits)
             full_entropy = entropy.new_zeros(shape).index_put((rows, cols), entropy)
     return logprobs.new_zeros(shape).index_put((rows, cols), logprobs), full_entropy
+
+
+def _logit_bytes(head_weight: torch.Tensor, float32_logits: bool) -> int:
+    """Bytes per logit of the chunked LM head: float32 when kept so, else the matmul's dtype."""
+    device_type = head_weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head_weight.dtype
+    return 4 if float32_logits else dtype.itemsize
 
 
 def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:

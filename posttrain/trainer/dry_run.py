@@ -21,6 +21,7 @@ import torch
 
 from posttrain.config import derived
 from posttrain.config.schema import LoRAConfig
+from posttrain.models.chunked_logprobs import AUTO_CHUNK, CPU_CHUNK, auto_chunk_size
 from posttrain.models.loading import (
     autocast_context,
     load_model_and_tokenizer,
@@ -78,9 +79,11 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
         parts["critic"] = 4 * critic.total * p_bytes  # weights, gradients, two moments
     checkpointing = cfg.model.gradient_checkpointing
     parts["activations"] = plan.micro_batch_tokens * policy.activation_values_per_token(checkpointing) * a_bytes
-    chunk = cfg.model.chunked_logprobs if rl else 0  # sft/dpo compute their micro-batch's logits at once
-    parts["logits"] = (min(chunk, plan.micro_batch_tokens) if chunk else plan.micro_batch_tokens) * policy.vocab * 4 * 2
     capacity, capacity_name = device_memory(device)
+    chunk = cfg.model.chunked_logprobs if rl else 0  # sft/dpo compute their micro-batch's logits at once
+    if chunk == AUTO_CHUNK:  # as the trainer sizes it at its start, when nearly all of the GPU is free
+        chunk = auto_chunk_size(policy.vocab, 4, capacity, capacity) if device.type == "cuda" else CPU_CHUNK
+    parts["logits"] = (min(chunk, plan.micro_batch_tokens) if chunk else plan.micro_batch_tokens) * policy.vocab * 4 * 2
     lines = [f"{name:<14}{_gib(size)}" for name, size in parts.items()]
     lines.append(f"  (activations: {plan.micro_batch_tokens:,} tokens per micro-batch x {policy.layers} layers, hidden "
                  f"{policy.hidden}, MLP {policy.intermediate}; " + ("model.gradient_checkpointing=true)" if checkpointing else

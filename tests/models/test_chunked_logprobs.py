@@ -264,3 +264,41 @@ def test_response_logprobs_float32_logits_without_chunking_takes_one_chunk():
         lp_one, _ = response_logprobs(model, batch, chunk_size=0, float32_logits=True)
         lp_chunked, _ = response_logprobs(model, batch, chunk_size=3, float32_logits=True)
     torch.testing.assert_close(lp_one[mask], lp_chunked[mask])
+
+
+def test_auto_chunk_is_the_largest_power_of_two_whose_logits_fit_the_gpus_memory():
+    from posttrain.models.chunked_logprobs import auto_chunk_size
+
+    GB = 1e9
+    assert auto_chunk_size(151_936, 4, 85 * GB, 80 * GB) == 8192  # Qwen vocabulary, 80 GB H100: 5.0 GB of logits
+    assert auto_chunk_size(49_152, 4, 85 * GB, 80 * GB) == 8192  # capped at the largest measured chunk
+    assert auto_chunk_size(151_936, 4, 25.7 * GB, 24 * GB) == 2048  # a 24 GB card
+    assert auto_chunk_size(151_936, 4, 85 * GB, 10 * GB) == 4096  # little free memory: 1/4 of it
+    assert auto_chunk_size(151_936, 2, 25.7 * GB, 24 * GB) == 4096  # bf16 logits take half as much
+    assert auto_chunk_size(10**7, 4, 8 * GB, 1 * GB) == 1024  # never below 1024
+
+
+def test_auto_chunk_on_cpu_gives_the_cpu_chunk_and_the_same_logprobs():
+    from posttrain.models.chunked_logprobs import CPU_CHUNK, resolve_chunk_size
+
+    assert resolve_chunk_size("auto", 151_936, torch.device("cpu"), 4) == CPU_CHUNK
+    assert resolve_chunk_size(5, 151_936, torch.device("cpu"), 4) == 5
+    assert resolve_chunk_size(0, 151_936, torch.device("cpu"), 4) == 0
+    model, batch = _setup()
+    auto = response_logprobs(model, batch, chunk_size="auto")[0]
+    fixed = response_logprobs(model, batch, chunk_size=CPU_CHUNK)[0]
+    assert torch.equal(auto, fixed)
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), ("2048", True), ("0", True), ("-1", False), ("big", False)])
+def test_chunked_logprobs_accepts_auto_or_a_token_count(value, ok):
+    from posttrain.config.loader import load_config
+    from posttrain.config.schema import GRPOConfig
+    from posttrain.errors import ConfigError
+
+    if ok:
+        cfg = load_config(GRPOConfig, None, [f"model.chunked_logprobs={value}"])
+        assert cfg.model.chunked_logprobs == (value if value == "auto" else int(value))
+    else:
+        with pytest.raises(ConfigError, match="model.chunked_logprobs=.* is not a chunk size; use auto"):
+            load_config(GRPOConfig, None, [f"model.chunked_logprobs={value}"])

@@ -75,6 +75,10 @@ def common_problems(cfg: Any) -> list[str]:
         problems.append(f"trainer.master_weights=true keeps float32 masters of bf16 parameters, but trainer.param_dtype="
                         f"{trainer.param_dtype} parameters are already the master weights; set trainer.param_dtype=bfloat16 "
                         "(bf16 weights, float32 masters in the optimizer) or trainer.master_weights=false.")
+    chunk = getattr(model, "chunked_logprobs", 0)
+    if not (chunk == "auto" or (isinstance(chunk, int) and chunk >= 0)):
+        problems.append(f"model.chunked_logprobs={chunk!r} is not a chunk size; use auto (sized from the vocabulary "
+                        "and GPU memory), a number of tokens such as 4096, or 0 (no chunking).")
     device = getattr(model, "device", None)
     if isinstance(device, str) and not DEVICE_RE.match(device):
         problems.append(f"model.device='{device}' is not a device posttrain trains on; use auto (cuda if "
