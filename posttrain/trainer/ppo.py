@@ -1,8 +1,8 @@
-"""The PPO recipe (with a learned critic). Read ``train`` top to bottom: build the parts (the
-policy as in GRPO plus a value model and its own optimizer), then per step
-sample prompts -> generate -> score -> reference logprobs (kl_coef > 0) -> values from the
+"""The PPO recipe (with a learned critic). ``train`` builds the parts once (the policy as in GRPO,
+trainer/builder.py, plus a value model with its own optimizer), then runs ``PPORecipe.step`` per
+step: sample prompts -> generate -> score -> reference logprobs (kl_coef > 0) -> values from the
 critic -> GAE on KL-shaped per-token rewards -> policy update (GRPO's, with per-token advantages;
-skipped during critic warm-up) and critic update -> log, validate, checkpoint.
+skipped during critic warm-up) and critic update -> metrics; then validation and checkpoints.
 
 The building blocks (Rollouts, policy_update, reference logprobs, shaping metrics) are GRPO's."""
 
@@ -38,11 +38,12 @@ from posttrain.models.loading import load_model
 from posttrain.models.lora import is_peft_model
 from posttrain.models.value_model import ValueModel
 from posttrain.trainer.async_rollouts import token_staleness_metrics
-from posttrain.trainer.builder import build_rl_run, open_rl_outputs
+from posttrain.trainer.builder import RLRun, build_rl_run, open_rl_outputs
 from posttrain.trainer.common import SkippedStepGuard, due, masked_mean, save_on_interrupt
 from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_step, follow_schedule
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
+    Rollouts,
     fill_reference_logprobs,
     generate_and_score,
     recompute_old_logprobs,
@@ -62,138 +63,167 @@ CRITIC_SCHEDULER_FILE = "scheduler.pt"
 
 def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     """Run PPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
-    # ---- build the parts: GRPO's (data, policy + reference, engine, sampler, optimizer), then the
-    # critic with its own optimizer
     run = build_rl_run(cfg, resume_from, "ppo", training_knobs=False)
-    device, output_dir, resume_ckpt, start_step = run.device, run.output_dir, run.resume_ckpt, run.start_step
-    model, tokenizer, reference, engine = run.policy.model, run.policy.tokenizer, run.policy.reference, run.engine
-    train_prompts, val_prompts, sampler = run.train_prompts, run.val_prompts, run.sampler
-    optimizer, scheduler = run.optimization.optimizer, run.optimization.scheduler
-    critic = build_critic(cfg, model, device, resume_ckpt)
-    optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg)
-    critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)  # AdamW settings and schedule of trainer
-    critic_optimizer = build_optimizer(critic, critic_trainer)
-    critic_scheduler = build_scheduler(critic_optimizer, critic_trainer, optimizer_steps)
-    if run.optimization.resumed_state is not None:
-        load_critic_optimizer(resume_ckpt / CRITIC_SUBDIR, critic_optimizer, critic_scheduler, device)
-        follow_schedule(critic_optimizer, critic_scheduler, cfg.critic.lr)
-    group_size = cfg.rollout.group_size
-    sampling = derived.rollout_sampling(cfg)
-    algo = cfg.algorithm
-    val_max_tokens = derived.validation_max_new_tokens(cfg)
-
     with contextlib.ExitStack() as stack:
-        rewards, outputs = open_rl_outputs(stack, cfg, run)
-        metrics_log, sample_log, progress, guard = outputs.metrics, outputs.samples, outputs.progress, outputs.guard
+        PPORecipe(cfg, run, stack).train()
+    return run.output_dir
 
-        def run_validation(step: int) -> None:
-            progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
-            val_records: list[dict] = []
-            with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
-                val = validate(engine, rewards, val_prompts, max_tokens=val_max_tokens, stop=list(cfg.rollout.stop),
-                               print_samples=cfg.validation.print_samples, write=progress.write, records=val_records)
-            metrics_log.log(step, val)
-            sample_log.write_validation(step, val_records)
-            progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
 
-        completed = start_step
-        sampler_state = sampler.state_dict()
-        skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
+class PPORecipe:
+    """A PPO run's loop over the parts ``build_rl_run`` built, plus the critic it builds here.
+    Closed by the caller's ExitStack."""
 
-        def save_checkpoint() -> None:
-            policy = PolicyWithCritic(model, critic, critic_optimizer, critic_scheduler, cfg.checkpoint.save_optimizer)
-            run.optimization.save(completed, policy, tokenizer, {"sampler": sampler_state, "seed": cfg.seed},
-                              save_optimizer=cfg.checkpoint.save_optimizer, progress=progress)
+    def __init__(self, cfg: PPOConfig, run: RLRun, stack: contextlib.ExitStack) -> None:
+        self.cfg, self.run = cfg, run
+        self.model, self.tokenizer, self.reference = run.policy.model, run.policy.tokenizer, run.policy.reference
+        self.engine, self.optimization, self.sampler, self.start_step = run.engine, run.optimization, run.sampler, run.start_step
+        self.pad_token_id, self.autocast = self.tokenizer.pad_token_id, run.engine.autocast
+        # The critic, with its own optimizer: the trainer section's AdamW settings and schedule, critic.lr.
+        self.critic = build_critic(cfg, self.model, run.device, run.resume_ckpt)
+        self.optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg)
+        critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)
+        self.critic_optimizer = build_optimizer(self.critic, critic_trainer)
+        self.critic_scheduler = build_scheduler(self.critic_optimizer, critic_trainer, self.optimizer_steps)
+        if run.optimization.resumed_state is not None:
+            load_critic_optimizer(run.resume_ckpt / CRITIC_SUBDIR, self.critic_optimizer, self.critic_scheduler,
+                                  run.device)
+            follow_schedule(self.critic_optimizer, self.critic_scheduler, cfg.critic.lr)
+        self.group_size = cfg.rollout.group_size
+        self.sampling, self.val_max_tokens = derived.rollout_sampling(cfg), derived.validation_max_new_tokens(cfg)
 
+        self.rewards, outputs = open_rl_outputs(stack, cfg, run)
+        self.metrics_log, self.sample_log, self.progress, self.guard = (outputs.metrics, outputs.samples,
+                                                                        outputs.progress, outputs.guard)
+        self.completed, self.sampler_state = self.start_step, self.sampler.state_dict()
+        self.skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
+
+    def train(self) -> None:
+        cfg, start_step, progress = self.cfg, self.start_step, self.progress
         try:
-            if cfg.validation.at_start and start_step == 0 and val_prompts:
-                run_validation(0)
+            if cfg.validation.at_start and start_step == 0 and self.run.val_prompts:
+                self.validate(0)
             for step in range(start_step + 1, cfg.trainer.max_steps + 1):
-                step_start = time.perf_counter()
-                seed_everything(cfg.seed * 1_000_003 + step)  # sampling independent of the past: exact resume
-                # The engine computes with the trainer's own modules: every token it samples comes from
-                # the policy version (optimizer steps) this step starts from, and records it.
-                policy_version = (step - 1) * optimizer_steps // cfg.trainer.max_steps
-                engine.weight_version = policy_version
-
-                # ---- rollouts and rewards
-                with progress.phase("generating"):  # a CPU step takes minutes: say which part runs
-                    rollouts = generate_and_score(engine, rewards, sampler, train_prompts, sampling, cfg)
-                engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
-                _, env_metrics = rewards.post_process(
-                    {"rewards": rollouts.rewards, "metadata": rollouts.metadata, "message_logs": rollouts.message_logs, "answers": rollouts.answers}
-                )
-                samples = [
-                    Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"),
-                           routed_experts=getattr(c, "routed_experts", None))  # MoE: replayed with moe.router_replay
-                    for p, c, r in zip(rollouts.prompts, rollouts.completions, rollouts.shaped_rewards.tolist())
-                ]
-
-                # ---- reference logprobs, values, GAE
-                if algo.kl_coef > 0:
-                    fill_reference_logprobs(reference if reference is not None else model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
-                mismatch_metrics = {}
-                if resolved_off_policy_correction(algo).name != "none" or (cfg.rollout.recompute_logprobs and not getattr(engine, "logprobs_match_trainer", False)):
-                    mismatch_metrics = recompute_old_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
-                old_values = critic_values(critic, samples, cfg, tokenizer.pad_token_id, device, engine.autocast)
-                targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
-                t_scored = time.perf_counter()
-
-                # ---- policy update (not during critic warm-up) and critic update
-                with guard.deferred():
-                    warming_up = step <= cfg.critic.warmup_steps
-                    num_recorded = sample_log.num_to_record(step, cfg.trainer.max_steps, len(samples),
-                                                            cfg.trainer.mini_batch_size, group_size)
-                    # The lrs this step uses: read before the updates move their schedulers on.
-                    lr, critic_lr = optimizer.param_groups[0]["lr"], critic_optimizer.param_groups[0]["lr"]
-                    with progress.phase("training"):
-                        # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
-                        update_metrics = policy_update(model, optimizer, scheduler, [] if warming_up else samples, cfg,
-                                                       tokenizer.pad_token_id, device, engine.autocast,
-                                                       record_tokens=num_recorded)
-                        critic_metrics = critic_update(critic, critic_optimizer, critic_scheduler, samples, targets, cfg,
-                                                       tokenizer.pad_token_id, device, engine.autocast)
-                    t_trained = time.perf_counter()
-
-                    num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
-                    step_metrics = {
-                        **rollout_metrics(rollouts, env_metrics, group_size),
-                        **shaping_metrics(cfg, rollouts, rollouts, samples, 1, group_size),
-                        **update_metrics,
-                        **mismatch_metrics,
-                        **targets.metrics,
-                        **critic_metrics,
-                        "critic/warmup": float(warming_up),
-                        "lr": lr,
-                        "critic/lr": critic_lr,
-                        **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
-                        "data/epoch": float(sampler.epoch),
-                        **token_staleness_metrics(rollouts.completions, policy_version, policy_version),
-                    }
-                    metrics_log.log(step, step_metrics)
-                    if num_recorded:  # during critic warm-up without trainer logprobs and entropy
-                        sample_log.write_rollouts(step, rollouts, samples[:num_recorded], tokenizer, group_size,
-                                                  version=(step - 1) * optimizer_steps // cfg.trainer.max_steps)
-                    # Broken when the critic's updates (or, after warm-up, the policy's) were all skipped.
-                    skipped_steps.record(step, math.isfinite(critic_metrics["critic/grad_norm"])
-                                         and (warming_up or math.isfinite(update_metrics["grad_norm"])))
-                    completed, sampler_state = step, sampler.state_dict()
-
-                progress.update(step, {"reward": step_metrics["reward/mean"], **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
+                step_metrics, env_metrics = self.step(step)
+                progress.update(step, {"reward": step_metrics["reward/mean"],
+                                       **({"acc": env_metrics["accuracy"]} if "accuracy" in env_metrics else {})})
                 if due(step, cfg.logging.console_every):
                     progress.write(format_console_line(step, cfg.trainer.max_steps, step_metrics))
                 if due(step, cfg.validation.every, cfg.trainer.max_steps):
-                    run_validation(step)
+                    self.validate(step)
                 if due(step, cfg.checkpoint.every, cfg.trainer.max_steps):
-                    save_checkpoint()
-
-            if cfg.validation.at_end and val_prompts and completed > start_step:
-                run_validation(completed)
-            save_checkpoint()
+                    self.save_checkpoint()
+            if cfg.validation.at_end and self.run.val_prompts and self.completed > start_step:
+                self.validate(self.completed)
+            self.save_checkpoint()
         except KeyboardInterrupt:
-            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
+            save_on_interrupt(self.completed, start_step, self.save_checkpoint, progress.write)
             raise
-    return output_dir
+
+    def step(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """One training step; returns its metrics and the environments' own (e.g. accuracy)."""
+        cfg, algo, pad, device = self.cfg, self.cfg.algorithm, self.pad_token_id, self.run.device
+        step_start = time.perf_counter()
+        seed_everything(cfg.seed * 1_000_003 + step)  # sampling independent of the past: exact resume
+        # The engine computes with the trainer's own modules: every token it samples comes from
+        # the policy version (optimizer steps) this step starts from, and records it.
+        policy_version = (step - 1) * self.optimizer_steps // cfg.trainer.max_steps
+        self.engine.weight_version = policy_version
+
+        # ---- rollouts and rewards
+        rollouts, env_metrics = self.collect_rollouts()
+        samples = [
+            Sample(p.token_ids, c.token_ids, c.logprobs, 0.0, r, trainable=not (algo.mask_truncated and c.finish_reason == "length"),
+                   routed_experts=getattr(c, "routed_experts", None))  # MoE: replayed with moe.router_replay
+            for p, c, r in zip(rollouts.prompts, rollouts.completions, rollouts.shaped_rewards.tolist())
+        ]
+
+        # ---- reference logprobs, values, GAE
+        mismatch_metrics = self.score(samples)
+        old_values = critic_values(self.critic, samples, cfg, pad, device, self.autocast)
+        targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
+        t_scored = time.perf_counter()
+
+        # ---- policy update (not during critic warm-up) and critic update, and the metrics line.
+        # Ctrl-C waits for all of it, so a checkpoint holds whole steps with their metrics lines.
+        with self.guard.deferred():
+            warming_up = step <= cfg.critic.warmup_steps
+            num_recorded = self.sample_log.num_to_record(step, cfg.trainer.max_steps, len(samples),
+                                                         cfg.trainer.mini_batch_size, self.group_size)
+            optimizer, scheduler = self.optimization.optimizer, self.optimization.scheduler
+            # The lrs this step uses: read before the updates move their schedulers on.
+            lr, critic_lr = optimizer.param_groups[0]["lr"], self.critic_optimizer.param_groups[0]["lr"]
+            with self.progress.phase("training"):
+                # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
+                update_metrics = policy_update(self.model, optimizer, scheduler, [] if warming_up else samples, cfg,
+                                               pad, device, self.autocast, record_tokens=num_recorded)
+                critic_metrics = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, samples,
+                                               targets, cfg, pad, device, self.autocast)
+            t_trained = time.perf_counter()
+
+            num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
+            step_metrics = {
+                **rollout_metrics(rollouts, env_metrics, self.group_size),
+                **shaping_metrics(cfg, rollouts, rollouts, samples, 1, self.group_size),
+                **update_metrics,
+                **mismatch_metrics,
+                **targets.metrics,
+                **critic_metrics,
+                "critic/warmup": float(warming_up),
+                "lr": lr,
+                "critic/lr": critic_lr,
+                **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained),
+                "data/epoch": float(self.sampler.epoch),
+                **token_staleness_metrics(rollouts.completions, policy_version, policy_version),
+            }
+            self.metrics_log.log(step, step_metrics)
+            if num_recorded:  # during critic warm-up without trainer logprobs and entropy
+                self.sample_log.write_rollouts(step, rollouts, samples[:num_recorded], self.tokenizer, self.group_size,
+                                               version=policy_version)
+            # Broken when the critic's updates (or, after warm-up, the policy's) were all skipped.
+            self.skipped_steps.record(step, math.isfinite(critic_metrics["critic/grad_norm"])
+                                      and (warming_up or math.isfinite(update_metrics["grad_norm"])))
+            self.completed, self.sampler_state = step, self.sampler.state_dict()
+        return step_metrics, env_metrics
+
+    def collect_rollouts(self) -> tuple[Rollouts, dict[str, float]]:
+        """One round of scored completions and the environments' metrics of it."""
+        with self.progress.phase("generating"):  # a CPU step takes minutes: say which part runs
+            rollouts = generate_and_score(self.engine, self.rewards, self.sampler, self.run.train_prompts,
+                                          self.sampling, self.cfg)
+        self.engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
+        _, env_metrics = self.rewards.post_process({"rewards": rollouts.rewards, "metadata": rollouts.metadata,
+                                                    "message_logs": rollouts.message_logs, "answers": rollouts.answers})
+        return rollouts, env_metrics
+
+    def score(self, samples: list[Sample]) -> dict[str, float]:
+        """Fill the samples' reference logprobs (KL) and the trainer's old logprobs where the
+        engine's are not the proximal policy; returns the engine/trainer mismatch metrics."""
+        cfg, pad, device = self.cfg, self.pad_token_id, self.run.device
+        if cfg.algorithm.kl_coef > 0:
+            fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg, pad,
+                                    device, self.autocast)
+        if resolved_off_policy_correction(cfg.algorithm).name != "none" or (
+                cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
+            return recompute_old_logprobs(self.model, samples, cfg, pad, device, self.autocast)
+        return {}
+
+    def validate(self, step: int) -> None:
+        val_prompts, progress = self.run.val_prompts, self.progress
+        progress.write(f"validation at step {step} ({len(val_prompts)} prompts, greedy)")
+        val_records: list[dict] = []
+        with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
+            val = validate(self.engine, self.rewards, val_prompts, max_tokens=self.val_max_tokens,
+                           stop=list(self.cfg.rollout.stop), print_samples=self.cfg.validation.print_samples,
+                           write=progress.write, records=val_records)
+        self.metrics_log.log(step, val)
+        self.sample_log.write_validation(step, val_records)
+        progress.write("  " + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
+
+    def save_checkpoint(self) -> None:
+        save_optimizer = self.cfg.checkpoint.save_optimizer
+        policy = PolicyWithCritic(self.model, self.critic, self.critic_optimizer, self.critic_scheduler, save_optimizer)
+        self.optimization.save(self.completed, policy, self.tokenizer, {"sampler": self.sampler_state, "seed": self.cfg.seed},
+                               save_optimizer=save_optimizer, progress=self.progress)
 
 
 def build_critic(cfg: PPOConfig, policy: torch.nn.Module, device: torch.device, resume_ckpt: Path | None) -> ValueModel:

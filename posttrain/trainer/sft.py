@@ -1,6 +1,6 @@
-"""The SFT recipe. Read ``train`` top to bottom: build the parts, then per step
-take a token budget of conversations -> micro-batches -> accumulate gradients -> clip, step ->
-log, validate, checkpoint.
+"""The SFT recipe. ``train`` builds the parts once (``SFTRecipe.__init__``), then runs
+``SFTRecipe.step`` per step: a token budget of conversations -> micro-batches -> accumulate
+gradients -> clip, step -> metrics; then validation and checkpoints.
 
 The loss of a step is the summed NLL of its answer tokens divided by the step's number of answer
 tokens, every micro-batch normalised by that same total: the accumulated gradient is the
@@ -43,111 +43,131 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 def train(cfg: SFTConfig, resume_from: str | None = None) -> Path:
     """Run SFT; returns the run folder. ``resume_from``: a checkpoint or run folder."""
     output_dir, resume_ckpt = start_run(cfg, resume_from, "sft")
-
-    # ---- build the parts. Rows are read and checked before the model loads, so a bad file fails fast.
-    train_convs, val_convs = load_sft_conversations(cfg.data, cfg.seed)
-    device = resolve_device(cfg.model.device)
-    autocast = autocast_context(device, resolve_compute_dtype(cfg.model.dtype, device))
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=str(resume_ckpt) if resume_ckpt else None)
-    train_examples = tokenize_conversations(train_convs, tokenizer, cfg.model, cfg.data.max_seq_len)
-    val_examples = tokenize_conversations(val_convs, tokenizer, cfg.model, cfg.data.max_seq_len,
-                                          what="validation conversations")
-    packed = cfg.data.packing and position_ids_isolate_documents(model, autocast)
-    if cfg.data.packing and not packed:
-        logger.warning("This model's attention ignores position-id document boundaries; packing falls back "
-                       "to one padded conversation per row (set data.packing=false to silence this).")
-    batching = dict(micro_batch_tokens=cfg.trainer.micro_batch_tokens, max_seq_len=cfg.data.max_seq_len,
-                    packed=packed, pad_token_id=tokenizer.pad_token_id)
-    val_batches = build_micro_batches(val_examples, **batching)
-    batcher = TokenBudgetBatcher([len(ex) for ex in train_examples], cfg.trainer.batch_tokens, cfg.seed,
-                                 cfg.data.shuffle, epoch_bounded=not cfg.trainer.steps_cross_epochs)
-    max_steps = cfg.trainer.max_steps or batcher.steps_for_epochs(cfg.trainer.num_epochs)
-    epochs = batcher.epochs_for_steps(max_steps)
-    logger.info("%d training conversations (%d tokens), %d validation; %d steps of <= %d tokens (%.3g epochs); %s rows",
-                len(train_examples), sum(batcher.lengths), len(val_examples), max_steps, cfg.trainer.batch_tokens,
-                epochs, "packed" if packed else "padded")
-    log_small_data(len(train_examples), sum(batcher.lengths), cfg.trainer.batch_tokens, "trainer.batch_tokens",
-                   "conversations", "tokens", cfg.trainer.steps_cross_epochs)
-    if cfg.trainer.max_steps and epochs > 1 + 1e-9:
-        # trainer.max_steps wins over num_epochs; many passes over a small file overfit it.
-        logger.warning("trainer.max_steps=%d spans %.3g epochs: one pass over the %d training conversations takes "
-                       "about %d steps of trainer.batch_tokens=%d (metrics log data/epoch). Set trainer.max_steps=0 to "
-                       "train trainer.num_epochs=%g epochs instead.", max_steps, epochs, len(train_examples),
-                       batcher.steps_for_epochs(1.0), cfg.trainer.batch_tokens, cfg.trainer.num_epochs)
-    # Same option names as GRPO's trainer section: one optimizer builder for every recipe.
-    optimization = build_optimization(model, cfg.trainer, cfg.checkpoint.keep_last, output_dir, max_steps, resume_ckpt)
-    optimizer, scheduler, start_step = optimization.optimizer, optimization.scheduler, optimization.start_step
-    if optimization.resumed_state is not None:
-        batcher.load_state_dict(optimization.resumed_state["data"])
-
     with contextlib.ExitStack() as stack:
-        outputs = open_run_outputs(stack, output_dir, cfg, max_steps, start_step, resumed=resume_ckpt is not None)
-        metrics_log, progress, guard = outputs.metrics, outputs.progress, outputs.guard
+        SFTRecipe(cfg, output_dir, resume_ckpt, stack).train()
+    return output_dir
 
-        def run_validation(step: int) -> None:
-            with progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
-                val_loss = validation_loss(model, val_batches, device, autocast)
-            metrics_log.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
-            progress.write(f"validation at step {step}: loss={val_loss:.4g} ({len(val_examples)} conversations)")
 
-        completed = start_step
-        data_state = batcher.state_dict()
-        skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
+class SFTRecipe:
+    """An SFT run: its parts, built once here, its ``step`` and its loop. Closed by the caller's ExitStack."""
 
-        def save_checkpoint() -> None:
-            optimization.save(completed, model, tokenizer, {"data": data_state, "seed": cfg.seed, "max_steps": max_steps},
-                              save_optimizer=cfg.checkpoint.save_optimizer, progress=progress)
+    def __init__(self, cfg: SFTConfig, output_dir: Path, resume_ckpt: Path | None, stack: contextlib.ExitStack) -> None:
+        self.cfg = cfg
+        # Rows are read and checked before the model loads, so a bad file fails fast.
+        train_convs, val_convs = load_sft_conversations(cfg.data, cfg.seed)
+        self.device = resolve_device(cfg.model.device)
+        self.autocast = autocast_context(self.device, resolve_compute_dtype(cfg.model.dtype, self.device))
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device,
+                                                              source=str(resume_ckpt) if resume_ckpt else None)
+        self.train_examples = tokenize_conversations(train_convs, self.tokenizer, cfg.model, cfg.data.max_seq_len)
+        self.val_examples = tokenize_conversations(val_convs, self.tokenizer, cfg.model, cfg.data.max_seq_len,
+                                                   what="validation conversations")
+        packed = cfg.data.packing and position_ids_isolate_documents(self.model, self.autocast)
+        if cfg.data.packing and not packed:
+            logger.warning("This model's attention ignores position-id document boundaries; packing falls back "
+                           "to one padded conversation per row (set data.packing=false to silence this).")
+        self.batching = dict(micro_batch_tokens=cfg.trainer.micro_batch_tokens, max_seq_len=cfg.data.max_seq_len,
+                             packed=packed, pad_token_id=self.tokenizer.pad_token_id)
+        self.val_batches = build_micro_batches(self.val_examples, **self.batching)
+        self.batcher = TokenBudgetBatcher([len(ex) for ex in self.train_examples], cfg.trainer.batch_tokens, cfg.seed,
+                                          cfg.data.shuffle, epoch_bounded=not cfg.trainer.steps_cross_epochs)
+        self.max_steps = cfg.trainer.max_steps or self.batcher.steps_for_epochs(cfg.trainer.num_epochs)
+        self._log_plan(packed)
+        # Same option names as GRPO's trainer section: one optimizer builder for every recipe.
+        self.optimization = build_optimization(self.model, cfg.trainer, cfg.checkpoint.keep_last, output_dir,
+                                               self.max_steps, resume_ckpt)
+        self.start_step = self.optimization.start_step
+        if self.optimization.resumed_state is not None:
+            self.batcher.load_state_dict(self.optimization.resumed_state["data"])
 
-        evaluate = cfg.trainer.eval_every > 0 and bool(val_batches)
+        outputs = open_run_outputs(stack, output_dir, cfg, self.max_steps, self.start_step,
+                                   resumed=resume_ckpt is not None)
+        self.metrics_log, self.progress, self.guard = outputs.metrics, outputs.progress, outputs.guard
+        self.completed, self.data_state = self.start_step, self.batcher.state_dict()
+        self.skipped_steps = SkippedStepGuard(cfg.trainer.max_skipped_steps)
+        self.evaluate = cfg.trainer.eval_every > 0 and bool(self.val_batches)
+
+    def _log_plan(self, packed: bool) -> None:
+        """The data and steps of the run, and what is unusual about them."""
+        cfg, batcher, max_steps, num_train = self.cfg, self.batcher, self.max_steps, len(self.train_examples)
+        epochs = batcher.epochs_for_steps(max_steps)
+        logger.info("%d training conversations (%d tokens), %d validation; %d steps of <= %d tokens (%.3g epochs); %s rows",
+                    num_train, sum(batcher.lengths), len(self.val_examples), max_steps, cfg.trainer.batch_tokens,
+                    epochs, "packed" if packed else "padded")
+        log_small_data(num_train, sum(batcher.lengths), cfg.trainer.batch_tokens, "trainer.batch_tokens",
+                       "conversations", "tokens", cfg.trainer.steps_cross_epochs)
+        if cfg.trainer.max_steps and epochs > 1 + 1e-9:
+            # trainer.max_steps wins over num_epochs; many passes over a small file overfit it.
+            logger.warning("trainer.max_steps=%d spans %.3g epochs: one pass over the %d training conversations takes "
+                           "about %d steps of trainer.batch_tokens=%d (metrics log data/epoch). Set trainer.max_steps=0 "
+                           "to train trainer.num_epochs=%g epochs instead.", max_steps, epochs, num_train,
+                           batcher.steps_for_epochs(1.0), cfg.trainer.batch_tokens, cfg.trainer.num_epochs)
+
+    def train(self) -> None:
+        cfg, start_step, max_steps, progress = self.cfg, self.start_step, self.max_steps, self.progress
         try:
-            if evaluate and start_step == 0:
-                run_validation(0)
+            if self.evaluate and start_step == 0:
+                self.validate(0)
             for step in range(start_step + 1, max_steps + 1):
-                step_start = time.perf_counter()
-                seed_everything(cfg.seed * 1_000_003 + step)  # dropout etc. independent of the past: exact resume
-
-                # ---- data: a token budget of whole conversations, packed into micro-batches
-                documents = [train_examples[i] for i in batcher.next_step()]
-                micro_batches = build_micro_batches(documents, **batching)
-
-                # ---- update and its metrics line; Ctrl-C waits for both (whole steps in checkpoints)
-                with guard.deferred():
-                    lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler then moves on)
-                    update_metrics = sft_update(model, optimizer, scheduler, micro_batches, cfg.trainer.max_grad_norm,
-                                                device, autocast)
-                    elapsed = time.perf_counter() - step_start
-                    real = sum(mb.num_real_tokens for mb in micro_batches)
-                    slots = sum(mb.num_slots for mb in micro_batches)
-                    step_metrics = {
-                        **update_metrics,
-                        "lr": lr,
-                        "perf/tokens_per_s": real / elapsed,
-                        "data/tokens": float(real),
-                        "data/conversations": float(len(documents)),
-                        "data/micro_batches": float(len(micro_batches)),
-                        "data/padding_fraction": 1.0 - real / slots,
-                        "data/epoch": batcher.epochs_done,
-                        "time/step": elapsed,
-                    }
-                    metrics_log.log(step, step_metrics)
-                    skipped_steps.record(step, not update_metrics["optim/skipped_updates"])
-                    completed, data_state = step, batcher.state_dict()
-
+                step_metrics = self.step(step)
                 progress.update(step, {"loss": step_metrics["loss"]})
                 if due(step, cfg.logging.console_every):
                     progress.write(format_console_line(step, max_steps, step_metrics))
-                if evaluate and due(step, cfg.trainer.eval_every, max_steps):
-                    run_validation(step)
+                if self.evaluate and due(step, cfg.trainer.eval_every, max_steps):
+                    self.validate(step)
                 if due(step, cfg.checkpoint.every, max_steps):
-                    save_checkpoint()
-
-            if evaluate and completed > start_step:
-                run_validation(completed)
-            save_checkpoint()
+                    self.save_checkpoint()
+            if self.evaluate and self.completed > start_step:
+                self.validate(self.completed)
+            self.save_checkpoint()
         except KeyboardInterrupt:
-            save_on_interrupt(completed, start_step, save_checkpoint, progress.write)
+            save_on_interrupt(self.completed, start_step, self.save_checkpoint, progress.write)
             raise
-    return output_dir
+
+    def step(self, step: int) -> dict[str, float]:
+        """One training step; returns its metrics."""
+        step_start = time.perf_counter()
+        seed_everything(self.cfg.seed * 1_000_003 + step)  # dropout etc. independent of the past: exact resume
+
+        # ---- data: a token budget of whole conversations, packed into micro-batches
+        documents = [self.train_examples[i] for i in self.batcher.next_step()]
+        micro_batches = build_micro_batches(documents, **self.batching)
+
+        # ---- update and its metrics line; Ctrl-C waits for both (whole steps in checkpoints)
+        with self.guard.deferred():
+            optimizer = self.optimization.optimizer
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler then moves on)
+            update_metrics = sft_update(self.model, optimizer, self.optimization.scheduler, micro_batches,
+                                        self.cfg.trainer.max_grad_norm, self.device, self.autocast)
+            elapsed = time.perf_counter() - step_start
+            real = sum(mb.num_real_tokens for mb in micro_batches)
+            slots = sum(mb.num_slots for mb in micro_batches)
+            step_metrics = {
+                **update_metrics,
+                "lr": lr,
+                "perf/tokens_per_s": real / elapsed,
+                "data/tokens": float(real),
+                "data/conversations": float(len(documents)),
+                "data/micro_batches": float(len(micro_batches)),
+                "data/padding_fraction": 1.0 - real / slots,
+                "data/epoch": self.batcher.epochs_done,
+                "time/step": elapsed,
+            }
+            self.metrics_log.log(step, step_metrics)
+            self.skipped_steps.record(step, not update_metrics["optim/skipped_updates"])
+            self.completed, self.data_state = step, self.batcher.state_dict()
+        return step_metrics
+
+    def validate(self, step: int) -> None:
+        with self.progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
+            val_loss = validation_loss(self.model, self.val_batches, self.device, self.autocast)
+        self.metrics_log.log(step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
+        self.progress.write(f"validation at step {step}: loss={val_loss:.4g} ({len(self.val_examples)} conversations)")
+
+    def save_checkpoint(self) -> None:
+        self.optimization.save(self.completed, self.model, self.tokenizer,
+                               {"data": self.data_state, "seed": self.cfg.seed, "max_steps": self.max_steps},
+                               save_optimizer=self.cfg.checkpoint.save_optimizer, progress=self.progress)
 
 
 def summed_nll(model: torch.nn.Module, batch: MicroBatch, autocast: Autocast) -> torch.Tensor:
