@@ -204,3 +204,33 @@ def test_packed_batches_hand_transformers_their_document_ids_from_the_host(monke
         assert masking_utils.find_packed_sequence_indices(batch.position_ids) is batch.document_ids
         torch.testing.assert_close(masking_utils.find_packed_sequence_indices(other), batch.document_ids)
         assert searched == [other]
+
+
+def traceable_per_document_attention(q, k, v, cu_seqlens, max_len, scale):
+    """The stand-in's contract in torch ops only (a dense per-document causal mask), so torch.compile
+    traces it as it traces the real kernel's aten op."""
+    T = q.shape[0]
+    positions = torch.arange(T)
+    document = torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
+    mask = (document[:, None] == document[None, :]) & (positions[:, None] >= positions[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def test_compiled_layers_trace_the_varlen_path_in_one_graph(varlen, monkeypatch):
+    # trainer.compile_layers compiles each decoder layer; a graph break in the attention function's
+    # Python (the varlen dispatch, dtype choice, boundaries) would split every layer's graph in two
+    # on the GPU. fullgraph=True turns any break into an error here.
+    base, hybrid, calls = varlen
+    monkeypatch.setattr(packed_attention, "_kernel", traceable_per_document_attention)
+    padded = make_token_batch(PROMPTS, RESPONSES, 0)
+    mask = padded.response_mask.bool()
+    expected, _ = response_logprobs(hybrid, make_packed_token_batch(PROMPTS, RESPONSES, 0), chunk_size=4)
+    for layer in hybrid.model.layers:
+        layer.compile(backend="eager", dynamic=True, fullgraph=True)
+    for layout in ([[0, 1, 2]], [[0, 2], [1]]):  # two shapes: the dynamic graph is reused
+        batch = make_packed_token_batch(PROMPTS, RESPONSES, 0, rows=layout)
+        packed, _ = response_logprobs(hybrid, batch, chunk_size=4)
+        torch.testing.assert_close(packed[mask], expected[mask], rtol=1e-5, atol=1e-5)
+        packed[mask].sum().backward()
