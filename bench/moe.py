@@ -137,16 +137,26 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def make_engine(model, args, device, *, master: bool) -> Engine:
+def make_engine(model, args, device, *, master: bool, notes: list[str]) -> Engine:
     """``master``: the float32 master weights, generating under bf16 (autocast on a GPU, bf16
-    copies of the weights on a CPU) as a colocated GRPO run does; else the model's own dtype."""
+    copies of the weights on a CPU) as a colocated GRPO run does; else the model's own dtype.
+    If capturing the decode graphs fails, the engine is built again without them (noted in
+    ``notes``), so that the sections after it still measure something."""
     kwargs = {"max_model_len": args.prompt_len + args.new_tokens + 1, "max_num_seqs": args.prompts,
               "kv_cache_memory_fraction": 0.4, "cpu_kv_cache_gb": 1.0}
     if master:
         kwargs.update(compute_dtype=torch.bfloat16, cpu_dtype=torch.bfloat16)
     else:
         kwargs.update(compute_dtype=next(model.parameters()).dtype)
-    return Engine(model, _Tok(), **kwargs)
+    try:
+        return Engine(model, _Tok(), **kwargs)
+    except Exception as exc:  # any capture failure: retry without graphs, and say so
+        if device.type != "cuda":
+            raise
+        traceback.print_exc(limit=4)
+        notes.append(f"engine without CUDA graphs after {type(exc).__name__}: {str(exc)[:160]}")
+        _free(device)
+        return Engine(model, _Tok(), cuda_graphs=False, **kwargs)
 
 
 def timed_generate(engine: Engine, prompts, new_tokens: int, device, seed: int | None = None):
@@ -362,7 +372,8 @@ def table(results: dict) -> str:
         if m is None:
             rows.append((name, state("mismatch") or "-", ""))
             continue
-        agree = f", route agreement {m['route_agreement']:.1%}" if m.get("route_agreement") is not None else ""
+        # With R3 on, route agreement is what replay overrode; the R3-off row shows it as is.
+        agree = f", route agreement {m['route_agreement']:.1%}" if key == "moe_r3_off" else ""
         ratio = f", {m['mean'] / dense:.2f}x dense" if dense and key != "dense" else ""
         rows.append((name, f"mean {m['mean']:.2e}, max {m['max']:.2e}{ratio}{agree}",
                      "<= 2x dense" if key == "moe_r3_on" else ""))
@@ -372,14 +383,22 @@ def table(results: dict) -> str:
         f = results["fp8"]
         for key in ("bf16", "fp8"):
             r = f[key]
-            rows.append((f"engine {key} experts, eager decode ({f['new_tokens']} new tokens)",
+            rows.append((f"engine {key} experts, eager decode ({f.get('new_tokens', '?')} new tokens)",
                          (f"{r['tokens_per_s']:,.0f} tok/s; vs trainer (R3) mean {r['mismatch']['mean']:.2e}, "
                           f"max {r['mismatch']['max']:.2e}"), ""))
         d = f["trainer_fp8_vs_bf16"]
         rows.append(("trainer logprobs, fp8 vs bf16 experts (same tokens, R3)",
                      (f"mean {d['mean']:.2e}, max {d['max']:.2e}; fp8/bf16 engine tokens/s {f['speedup']:.2f}x; "
                       f"{f['path']}"), ""))
-    lines = ["| measurement | result | goal |", "|---|---|---|"]
+    meta = results["meta"]
+    p = meta["params"]
+    lines = [f"- **Date:** {meta['date']}",
+             f"- **Device:** {meta['device']} (torch {meta['torch']}, transformers {meta['transformers']})",
+             f"- **Command:** `{meta['command']}`",
+             (f"- **Model:** random-init {meta['shape']}, {p['total'] / 1e6:,.1f}M parameters, "
+              f"{p['active'] / 1e6:,.1f}M active; {meta['workload']}; {meta.get('total_s', float('nan')):.0f} s in all"),
+             *(f"- **Note:** {note}" for note in meta.get("notes", [])),
+             "", "| measurement | result | goal |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {g} |" for a, b, g in rows]
     return "\n".join(lines)
 
@@ -406,11 +425,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM bf16 dense: 989)")
     parser.add_argument("--hf", default=None, help="transformers backends, comma-separated: dynamic,static "
                         "(default both on cuda, dynamic on cpu)")
-    parser.add_argument("--time-budget", type=float, default=330.0,
+    parser.add_argument("--time-budget", type=float, default=300.0,
                         help="seconds: the static-cache baseline (it compiles) starts only before this")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer config override")
     parser.add_argument("--json", default=None, help="write the results here (after every section)")
+    parser.add_argument("--table-from", default=None, metavar="JSON",
+                        help="only print the table of an earlier run's JSON (e.g. one cut short)")
     args = parser.parse_args(argv)
+    if args.table_from:
+        results = json.loads(Path(args.table_from).read_text())
+        print(table(results))
+        return results
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     hf_backends = (args.hf or ("dynamic,static" if cuda else "dynamic")).split(",")
@@ -426,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"meta": {
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-        "transformers": transformers.__version__, "command": "python " + " ".join(sys.argv), "shape": args.shape,
+        "transformers": transformers.__version__, "command": "python bench/moe.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "shape": args.shape,
         "config": moe_kwargs, "params": counts, "dense_shape": dense_shape,
         "workload": f"{args.prompts} prompts x {args.prompt_len} + {args.new_tokens} tokens",
     }}
@@ -465,12 +491,13 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:  # moe.router.dtype=float32, posttrain's default (on a CPU the engine's bf16 weight swap cannot hold it)
         apply_router_dtype(master, "float32")
     state: dict = {}
+    notes = results["meta"]["notes"] = []
 
     def correctness():
         n = min(args.greedy_tokens, args.new_tokens)
         reference = hf_greedy(hf, prompts[: args.greedy_prompts], n, device)
         start = time.perf_counter()
-        state["engine"] = engine = make_engine(rollout, args, device, master=False)
+        state["engine"] = engine = make_engine(rollout, args, device, master=False, notes=notes)
         setup = time.perf_counter() - start
         greedy(engine, prompts, 2)  # warm-up of a full-batch prefill
         state["greedy"] = tokens = greedy(engine, prompts[: args.greedy_prompts], n)
@@ -513,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def mismatch_section():
         out = {}
-        engine = make_engine(master, args, device, master=True)
+        engine = make_engine(master, args, device, master=True, notes=notes)
         _, state["completions"] = timed_generate(engine, prompts, args.new_tokens, device, seed=1)
         del engine
         _free(device)
@@ -522,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         dense = build_dense(dense_shape, device, torch.float32)
         if hasattr(dense, "set_attn_implementation"):  # the trainer's attention, as the MoE policy's
             dense.set_attn_implementation(cfg.model.attn_implementation)
-        engine = make_engine(dense, args, device, master=True)
+        engine = make_engine(dense, args, device, master=True, notes=notes)
         _, dense_completions = timed_generate(engine, prompts, args.new_tokens, device, seed=1)
         del engine
         out["dense"] = mismatch(dense, dense_completions, cfg, device, replay=True)
