@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 
 from posttrain.algorithms import overlong_penalty
+from posttrain.config.algorithm_schema import AlgorithmConfig
+from posttrain.config.rollout_schema import RolloutConfig
 from posttrain.config.schema import GRPOConfig
 from posttrain.envs.client import RolloutAPIClient
 from posttrain.errors import PosttrainError
@@ -49,14 +51,14 @@ class APIRolloutSource:
     vocab_size: token ids at or above it are refused (they would index past the embedding).
     """
 
-    def __init__(self, cfg: GRPOConfig, tokenizer: Any, vocab_size: int,
+    def __init__(self, rollout: RolloutConfig, algo: AlgorithmConfig, tokenizer: Any, vocab_size: int,
                  logprobs_fn: Callable[[list[Sample]], list[list[float]]], *, start_version: int,
                  client: RolloutAPIClient | None = None) -> None:
-        self.cfg = cfg
+        self.rollout, self.algo = rollout, algo  # the API's address and waits; the overlong shaping
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.logprobs_fn = logprobs_fn
-        self.client = client or RolloutAPIClient(cfg.rollout.api_url, max_retries=3)
+        self.client = client or RolloutAPIClient(rollout.api_url, max_retries=3)
         self.version = start_version
         self._batch_ids: list[str] = []
         self._step_groups: list[dict[str, Any]] = []
@@ -71,16 +73,16 @@ class APIRolloutSource:
     def pull(self, num_groups: int) -> Rollouts:
         """``num_groups`` groups (waiting up to rollout.api_timeout_s), as group-contiguous Rollouts."""
         start = time.perf_counter()
-        deadline = time.monotonic() + self.cfg.rollout.api_timeout_s
+        deadline = time.monotonic() + self.rollout.api_timeout_s
         while True:
-            batch_id, groups = self.client.get_batch(num_groups, wait_s=min(POLL_S, self.cfg.rollout.api_timeout_s))
+            batch_id, groups = self.client.get_batch(num_groups, wait_s=min(POLL_S, self.rollout.api_timeout_s))
             if batch_id is not None:
                 break
             if time.monotonic() > deadline:
                 status = self.client.status()
                 raise PosttrainError(
-                    f"rollout.source=api: waited {self.cfg.rollout.api_timeout_s:g} s for {num_groups} groups, but the "
-                    f"rollout API at {self.cfg.rollout.api_url} has {status['queued']} queued (registered "
+                    f"rollout.source=api: waited {self.rollout.api_timeout_s:g} s for {num_groups} groups, but the "
+                    f"rollout API at {self.rollout.api_url} has {status['queued']} queued (registered "
                     f"environments: {sorted(status['envs']) or 'none'}). Start environment processes, or raise "
                     "rollout.api_timeout_s.")
         self._batch_ids.append(batch_id)
@@ -109,7 +111,7 @@ class APIRolloutSource:
         return metrics
 
     def _to_rollouts(self, groups: list[dict[str, Any]]) -> Rollouts:
-        group_size = self.cfg.rollout.group_size
+        group_size = self.rollout.group_size
         prompts, completions, scores = [], [], []
         for g in groups:
             self._check(g, group_size)
@@ -131,8 +133,8 @@ class APIRolloutSource:
         # A NaN/inf score (JSON parsers accept NaN) is a failed reward: 0, and counted in reward/errors.
         errors = [None if math.isfinite(float(x)) else f"the environment submitted a non-finite score ({x})" for x in scores]
         rewards = torch.tensor([0.0 if e else float(x) for x, e in zip(scores, errors)], dtype=torch.float32)
-        algo, lengths = self.cfg.algorithm, torch.tensor([len(c.token_ids) for c in completions])
-        shaped = rewards + overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, algo.overlong_buffer,
+        algo, lengths = self.algo, torch.tensor([len(c.token_ids) for c in completions])
+        shaped = rewards + overlong_penalty(lengths, self.rollout.max_new_tokens, algo.overlong_buffer,
                                             algo.overlong_penalty)
         message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
         n = len(completions)
@@ -168,9 +170,10 @@ def make_api_source(cfg: GRPOConfig, model: Any, tokenizer: Any, device: Any, au
         was_training = model.training
         model.eval()
         try:
-            return _sample_logprobs(model, samples, cfg, tokenizer.pad_token_id, device, autocast)
+            return _sample_logprobs(model, samples, cfg.trainer, cfg.rollout, cfg.model, tokenizer.pad_token_id, device,
+                                    autocast)
         finally:
             model.train(was_training)
 
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    return APIRolloutSource(cfg, tokenizer, vocab_size, logprobs_fn, start_version=start_version)
+    return APIRolloutSource(cfg.rollout, cfg.algorithm, tokenizer, vocab_size, logprobs_fn, start_version=start_version)

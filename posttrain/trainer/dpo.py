@@ -18,7 +18,7 @@ import torch
 
 from posttrain.algorithms import dpo_loss, sequence_logps, uses_length_average
 from posttrain.checkpoint.rng import seed_everything
-from posttrain.config.dpo_schema import DPOConfig
+from posttrain.config.dpo_schema import DPOAlgorithmConfig, DPOConfig, DPOTrainerConfig
 from posttrain.data.preference import PreferencePair, load_preference_examples, tokenize_pairs
 from posttrain.data.sampler import EpochSampler
 from posttrain.logging.metrics import format_console_line
@@ -152,8 +152,9 @@ class DPORecipe:
         with self.guard.deferred():
             optimizer = self.optimization.optimizer
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler then moves on)
-            update_metrics = preference_update(self.model, optimizer, self.optimization.scheduler, batch, self.cfg,
-                                               self.pad_token_id, self.device, self.autocast)
+            update_metrics = preference_update(self.model, optimizer, self.optimization.scheduler, batch,
+                                               self.cfg.algorithm, self.cfg.trainer, self.pad_token_id, self.device,
+                                               self.autocast)
             elapsed = time.perf_counter() - step_start
             num_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
             step_metrics = {
@@ -171,7 +172,8 @@ class DPORecipe:
 
     def validate(self, step: int) -> None:
         with self.progress.phase("validating", pause=True):  # between steps: not in the ETA's step rate
-            val = evaluate(self.model, self.val_pairs, self.cfg, self.pad_token_id, self.device, self.autocast)
+            val = evaluate(self.model, self.val_pairs, self.cfg.algorithm, self.cfg.trainer.micro_batch_size,
+                           self.pad_token_id, self.device, self.autocast)
         self.metrics_log.log(step, val)
         self.progress.write(f"validation at step {step} ({len(self.val_pairs)} pairs): "
                             + "  ".join(f"{k}={v:.4g}" for k, v in val.items()))
@@ -183,14 +185,13 @@ class DPORecipe:
 
 
 def pair_losses(
-    model: torch.nn.Module, pairs: list[PreferencePair], cfg: DPOConfig, pad_token_id: int, device: torch.device,
-    autocast: Autocast,
+    model: torch.nn.Module, pairs: list[PreferencePair], algo: DPOAlgorithmConfig, pad_token_id: int,
+    device: torch.device, autocast: Autocast,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses ``(B,)`` (differentiable) and per-pair metrics of one micro-batch.
+    """Per-pair losses ``(B,)`` (differentiable, ``algo``'s loss) and per-pair metrics of one micro-batch.
 
     Sequence logprobs are sums over response tokens, or means for length-averaged losses (IPO);
     the stored reference sums are divided by the same lengths."""
-    algo = cfg.algorithm
     average = uses_length_average(algo.loss_type)
     logprobs, mask = pair_token_logps(model, pairs, pad_token_id, device, autocast)
     policy = sequence_logps(logprobs, mask, average=average)
@@ -209,23 +210,24 @@ def preference_update(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     pairs: list[PreferencePair],
-    cfg: DPOConfig,
+    algo: DPOAlgorithmConfig,
+    trainer: DPOTrainerConfig,
     pad_token_id: int,
     device: torch.device,
     autocast: Autocast,
 ) -> dict[str, float]:
-    """One optimizer step on ``pairs`` (the batch), accumulated over micro-batches. Each micro-batch's
-    loss sum is divided by the whole batch's pair count, so the accumulated gradient is exactly
-    that of the batch's mean loss, whatever the split."""
+    """One optimizer step on ``pairs`` (the batch), accumulated over ``trainer.micro_batch_size``
+    micro-batches. Each micro-batch's loss sum is divided by the whole batch's pair count, so the
+    accumulated gradient is exactly that of the batch's mean loss, whatever the split."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    for micro_batch in chunks(pairs, cfg.trainer.micro_batch_size):
-        losses, metrics = pair_losses(model, micro_batch, cfg, pad_token_id, device, autocast)
+    for micro_batch in chunks(pairs, trainer.micro_batch_size):
+        losses, metrics = pair_losses(model, micro_batch, algo, pad_token_id, device, autocast)
         (losses.sum() / len(pairs)).backward()
         for name, values in {"loss": losses.detach(), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(values.float().sum())
-    max_norm = cfg.trainer.max_grad_norm if cfg.trainer.max_grad_norm > 0 else float("inf")
+    max_norm = trainer.max_grad_norm if trainer.max_grad_norm > 0 else float("inf")
     grad_norm = float(clip_and_step(optimizer, model.parameters(), max_norm))
     skipped = not math.isfinite(grad_norm)
     if skipped:
@@ -240,15 +242,15 @@ def preference_update(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, pairs: list[PreferencePair], cfg: DPOConfig, pad_token_id: int, device: torch.device,
-    autocast: Autocast,
+    model: torch.nn.Module, pairs: list[PreferencePair], algo: DPOAlgorithmConfig, micro_batch_size: int,
+    pad_token_id: int, device: torch.device, autocast: Autocast,
 ) -> dict[str, float]:
     """``val/*`` means over ``pairs``: loss, reward accuracy, margins, chosen/rejected rewards and logps."""
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
-    for micro_batch in chunks(pairs, cfg.trainer.micro_batch_size):
-        losses, metrics = pair_losses(model, micro_batch, cfg, pad_token_id, device, autocast)
+    for micro_batch in chunks(pairs, micro_batch_size):
+        losses, metrics = pair_losses(model, micro_batch, algo, pad_token_id, device, autocast)
         for name, values in {"loss": losses, **metrics}.items():
             sums[name] = sums.get(name, 0.0) + float(values.float().sum())
     model.train(was_training)

@@ -133,10 +133,10 @@ class GRPORecipe:
 
         def make_batch(step: int) -> list[Rollouts]:
             rounds: list[Rollouts] = []
-            while not rounds or needs_another_round(rounds, cfg):
+            while not rounds or needs_another_round(rounds, cfg.algorithm, cfg.rollout):
                 producer_engine.seed = self.step_seed(step) + 104_729 * len(rounds)
                 rounds.append(generate_and_score(producer_engine, self.rewards, self.sampler, self.run.train_prompts,
-                                                 self.sampling, cfg))
+                                                 self.sampling, cfg.rollout, cfg.algorithm, cfg.model.system_prompt))
             return rounds
 
         self.producer = AsyncRollouts(
@@ -215,7 +215,7 @@ class GRPORecipe:
             num_response_tokens = sum(len(c.token_ids) for c in all_rollouts.completions)
             step_metrics = mean_across_ranks({  # per-rank ones (times, fractions): their mean
                 **rollout_metrics(all_rollouts, env_metrics, self.group_size),
-                **shaping_metrics(cfg, rollouts, batch, samples, len(rounds), self.group_size),
+                **shaping_metrics(algo, rollouts, batch, samples, len(rounds)),
                 **update_metrics, **mismatch_metrics,
                 **(self.api_source.step_metrics() if self.api_source is not None else {}),
                 **sync_metrics, "lr": lr,
@@ -248,7 +248,7 @@ class GRPORecipe:
         # lengths, without collectives.
         with self.progress.phase("generating"), gathered_for_generation(self.model):
             rounds = [self.next_round()]
-            while needs_another_round(rounds, self.cfg):
+            while needs_another_round(rounds, self.cfg.algorithm, self.cfg.rollout):
                 rounds.append(self.next_round())
         self.engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
         return None, rounds
@@ -256,7 +256,9 @@ class GRPORecipe:
     def next_round(self) -> Rollouts:
         if self.api_source is not None:
             return self.api_source.pull(self.target_groups)
-        return generate_and_score(self.engine, self.rewards, self.sampler, self.run.train_prompts, self.sampling, self.cfg)
+        cfg = self.cfg
+        return generate_and_score(self.engine, self.rewards, self.sampler, self.run.train_prompts, self.sampling,
+                                  cfg.rollout, cfg.algorithm, cfg.model.system_prompt)
 
     def environment_metrics(self, rollouts: Rollouts) -> dict[str, float]:
         if self.api_source is not None:  # remote environments scored these groups
@@ -270,14 +272,14 @@ class GRPORecipe:
         are not the proximal policy, and advantages; returns the engine/trainer mismatch metrics."""
         cfg, pad, device = self.cfg, self.tokenizer.pad_token_id, self.run.device
         if cfg.algorithm.kl_coef > 0:
-            fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg, pad,
-                                    device, self.autocast)
+            fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg.trainer,
+                                    cfg.rollout, cfg.model, pad, device, self.autocast)
         mismatch_metrics = {}
         # Replicas: the trainer's logprobs are the proximal policy of the ratio; the engine's the behaviour one.
         if self.uses_replicas or resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
             mismatch_metrics = recompute_old_logprobs(self.model, samples, cfg, pad, device, self.autocast)
-        assign_advantages(self.estimator, samples, batch.shaped_rewards, cfg)
+        assign_advantages(self.estimator, samples, batch.shaped_rewards, cfg.algorithm, self.group_size)
         return mismatch_metrics
 
     def publish_weights(self, step: int, ready: ReadyBatch | None, batch: Rollouts, rollouts: Rollouts,

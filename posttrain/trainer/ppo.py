@@ -30,8 +30,8 @@ from posttrain.algorithms import (
 from posttrain.checkpoint.manager import _torch_load
 from posttrain.checkpoint.rng import seed_everything
 from posttrain.config import derived
-from posttrain.config.ppo_schema import PPOConfig
-from posttrain.config.schema import LoRAConfig
+from posttrain.config.ppo_schema import CriticConfig, PPOAlgorithmConfig, PPOConfig
+from posttrain.config.schema import LoRAConfig, ModelConfig, TrainerConfig
 from posttrain.logging.metrics import format_console_line
 from posttrain.models import model_source
 from posttrain.models.loading import load_model
@@ -79,7 +79,7 @@ class PPORecipe:
         self.engine, self.optimization, self.sampler, self.start_step = run.engine, run.optimization, run.sampler, run.start_step
         self.pad_token_id, self.autocast = self.tokenizer.pad_token_id, run.engine.autocast
         # The critic, with its own optimizer: the trainer section's AdamW settings and schedule, critic.lr.
-        self.critic = build_critic(cfg, self.model, run.device, run.resume_ckpt)
+        self.critic = build_critic(cfg.model, cfg.critic, self.model, run.device, run.resume_ckpt)
         self.optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg)
         critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)
         self.critic_optimizer = build_optimizer(self.critic, critic_trainer)
@@ -139,8 +139,9 @@ class PPORecipe:
 
         # ---- reference logprobs, values, GAE
         mismatch_metrics = self.score(samples)
-        old_values = critic_values(self.critic, samples, cfg, pad, device, self.autocast)
-        targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, cfg)
+        old_values = critic_values(self.critic, samples, cfg.critic.micro_batch_size or cfg.trainer.micro_batch_size,
+                                   pad, device, self.autocast)
+        targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, algo, cfg.critic)
         t_scored = time.perf_counter()
 
         # ---- policy update (not during critic warm-up) and critic update, and the metrics line.
@@ -157,13 +158,14 @@ class PPORecipe:
                 update_metrics = policy_update(self.model, optimizer, scheduler, [] if warming_up else samples, cfg,
                                                pad, device, self.autocast, record_tokens=num_recorded)
                 critic_metrics = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, samples,
-                                               targets, cfg, pad, device, self.autocast)
+                                               targets, cfg.critic, cfg.trainer, algo.ppo_epochs, pad, device,
+                                               self.autocast)
             t_trained = time.perf_counter()
 
             num_response_tokens = sum(len(c.token_ids) for c in rollouts.completions)
             step_metrics = {
                 **rollout_metrics(rollouts, env_metrics, self.group_size),
-                **shaping_metrics(cfg, rollouts, rollouts, samples, 1, self.group_size),
+                **shaping_metrics(algo, rollouts, rollouts, samples, 1),
                 **update_metrics,
                 **mismatch_metrics,
                 **targets.metrics,
@@ -189,7 +191,7 @@ class PPORecipe:
         """One round of scored completions and the environments' metrics of it."""
         with self.progress.phase("generating"):  # a CPU step takes minutes: say which part runs
             rollouts = generate_and_score(self.engine, self.rewards, self.sampler, self.run.train_prompts,
-                                          self.sampling, self.cfg)
+                                          self.sampling, self.cfg.rollout, self.cfg.algorithm, self.cfg.model.system_prompt)
         self.engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
         _, env_metrics = self.rewards.post_process({"rewards": rollouts.rewards, "metadata": rollouts.metadata,
                                                     "message_logs": rollouts.message_logs, "answers": rollouts.answers})
@@ -200,8 +202,8 @@ class PPORecipe:
         engine's are not the proximal policy; returns the engine/trainer mismatch metrics."""
         cfg, pad, device = self.cfg, self.pad_token_id, self.run.device
         if cfg.algorithm.kl_coef > 0:
-            fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg, pad,
-                                    device, self.autocast)
+            fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg.trainer,
+                                    cfg.rollout, cfg.model, pad, device, self.autocast)
         if resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
             return recompute_old_logprobs(self.model, samples, cfg, pad, device, self.autocast)
@@ -226,16 +228,18 @@ class PPORecipe:
                                save_optimizer=save_optimizer, progress=self.progress)
 
 
-def build_critic(cfg: PPOConfig, policy: torch.nn.Module, device: torch.device, resume_ckpt: Path | None) -> ValueModel:
+def build_critic(model_cfg: ModelConfig, critic_cfg: CriticConfig, policy: torch.nn.Module, device: torch.device,
+                 resume_ckpt: Path | None) -> ValueModel:
     """The critic of a checkpoint when resuming; else a copy of the policy's starting weights
-    (critic.path empty), or the transformer of critic.path. Always fully trained (no LoRA)."""
+    (critic.path empty), or the transformer of critic.path, loaded as the policy's ``model_cfg``
+    says. Always fully trained (no LoRA)."""
     if resume_ckpt is not None:
-        return ValueModel.load(resume_ckpt / CRITIC_SUBDIR, device, cfg.model.attn_implementation)
-    if not cfg.critic.path and not is_peft_model(policy):
+        return ValueModel.load(resume_ckpt / CRITIC_SUBDIR, device, model_cfg.attn_implementation)
+    if not critic_cfg.path and not is_peft_model(policy):
         return ValueModel.from_causal_lm(policy)
     # A LoRA policy's modules hold adapters, so the critic loads the base weights afresh.
-    critic_model = dataclasses.replace(cfg.model, path=cfg.critic.path or cfg.model.path,
-                                       gguf_file="" if cfg.critic.path else cfg.model.gguf_file, lora=LoRAConfig())
+    critic_model = dataclasses.replace(model_cfg, path=critic_cfg.path or model_cfg.path,
+                                       gguf_file="" if critic_cfg.path else model_cfg.gguf_file, lora=LoRAConfig())
     return ValueModel(load_model(model_source(critic_model), critic_model, device).base_model)
 
 
@@ -262,13 +266,14 @@ def load_critic_optimizer(critic_dir: Path, optimizer, scheduler, device) -> Non
 
 
 @torch.no_grad()
-def critic_values(critic: ValueModel, samples: list[Sample], cfg: PPOConfig, pad_token_id: int, device, autocast) -> torch.Tensor:
+def critic_values(critic: ValueModel, samples: list[Sample], micro_batch_size: int, pad_token_id: int, device,
+                  autocast) -> torch.Tensor:
     """``(N, W)`` values of every sample's response tokens (W: the longest response), 0 on padding, on CPU."""
     width = max([len(s.response_ids) for s in samples] + [1])
     out = torch.zeros((len(samples), width))
     critic.eval()
     row = 0
-    for micro_batch in chunks(samples, cfg.critic.micro_batch_size or cfg.trainer.micro_batch_size):
+    for micro_batch in chunks(samples, micro_batch_size):
         batch = collate(micro_batch, pad_token_id, device)
         with autocast():
             values = critic(batch.tokens)
@@ -288,10 +293,11 @@ class ValueTargets:
     metrics: dict[str, float]
 
 
-def assign_gae_advantages(samples: list[Sample], rewards: torch.Tensor, values: torch.Tensor, cfg: PPOConfig) -> ValueTargets:
-    """Set every sample's per-token advantages (GAE on KL-shaped rewards, whitened if configured)
-    and return the critic's targets. Untrainable samples get zero advantages and no value loss."""
-    algo = cfg.algorithm
+def assign_gae_advantages(samples: list[Sample], rewards: torch.Tensor, values: torch.Tensor,
+                          algo: PPOAlgorithmConfig, critic_cfg: CriticConfig) -> ValueTargets:
+    """Set every sample's per-token advantages (GAE with ``critic_cfg``'s gamma and lambda on
+    rewards shaped by ``algo``'s KL, whitened if configured) and return the critic's targets.
+    Untrainable samples get zero advantages and no value loss."""
     lengths = torch.tensor([len(s.response_ids) for s in samples])
     width = values.shape[1]
     trainable = torch.tensor([s.trainable for s in samples])
@@ -302,7 +308,7 @@ def assign_gae_advantages(samples: list[Sample], rewards: torch.Tensor, values: 
         ref = pad_rows([s.ref_logprobs for s in samples], width, "cpu")
         token_kl = kl_penalty(old, ref, algo.kl_estimator)
     token_rewards = rlhf_token_rewards(rewards, mask, token_kl, algo.kl_coef)
-    advantages, returns = compute_gae(token_rewards, values, mask, gamma=cfg.critic.gamma, lam=cfg.critic.lam)
+    advantages, returns = compute_gae(token_rewards, values, mask, gamma=critic_cfg.gamma, lam=critic_cfg.lam)
     raw = advantages[mask]
     metrics = {
         "critic/values_mean": masked_mean(values, mask),
@@ -324,22 +330,24 @@ def critic_update(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     samples: list[Sample],
     targets: ValueTargets,
-    cfg: PPOConfig,
+    critic_cfg: CriticConfig,
+    trainer: TrainerConfig,
+    ppo_epochs: int,
     pad_token_id: int,
     device: torch.device,
     autocast,
 ) -> dict[str, float]:
-    """The policy update's loop for the critic: ``ppo_epochs`` x mini-batches x micro-batches, each
-    micro-batch's value loss normalised by its mini-batch's token count (token-mean), so
-    accumulated gradients equal the mini-batch's whatever ``critic.micro_batch_size`` is."""
-    trainer = cfg.trainer
-    micro_size = cfg.critic.micro_batch_size or trainer.micro_batch_size
+    """The policy update's loop for the critic: ``ppo_epochs`` x mini-batches (of ``trainer``) x
+    micro-batches, each micro-batch's value loss normalised by its mini-batch's token count
+    (token-mean), so accumulated gradients equal the mini-batch's whatever ``critic.micro_batch_size``
+    is. Gradients are clipped at ``trainer.max_grad_norm``."""
+    micro_size = critic_cfg.micro_batch_size or trainer.micro_batch_size
     indices = list(range(len(samples)))
     sums: dict[str, float] = {}
     num_tokens_total = 0.0
     losses, grad_norms = [], []
     critic.train()
-    for _ in range(cfg.algorithm.ppo_epochs):
+    for _ in range(ppo_epochs):
         for mini_batch in chunks(indices, trainer.mini_batch_size):
             num_tokens = float(max(targets.mask[mini_batch].sum().item(), 1))
             optimizer.zero_grad(set_to_none=True)
@@ -352,7 +360,7 @@ def critic_update(
                     values = critic(batch.tokens)
                 per_token, metrics = value_loss(
                     values, targets.old_values[micro_batch, :width].to(device), targets.returns[micro_batch, :width].to(device),
-                    mask, clip_range=cfg.critic.value_clip,
+                    mask, clip_range=critic_cfg.value_clip,
                 )
                 loss = aggregate_loss(per_token, mask, "token-mean", num_tokens=num_tokens, num_sequences=1.0, norm_length=1.0)
                 loss.backward()

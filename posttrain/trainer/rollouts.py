@@ -12,7 +12,9 @@ from typing import Any, Callable
 import torch
 
 from posttrain.algorithms import folds_kl_into_reward, informative_groups, kl_penalty, overlong_penalty
-from posttrain.config.schema import GRPOConfig
+from posttrain.config.algorithm_schema import AlgorithmConfig
+from posttrain.config.rollout_schema import RolloutConfig
+from posttrain.config.schema import GRPOConfig, ModelConfig, TrainerConfig
 from posttrain.data.sampler import EpochSampler
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.data.chat import TokenizedPrompt
@@ -69,8 +71,9 @@ class Rollouts:
         )
 
 
-def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch.Tensor, cfg: GRPOConfig) -> None:
-    """Set every sample's per-token advantages from ``rewards`` (N,), group-contiguous.
+def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch.Tensor, algo: AlgorithmConfig,
+                      group_size: int) -> None:
+    """Set every sample's per-token advantages from ``rewards`` (N,), group-contiguous (``group_size`` rows a group).
 
     Every estimator gets the same arguments (see posttrain.algorithms.advantages). The response
     mask is the *loss* mask, so untrainable samples (truncated, with mask_truncated) get zero
@@ -79,7 +82,6 @@ def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch
     """
     if not samples:
         return
-    algo = cfg.algorithm
     lengths = torch.tensor([len(s.response_ids) for s in samples])
     width = max(int(lengths.max()), 1)
     trainable = torch.tensor([s.trainable for s in samples])
@@ -92,17 +94,17 @@ def assign_advantages(estimator: Callable, samples: list[Sample], rewards: torch
         ref = pad_rows([s.ref_logprobs for s in samples], width, "cpu")
         token_kl = kl_penalty(old, ref, algo.kl_estimator)
     advantages = estimator(
-        rewards, mask, group_size=cfg.rollout.group_size, scale_by_std=algo.scale_by_std,
+        rewards, mask, group_size=group_size, scale_by_std=algo.scale_by_std,
         token_kl=token_kl, kl_coef=algo.kl_coef,
     )
     for s, row in zip(samples, advantages.tolist()):
         s.advantage = row[: len(s.response_ids)]
 
 
-def shaping_metrics(cfg: GRPOConfig, rollouts: Rollouts, batch: Rollouts, samples: list[Sample],
-                     num_rounds: int, group_size: int) -> dict[str, float]:
-    """Metrics of the DAPO switches that are on."""
-    algo, out = cfg.algorithm, {}
+def shaping_metrics(algo: AlgorithmConfig, rollouts: Rollouts, batch: Rollouts, samples: list[Sample],
+                    num_rounds: int) -> dict[str, float]:
+    """Metrics of the DAPO switches of ``algo`` that are on."""
+    out = {}
     if algo.overlong_buffer > 0:
         out["reward/overlong_penalty_mean"] = (rollouts.shaped_rewards - rollouts.rewards).mean().item()
     if algo.mask_truncated:
@@ -158,13 +160,13 @@ def timing_metrics(
     return metrics
 
 
-def needs_another_round(rounds: list[Rollouts], cfg: GRPOConfig) -> bool:
+def needs_another_round(rounds: list[Rollouts], algo: AlgorithmConfig, rollout: RolloutConfig) -> bool:
     """Dynamic sampling (DAPO): another round of prompts while fewer than a batch's worth of groups
     have differing rewards, up to algorithm.max_sampling_rounds."""
-    algo, group_size = cfg.algorithm, cfg.rollout.group_size
+    group_size = rollout.group_size
     return (algo.dynamic_sampling and len(rounds) < algo.max_sampling_rounds
             and sum(int(informative_groups(r.shaped_rewards, group_size).sum()) for r in rounds)
-            < cfg.rollout.batch_size // group_size)
+            < rollout.batch_size // group_size)
 
 
 def generate_and_score(
@@ -173,16 +175,20 @@ def generate_and_score(
     sampler: EpochSampler,
     train_prompts: list[TokenizedPrompt],
     sampling: SamplingParams,
-    cfg: GRPOConfig,
+    rollout: RolloutConfig,
+    algo: AlgorithmConfig,
+    system_prompt: str,
 ) -> Rollouts:
-    """One round: the sampler's next prompts -> ``sampling.n`` completions each -> rewards.
+    """One round: the sampler's next prompts -> ``sampling.n`` completions each -> rewards, with the
+    overlong shaping of ``algo`` (DAPO) against ``rollout.max_new_tokens``.
 
-    With ``rollout.max_turns > 1`` each completion is a multi-turn ``Episode`` (rollout/episodes.py)
-    and its reward is the one of the episode's final step."""
+    With ``rollout.max_turns > 1`` each completion is a multi-turn ``Episode`` (rollout/episodes.py,
+    its turns after ``system_prompt``: model.system_prompt) and its reward is the one of the
+    episode's final step."""
     start = time.perf_counter()
     batch_prompts = [train_prompts[i] for i in sampler.next_batch()]
-    if cfg.rollout.max_turns > 1:
-        return _generate_and_score_episodes(engine, rewards, batch_prompts, sampling, cfg)
+    if rollout.max_turns > 1:
+        return _generate_and_score_episodes(engine, rewards, batch_prompts, sampling, rollout, algo, system_prompt)
     groups = engine.generate([p.token_ids for p in batch_prompts], sampling)
     completions = [c for group in groups for c in group]
     prompts = [p for p in batch_prompts for _ in range(sampling.n)]
@@ -190,34 +196,36 @@ def generate_and_score(
     message_logs = [p.messages + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, completions)]
     scored = rewards.score(message_logs, [p.metadata for p in prompts])
     # DAPO overlong shaping: the advantages (and dynamic sampling) see the shaped rewards.
-    algo = cfg.algorithm
     lengths = torch.tensor([len(c.token_ids) for c in completions])
-    shaped = scored.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+    shaped = scored.rewards + overlong_penalty(lengths, rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
     return Rollouts(prompts, completions, message_logs, scored.rewards, shaped, scored.metadata,
                     scored.answers, scored.errors, generated - start, time.perf_counter() - generated)
 
 
 def _generate_and_score_episodes(engine: HFEngine, rewards: RewardPool, batch_prompts: list[TokenizedPrompt],
-                                 sampling: SamplingParams, cfg: GRPOConfig) -> Rollouts:
+                                 sampling: SamplingParams, rollout: RolloutConfig, algo: AlgorithmConfig,
+                                 system_prompt: str) -> Rollouts:
     result = run_episodes(
-        engine, rewards, batch_prompts, sampling, engine.tokenizer, max_turns=cfg.rollout.max_turns,
-        system_prompt=cfg.model.system_prompt,
+        engine, rewards, batch_prompts, sampling, engine.tokenizer, max_turns=rollout.max_turns,
+        system_prompt=system_prompt,
     )
     episodes = result.episodes
-    algo = cfg.algorithm
     # rollout.max_new_tokens bounds each turn, so the overlong shaping looks at the last turn's length.
     lengths = torch.tensor([e.last_turn_tokens for e in episodes])
-    shaped = result.rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+    shaped = result.rewards + overlong_penalty(lengths, rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
     return Rollouts([e.prompt for e in episodes], episodes, [e.messages for e in episodes], result.rewards, shaped,
                     result.metadata, result.answers, result.errors, result.generate_s, result.score_s)
 
 
 @torch.no_grad()
-def fill_reference_logprobs(reference, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> None:
+def fill_reference_logprobs(reference, samples: list[Sample], trainer: TrainerConfig, rollout: RolloutConfig,
+                            model_cfg: ModelConfig, pad_token_id: int, device, autocast) -> None:
     """``reference``: the frozen copy, or with LoRA the policy itself, run with adapters disabled.
-    It routes on its own (no router replay): the KL is to the reference policy as it is."""
+    It routes on its own (no router replay): the KL is to the reference policy as it is. The
+    sections as in ``_sample_logprobs``."""
     with adapters_disabled(reference):
-        for s, logprobs in zip(samples, _sample_logprobs(reference, samples, cfg, pad_token_id, device, autocast)):
+        for s, logprobs in zip(samples, _sample_logprobs(reference, samples, trainer, rollout, model_cfg, pad_token_id,
+                                                         device, autocast)):
             s.ref_logprobs = logprobs
 
 
@@ -236,8 +244,9 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_to
     moe = grouped_moe_for_routes(model, samples)
     agreement = RouteAgreement(moe.num_layers) if moe is not None else None
     try:
-        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg, pad_token_id, device, autocast, moe=moe,
-                                                         replay=cfg.moe.router_replay, agreement=agreement)):
+        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg.trainer, cfg.rollout, cfg.model, pad_token_id,
+                                                         device, autocast, moe=moe, replay=cfg.moe.router_replay,
+                                                         agreement=agreement)):
             s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
             mask = s.response_mask if s.response_mask is not None else [1] * len(logprobs)
             diffs = [abs(a - b) for a, b, m in zip(s.rollout_logprobs, logprobs, mask) if m]
@@ -252,12 +261,14 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_to
 
 
 @torch.no_grad()
-def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast,
+def _sample_logprobs(model, samples: list[Sample], trainer: TrainerConfig, rollout: RolloutConfig,
+                     model_cfg: ModelConfig, pad_token_id: int, device, autocast,
                      moe: GroupedMoE | None = None, replay: bool = False,
                      agreement: RouteAgreement | None = None) -> list[list[float]]:
-    """``moe``: the policy's grouped MoE blocks, given when samples carry engine routes; ``replay``
-    then replays them, and ``agreement`` accumulates the router's own choices against them."""
-    trainer = cfg.trainer
+    """Micro-batches as ``trainer`` splits them, logprobs at ``rollout.temperature``, computed as
+    ``model_cfg`` says (chunked_logprobs, float32_logits). ``moe``: the policy's grouped MoE blocks,
+    given when samples carry engine routes; ``replay`` then replays them, and ``agreement``
+    accumulates the router's own choices against them."""
     packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
     out: dict[int, list[float]] = {}  # by id: token-budget micro-batches do not keep the sample order
     for micro_batch in split_micro_batches(samples, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
@@ -267,8 +278,8 @@ def _sample_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id
         with autocast(), (moe.replaying(batch.routes) if replay and routed else contextlib.nullcontext()), \
                 (moe.recording(router_choice=True) if agreement is not None and routed else contextlib.nullcontext()) as chosen:
             logprobs, _ = response_logprobs(
-                model, batch.tokens, temperature=cfg.rollout.temperature, chunk_size=cfg.model.chunked_logprobs,
-                float32_logits=cfg.model.float32_logits,
+                model, batch.tokens, temperature=rollout.temperature, chunk_size=model_cfg.chunked_logprobs,
+                float32_logits=model_cfg.float32_logits,
             )
         if chosen is not None:
             agreement.add(chosen, batch.routes, *router_token_index(batch.tokens, batch.loss_mask))

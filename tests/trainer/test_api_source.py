@@ -70,8 +70,8 @@ def test_groups_become_rollouts(setup):
     assert rollouts.prompts[0].metadata == {"level": 2, "task": "env-a"}
     assert rollouts.prompts[0].token_ids == [5, 6, 7] and rollouts.completions[0].text == tok.decode([8, 9])
     # Missing logprobs are the current policy's.
-    expected = _sample_logprobs(model, [Sample([5], [11, 12, 13], [], 0.0, 0.0)], cfg, tok.pad_token_id, "cpu",
-                                AUTOCAST)[0]
+    expected = _sample_logprobs(model, [Sample([5], [11, 12, 13], [], 0.0, 0.0)], cfg.trainer, cfg.rollout, cfg.model,
+                                tok.pad_token_id, "cpu", AUTOCAST)[0]
     assert rollouts.completions[2].logprobs == pytest.approx(expected)
 
     metrics = source.step_metrics()

@@ -52,7 +52,7 @@ def _update(model, pairs, micro_batch_size, loss_type):
     cfg.algorithm.loss_type, cfg.algorithm.beta = loss_type, 0.5
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-    return preference_update(model, optimizer, scheduler, pairs, cfg, 0, CPU, contextlib.nullcontext)
+    return preference_update(model, optimizer, scheduler, pairs, cfg.algorithm, cfg.trainer, 0, CPU, contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

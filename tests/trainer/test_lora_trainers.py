@@ -43,16 +43,16 @@ def test_grpo_lora_reference_is_the_base_without_a_copy_and_resume_is_exact(tmp_
     original_fill = grpo.fill_reference_logprobs
     checked = []
 
-    def checking_fill(reference, samples, cfg, pad_token_id, device, autocast):
+    def checking_fill(reference, samples, trainer, rollout, model_cfg, pad_token_id, device, autocast):
         # The reference is the trained policy itself (one set of base weights in memory) ...
         assert is_peft_model(reference) and reference.training
-        original_fill(reference, samples, cfg, pad_token_id, device, autocast)
+        original_fill(reference, samples, trainer, rollout, model_cfg, pad_token_id, device, autocast)
         assert reference.training  # mode restored for the update
         # ... and its logprobs are the starting base model's, also after the adapters have moved.
         for micro_batch in chunks(samples, 4):
             batch = collate(micro_batch, pad_token_id, device)
             with torch.no_grad():
-                expected, _ = response_logprobs(base.to(device), batch.tokens, temperature=cfg.rollout.temperature)
+                expected, _ = response_logprobs(base.to(device), batch.tokens, temperature=rollout.temperature)
             for i, s in enumerate(micro_batch):
                 assert s.ref_logprobs == pytest.approx(expected[i, : len(s.response_ids)].tolist(), abs=1e-5)
         checked.append(len(samples))

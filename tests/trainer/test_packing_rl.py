@@ -175,7 +175,7 @@ def test_packed_reference_logprobs_keep_sample_order():
     for tokens in (0, 48):
         cfg.trainer.micro_batch_tokens = tokens
         samples = _samples()
-        fill_reference_logprobs(model, samples, cfg, 0, CPU, contextlib.nullcontext)
+        fill_reference_logprobs(model, samples, cfg.trainer, cfg.rollout, cfg.model, 0, CPU, contextlib.nullcontext)
         got[tokens] = [s.ref_logprobs for s in samples]
         assert [len(r) for r in got[tokens]] == [len(s.response_ids) for s in samples]
     for padded, packed in zip(got[0], got[48]):
