@@ -56,7 +56,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_throughput import EOS, _Tok, run_hf
+from rollout_throughput import EOS, HBM_BYTES_PER_S, _Tok, run_hf
 from rollout_throughput import SHAPES as DENSE_SHAPES
 from rollout_throughput import build_model as build_dense
 
@@ -124,6 +124,24 @@ def step_flops(model: torch.nn.Module, active: float, lengths: list[int]) -> flo
     cfg = model.config
     q_dim = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     return 6 * active * sum(lengths) + 6 * cfg.num_hidden_layers * q_dim * sum(n * n for n in lengths)
+
+
+def roofline_tokens_per_s(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
+                          device: torch.device) -> float | None:
+    """Decode tokens/s if each step read every weight and the batch's KV cache once from HBM (at a
+    batch of 64 x top-8 of 64 experts, nearly every expert runs each step). As in
+    bench/rollout_throughput.py, but with the config's head_dim (Qwen3's is not hidden / heads)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    bandwidth = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    if bandwidth is None:
+        return None
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    step_bytes = weight_bytes + batch * (prompt_len + new_tokens / 2) * kv_per_token
+    return batch / (step_bytes / bandwidth)
 
 
 def _sync(device: torch.device) -> None:
@@ -352,7 +370,9 @@ def table(results: dict) -> str:
     w = results["meta"]["workload"]
     engine = get("engine", "tokens_per_s")
     graphs = "CUDA graphs" if get("engine", "cuda_graphs") else "no CUDA graphs"
-    rows.append((f"engine tokens/s ({w}, {graphs})", state("engine") or f"{engine:,.0f}", ""))
+    roof = get("engine", "roofline_share")
+    rows.append((f"engine tokens/s ({w}, {graphs})",
+                 state("engine") or f"{engine:,.0f}" + (f" ({roof:.1%} of the HBM roofline)" if roof else ""), ""))
     for key, name in (("hf_dynamic", "transformers generate, dynamic cache"),
                       ("hf_static", "transformers generate, static cache")):
         rate = get(key, "tokens_per_s")
@@ -506,7 +526,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def engine_rate():
         row, _ = timed_generate(state["engine"], prompts, args.new_tokens, device)
-        return {**row, "cuda_graphs": bool(state["engine"].runner.graphs)}
+        roofline = roofline_tokens_per_s(rollout, len(prompts), args.prompt_len, args.new_tokens, device)
+        return {**row, "cuda_graphs": bool(state["engine"].runner.graphs),
+                "roofline_share": row["tokens_per_s"] / roofline if roofline else None}
 
     def fp8():
         reason = fp8_skip_reason(args.fp8, device, master.config)
@@ -568,6 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
     section("engine", engine_rate)
     section("fp8", fp8)
     state.pop("engine", None)
+    _free(device)
     section("mismatch", mismatch_section)
     section("trainer", lambda: train_mfu(master, state["completions"], args, device))
     master = rollout = None  # frees them for the transformers baselines (the closures above hold the names)

@@ -46,8 +46,10 @@ def test_tiny_cpu_run_fills_every_section(tmp_path, capsys):
     assert results["correctness"]["identical"] == results["correctness"]["prompts"] == 2
     assert results["engine"]["tokens"] == results["hf_dynamic"]["tokens"] == 8 * 24
     mismatch = results["mismatch"]
-    # Replay routes every token to the engine's experts: what is left is bf16 rounding, no flipped experts.
-    assert 0 < mismatch["moe_r3_on"]["mean"] <= mismatch["moe_r3_off"]["mean"]
+    # Without replay some tokens go to other experts than the engine's (else the check below is vacuous);
+    # replay routes every token to the engine's experts: what is left is bf16 rounding.
+    assert mismatch["moe_r3_off"]["route_agreement"] < 1
+    assert 0 < mismatch["moe_r3_on"]["mean"] < mismatch["moe_r3_off"]["mean"]
     assert mismatch["moe_r3_on"]["max"] <= mismatch["moe_r3_off"]["max"]
     assert mismatch["dense"]["mean"] > 0 and "route_agreement" not in mismatch["dense"]
     assert 0 < results["trainer"]["mfu"] and results["trainer"]["replayed"] is True
