@@ -97,6 +97,17 @@ class MoEConfig:
         "message saying so.",
         ("auto", "fp8", "nvfp4"),
     )
+    ep_mode: str = opt(
+        "single",
+        "Expert parallelism in training (several processes, trainer.num_processes > 1). 'single': every "
+        "process holds all experts and FSDP2 shards them like any weight. 'ipc': each MoE layer's experts are "
+        "split over all processes of this node (E / world_size each; tokens travel to their experts' owner "
+        "by all-to-all and back); the other weights keep FSDP2 over all processes. 'hybrid': experts split "
+        "inside each node, data parallel across nodes. 'auto': single on one process, else the largest "
+        "expert-parallel size that divides the experts and fits a node. The experts must split evenly. "
+        "Checkpoints keep the single-device (Hugging Face) layout. See docs/moe.md.",
+        ("single", "ipc", "hybrid", "auto"),
+    )
     random_init: MoERandomInitConfig = section(
         MoERandomInitConfig, "A random-init MoE policy built from these sizes (moe.random_init.family), for demos."
     )

@@ -27,6 +27,12 @@ from posttrain.errors import PosttrainError
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 
+def expert_parallel_modules(model: nn.Module) -> list[nn.Module]:
+    """The experts modules on expert parallelism (``moe.ep_mode``): those carrying an
+    ``expert_parallel`` state (posttrain.models.moe.ep_training.ExpertParallel)."""
+    return [m for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformers model (``_no_split_modules``: e.g. LlamaDecoderLayer),
     also under a peft wrapper or a value-head model. Each becomes its own FSDP unit."""
@@ -67,6 +73,14 @@ def shard_model(
     # Layers reshard after forward (free the gathered weights until backward); the root keeps its
     # (embedding, head) gathered, since backward starts with them at once.
     reshard = {}
+    # Expert-parallel experts (moe.ep_mode, models/moe/ep_training.py): FSDP2 over the ranks holding
+    # the same experts only; their gradients, already summed over the EP group by the all-to-all's
+    # backward, are divided by the world size like every other gradient.
+    for experts in expert_parallel_modules(model):
+        fully_shard(experts, mesh=experts.expert_parallel.fsdp_mesh, mp_policy=mp_policy, offload_policy=offload,
+                    reshard_after_forward=True)
+        experts.set_gradient_divide_factor(float(get_world_size()))
+        reshard[experts] = True
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=True)
         reshard[layer] = True
@@ -112,9 +126,14 @@ def gathered_for_generation(model: nn.Module) -> Iterator[None]:
     # transformers' generate sees an FSDP-managed model and keeps every rank stepping until all have
     # finished (synced_gpus: an all-reduce per token); with gathered weights no rank needs the others.
     model._is_fsdp_managed_module = False
+    experts = expert_parallel_modules(model)
+    for module in experts:  # full experts on every rank: no all-to-all while generating
+        module.expert_parallel.gather(module)
     try:
         yield
     finally:
+        for module in experts:
+            module.expert_parallel.release()
         model._is_fsdp_managed_module = True
         for module, value in reshard.items():
             module.reshard()

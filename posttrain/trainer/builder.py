@@ -88,9 +88,9 @@ def build_policy(cfg: Any, device: torch.device, compute_dtype: torch.dtype, res
         # The reference is always the starting model, also when resuming from a later checkpoint.
         reference = make_reference_model(model if resume_ckpt is None or sharded_resume else load()[0])
         if training_knobs:
-            prepare_for_training(reference, cfg.trainer, device, compute_dtype)
+            prepare_for_training(reference, cfg.trainer, device, compute_dtype, moe=cfg.moe)
     if training_knobs:
-        model = prepare_for_training(model, cfg.trainer, device, compute_dtype)  # before the optimizer sees it
+        model = prepare_for_training(model, cfg.trainer, device, compute_dtype, moe=cfg.moe)  # before the optimizer sees it
     return PolicyModels(model, tokenizer, reference, moe_shape)
 
 

@@ -12,6 +12,7 @@ import torch
 from posttrain.distributed import is_distributed, shard_model
 from posttrain.distributed.fsdp import decoder_layers
 from posttrain.errors import ConfigError
+from posttrain.models.moe.ep_training import apply_expert_parallel
 
 logger = logging.getLogger("posttrain.trainer")
 
@@ -26,11 +27,13 @@ def compiled(fn: Callable) -> Callable:
 
 
 def prepare_for_training(
-    model: torch.nn.Module, trainer_cfg, device: torch.device, compute_dtype: torch.dtype
+    model: torch.nn.Module, trainer_cfg, device: torch.device, compute_dtype: torch.dtype, moe=None
 ) -> torch.nn.Module:
     """Store parameters in ``trainer.param_dtype`` and, on several ranks, shard the model with FSDP2
     (each decoder layer, then the root). Call before the optimizer is built: it must see the shards.
-    Also for the frozen reference (or a critic), so that it is sharded the same way."""
+    Also for the frozen reference (or a critic), so that it is sharded the same way. ``moe``: the
+    run's ``moe`` section; on several ranks its ``ep_mode`` puts an MoE model's experts on expert
+    parallelism before sharding (posttrain/models/moe/ep_training.py)."""
     master_weights = getattr(trainer_cfg, "master_weights", False)
     if master_weights and is_distributed():
         # The config check names this too; here for callers that build the trainer themselves.
@@ -48,6 +51,8 @@ def prepare_for_training(
         # compiled forward, so generation is unaffected.
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
+    if is_distributed() and moe is not None:
+        apply_expert_parallel(model, moe.ep_mode, device)
     if is_distributed():
         shard_model(model, device, compute_dtype=compute_dtype, cpu_offload=trainer_cfg.fsdp_cpu_offload)
     return model

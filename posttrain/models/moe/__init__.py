@@ -25,7 +25,9 @@ from typing import Any, Iterator
 
 import torch
 
+from posttrain.distributed.process_group import env_world_size, launched_by_torchrun
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.models.moe.expert_parallel import ep_mode_problems
 
 # Minimum CUDA compute capability of each low-precision expert dtype.
 EXPERT_DTYPE_CAPABILITY = {"fp8": (8, 9), "nvfp4": (10, 0)}
@@ -377,6 +379,11 @@ def moe_config_problems(cfg: Any) -> list[str]:
         problems.append(f"moe.router.top_k={r.top_k} must be <= moe.router.num_experts={r.num_experts}.")
     if init.family:  # a random-init MoE policy: known to have routers before anything loads
         problems += router_dtype_problems(cfg)
+    world = env_world_size() if launched_by_torchrun() else getattr(cfg.trainer, "num_processes", 1)
+    problems += ep_mode_problems(cfg.moe.ep_mode, world, (r.num_experts or 8) if init.family else None)
+    if cfg.moe.ep_mode != "single" and world > 1 and getattr(cfg.trainer, "fsdp_cpu_offload", False):
+        problems.append(f"moe.ep_mode={cfg.moe.ep_mode} with trainer.fsdp_cpu_offload=true is not supported yet; "
+                        "set moe.ep_mode=single or trainer.fsdp_cpu_offload=false.")
     if init.family:
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads"):
             if getattr(init, key) < 1:
@@ -447,7 +454,8 @@ def check_moe_model(model: torch.nn.Module, cfg: Any) -> MoEShape | None:
     name = type(_causal_lm(model)).__name__
     if shape is None:
         asked = [k for k, v in [("moe.router.num_experts", moe.router.num_experts), ("moe.router.top_k", moe.router.top_k),
-                                ("moe.expert_dtype", moe.expert_dtype != "auto")] if v]
+                                ("moe.expert_dtype", moe.expert_dtype != "auto"),
+                                ("moe.ep_mode", moe.ep_mode in ("ipc", "hybrid"))] if v]
         if asked:
             raise ConfigError(f"{', '.join(asked)} set, but the policy ({name}, model.path={cfg.model.path}) is not a "
                               "mixture-of-experts model; remove them or load an MoE model.")

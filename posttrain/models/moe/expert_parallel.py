@@ -27,13 +27,14 @@ Also here: the EP process groups from :class:`~posttrain.distributed.layout.Para
 checkpoint helpers that gather the shards into the single-device (Hugging Face) layout and slice
 it again (:func:`gather_expert_state_dict`, :func:`shard_expert_state_dict`).
 
-Not wired into the trainer or the config yet: nothing calls these functions in a run.
+Training runs use them through ``moe.ep_mode`` (:mod:`posttrain.models.moe.ep_training`).
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -237,6 +238,26 @@ def resolve_ep_mode(mode: str, world_size: int, gpus_per_node: int, num_experts:
     if ep == 1:
         return "single", 1
     return ("ipc" if ep == world_size else "hybrid"), ep
+
+
+def gpus_per_node(world_size: int) -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE (every posttrain launch is one node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def ep_mode_problems(ep_mode: str, world_size: int, num_experts: int | None) -> list[str]:
+    """Config problems of ``moe.ep_mode`` for a run of ``world_size`` processes; ``num_experts``
+    when known before the model loads (moe.random_init), else None (checked once it loads)."""
+    if ep_mode in ("ipc", "hybrid") and world_size == 1:
+        return [(f"moe.ep_mode={ep_mode} splits the experts over the training processes, but this run has one; "
+                 "set trainer.num_processes to the number of GPUs (e.g. 2), or moe.ep_mode=single (or auto).")]
+    if num_experts is None or world_size == 1:
+        return []
+    try:
+        resolve_ep_mode(ep_mode, world_size, gpus_per_node(world_size), num_experts)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 # ---------------------------------------------------------------- checkpoints (Hugging Face layout)
