@@ -32,9 +32,11 @@ run; the JSON is rewritten after each, so a run cut short keeps what it measured
    ``config._experts_implementation``), with ``bench/rollout_throughput.run_hf``: one warm-up
    batch, then the timed one. The static cache starts only within --time-budget seconds.
 
-    python bench/moe.py --device cuda --json /tmp/moe.json                 # H100: about 5-7 minutes
-    python bench/moe.py --device cpu --shape tiny --prompts 4 --prompt-len 16 --new-tokens 16 \\
-        --train-steps 1 --train-warmup 1 --fp8 scaled_mm --json /tmp/moe.json   # smoke test, ~20 s
+    PYTHONPATH=$PWD python bench/moe.py --device cuda --json moe_h100.json
+        # H100: estimated 5-7 minutes (not run on a GPU yet); the static-cache compile is the unknown
+    PYTHONPATH=$PWD python bench/moe.py --device cpu --shape tiny --prompts 8 --prompt-len 16 --new-tokens 24 \\
+        --greedy-prompts 2 --greedy-tokens 16 --train-steps 1 --train-warmup 1 --fp8 scaled_mm   # smoke test, 30-70 s
+    python bench/moe.py --table-from moe_h100.json        # the table again, e.g. of a run cut short
 """
 
 from __future__ import annotations
@@ -339,10 +341,6 @@ def train_mfu(model, completions, args, device) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def fmt(value, spec=".3g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(results: dict) -> str:
     """The markdown rows for docs/benchmarks.md."""
     def get(*keys):
@@ -385,18 +383,20 @@ def table(results: dict) -> str:
     rows.append(("trainer MFU (active params + attention)", state("trainer") or
                  f"{t['mfu']:.1%} ({t['tokens_per_s']:,.0f} tok/s, {t['tokens_per_step']:,} tokens/step, {t['layout']}, "
                  f"R3 {'on' if t['replayed'] else 'off'})", ""))
-    dense = get("mismatch", "dense", "mean")
-    for key, name in (("moe_r3_on", "mismatch MoE, R3 on"), ("moe_r3_off", "mismatch MoE, R3 off"),
-                      ("dense", f"mismatch dense ({results['meta']['dense_shape']})")):
+    dense = get("mismatch_dense", "mean")
+    for key, name in (("moe_r3_on", "mismatch MoE, R3 on"), ("moe_r3_off", "mismatch MoE, R3 off")):
         m = get("mismatch", key)
         if m is None:
             rows.append((name, state("mismatch") or "-", ""))
             continue
         # With R3 on, route agreement is what replay overrode; the R3-off row shows it as is.
         agree = f", route agreement {m['route_agreement']:.1%}" if key == "moe_r3_off" else ""
-        ratio = f", {m['mean'] / dense:.2f}x dense" if dense and key != "dense" else ""
+        ratio = f", {m['mean'] / dense:.2f}x dense" if dense else ""
         rows.append((name, f"mean {m['mean']:.2e}, max {m['max']:.2e}{ratio}{agree}",
                      "<= 2x dense" if key == "moe_r3_on" else ""))
+    m = results.get("mismatch_dense", {})
+    rows.append((f"mismatch dense ({results['meta']['dense_shape']})",
+                 state("mismatch_dense") or f"mean {m['mean']:.2e}, max {m['max']:.2e}", ""))
     if state("fp8"):
         rows.append(("fp8 experts (issue 35)", state("fp8"), ""))
     else:
@@ -474,8 +474,9 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__, "command": "python bench/moe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": args.shape,
         "config": moe_kwargs, "params": counts, "dense_shape": dense_shape,
-        "workload": f"{args.prompts} prompts x {args.prompt_len} + {args.new_tokens} tokens",
+        "workload": f"{args.prompts} prompts x {args.prompt_len} + {args.new_tokens} tokens", "notes": [],
     }}
+    notes = results["meta"]["notes"]
     print(f"# bench/moe.py {results['meta']['date']} | {results['meta']['device']} | torch {torch.__version__} | "
           f"transformers {transformers.__version__}")
     print(f"# {args.shape}: {counts['total'] / 1e6:,.1f}M parameters, {counts['active'] / 1e6:,.1f}M active "
@@ -506,12 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
     # CPU (exact greedy parity); the transformers copy is taken before any engine touches the blocks.
     rollout = copy.deepcopy(master).to(torch.bfloat16 if cuda else torch.float32)
     hf = copy.deepcopy(rollout)
-    if hasattr(hf, "set_attn_implementation"):
+    try:  # plain sdpa for transformers' generate (the trainer's sdpa_varlen falls back to it there anyway)
         hf.set_attn_implementation("sdpa")
+    except Exception as exc:  # noqa: BLE001 - a baseline detail, not worth losing the run over
+        notes.append(f"transformers copy kept attn_implementation={cfg.model.attn_implementation}: {exc}")
     if cuda:  # moe.router.dtype=float32, posttrain's default (on a CPU the engine's bf16 weight swap cannot hold it)
         apply_router_dtype(master, "float32")
     state: dict = {}
-    notes = results["meta"]["notes"] = []
 
     def correctness():
         n = min(args.greedy_tokens, args.new_tokens)
@@ -519,12 +521,14 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         state["engine"] = engine = make_engine(rollout, args, device, master=False, notes=notes)
         setup = time.perf_counter() - start
-        greedy(engine, prompts, 2)  # warm-up of a full-batch prefill
+        timed_generate(engine, prompts, 2, device)  # warm-up: a full-batch prefill, sampled decode steps
         state["greedy"] = tokens = greedy(engine, prompts[: args.greedy_prompts], n)
         return {**agreement(tokens, reference), "dtype": str(next(rollout.parameters()).dtype).split(".")[-1],
                 "engine_setup_s": setup, "cuda_graphs": bool(engine.runner.graphs)}
 
     def engine_rate():
+        if "engine" not in state:
+            return {"skipped": "skipped: no engine (the correctness section failed)"}
         row, _ = timed_generate(state["engine"], prompts, args.new_tokens, device)
         roofline = roofline_tokens_per_s(rollout, len(prompts), args.prompt_len, args.new_tokens, device)
         return {**row, "cuda_graphs": bool(state["engine"].runner.graphs),
@@ -532,8 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def fp8():
         reason = fp8_skip_reason(args.fp8, device, master.config)
-        if reason:
-            return {"skipped": reason}
+        if reason or "engine" not in state:
+            return {"skipped": reason or "skipped: no engine (the correctness section failed)"}
         engine = state["engine"]
         engine.runner.release_graphs()  # fp8's segment loop syncs the host: eager decode for both rows
         use_scaled_mm = args.fp8 != "reference"
@@ -542,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows["bf16"], completions["bf16"] = timed_generate(engine, prompts, new_tokens, device)
         bf16_greedy = greedy(engine, prompts[: args.greedy_prompts], args.greedy_tokens)
         with fp8_experts(rollout, use_scaled_mm) as nbytes:
-            greedy(engine, prompts, 2)  # warm-up
+            timed_generate(engine, prompts, 2, device)  # warm-up
             rows["fp8"], completions["fp8"] = timed_generate(engine, prompts, new_tokens, device)
             fp8_greedy = greedy(engine, prompts[: args.greedy_prompts], args.greedy_tokens)
         for key, row in rows.items():
@@ -561,23 +565,22 @@ def main(argv: list[str] | None = None) -> dict:
                 "note": "experts' forward swapped by the bench (engine has no moe.expert_dtype yet); no CUDA graphs"}
 
     def mismatch_section():
-        out = {}
         engine = make_engine(master, args, device, master=True, notes=notes)
         _, state["completions"] = timed_generate(engine, prompts, args.new_tokens, device, seed=1)
         del engine
         _free(device)
-        for replay in (True, False):
-            out["moe_r3_on" if replay else "moe_r3_off"] = mismatch(master, state["completions"], cfg, device, replay)
+        return {"moe_r3_on": mismatch(master, state["completions"], cfg, device, replay=True),
+                "moe_r3_off": mismatch(master, state["completions"], cfg, device, replay=False),
+                "dtype": "float32 weights, bf16 autocast" if cuda else "bf16 engine weights, bf16 CPU autocast trainer"}
+
+    def dense_section():
         dense = build_dense(dense_shape, device, torch.float32)
         if hasattr(dense, "set_attn_implementation"):  # the trainer's attention, as the MoE policy's
             dense.set_attn_implementation(cfg.model.attn_implementation)
         engine = make_engine(dense, args, device, master=True, notes=notes)
-        _, dense_completions = timed_generate(engine, prompts, args.new_tokens, device, seed=1)
+        _, completions = timed_generate(engine, prompts, args.new_tokens, device, seed=1)
         del engine
-        out["dense"] = mismatch(dense, dense_completions, cfg, device, replay=True)
-        out["r3_on_vs_dense"] = out["moe_r3_on"]["mean"] / out["dense"]["mean"]
-        out["dtype"] = "float32 weights, bf16 autocast" if cuda else "bf16 engine weights, bf16 CPU autocast trainer"
-        return out
+        return {"shape": dense_shape, **mismatch(dense, completions, cfg, device, replay=True)}
 
     def hf_rate(static: bool):
         if ("static" if static else "dynamic") not in hf_backends:
@@ -592,6 +595,9 @@ def main(argv: list[str] | None = None) -> dict:
     state.pop("engine", None)
     _free(device)
     section("mismatch", mismatch_section)
+    section("mismatch_dense", dense_section)
+    with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):  # either section failed: no ratio
+        results["mismatch"]["r3_on_vs_dense"] = results["mismatch"]["moe_r3_on"]["mean"] / results["mismatch_dense"]["mean"]
     section("trainer", lambda: train_mfu(master, state["completions"], args, device))
     master = rollout = None  # frees them for the transformers baselines (the closures above hold the names)
     section("hf_dynamic", lambda: hf_rate(False))

@@ -37,7 +37,7 @@ def test_tiny_cpu_run_fills_every_section(tmp_path, capsys):
                 "--greedy-prompts", "2", "--greedy-tokens", "16", "--train-steps", "1", "--train-warmup", "1",
                 "--fp8", "scaled_mm", "--json", str(out)])
     results = json.loads(out.read_text())
-    for name in ("correctness", "engine", "fp8", "mismatch", "trainer", "hf_dynamic"):
+    for name in ("correctness", "engine", "fp8", "mismatch", "mismatch_dense", "trainer", "hf_dynamic"):
         section = results[name]
         assert "error" not in section and "skipped" not in section, (name, section)
         assert all(math.isfinite(x) for x in _numbers(section)), (name, section)
@@ -51,7 +51,8 @@ def test_tiny_cpu_run_fills_every_section(tmp_path, capsys):
     assert mismatch["moe_r3_off"]["route_agreement"] < 1
     assert 0 < mismatch["moe_r3_on"]["mean"] < mismatch["moe_r3_off"]["mean"]
     assert mismatch["moe_r3_on"]["max"] <= mismatch["moe_r3_off"]["max"]
-    assert mismatch["dense"]["mean"] > 0 and "route_agreement" not in mismatch["dense"]
+    assert results["mismatch_dense"]["mean"] > 0 and "route_agreement" not in results["mismatch_dense"]
+    assert mismatch["r3_on_vs_dense"] == mismatch["moe_r3_on"]["mean"] / results["mismatch_dense"]["mean"]
     assert 0 < results["trainer"]["mfu"] and results["trainer"]["replayed"] is True
     fp8 = results["fp8"]
     assert fp8["path"].startswith("rowwise") and fp8["bf16"]["tokens"] == fp8["fp8"]["tokens"] == 8 * 24
