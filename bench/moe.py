@@ -20,7 +20,7 @@ run; the JSON is rewritten after each, so a run cut short keeps what it measured
    default, float32 routers) samples completions; the trainer's old-logprob forward
    (``recompute_old_logprobs``) scores them with router replay (R3) on and off: mean and max
    |engine - trainer| logprob and route agreement. The same for a dense Qwen2.5-0.5B shape (no
-   routes) as the baseline. Issue 34's goal: MoE with R3 within 2x the dense mismatch.
+   routes) as the baseline (section mismatch_dense). Issue 34's goal: MoE with R3 within 2x the dense mismatch.
 5. trainer: ``policy_update`` (GRPO's PPO-clip loss, packed micro-batches, R3 replaying the
    engine's routes, AdamW) on the section-4 completions, float32 weights under bf16 autocast.
    MFU = (6 x active parameters x tokens + attention) / time / --peak-tflops. Active parameters:
@@ -410,6 +410,9 @@ def table(results: dict) -> str:
         rows.append(("trainer logprobs, fp8 vs bf16 experts (same tokens, R3)",
                      (f"mean {d['mean']:.2e}, max {d['max']:.2e}; fp8/bf16 engine tokens/s {f['speedup']:.2f}x; "
                       f"{f['path']}"), ""))
+        a = f["greedy_fp8_vs_bf16"]
+        rows.append((f"engine greedy, fp8 vs bf16 experts ({a['prompts']} prompts x {a['tokens']} tokens)",
+                     f"{a['identical']}/{a['prompts']} identical; first divergence {a['first_divergence']}", ""))
     meta = results["meta"]
     p = meta["params"]
     lines = [f"- **Date:** {meta['date']}",
@@ -471,8 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"meta": {
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-        "transformers": transformers.__version__, "command": "python bench/moe.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "shape": args.shape,
+        "transformers": transformers.__version__,
+        "command": "python bench/moe.py " + " ".join(sys.argv[1:] if argv is None else argv), "shape": args.shape,
         "config": moe_kwargs, "params": counts, "dense_shape": dense_shape,
         "workload": f"{args.prompts} prompts x {args.prompt_len} + {args.new_tokens} tokens", "notes": [],
     }}
@@ -542,13 +545,13 @@ def main(argv: list[str] | None = None) -> dict:
         engine.runner.release_graphs()  # fp8's segment loop syncs the host: eager decode for both rows
         use_scaled_mm = args.fp8 != "reference"
         rows, completions = {}, {}
-        new_tokens = min(args.fp8_new_tokens, args.new_tokens)
+        new_tokens, greedy_tokens = min(args.fp8_new_tokens, args.new_tokens), min(args.greedy_tokens, args.new_tokens)
         rows["bf16"], completions["bf16"] = timed_generate(engine, prompts, new_tokens, device)
-        bf16_greedy = greedy(engine, prompts[: args.greedy_prompts], args.greedy_tokens)
+        bf16_greedy = greedy(engine, prompts[: args.greedy_prompts], greedy_tokens)
         with fp8_experts(rollout, use_scaled_mm) as nbytes:
             timed_generate(engine, prompts, 2, device)  # warm-up
             rows["fp8"], completions["fp8"] = timed_generate(engine, prompts, new_tokens, device)
-            fp8_greedy = greedy(engine, prompts[: args.greedy_prompts], args.greedy_tokens)
+            fp8_greedy = greedy(engine, prompts[: args.greedy_prompts], greedy_tokens)
         for key, row in rows.items():
             row["mismatch"] = mismatch(master, completions[key], cfg, device, replay=True)
         # The same tokens and routes through the trainer with bf16 and with fp8 experts.
