@@ -348,7 +348,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
-    from posttrain.report.cli import view
+    from posttrain.report.cli import view  # matplotlib (view --html) only now
 
     return _quiet_on_closed_stdout(lambda: view(args))
 
@@ -372,7 +372,7 @@ def _quiet_on_closed_stdout(command: Callable[[], int]) -> int:
 
 def _leave_process_group() -> None:
     if "torch.distributed" in sys.modules:  # only a multi-process run has one to leave
-        from posttrain.distributed import destroy_process_group
+        from posttrain.distributed import destroy_process_group  # torch: the CLI's own imports stay torch-free
 
         destroy_process_group()
 
@@ -481,7 +481,7 @@ def _run(argv: list[str], debug: bool) -> int:
         return dry_run(args.command, cfg)
     num_processes = getattr(cfg.trainer, "num_processes", 1)
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet a torchrun worker: start them
-        from posttrain.distributed.launch import relaunch
+        from posttrain.distributed.launch import relaunch  # torch's elastic launcher only now
 
         return relaunch(num_processes, argv + ["--debug"] * debug, cfg.trainer.dist_timeout_s)
     module_name, function_name = COMMANDS[args.command][2].split(":")
@@ -490,14 +490,14 @@ def _run(argv: list[str], debug: bool) -> int:
     try:
         output_dir = train(cfg, resume_from=resume)
     except BaseException:
-        from posttrain.trainer.common import undo_failed_resume, undo_failed_start
+        from posttrain.trainer.common import undo_failed_resume, undo_failed_start  # torch: loaded by train already
 
         if resume is not None:
             undo_failed_resume()  # a resume that never saved a checkpoint leaves config.yaml as it was
         undo_failed_start()  # a new run that wrote nothing of its own leaves no run folder behind
         raise
     finally:
-        from posttrain.trainer.run_lock import release_run_folder
+        from posttrain.trainer.run_lock import release_run_folder  # (the CLI's own imports stay torch-free)
 
         release_run_folder()  # another run may use the folder now (the lock dies with the process anyway)
         _leave_process_group()
@@ -549,7 +549,7 @@ def _setup_console_logging() -> None:
     logging.getLogger("posttrain").setLevel(logging.INFO)
     # transformers' per-call notices (e.g. about generation flags) would drown the progress bar.
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: only commands that run a model get here
 
     hf_logging.disable_progress_bar()
 

@@ -27,7 +27,10 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from posttrain.checkpoint.manager import (
     _TMP_PREFIX,
@@ -151,10 +154,6 @@ def convert_to_hf(source: str | Path, output: str | Path) -> Path:
     """Write the sharded checkpoint ``source`` (a checkpoint folder, or a run folder: its latest) as a
     Hugging Face model folder ``output`` (config, tokenizer, safetensors) that
     ``AutoModelForCausalLM.from_pretrained`` loads. Runs in one process; needs no process group."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     ckpt = CheckpointManager.resolve(source)
     if not is_sharded_checkpoint(ckpt):
         raise PosttrainError(

@@ -18,7 +18,7 @@ logger = logging.getLogger("posttrain.cluster")
 
 def import_ray() -> Any:
     try:
-        import ray
+        import ray  # optional: the ray extra
     except ImportError:
         raise PosttrainError(
             "cluster.backend=ray needs Ray, which is not installed: `pip install 'posttrain[ray]'` (or `pip install "
@@ -82,7 +82,7 @@ def stderr_tail(pid: int | None, actor_id: str | None, lines: int = 10) -> str:
                 return "".join(f.readlines()[-lines:]).rstrip()
     if actor_id is not None:
         try:
-            from ray.util.state import get_log
+            from ray.util.state import get_log  # optional: the ray extra
 
             return "".join(get_log(actor_id=actor_id, suffix="err", tail=lines, timeout=5)).rstrip()
         except Exception:  # noqa: BLE001 - no dashboard or the node is gone: the cause alone must do

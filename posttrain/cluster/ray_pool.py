@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from posttrain.cluster.ray_cluster import death_report, import_ray, init_ray
 from posttrain.cluster.replicas import EngineReplica, ReplicaError, split_contiguous, unwrap_policy
@@ -114,8 +115,6 @@ class EngineReplicaActor:
         return version
 
     def load_checkpoint(self, path: str, version: int) -> int:
-        from safetensors.torch import load_file
-
         self.replica.load_weights(load_file(path, device=str(self.replica.device)).items(), version)
         return version
 

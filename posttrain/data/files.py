@@ -11,6 +11,9 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from posttrain.errors import PosttrainError
 
 Row = dict[str, Any]
@@ -138,9 +141,6 @@ def read_rows(source: str, *, split: str = "train", config_key: str = "data.trai
 
 
 def _read_parquet(source: str) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         return pq.read_table(source)
     except (pa.ArrowException, OSError) as e:
@@ -152,7 +152,7 @@ def _read_saved_dataset(path: str, split: str, config_key: str) -> list[Row]:
 
 
 def _load_saved_dataset(path: str, split: str, config_key: str) -> Any:
-    import datasets
+    import datasets  # a required dependency, but 0.6 s to import: only runs that read such data pay it
 
     try:
         ds = datasets.load_from_disk(path)
@@ -175,7 +175,7 @@ def _read_hub(name: str, split: str) -> list[Row]:
 
 
 def _read_hub_dataset(name: str, split: str) -> Any:
-    import datasets
+    import datasets  # a required dependency, but 0.6 s to import: only runs that read such data pay it
 
     if not name:
         raise PosttrainError("'hf:' needs a dataset name, e.g. data.train_path='hf:openai/gsm8k'.")

@@ -11,6 +11,10 @@ import sys
 import uuid
 from collections.abc import Sequence
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 logger = logging.getLogger("posttrain.distributed")
 
 
@@ -21,10 +25,6 @@ def relaunch(num_processes: int, argv: Sequence[str], shutdown_timeout_s: float 
     step). Workers inherit the environment; torchrun sets
     OMP_NUM_THREADS=1 in them unless it is set. ``shutdown_timeout_s``: how long workers may take to
     finish their step and checkpoint after Ctrl-C before they are killed."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     # torch >= 2.12 takes the grace period after a signal as a field; older versions read this variable.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(shutdown_timeout_s)))
     config = LaunchConfig(

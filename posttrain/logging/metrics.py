@@ -212,7 +212,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 def _open_tensorboard(log_dir: Path, resume_step: int | None) -> Any:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard extra
     except ImportError as exc:
         raise PosttrainError(
             "logging.tensorboard=true needs the tensorboard package: install it with "
@@ -231,7 +231,7 @@ def _open_tensorboard(log_dir: Path, resume_step: int | None) -> Any:
 
 def _open_wandb(output_dir: Path, cfg: LoggingConfig, run_config: dict) -> Any:
     try:
-        import wandb
+        import wandb  # optional: the wandb extra
     except ImportError as exc:
         raise PosttrainError(
             "logging.wandb=true needs the wandb package: install it with `pip install wandb`, "

@@ -42,7 +42,7 @@ class MLflowSink:
         if self.uri.startswith("file:") or "://" not in self.uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
-            from mlflow.entities import Metric, Param
+            from mlflow.entities import Metric, Param  # optional: the mlflow extra
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
             raise PosttrainError(

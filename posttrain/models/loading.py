@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.checkpoint.validate import validate_model_folder
 from posttrain.config.schema import ModelConfig, MoEConfig
@@ -120,8 +120,6 @@ def _dequantized_gguf_folder(cfg: ModelConfig, folder: str, file_name: str) -> P
     identical logits. The cache key includes the file's size and mtime so an updated file is
     converted again. Written to a temporary folder and renamed, so a crash never leaves a
     half-written cache entry."""
-    from transformers import GgufConfig
-
     source = Path(folder) / file_name
     stamp = f"{source.stat().st_size}-{int(source.stat().st_mtime)}" if source.is_file() else "hub"
     key = hashlib.sha1(f"{folder}/{file_name}/{stamp}".encode()).hexdigest()[:12]

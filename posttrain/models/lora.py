@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
 
 from posttrain.checkpoint.manager import ADAPTER_STEP_PREFIX, STEP_PREFIX
 from posttrain.config.schema import LoRAConfig, ModelConfig
@@ -35,15 +39,11 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
     return isinstance(model, PeftModel)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Distinct last name parts of the model's linear layers (what target_modules names), sorted."""
-    from transformers.pytorch_utils import Conv1D
-
     return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
                    if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
 
@@ -75,8 +75,6 @@ def _prepare_base(model: torch.nn.Module) -> None:
 def apply_lora(model: torch.nn.Module, lora_cfg: LoRAConfig) -> torch.nn.Module:
     """Wrap ``model`` in fresh LoRA adapters (B = 0, so it computes exactly what it did before);
     freezes every base parameter. Returns the peft model (it holds ``model``'s modules, no copy)."""
-    from peft import LoraConfig, get_peft_model
-
     targets = list(lora_cfg.target_modules)
     _check_targets(model, targets)
     _prepare_base(model)
@@ -100,8 +98,6 @@ def apply_lora(model: torch.nn.Module, lora_cfg: LoRAConfig) -> torch.nn.Module:
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, trainable: bool = True) -> torch.nn.Module:
     """Wrap the base ``model`` with the adapter saved in ``adapter_dir`` (trainable for resume)."""
-    from peft import PeftModel
-
     _prepare_base(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -120,11 +116,6 @@ def hot_swap_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> tuple[t
     The first call wraps ``model`` in the adapter (peft injects its layers into the model's own
     modules) and returns the wrapper, with True: modules changed. Later calls overwrite the adapter
     weights in place and return ``model`` with False."""
-    import os
-
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     if not is_peft_model(model):
         wrapped = load_adapter(model, adapter_dir, trainable=False)
         wrapped.eval()

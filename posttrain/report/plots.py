@@ -39,7 +39,7 @@ class Plot:
 
 def require_matplotlib() -> None:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (optional: the report extra)
     except ImportError as exc:
         raise PosttrainError(
             "`posttrain report` and `posttrain view --html` plot with matplotlib, which is not installed: "
@@ -50,7 +50,7 @@ def require_matplotlib() -> None:
 def make_plots(runs: list[Run]) -> list[Plot]:
     """A figure per panel with data in any of ``runs``, in PANELS order."""
     require_matplotlib()
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional (report extra): checked just above
 
     plots = []
     for panel in PANELS:
@@ -71,7 +71,7 @@ def overview_figure(runs: list[Run], names: tuple[str, ...] = OVERVIEW_PANELS, c
                     columns: int = 3) -> Any:
     """The first ``count`` panels of ``names`` that have data, in one figure: a picture of a run to share."""
     require_matplotlib()
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional (report extra): checked just above
 
     by_name = {p.name: p for p in PANELS}
     chosen = [(by_name[n], keys) for n in names if (keys := panel_keys(by_name[n], runs))][:count]
@@ -85,7 +85,7 @@ def overview_figure(runs: list[Run], names: tuple[str, ...] = OVERVIEW_PANELS, c
 def draw_panel(ax: Any, panel: Panel, keys: list[str], runs: list[Run], legend_size: float = 7.5) -> None:
     """Draw ``keys`` of ``runs`` on ``ax``. Every metric is a line whose data are exactly the
     logged (step, value) pairs (``metric_series``); the stacked timing area is drawn beneath."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional (report extra): make_plots checked it
     from matplotlib.ticker import MaxNLocator
 
     colours = colormaps["tab10"].colors

@@ -100,12 +100,12 @@ class _LiveCounter:
         registry.register(self)
 
     def describe(self) -> list:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily  # optional (serve extra): see add_metrics
 
         return [CounterMetricFamily(self.name, self.documentation)]
 
     def collect(self) -> list:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily  # optional (serve extra): see add_metrics
 
         family = CounterMetricFamily(self.name, self.documentation)
         family.add_metric([], float(self.read()))

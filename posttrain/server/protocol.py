@@ -246,6 +246,7 @@ def install_error_handlers(app: Any) -> None:
     """Every error of a FastAPI app in the OpenAI error schema: our APIError, request validation
     (400, naming the parameter), routing errors (404/405) and, through ``JSONErrorMiddleware``,
     anything else (500)."""
+    # fastapi/starlette: the optional serve extra, present wherever an app is built
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 

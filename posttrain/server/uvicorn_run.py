@@ -41,7 +41,7 @@ def json_error_protocol(base: type[asyncio.Protocol] | None = None) -> type[asyn
     uvicorn's implementations (h11, httptools) call ``send_400_response`` from the ``except``
     block of the parse error, which is how the error is known here."""
     if base is None:
-        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol  # uvicorn: the optional serve extra
 
         base = AutoHTTPProtocol
 

@@ -17,9 +17,12 @@ import logging
 import os
 import threading
 import uuid
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
+import torch.multiprocessing  # noqa: F401  registers torch's reductions (shared memory, CUDA IPC) with ForkingPickler
+from safetensors.torch import load_file
 
 from posttrain.models.weights import share_named_tensors, weights_checksum
 from posttrain.sampling import RolloutEngine
@@ -143,8 +146,6 @@ class WeightReceiver:
     # -- checkpoint ------------------------------------------------------------------------------
 
     def load_from_disk(self, model_path: str, load_format: str | None = None, weight_version: str | None = None) -> str:
-        from safetensors.torch import load_file
-
         if load_format not in (None, "auto", "safetensors"):
             raise SyncError(f"load_format '{load_format}' is not supported; the server reads safetensors files.")
         files = sorted(glob.glob(os.path.join(model_path, "*.safetensors"))) if os.path.isdir(model_path) else (
@@ -172,10 +173,6 @@ class WeightReceiver:
         if not self.allow_pickled_tensors:
             raise SyncError("update_weights_from_tensor unpickles the request, which runs code chosen by the sender; "
                             "start the server with --enable-tensor-updates if the trainer is trusted.")
-        from multiprocessing.reduction import ForkingPickler
-
-        import torch.multiprocessing  # noqa: F401  registers torch's reductions (shared memory, CUDA IPC)
-
         if not serialized_named_tensors:
             raise SyncError("serialized_named_tensors is empty.")
         if load_format not in (None, "shared"):

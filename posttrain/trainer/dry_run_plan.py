@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from posttrain.algorithms import resolved_off_policy_correction
 from posttrain.config.schema import ModelConfig
@@ -59,8 +60,6 @@ def meta_model_shape(model_cfg: ModelConfig, critic: bool = False, moe: Any = No
     ``critic``: the PPO value model instead (the transformer without its LM head, plus a value head).
     ``moe`` with ``random_init.family`` set: the random-init MoE policy the run builds (model.path
     then only lends its tokenizer), as ``load_model_and_tokenizer`` does."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if moe is not None and moe.random_init.family and not critic:
         with torch.device("meta"):
             model = build_random_moe_model(moe, load_tokenizer(model_source(model_cfg), model_cfg),
