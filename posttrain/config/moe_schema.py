@@ -90,11 +90,13 @@ class MoEConfig:
     )
     expert_dtype: str = opt(
         "auto",
-        "Dtype of the expert matmuls. 'auto': model.dtype like the rest of the model (bf16 on GPU). 'fp8' "
-        "needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); 'nvfp4' needs 10.0 or newer "
-        "(Blackwell). Both are checked against the GPU before loading; fp8 experts exist as building blocks "
-        "(models/moe/fp8_experts.py) but are not wired into runs yet, so for now both stop the run with a "
-        "message saying so.",
+        "Dtype of the experts in rollouts on posttrain's engine (rollout.backend=engine, and engine replicas). "
+        "'auto': model.dtype like the rest of the model (bf16 on GPU). 'fp8': the engine computes the experts "
+        "from float8 e4m3 copies with one scale per output channel, quantized again at every weight sync; "
+        "training stays in model.dtype. Needs an NVIDIA GPU of compute capability 8.9 or newer (scaled-matmul "
+        "kernels on 9.0+, Hopper; on 8.9 the fp8 weights are dequantized each step, saving no time); no decode "
+        "CUDA graphs. 'nvfp4' needs 10.0 or newer (Blackwell) and is not implemented yet. Checked against the GPU "
+        "before loading. See docs/moe.md.",
         ("auto", "fp8", "nvfp4"),
     )
     ep_mode: str = opt(

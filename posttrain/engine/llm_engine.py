@@ -47,8 +47,13 @@ class Engine:
         compile: bool = True,
         cpu_dtype: torch.dtype = torch.float32,
         float32_logits: bool = True,
+        expert_dtype: str = "auto",
     ) -> None:
+        if expert_dtype not in ("auto", "fp8"):
+            raise PosttrainError(f"expert_dtype={expert_dtype!r}: the engine runs MoE experts in the model's dtype "
+                                 "('auto') or in fp8 ('fp8'); nvfp4 experts are not implemented yet.")
         self.model = model
+        self.expert_dtype = expert_dtype
         self.tokenizer = tokenizer
         self.compute_dtype = compute_dtype
         self.max_model_len = max_model_len
@@ -60,8 +65,18 @@ class Engine:
         self.runner = ModelRunner(
             model, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             compute_dtype=compute_dtype, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            cpu_kv_cache_gb=cpu_kv_cache_gb, cuda_graphs=cuda_graphs, compile=compile, float32_logits=float32_logits,
+            cpu_kv_cache_gb=cpu_kv_cache_gb, cuda_graphs=cuda_graphs and expert_dtype == "auto", compile=compile,
+            float32_logits=float32_logits,
         )
+        # expert_dtype=fp8: the MoE layers run on e4m3 copies of the experts (per-output-channel
+        # scales), made here and again whenever new weights arrive (update_weights, parameters_moved).
+        # A segment loop with a host sync per layer, so decode runs without CUDA graphs.
+        self.fp8_experts = None
+        if expert_dtype == "fp8":
+            if self.runner.decoder.moe is None:
+                raise PosttrainError(f"expert_dtype=fp8 quantizes MoE experts, but {type(model).__name__} has none; "
+                                     "use expert_dtype=auto.")
+            self.quantize_experts()
         # CPU rollouts in bf16: generate() swaps the fp32 parameters for bf16 copies and back.
         self.cpu_bf16 = self.runner.device.type == "cpu" and cpu_dtype == torch.bfloat16
         if self.cpu_bf16:
@@ -112,11 +127,21 @@ class Engine:
                 for p, data in self._fp32_params:
                     p.data = data
                 load_named_tensors(self.model, named_tensors)
+                self.quantize_experts()
                 for p, data in self._fp32_params:
                     p.data = data.to(torch.bfloat16)
             else:
                 load_named_tensors(self.model, named_tensors)
+                self.quantize_experts()
+        else:  # the trainer's modules, stepped in place (sync.mode=shared)
+            self.quantize_experts()
         self.flush_cache()
+
+    def quantize_experts(self) -> None:
+        """expert_dtype=fp8: (re)quantize the experts from the current weights, once per weight
+        sync; a no-op otherwise."""
+        if self.expert_dtype == "fp8":
+            self.fp8_experts = self.runner.decoder.moe.quantize_fp8()
 
     def generate(self, prompts: Seq[list[int]], params: SamplingParams,
                  before_step: Callable[[], None] | None = None) -> list[list[Completion]]:
@@ -188,11 +213,17 @@ class Engine:
         if training:
             self.model.eval()
         try:
-            out = self.runner.run(seqs, is_prefill)
+            with self._experts():
+                out = self.runner.run(seqs, is_prefill)
         finally:
             if training:
                 self.model.train()
         return self._postprocess(seqs, out)
+
+    def _experts(self) -> contextlib.AbstractContextManager:
+        if self.fp8_experts is None:
+            return contextlib.nullcontext()
+        return self.runner.decoder.moe.using_fp8(self.fp8_experts)
 
     def run_until_done(self, before_step: Callable[[], None] | None = None) -> None:
         while not self.scheduler.is_finished:
@@ -227,6 +258,7 @@ class Engine:
 
     def parameters_moved(self) -> None:
         """Called after the model's parameters were pointed at other tensors (not copied into)."""
+        self.quantize_experts()
         self.flush_cache()
         self.runner.parameters_moved()
 

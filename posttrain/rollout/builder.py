@@ -37,6 +37,9 @@ def build_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype
             logger.warning("rollout.backend=engine supports %s, not %r: generating with transformers (backend=hf) instead",
                            ", ".join(SUPPORTED_MODEL_TYPES), model_type)
         backend = "hf"
+    if expert_dtype(cfg) != "auto":
+        logger.warning("moe.expert_dtype=%s applies to posttrain's engine only; rollout.backend=%s generates with "
+                       "the model's own experts in model.dtype", expert_dtype(cfg), backend)
     if backend == "hf":
         return HFEngine(model, tokenizer, generation_batch_size=cfg.rollout.generation_batch_size,
                         compute_dtype=compute_dtype)
@@ -70,4 +73,11 @@ def build_posttrain_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, com
         kv_cache_memory_fraction=e.kv_cache_memory_fraction, cpu_kv_cache_gb=e.cpu_kv_cache_gb,
         cuda_graphs=e.cuda_graphs, enable_prefix_caching=e.enable_prefix_caching, compile=e.compile,
         cpu_dtype=getattr(torch, e.cpu_dtype), float32_logits=cfg.model.float32_logits,
+        expert_dtype=expert_dtype(cfg),
     )
+
+
+def expert_dtype(cfg: Any) -> str:
+    """``moe.expert_dtype`` as posttrain's engine takes it ('auto' where the config has no moe section)."""
+    moe = getattr(cfg, "moe", None)
+    return moe.expert_dtype if moe is not None else "auto"

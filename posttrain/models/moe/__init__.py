@@ -424,9 +424,9 @@ def check_expert_dtype(expert_dtype: str, device: torch.device,
         capability = torch.cuda.get_device_capability(device)
         gpu_name = torch.cuda.get_device_name(device)
     check_expert_dtype_capability(expert_dtype, capability, f"this GPU ({gpu_name})")
-    raise ConfigError(f"moe.expert_dtype={expert_dtype}: {gpu_name} (capability {capability[0]}.{capability[1]}) "
-                      f"supports it, but posttrain's {expert_dtype} experts are building blocks not wired into runs "
-                      "yet (models/moe/fp8_experts.py, docs/moe.md); use moe.expert_dtype=auto.")
+    if expert_dtype == "nvfp4":
+        raise ConfigError(f"moe.expert_dtype=nvfp4: {gpu_name} (capability {capability[0]}.{capability[1]}) supports "
+                          "it, but posttrain's nvfp4 experts are not implemented yet; use moe.expert_dtype=fp8.")
 
 
 def check_expert_dtype_capability(expert_dtype: str, capability: tuple[int, int], gpu_name: str = "this GPU") -> None:
@@ -536,7 +536,10 @@ def moe_checklist(shape: MoEShape, cfg: Any, layout: Any, model_name: str) -> st
         f"  [ok] load-balancing loss coef {r.aux_loss_coef:g}, z-loss coef {r.z_loss_coef:g} (on the loss tokens, summed over layers)",
         "  [ok] capacity: " + (f"factor {r.capacity_factor:g}: moe/dropped_fraction logs what it would drop "
                                "(the transformers experts are dropless)" if r.capacity_factor > 0 else "dropless"),
-        f"  [ok] expert dtype: {cfg.moe.expert_dtype}",
+        f"  [ok] expert dtype: {cfg.moe.expert_dtype}"
+        + (" (rollouts: e4m3 experts, per-output-channel scales, requantized at every weight sync)"
+           if cfg.moe.expert_dtype == "fp8" else ""),
+        f"  [ok] expert parallelism: moe.ep_mode={cfg.moe.ep_mode}",
         f"  [ok] rollout.backend={backend}"
         + (": posttrain's engine for Mixtral, Qwen2/Qwen3-MoE, OLMoE and GraniteMoE (grouped experts, routes "
            "recorded); transformers for other families" if backend == "engine" else ""),

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from posttrain.errors import ConfigError
 from posttrain.models.moe.grouped_experts import grouped_experts, sort_by_expert
 
 FP8_DTYPE = torch.float8_e4m3fn

@@ -12,6 +12,10 @@ inside :meth:`GroupedMoE.replaying` each layer uses given ids instead of its rou
 the routing weights still come from the softmax over the *current* router logits (gathered at the
 given ids and renormalised as the family does), so the router keeps its gradient. That is rollout
 routing replay (R3): record in the engine, replay in the trainer.
+
+fp8 experts (``moe.expert_dtype=fp8``): inside :meth:`GroupedMoE.using_fp8` each layer computes
+its experts from given e4m3 weights (:mod:`posttrain.models.moe.fp8_experts`), so the engine can
+run quantized experts on modules it shares with the trainer, whose forwards stay full precision.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ import torch
 
 from posttrain.errors import PosttrainError
 from posttrain.models.moe import find_routers
+from posttrain.models.moe.fp8_experts import (
+    FP8Experts,
+    fp8_grouped_experts,
+    quantize_experts,
+)
 from posttrain.models.moe.grouped_experts import grouped_experts
 
 
@@ -69,6 +78,7 @@ class GroupedMoE:
         self._recorded: list[torch.Tensor | None] | None = None
         self._record_router_choice = False
         self._replay: Sequence[torch.Tensor] | None = None
+        self._fp8: Sequence[FP8Experts] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -102,6 +112,31 @@ class GroupedMoE:
             yield
         finally:
             self._replay = None
+
+    def quantize_fp8(self) -> list[FP8Experts]:
+        """Every layer's experts as e4m3 weights with per-output-channel scales (read from the
+        current weights; call again after they change). Refused for experts under a peft wrapper:
+        the adapters would be left out."""
+        layers = []
+        for block in self.blocks:
+            experts = base_layer(block.experts)
+            if experts is not block.experts:
+                raise PosttrainError("fp8 experts (moe.expert_dtype=fp8) with LoRA adapters on the experts are not "
+                                     "supported: the adapters would be left out; use moe.expert_dtype=auto.")
+            layers.append(quantize_experts(experts.gate_up_proj, experts.down_proj))
+        return layers
+
+    @contextlib.contextmanager
+    def using_fp8(self, experts: Sequence[FP8Experts]) -> Iterator[None]:
+        """Every forward inside computes layer i's experts from ``experts[i]`` (no gradients), e.g.
+        the engine's rollouts, while forwards outside (the trainer's) keep the modules' weights."""
+        if len(experts) != self.num_layers:
+            raise PosttrainError(f"got fp8 experts of {len(experts)} layers; the model has {self.num_layers} MoE layers.")
+        self._fp8 = experts
+        try:
+            yield
+        finally:
+            self._fp8 = None
 
     def restore(self) -> None:
         """Give every block back transformers' own forward."""
@@ -147,7 +182,10 @@ def grouped_moe_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> t
         weights = replay_weights(logits, ids, renormalize, torch.float32 if family.float32_weights else logits.dtype)
     if moe._recorded is not None:
         moe._recorded[layer] = (router_ids if moe._record_router_choice else ids).detach()
-    out = self.experts(x, ids, weights)  # grouped_experts_forward, through any peft wrapper
+    if moe._fp8 is not None:
+        out = fp8_grouped_experts(x, ids, weights, moe._fp8[layer], base_layer(self.experts).act_fn)
+    else:
+        out = self.experts(x, ids, weights)  # grouped_experts_forward, through any peft wrapper
     if family.shared_expert:
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
     return out.reshape(shape)
