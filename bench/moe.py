@@ -9,13 +9,13 @@ run; the JSON is rewritten after each, so a run cut short keeps what it measured
    (CPU): the tokens must be identical; bf16 (GPU): tokens before the first divergence.
 2. engine: posttrain's engine tokens/s, --prompts prompts x --new-tokens tokens, temperature 1,
    ignore_eos so every backend makes the same number of tokens (bf16 weights, CUDA graphs).
-3. fp8 (issue 35): the same engine with its decode graphs released (eager decode), bf16 experts
-   then fp8 experts (models/moe/fp8_experts.py: e4m3 weights quantized once, rowwise-scaled
-   ``torch._scaled_mm`` with a host sync per layer, hence no graphs for either row); tokens/s, and
-   the engine/trainer logprob mismatch of each (trainer with R3), and the trainer's logprobs of the
-   same tokens and routes with fp8 vs bf16 experts. The engine has no ``moe.expert_dtype`` option
-   yet, so the bench swaps the experts' forward itself (:func:`fp8_experts`). Skipped, with the
-   reason, where there is no rowwise ``_scaled_mm`` (CPU, GPUs below 9.0) unless forced (--fp8).
+3. fp8 (issue 35): bf16 experts (the same engine with its decode graphs released) against an
+   engine with ``expert_dtype="fp8"`` (``moe.expert_dtype=fp8``: e4m3 copies of the experts,
+   rowwise-scaled ``torch._scaled_mm`` with a host sync per layer, so it decodes without graphs,
+   and so does the bf16 row here): tokens/s, the engine/trainer logprob mismatch of each (trainer
+   with R3), and the trainer's logprobs of the same tokens and routes with fp8 vs bf16 experts
+   (``GroupedMoE.using_fp8``). Skipped, with the reason, where the scaled-matmul path cannot run
+   (CPU, GPUs below 9.0) unless --fp8 on (then the engine's reference path: dequantized weights).
 4. mismatch: an engine on the float32 master weights under bf16 autocast (a colocated GRPO run's
    default, float32 routers) samples completions; the trainer's old-logprob forward
    (``recompute_old_logprobs``) scores them with router replay (R3) on and off: mean and max
@@ -35,7 +35,7 @@ run; the JSON is rewritten after each, so a run cut short keeps what it measured
     PYTHONPATH=$PWD python bench/moe.py --device cuda --json moe_h100.json
         # H100: estimated 5-7 minutes (not run on a GPU yet); the static-cache compile is the unknown
     PYTHONPATH=$PWD python bench/moe.py --device cpu --shape tiny --prompts 8 --prompt-len 16 --new-tokens 24 \\
-        --greedy-prompts 2 --greedy-tokens 16 --train-steps 1 --train-warmup 1 --fp8 scaled_mm   # smoke test, 30-70 s
+        --greedy-prompts 2 --greedy-tokens 16 --train-steps 1 --train-warmup 1 --fp8 on   # smoke test, 30-70 s
     python bench/moe.py --table-from moe_h100.json        # the table again, e.g. of a run cut short
 """
 
@@ -50,7 +50,6 @@ import json
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -67,12 +66,8 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.engine import Engine
 from posttrain.models.loading import autocast_context
 from posttrain.models.moe import apply_router_dtype
-from posttrain.models.moe.fp8_experts import (
-    fp8_grouped_experts,
-    quantize_experts,
-    scaled_mm_capable,
-)
-from posttrain.models.moe.hf_blocks import base_layer, use_grouped_experts
+from posttrain.models.moe.fp8_experts import scaled_mm_capable, scaled_mm_supported
+from posttrain.models.moe.hf_blocks import use_grouped_experts
 from posttrain.sampling import SamplingParams
 from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.optim import build_optimizer, build_scheduler
@@ -94,7 +89,7 @@ SHAPES = {
                   num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                   intermediate_size=128), "tiny"),
 }
-FP8_MODES = ("auto", "scaled_mm", "reference", "off")
+FP8_MODES = ("auto", "on", "off")
 
 
 # ---------------------------------------------------------------- models
@@ -157,13 +152,13 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def make_engine(model, args, device, *, master: bool, notes: list[str]) -> Engine:
+def make_engine(model, args, device, *, master: bool, notes: list[str], expert_dtype: str = "auto") -> Engine:
     """``master``: the float32 master weights, generating under bf16 (autocast on a GPU, bf16
     copies of the weights on a CPU) as a colocated GRPO run does; else the model's own dtype.
     If capturing the decode graphs fails, the engine is built again without them (noted in
     ``notes``), so that the sections after it still measure something."""
     kwargs = {"max_model_len": args.prompt_len + args.new_tokens + 1, "max_num_seqs": args.prompts,
-              "kv_cache_memory_fraction": 0.4, "cpu_kv_cache_gb": 1.0}
+              "kv_cache_memory_fraction": 0.4, "cpu_kv_cache_gb": 1.0, "expert_dtype": expert_dtype}
     if master:
         kwargs.update(compute_dtype=torch.bfloat16, cpu_dtype=torch.bfloat16)
     else:
@@ -216,52 +211,25 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 def fp8_skip_reason(mode: str, device: torch.device, config) -> str | None:
-    """Why the fp8 rows cannot run here (None: they can). ``auto`` runs only the GPU path: rowwise
-    ``torch._scaled_mm`` on compute capability 9.0+; ``scaled_mm`` forces it (torch's CPU build
-    has it too), ``reference`` forces the dequantized path."""
+    """Why the fp8 rows do not run here (None: they do). ``auto`` runs them only where the engine's
+    fp8 experts take the scaled-matmul path (rowwise ``torch._scaled_mm``: CUDA 9.0+, sizes in
+    multiples of 16); ``on`` runs them anyway, on the engine's reference path elsewhere."""
     if mode == "off":
         return "skipped: --fp8 off"
-    if mode != "reference" and not hasattr(torch, "_scaled_mm"):
+    if mode == "on":
+        return None
+    if device.type != "cuda":
+        return (f"skipped: no fp8 scaled-matmul path on {device.type} (--fp8 on measures the engine's "
+                "reference path, dequantized weights)")
+    if not hasattr(torch, "_scaled_mm"):
         return f"skipped: torch {torch.__version__} has no torch._scaled_mm"
-    if mode == "auto":
-        if device.type != "cuda":
-            return (f"skipped: no fp8 scaled-matmul path on {device.type} (--fp8 scaled_mm runs torch's CPU "
-                    "_scaled_mm, --fp8 reference the dequantized weights)")
-        capability = torch.cuda.get_device_capability(device)
-        if not scaled_mm_capable(capability):
-            return (f"skipped: {torch.cuda.get_device_name(device)} has compute capability "
-                    f"{capability[0]}.{capability[1]}; rowwise torch._scaled_mm needs 9.0+")
-    if mode != "reference" and (config.hidden_size % 16 or config.moe_intermediate_size % 16):
+    capability = torch.cuda.get_device_capability(device)
+    if not scaled_mm_capable(capability):
+        return (f"skipped: {torch.cuda.get_device_name(device)} has compute capability "
+                f"{capability[0]}.{capability[1]}; rowwise torch._scaled_mm needs 9.0+")
+    if config.hidden_size % 16 or config.moe_intermediate_size % 16:
         return "skipped: hidden and expert intermediate sizes must be multiples of 16 for torch._scaled_mm"
     return None
-
-
-@contextlib.contextmanager
-def fp8_experts(model: torch.nn.Module, use_scaled_mm: bool):
-    """Every MoE layer of ``model`` computes its experts from fp8 copies of their current weights
-    (quantized once, on entry), through :func:`fp8_grouped_experts`; on exit the grouped bf16
-    experts are back. The bf16 weights stay in place (the trainer still owns them). Yields the
-    fp8 experts' bytes. Stands in for the engine's ``moe.expert_dtype=fp8``, not wired yet."""
-    saved, nbytes = [], 0
-    for block in use_grouped_experts(model).blocks:
-        experts = base_layer(block.experts)
-        quantized = quantize_experts(experts.gate_up_proj, experts.down_proj)
-        nbytes += quantized.nbytes()
-
-        def forward(self, hidden, top_k_index, top_k_weights, quantized=quantized):
-            return fp8_grouped_experts(hidden, top_k_index, top_k_weights, quantized, self.act_fn,
-                                       use_scaled_mm=use_scaled_mm)
-
-        saved.append((experts, experts.__dict__.get("forward")))
-        experts.forward = types.MethodType(forward, experts)
-    try:
-        yield nbytes
-    finally:
-        for experts, forward in saved:
-            if forward is None:
-                del experts.forward
-            else:
-                experts.forward = forward
 
 
 # ---------------------------------------------------------------- the trainer side
@@ -542,30 +510,37 @@ def main(argv: list[str] | None = None) -> dict:
         if reason or "engine" not in state:
             return {"skipped": reason or "skipped: no engine (the correctness section failed)"}
         engine = state["engine"]
-        engine.runner.release_graphs()  # fp8's segment loop syncs the host: eager decode for both rows
-        use_scaled_mm = args.fp8 != "reference"
-        rows, completions = {}, {}
+        engine.runner.release_graphs()  # the fp8 engine decodes without graphs (a host sync per layer): so does bf16 here
         new_tokens, greedy_tokens = min(args.fp8_new_tokens, args.new_tokens), min(args.greedy_tokens, args.new_tokens)
+        rows, completions, greedy_tokens_of = {}, {}, {}
         rows["bf16"], completions["bf16"] = timed_generate(engine, prompts, new_tokens, device)
-        bf16_greedy = greedy(engine, prompts[: args.greedy_prompts], greedy_tokens)
-        with fp8_experts(rollout, use_scaled_mm) as nbytes:
-            timed_generate(engine, prompts, 2, device)  # warm-up
-            rows["fp8"], completions["fp8"] = timed_generate(engine, prompts, new_tokens, device)
-            fp8_greedy = greedy(engine, prompts[: args.greedy_prompts], greedy_tokens)
+        greedy_tokens_of["bf16"] = greedy(engine, prompts[: args.greedy_prompts], greedy_tokens)
+        start = time.perf_counter()
+        fp8_engine = make_engine(rollout, args, device, master=False, notes=notes, expert_dtype="fp8")
+        setup = time.perf_counter() - start
+        timed_generate(fp8_engine, prompts, 2, device)  # warm-up
+        rows["fp8"], completions["fp8"] = timed_generate(fp8_engine, prompts, new_tokens, device)
+        greedy_tokens_of["fp8"] = greedy(fp8_engine, prompts[: args.greedy_prompts], greedy_tokens)
+        quantized = fp8_engine.fp8_experts
+        probe = torch.empty(0, device=device, dtype=next(rollout.parameters()).dtype)
+        path = "rowwise torch._scaled_mm (W8A8)" if scaled_mm_supported(probe, quantized[0]) else "reference (dequantized)"
+        fp8_gib = sum(q.nbytes() for q in quantized) / 2**30
+        del fp8_engine, quantized
+        _free(device)
         for key, row in rows.items():
             row["mismatch"] = mismatch(master, completions[key], cfg, device, replay=True)
         # The same tokens and routes through the trainer with bf16 and with fp8 experts.
         bf16_lp = trainer_logprobs(master, completions["fp8"], cfg, device)
-        with fp8_experts(master, use_scaled_mm):
+        moe = use_grouped_experts(master)
+        with moe.using_fp8(moe.quantize_fp8()):
             fp8_lp = trainer_logprobs(master, completions["fp8"], cfg, device)
         diff = (fp8_lp - bf16_lp).abs()
-        expert_bytes = sum(p.numel() * 2 for name, p in rollout.named_parameters() if ".experts." in name)
-        return {**rows, "new_tokens": new_tokens, "path": "rowwise torch._scaled_mm (W8A8)" if use_scaled_mm else "reference (dequantized)",
+        rollout_gib = sum(p.numel() * p.element_size() for name, p in rollout.named_parameters() if ".experts." in name) / 2**30
+        return {**rows, "new_tokens": new_tokens, "path": path, "fp8_engine_setup_s": setup,
                 "speedup": rows["fp8"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"],
                 "trainer_fp8_vs_bf16": {"mean": diff.mean().item(), "max": diff.max().item(), "tokens": diff.numel()},
-                "greedy_fp8_vs_bf16": agreement(fp8_greedy, bf16_greedy),
-                "expert_gib": {"fp8": nbytes / 2**30, "bf16": expert_bytes / 2**30},
-                "note": "experts' forward swapped by the bench (engine has no moe.expert_dtype yet); no CUDA graphs"}
+                "greedy_fp8_vs_bf16": agreement(greedy_tokens_of["fp8"], greedy_tokens_of["bf16"]),
+                "expert_gib": {"fp8": fp8_gib, str(next(rollout.parameters()).dtype).split(".")[-1]: rollout_gib}}
 
     def mismatch_section():
         engine = make_engine(master, args, device, master=True, notes=notes)

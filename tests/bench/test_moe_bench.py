@@ -32,10 +32,10 @@ def _numbers(node):
 def test_tiny_cpu_run_fills_every_section(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "moe.json"
-    # fp8 forced onto torch's CPU _scaled_mm: the code path the H100 runs (auto skips it on a CPU).
+    # --fp8 on: the engine's fp8 experts on their CPU reference path (auto skips fp8 on a CPU).
     bench.main(["--device", "cpu", "--shape", "tiny", "--prompts", "8", "--prompt-len", "16", "--new-tokens", "24",
                 "--greedy-prompts", "2", "--greedy-tokens", "16", "--train-steps", "1", "--train-warmup", "1",
-                "--fp8", "scaled_mm", "--json", str(out)])
+                "--fp8", "on", "--json", str(out)])
     results = json.loads(out.read_text())
     for name in ("correctness", "engine", "fp8", "mismatch", "mismatch_dense", "trainer", "hf_dynamic"):
         section = results[name]
@@ -55,7 +55,8 @@ def test_tiny_cpu_run_fills_every_section(tmp_path, capsys):
     assert mismatch["r3_on_vs_dense"] == mismatch["moe_r3_on"]["mean"] / results["mismatch_dense"]["mean"]
     assert 0 < results["trainer"]["mfu"] and results["trainer"]["replayed"] is True
     fp8 = results["fp8"]
-    assert fp8["path"].startswith("rowwise") and fp8["bf16"]["tokens"] == fp8["fp8"]["tokens"] == 8 * 24
+    assert fp8["path"].startswith("reference") and fp8["bf16"]["tokens"] == fp8["fp8"]["tokens"] == 8 * 24
+    assert 0 < fp8["expert_gib"]["fp8"] < fp8["expert_gib"]["float32"]
     assert 0 < fp8["trainer_fp8_vs_bf16"]["mean"] < 0.1
     table = capsys.readouterr().out.split("| measurement | result | goal |")[1]
     assert "mismatch MoE, R3 on" in table and "engine fp8 experts" in table
@@ -64,9 +65,7 @@ def test_tiny_cpu_run_fills_every_section(tmp_path, capsys):
 def test_fp8_skip_reasons():
     bench = _load_bench()
     config = bench.Qwen3MoeConfig(**bench.SHAPES["tiny"][0])
-    assert bench.fp8_skip_reason("auto", torch.device("cpu"), config).startswith("skipped: no fp8 scaled-matmul path")
-    assert bench.fp8_skip_reason("off", torch.device("cpu"), config) == "skipped: --fp8 off"
-    assert bench.fp8_skip_reason("scaled_mm", torch.device("cpu"), config) is None
-    config.moe_intermediate_size = 40
-    assert "multiples of 16" in bench.fp8_skip_reason("scaled_mm", torch.device("cpu"), config)
-    assert bench.fp8_skip_reason("reference", torch.device("cpu"), config) is None
+    cpu = torch.device("cpu")
+    assert bench.fp8_skip_reason("auto", cpu, config).startswith("skipped: no fp8 scaled-matmul path on cpu")
+    assert bench.fp8_skip_reason("off", cpu, config) == "skipped: --fp8 off"
+    assert bench.fp8_skip_reason("on", cpu, config) is None
