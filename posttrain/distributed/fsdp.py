@@ -74,12 +74,11 @@ def shard_model(
     # (embedding, head) gathered, since backward starts with them at once.
     reshard = {}
     # Expert-parallel experts (moe.ep_mode, models/moe/ep_training.py): FSDP2 over the ranks holding
-    # the same experts only; their gradients, already summed over the EP group by the all-to-all's
-    # backward, are divided by the world size like every other gradient.
+    # the same experts only (their forward scales the gradients so that FSDP2's mean over these
+    # ranks is the mean over all).
     for experts in expert_parallel_modules(model):
         fully_shard(experts, mesh=experts.expert_parallel.fsdp_mesh, mp_policy=mp_policy, offload_policy=offload,
                     reshard_after_forward=True)
-        experts.set_gradient_divide_factor(float(get_world_size()))
         reshard[experts] = True
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=True)

@@ -3,13 +3,17 @@ own path (``prepare_moe_policy``, ``prepare_for_training``, ``policy_update``): 
 Mixtral's policy update (two optimizer steps, with and without activation checkpointing) equals
 the one-process update; each rank holds half of every layer's experts; the sharded checkpoint
 converts to a plain Hugging Face folder holding the same model; ranks generate different lengths
-(and rank 0 alone) without collectives. Also the config checks of ``moe.ep_mode``.
+(and rank 0 alone) without collectives. On 4 ranks as 2 nodes of 2 (``hybrid``: the experts also
+FSDP-sharded over the ranks holding them) the update equals one process's too. Also the config
+checks of ``moe.ep_mode``.
 
 Tolerance (float32): weights within atol 2e-6 / rtol 1e-5 of the one-process update, metrics
 within rel 1e-4, as the FSDP tests: EP only reorders additions (the all-to-all moves rows, the
 experts sum the same products)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -140,6 +144,39 @@ def test_ep_ranks_generate_different_lengths_like_one_process(ep_run):
         n = 2 + 5 * rank
         expected = model.generate(torch.tensor(PROMPT), max_new_tokens=n, min_new_tokens=n, do_sample=False)
         assert torch.equal(result["tokens"], expected)
+
+
+def hybrid_rank_job(rank: int, world_size: int, workdir: str) -> None:
+    """4 ranks as 2 "nodes" of 2: EP groups of 2, each expert's weights also FSDP-sharded over the
+    2 ranks holding them (expert_dp); rank 0 generates alone; one policy update."""
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    cfg = moe_config("hybrid")
+    model, _, optimizer, scheduler = build_moe(cfg)
+    local = [tuple(m.gate_up_proj.to_local().shape) for m in expert_parallel_modules(model)]
+    model.eval()
+    with gathered_for_generation(model), torch.no_grad():
+        tokens = model.generate(torch.tensor(PROMPT), max_new_tokens=4, min_new_tokens=4, do_sample=False) \
+            if rank == 0 else None
+    model.train()
+    metrics = update(model, optimizer, scheduler, cfg, make_samples(1))
+    state = full_model_state_dict(model)
+    if rank == 0:
+        torch.save({"metrics": metrics, "state": state, "local": local, "tokens": tokens}, f"{workdir}/hybrid.pt")
+
+
+def test_hybrid_ep_with_sharded_experts_on_4_ranks_equals_one_process(tmp_path):
+    run_on_ranks(hybrid_rank_job, str(tmp_path), world_size=4, timeout_s=150)
+    result = torch.load(tmp_path / "hybrid.pt", weights_only=False)
+    # 4 experts over EP groups of 2: 2 per rank, and those 2 split again over the expert-DP pair.
+    assert result["local"] == [(1, 32, 32)] * 2
+    metrics, state = one_process_update(False)
+    for name, tensor in state.items():
+        torch.testing.assert_close(result["state"][name], tensor, **TOLERANCE, msg=name)
+    for key in ("loss/policy", "grad_norm", "kl"):
+        assert result["metrics"][key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-7), key
+    model = build_random_moe_model(moe_config().moe, make_tokenizer(), "eager").eval()
+    expected = model.generate(torch.tensor(PROMPT), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(result["tokens"], expected)
 
 
 def test_ep_mode_config_checks(monkeypatch):

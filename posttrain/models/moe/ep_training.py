@@ -7,8 +7,10 @@ replaces each stacked experts module's ``gate_up_proj``/``down_proj`` with a ``D
 :class:`~posttrain.distributed.layout.ParallelLayout` (EP groups of consecutive ranks; the ranks
 holding the same experts form ``expert_dp``), as torchtitan does. :func:`posttrain.distributed.fsdp.
 shard_model` then shards each experts module with FSDP2 over ``expert_dp`` only (the other weights
-over all ranks) and divides its gradients by the world size like every other gradient: the
-all-to-all's backward already sums the expert gradients over the EP group. Because the expert
+over all ranks). The all-to-all's backward sums each expert's gradient over the EP group; the
+experts' forward divides it by the EP size and FSDP2 averages over ``expert_dp``, so it ends as
+the mean over all ranks like every other gradient (no custom reduce op: gloo has none, and
+torchtitan's ``set_gradient_divide_factor`` needs one). Because the expert
 weights are DTensors of the full ``(E, ...)`` shape, the sharded checkpoint, its Hugging Face
 export, the full state dict and the weight push to engine replicas all see the single-device
 layout with no special case.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import types
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -52,6 +55,7 @@ class ExpertParallel:
     def __init__(self, mesh: DeviceMesh) -> None:
         self.mesh = mesh
         self.ep_group = mesh.get_group("ep")
+        self.ep_size = mesh.size(mesh.mesh_dim_names.index("ep"))
         self.fsdp_mesh = mesh["expert_dp"]
         self.full_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -71,6 +75,19 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param  # differentiable
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` (exact values forward, unlike ``x * s``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
 def ep_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
     """The forward of an expert-parallel experts module (transformers' arguments): all-to-all to
@@ -78,8 +95,10 @@ def ep_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k
     ep: ExpertParallel = self.expert_parallel
     if ep.full_weights is not None:
         return grouped_experts(hidden_states, top_k_index, top_k_weights, *ep.full_weights, self.act_fn)
-    return expert_parallel_experts(hidden_states, top_k_index, top_k_weights, _local(self.gate_up_proj),
-                                   _local(self.down_proj), ep.ep_group, self.act_fn)
+    # The all-to-all's backward sums each expert's gradient over the EP group; / ep here and FSDP2's
+    # mean over expert_dp make it the mean over all ranks, like every other gradient.
+    gate_up, down = (_ScaleGrad.apply(_local(w), 1.0 / ep.ep_size) for w in (self.gate_up_proj, self.down_proj))
+    return expert_parallel_experts(hidden_states, top_k_index, top_k_weights, gate_up, down, ep.ep_group, self.act_fn)
 
 
 def expert_mesh(layout: ParallelLayout, device_type: str) -> DeviceMesh:
