@@ -3,7 +3,8 @@ own path (``prepare_moe_policy``, ``prepare_for_training``, ``policy_update``): 
 Mixtral's policy update (two optimizer steps, with and without activation checkpointing) equals
 the one-process update; each rank holds half of every layer's experts; the sharded checkpoint
 converts to a plain Hugging Face folder holding the same model; ranks generate different lengths
-(and rank 0 alone) without collectives. On 4 ranks as 2 nodes of 2 (``hybrid``: the experts also
+(and rank 0 alone) without collectives; router replay of given routes gives the one-process update
+too. On 4 ranks as 2 nodes of 2 (``hybrid``: the experts also
 FSDP-sharded over the ranks holding them) the update equals one process's too. Also the config
 checks of ``moe.ep_mode``.
 
@@ -63,14 +64,30 @@ def build_moe(cfg: GRPOConfig):
     return model, tokenizer, optimizer, build_scheduler(optimizer, cfg.trainer, 4)
 
 
+# variant -> (activation checkpointing, router replay of given routes)
+VARIANTS = {"plain": (False, False), "activation-checkpointing": (True, False), "router-replay": (False, True)}
+
+
+def samples_for(variant: str) -> list:
+    """make_samples(1), with random engine routes (2 distinct experts per token) for router replay."""
+    samples = make_samples(1)
+    if VARIANTS[variant][1]:
+        g = torch.Generator().manual_seed(7)
+        for s in samples:
+            first = torch.randint(0, NUM_EXPERTS, (2, s.num_tokens - 1), generator=g)
+            second = (first + torch.randint(1, NUM_EXPERTS, first.shape, generator=g)) % NUM_EXPERTS
+            s.routed_experts = torch.stack([first, second], -1).to(torch.int16)
+    return samples
+
+
 def ep_rank_job(rank: int, world_size: int, workdir: str) -> None:
     results = {}
-    for checkpointing in (False, True):
+    for variant, (checkpointing, _) in VARIANTS.items():
         cfg = moe_config("ipc", checkpointing)
         model, tokenizer, optimizer, scheduler = build_moe(cfg)
         experts = expert_parallel_modules(model)
         local = [m.gate_up_proj.to_local().shape[0] for m in experts]
-        if not checkpointing:
+        if variant == "plain":
             model.eval()
             with gathered_for_generation(model), torch.no_grad():  # different lengths: no collective inside
                 n = 2 + 5 * rank
@@ -79,12 +96,12 @@ def ep_rank_job(rank: int, world_size: int, workdir: str) -> None:
                 if rank == 0:  # validation: rank 0 alone
                     model.generate(torch.tensor(PROMPT), max_new_tokens=3, do_sample=False)
             model.train()
-        metrics = update(model, optimizer, scheduler, cfg, make_samples(1))
+        metrics = update(model, optimizer, scheduler, cfg, samples_for(variant))
         state = full_model_state_dict(model)
-        if not checkpointing:
+        if variant == "plain":
             ShardedCheckpointManager(f"{workdir}/run", keep_last=1).save(1, model, tokenizer, {"seed": 0}, optimizer,
                                                                         scheduler)
-        results[checkpointing] = {"metrics": metrics, "state": state, "layers": len(experts), "local": local}
+        results[variant] = {"metrics": metrics, "state": state, "layers": len(experts), "local": local}
     torch.save({**results, "tokens": tokens}, f"{workdir}/rank{rank}.pt")
 
 
@@ -95,19 +112,19 @@ def ep_run(tmp_path_factory):
     return workdir, [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def one_process_update(checkpointing: bool) -> tuple[dict, dict]:
-    cfg = moe_config("single", checkpointing)
+def one_process_update(variant: str) -> tuple[dict, dict]:
+    cfg = moe_config("single", VARIANTS[variant][0])
     model, _, optimizer, scheduler = build_moe(cfg)
-    metrics = update(model, optimizer, scheduler, cfg, make_samples(1))
+    metrics = update(model, optimizer, scheduler, cfg, samples_for(variant))
     return metrics, {k: v.detach() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
-def test_ep_update_equals_the_one_process_update(ep_run, checkpointing):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ep_update_equals_the_one_process_update(ep_run, variant):
     _, ranks = ep_run
-    metrics, state = one_process_update(checkpointing)
+    metrics, state = one_process_update(variant)
     for rank, result in enumerate(ranks):
-        mine = result[checkpointing]
+        mine = result[variant]
         assert mine["layers"] == 2 and mine["local"] == [NUM_EXPERTS // 2] * 2  # half of each layer's experts
         if rank == 0:  # the full state dict comes to rank 0
             assert set(mine["state"]) == set(state)
@@ -115,9 +132,10 @@ def test_ep_update_equals_the_one_process_update(ep_run, checkpointing):
                 torch.testing.assert_close(mine["state"][name], tensor, **TOLERANCE, msg=name)
         for key in ("loss/policy", "grad_norm", "kl", "loss/moe_aux", "moe/load_max_vio"):
             assert mine["metrics"][key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-7), key
-    start = moe_config()
-    assert not torch.equal(state["model.layers.0.mlp.experts.gate_up_proj"],
-                           one_process_start(start)["model.layers.0.mlp.experts.gate_up_proj"])
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(state[name], one_process_start(moe_config())[name])  # the experts trained
+    if variant == "router-replay":  # the replayed routes changed the update
+        assert not torch.allclose(ranks[0][variant]["state"][name], ranks[0]["plain"]["state"][name], atol=1e-6)
 
 
 def one_process_start(cfg: GRPOConfig) -> dict:
@@ -132,7 +150,7 @@ def test_ep_checkpoint_converts_to_the_plain_hf_model(ep_run, tmp_path):
     assert type(loaded).__name__ == "MixtralForCausalLM"
     assert loaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == NUM_EXPERTS  # the single-device layout
     state = loaded.state_dict()
-    for name, tensor in ranks[0][False]["state"].items():
+    for name, tensor in ranks[0]["plain"]["state"].items():
         torch.testing.assert_close(state[name], tensor, atol=0, rtol=0, msg=name)
     assert loaded(torch.tensor(PROMPT)).logits.isfinite().all()
 
@@ -169,7 +187,7 @@ def test_hybrid_ep_with_sharded_experts_on_4_ranks_equals_one_process(tmp_path):
     result = torch.load(tmp_path / "hybrid.pt", weights_only=False)
     # 4 experts over EP groups of 2: 2 per rank, and those 2 split again over the expert-DP pair.
     assert result["local"] == [(1, 32, 32)] * 2
-    metrics, state = one_process_update(False)
+    metrics, state = one_process_update("plain")
     for name, tensor in state.items():
         torch.testing.assert_close(result["state"][name], tensor, **TOLERANCE, msg=name)
     for key in ("loss/policy", "grad_norm", "kl"):
