@@ -20,7 +20,8 @@ run; the JSON is rewritten after each, so a run cut short keeps what it measured
    default, float32 routers) samples completions; the trainer's old-logprob forward
    (``recompute_old_logprobs``) scores them with router replay (R3) on and off: mean and max
    |engine - trainer| logprob and route agreement. The same for a dense Qwen2.5-0.5B shape (no
-   routes) as the baseline (section mismatch_dense). Issue 34's goal: MoE with R3 within 2x the dense mismatch.
+   routes) as the baseline (section mismatch_dense). Issue 34's goal: MoE with R3 within 2x the
+   dense mismatch.
 5. trainer: ``policy_update`` (GRPO's PPO-clip loss, packed micro-batches, R3 replaying the
    engine's routes, AdamW) on the section-4 completions, float32 weights under bf16 autocast.
    MFU = (6 x active parameters x tokens + attention) / time / --peak-tflops. Active parameters:
