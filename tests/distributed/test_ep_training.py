@@ -27,10 +27,13 @@ from posttrain.cli import main
 from posttrain.config.schema import GRPOConfig
 from posttrain.distributed import gathered_for_generation
 from posttrain.distributed.fsdp import expert_parallel_modules
+from posttrain.distributed.layout import ParallelLayout
 from posttrain.errors import ConfigError
 from posttrain.models.moe import (
+    MoEShape,
     build_random_moe_model,
     check_moe_model,
+    moe_checklist,
     moe_config_problems,
     prepare_moe_policy,
 )
@@ -214,6 +217,9 @@ def test_ep_mode_config_checks(monkeypatch):
         cfg = moe_config(mode)
         cfg.trainer.num_processes = 1
         assert moe_config_problems(cfg) == []
+    # The start-up checklist shows the EP size the run uses.
+    text = moe_checklist(MoEShape(2, NUM_EXPERTS, 2), moe_config("ipc"), ParallelLayout.from_world_size(2), "Mixtral")
+    assert "experts: ep 2 x expert-dp 1" in text and "moe.ep_mode=ipc (2 experts per process" in text
     # A dense policy with ep_mode=ipc names the option.
     cfg = make_config()
     cfg.moe.ep_mode = "ipc"

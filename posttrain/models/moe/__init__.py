@@ -27,7 +27,8 @@ import torch
 
 from posttrain.distributed.process_group import env_world_size, launched_by_torchrun
 from posttrain.errors import ConfigError, PosttrainError
-from posttrain.models.moe.expert_parallel import ep_mode_problems
+from posttrain.distributed.layout import ParallelLayout
+from posttrain.models.moe.expert_parallel import ep_mode_problems, gpus_per_node, resolve_ep_mode
 
 # Minimum CUDA compute capability of each low-precision expert dtype.
 EXPERT_DTYPE_CAPABILITY = {"fp8": (8, 9), "nvfp4": (10, 0)}
@@ -527,6 +528,9 @@ def moe_checklist(shape: MoEShape, cfg: Any, layout: Any, model_name: str) -> st
     """The layout and router checklist a GRPO run on an MoE policy prints before training."""
     r = cfg.moe.router
     backend = cfg.rollout.backend
+    if layout.world_size > 1 and layout.ep == 1 and cfg.moe.ep_mode != "single":  # the EP size the run uses
+        _, ep = resolve_ep_mode(cfg.moe.ep_mode, layout.world_size, gpus_per_node(layout.world_size), shape.num_experts)
+        layout = ParallelLayout.from_world_size(layout.world_size, tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=ep)
     lines = [
         f"MoE policy: {model_name}, {shape.num_layers} MoE layers x {shape.num_experts} experts, top-{shape.top_k}"
         + (f" (random init, seed {cfg.moe.random_init.seed})" if cfg.moe.random_init.family else ""),
@@ -539,7 +543,9 @@ def moe_checklist(shape: MoEShape, cfg: Any, layout: Any, model_name: str) -> st
         f"  [ok] expert dtype: {cfg.moe.expert_dtype}"
         + (" (rollouts: e4m3 experts, per-output-channel scales, requantized at every weight sync)"
            if cfg.moe.expert_dtype == "fp8" else ""),
-        f"  [ok] expert parallelism: moe.ep_mode={cfg.moe.ep_mode}",
+        f"  [ok] expert parallelism: moe.ep_mode={cfg.moe.ep_mode}"
+        + (f" ({shape.num_experts // layout.ep} experts per process, all-to-all over EP groups of {layout.ep})"
+           if layout.ep > 1 else " (every process holds all experts)"),
         f"  [ok] rollout.backend={backend}"
         + (": posttrain's engine for Mixtral, Qwen2/Qwen3-MoE, OLMoE and GraniteMoE (grouped experts, routes "
            "recorded); transformers for other families" if backend == "engine" else ""),
