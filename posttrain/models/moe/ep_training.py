@@ -88,6 +88,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+@torch.compiler.disable  # trainer.compile_layers: host syncs and collectives stay out of the compiled graph
 def ep_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
     """The forward of an expert-parallel experts module (transformers' arguments): all-to-all to
