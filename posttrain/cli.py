@@ -202,6 +202,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     engine.add_argument("--kv-cache-memory-fraction", type=float, default=0.8,
                         help="posttrain engine on GPU: fraction of the memory free after loading the model "
                         "given to the KV cache (default: 0.8)")
+    engine.add_argument("--expert-dtype", default="auto", choices=["auto", "fp8"],
+                        help="posttrain engine, MoE models: 'fp8' computes the experts from e4m3 weights with "
+                        "per-output-channel scales, quantized again at every weight update (NVIDIA GPU of compute "
+                        "capability 8.9+; see docs/moe.md) (default: auto, the model's dtype)")
     serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
                        help="larger request bodies get 413 (default: 1 MiB)")
     serve.add_argument("--max-n", type=int, default=64, help="largest n (completions per prompt) (default: 64)")

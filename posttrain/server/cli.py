@@ -9,9 +9,10 @@ from typing import Any
 
 from posttrain.config.schema import ModelConfig
 from posttrain.engine import Engine
-from posttrain.engine.paged_model import SUPPORTED_MODEL_TYPES
+from posttrain.engine.paged_model import MOE_MODEL_TYPES, SUPPORTED_MODEL_TYPES
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.loading import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
+from posttrain.models.moe import check_expert_dtype
 from posttrain.rollout.hf_engine import HFEngine
 
 logger = logging.getLogger("posttrain.server")
@@ -27,6 +28,12 @@ def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, c
         logger.info("posttrain's engine supports %s, not %r: serving with transformers (one request at a time)",
                     ", ".join(SUPPORTED_MODEL_TYPES), model_type)
         choice = "hf"
+    expert_dtype = getattr(args, "expert_dtype", "auto")
+    if expert_dtype != "auto":
+        if choice == "hf":
+            raise ConfigError(f"--expert-dtype {expert_dtype} needs posttrain's engine (--engine posttrain, for "
+                              f"{', '.join(MOE_MODEL_TYPES)}); transformers computes the experts in the model's dtype.")
+        check_expert_dtype(expert_dtype, next(model.parameters()).device)
     if choice == "hf":
         return HFEngine(model, tokenizer, compute_dtype=compute_dtype), args.max_prompt_tokens or positions or 4096
 
@@ -35,7 +42,8 @@ def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, c
         raise ConfigError(f"--max-prompt-tokens {args.max_prompt_tokens} leaves no room to generate within "
                           f"--max-model-len {max_model_len}; lower it or raise --max-model-len.")
     engine = Engine(model, tokenizer, max_model_len=max_model_len, compute_dtype=compute_dtype,
-                    max_num_seqs=args.max_num_seqs, kv_cache_memory_fraction=args.kv_cache_memory_fraction)
+                    max_num_seqs=args.max_num_seqs, kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                    expert_dtype=expert_dtype)
     logger.info("posttrain engine: continuous batching over up to %d sequences of up to %d tokens",
                 args.max_num_seqs, max_model_len)
     return engine, args.max_prompt_tokens or max_model_len - 1

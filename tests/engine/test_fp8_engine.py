@@ -22,7 +22,7 @@ from helpers import make_tiny_llama, make_tokenizer
 
 from posttrain.config.schema import GRPOConfig
 from posttrain.engine import Engine
-from posttrain.errors import PosttrainError
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.moe.fp8_experts import FP8Experts
 from posttrain.models.moe.hf_blocks import use_grouped_experts
 from posttrain.rollout import SamplingParams
@@ -126,3 +126,20 @@ def test_fp8_engine_refusals_and_config_wiring():
     cfg.rollout.engine.max_model_len = 64
     built = build_posttrain_engine(cfg, tiny_moe("mixtral", tok), tok, torch.float32)
     assert built.expert_dtype == "fp8" and built.fp8_experts is not None and not built.runner.use_cuda_graphs
+
+
+def test_serve_expert_dtype_reaches_the_engine(monkeypatch):
+    from posttrain.cli import build_parser
+    from posttrain.server import cli as server_cli
+
+    tok = make_tokenizer()
+    model = tiny_moe("mixtral", tok)
+    args = build_parser().parse_args(["serve", "--expert-dtype", "fp8", "--max-model-len", "64"])
+    with pytest.raises(ConfigError, match="moe.expert_dtype=fp8 needs an NVIDIA GPU of compute capability 8.9.*CPU"):
+        server_cli.build_serving_engine(args, model, tok, torch.float32)
+    monkeypatch.setattr(server_cli, "check_expert_dtype", lambda *a, **k: None)  # as on an H100
+    engine, _ = server_cli.build_serving_engine(args, model, tok, torch.float32)
+    assert engine.expert_dtype == "fp8" and engine.fp8_experts is not None
+    args = build_parser().parse_args(["serve", "--expert-dtype", "fp8", "--engine", "hf"])
+    with pytest.raises(ConfigError, match="--expert-dtype fp8 needs posttrain's engine"):
+        server_cli.build_serving_engine(args, model, tok, torch.float32)
