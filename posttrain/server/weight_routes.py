@@ -176,8 +176,12 @@ def add_weight_routes(app: FastAPI, server: Any, *, allow_pickled_tensors: bool 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         # The transformers engine keeps no cache between requests; an engine with a prefix cache
-        # offers flush_cache().
+        # offers flush_cache(). A trainer sharing its parameters' memory (sync.mode=shared) calls
+        # this after each update: an engine with fp8 experts quantizes them again first.
         def flush() -> str:
+            quantize = getattr(server.engine, "quantize_experts", None)
+            if quantize is not None:
+                quantize()
             engine_flush = getattr(server.engine, "flush_cache", None)
             if engine_flush is None:
                 return "no cache to flush"

@@ -143,3 +143,21 @@ def test_serve_expert_dtype_reaches_the_engine(monkeypatch):
     args = build_parser().parse_args(["serve", "--expert-dtype", "fp8", "--engine", "hf"])
     with pytest.raises(ConfigError, match="--expert-dtype fp8 needs posttrain's engine"):
         server_cli.build_serving_engine(args, model, tok, torch.float32)
+
+
+def test_served_fp8_experts_follow_shared_weights_at_flush_cache():
+    # sync.mode=shared across processes: the trainer steps the shared memory and calls /flush_cache.
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from posttrain.server.app import create_app
+
+    tok = make_tokenizer()
+    model = tiny_moe("mixtral", tok)
+    eng = engine(model, tok, "fp8")
+    experts = use_grouped_experts(model).blocks[0].experts
+    with TestClient(create_app(eng, tok, "tiny")) as http:
+        with torch.no_grad():
+            experts.gate_up_proj.mul_(-2.0)
+        assert http.post("/flush_cache").status_code == 200
+    assert _dequantized_error(eng.fp8_experts[0], experts.gate_up_proj.detach()) < 0.03
