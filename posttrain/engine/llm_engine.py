@@ -23,6 +23,7 @@ from posttrain.engine.sequence import Sequence, SequenceSampling, SequenceStatus
 from posttrain.errors import PosttrainError
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import hot_swap_adapter
+from posttrain.models.moe import float32_router_parameters
 from posttrain.models.weights import load_named_tensors
 from posttrain.sampling import Completion, SamplingParams, eos_token_ids, stop_string_end, tail_has_stop
 
@@ -157,11 +158,12 @@ class Engine:
         """rollout.engine.cpu_dtype=bfloat16: for the duration of one generate() call the model's
         fp32 parameters are replaced by bf16 copies (matmuls run 2-3x faster on CPUs with AVX-512
         BF16 or AMX), then the fp32 tensors are put back untouched. Tied weights are one Parameter,
-        cast once."""
+        cast once. Float32 routers (moe.router.dtype=float32) keep their float32 weights."""
         if not self.cpu_bf16:
             yield
             return
-        saved = [(p, p.data) for p in self.model.parameters() if p.dtype == torch.float32]
+        routers = float32_router_parameters(self.model)
+        saved = [(p, p.data) for p in self.model.parameters() if p.dtype == torch.float32 and p not in routers]
         for p, data in saved:
             p.data = data.to(torch.bfloat16)
         self._fp32_params = saved

@@ -167,3 +167,25 @@ def test_cuda_graph_decode_of_an_moe_model_equals_eager_decode():
     for graphed, eager in zip(*outs):
         assert graphed.token_ids == eager.token_ids
         assert torch.equal(graphed.routed_experts, eager.routed_experts)
+
+
+def test_float32_routers_stay_float32_in_bf16_cpu_rollouts():
+    # moe.router.dtype=float32 with rollout.engine.cpu_dtype=bfloat16: the engine's bf16 weight swap
+    # leaves the routers' weights in float32, so routing computes in float32 as in the trainer.
+    from posttrain.models.moe import apply_router_dtype, find_routers
+
+    tok = make_tokenizer()
+    model = tiny_moe("qwen3_moe", tok)
+    assert apply_router_dtype(model, "float32") > 0
+    routers, _ = find_routers(model)
+    engine = Engine(model, tok, max_model_len=64, cpu_dtype=torch.bfloat16)
+    seen = []
+    hooks = [r.register_forward_hook(lambda m, i, o: seen.append(next(m.parameters()).dtype)) for r in routers]
+    try:
+        out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0.0))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(out[0][0].token_ids) == 6 and out[0][0].routed_experts is not None
+    assert seen and set(seen) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the float32 weights are back

@@ -364,6 +364,15 @@ def apply_router_dtype(model: torch.nn.Module, dtype: str) -> int:
     return len(routers)
 
 
+def float32_router_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The parameters of the routers ``apply_router_dtype`` made float32: a caller that casts the
+    model's weights to 16 bits (the engine's bf16 CPU rollouts) leaves these in float32, so routing
+    computes as the trainer's does."""
+    routers, _ = find_routers(model)
+    return {p for r in routers if getattr(r.forward, "__func__", None) is _float32_router_forward
+            for p in r.parameters()}
+
+
 # ---------------------------------------------------------------- checks
 
 
