@@ -256,9 +256,9 @@ def to_samples(completions) -> list[Sample]:
 
 def mismatch(model, completions, cfg: GRPOConfig, device, replay: bool) -> dict:
     """The trainer's old-logprob forward on the engine's completions: |engine - trainer| logprobs."""
-    cfg.moe.router_replay = replay
-    metrics = recompute_old_logprobs(model, to_samples(completions), cfg, 0, device,
-                                     autocast_context(device, torch.bfloat16))
+    metrics = recompute_old_logprobs(model, to_samples(completions), 0, device,
+                                     autocast_context(device, torch.bfloat16), trainer=cfg.trainer,
+                                     rollout=cfg.rollout, model_cfg=cfg.model, router_replay=replay)
     row = {"mean": metrics["rollout/logprob_mismatch_mean"], "max": metrics["rollout/logprob_mismatch_max"],
            "tokens": sum(len(c.token_ids) for c in completions)}
     if "moe/route_agreement" in metrics:
@@ -269,9 +269,9 @@ def mismatch(model, completions, cfg: GRPOConfig, device, replay: bool) -> dict:
 @torch.no_grad()
 def trainer_logprobs(model, completions, cfg: GRPOConfig, device) -> torch.Tensor:
     """The trainer's logprobs of the completions' tokens (R3 on: their routes replayed), flat."""
-    cfg.moe.router_replay = True
     samples = to_samples(completions)
-    recompute_old_logprobs(model, samples, cfg, 0, device, autocast_context(device, torch.bfloat16))
+    recompute_old_logprobs(model, samples, 0, device, autocast_context(device, torch.bfloat16), trainer=cfg.trainer,
+                           rollout=cfg.rollout, model_cfg=cfg.model, router_replay=True)
     return torch.tensor([x for s in samples for x in s.old_logprobs])
 
 

@@ -278,7 +278,9 @@ class GRPORecipe:
         # Replicas: the trainer's logprobs are the proximal policy of the ratio; the engine's the behaviour one.
         if self.uses_replicas or resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
-            mismatch_metrics = recompute_old_logprobs(self.model, samples, cfg, pad, device, self.autocast)
+            mismatch_metrics = recompute_old_logprobs(self.model, samples, pad, device, self.autocast,
+                                                      trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                                                      router_replay=cfg.moe.router_replay)
         assign_advantages(self.estimator, samples, batch.shaped_rewards, cfg.algorithm, self.group_size)
         return mismatch_metrics
 

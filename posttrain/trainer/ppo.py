@@ -206,7 +206,8 @@ class PPORecipe:
                                     cfg.rollout, cfg.model, pad, device, self.autocast)
         if resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
-            return recompute_old_logprobs(self.model, samples, cfg, pad, device, self.autocast)
+            return recompute_old_logprobs(self.model, samples, pad, device, self.autocast, trainer=cfg.trainer,
+                                          rollout=cfg.rollout, model_cfg=cfg.model, router_replay=cfg.moe.router_replay)
         return {}
 
     def validate(self, step: int) -> None:

@@ -14,7 +14,7 @@ import torch
 from posttrain.algorithms import folds_kl_into_reward, informative_groups, kl_penalty, overlong_penalty
 from posttrain.config.algorithm_schema import AlgorithmConfig
 from posttrain.config.rollout_schema import RolloutConfig
-from posttrain.config.schema import GRPOConfig, ModelConfig, TrainerConfig
+from posttrain.config.schema import ModelConfig, TrainerConfig
 from posttrain.data.sampler import EpochSampler
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.data.chat import TokenizedPrompt
@@ -229,23 +229,26 @@ def fill_reference_logprobs(reference, samples: list[Sample], trainer: TrainerCo
             s.ref_logprobs = logprobs
 
 
-def recompute_old_logprobs(model, samples: list[Sample], cfg: GRPOConfig, pad_token_id: int, device, autocast) -> dict[str, float]:
+def recompute_old_logprobs(model, samples: list[Sample], pad_token_id: int, device, autocast, *,
+                           trainer: TrainerConfig, rollout: RolloutConfig, model_cfg: ModelConfig,
+                           router_replay: bool) -> dict[str, float]:
     """The trainer's own logprobs become the old logprobs of the ratio; the engine's are kept as
     rollout logprobs (the behaviour policy of ``algorithm.off_policy_correction``). Returns the
     engine/trainer mismatch over trained tokens: ``rollout/logprob_mismatch_mean`` and ``_max``
     (a growing mismatch is a known cause of RL collapse).
 
-    MoE samples with engine routes: with ``moe.router_replay`` the forward replays them (R3), and
-    ``moe/route_agreement`` (per layer and their mean) says how often the trainer's router would
-    have chosen the engine's expert set on its own, over the trained tokens' predicting positions."""
+    MoE samples with engine routes: with ``router_replay`` (``moe.router_replay``) the forward
+    replays them (R3), and ``moe/route_agreement`` (per layer and their mean) says how often the
+    trainer's router would have chosen the engine's expert set on its own, over the trained tokens'
+    predicting positions. The sections as in ``_sample_logprobs``."""
     was_training = model.training
     model.eval()
     total, count, worst = 0.0, 0, 0.0
     moe = grouped_moe_for_routes(model, samples)
     agreement = RouteAgreement(moe.num_layers) if moe is not None else None
     try:
-        for s, logprobs in zip(samples, _sample_logprobs(model, samples, cfg.trainer, cfg.rollout, cfg.model, pad_token_id,
-                                                         device, autocast, moe=moe, replay=cfg.moe.router_replay,
+        for s, logprobs in zip(samples, _sample_logprobs(model, samples, trainer, rollout, model_cfg, pad_token_id,
+                                                         device, autocast, moe=moe, replay=router_replay,
                                                          agreement=agreement)):
             s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
             mask = s.response_mask if s.response_mask is not None else [1] * len(logprobs)

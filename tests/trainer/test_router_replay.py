@@ -65,10 +65,9 @@ def _perturb_routers(model: torch.nn.Module, scale: float = 1.0, seed: int = 1) 
 
 
 def _recompute(model, cfg, samples, replay: bool) -> tuple[list[list[float]], dict[str, float]]:
-    cfg = copy.deepcopy(cfg)
-    cfg.moe.router_replay = replay
     samples = [copy.copy(s) for s in samples]
-    metrics = recompute_old_logprobs(model, samples, cfg, 0, CPU, contextlib.nullcontext)
+    metrics = recompute_old_logprobs(model, samples, 0, CPU, contextlib.nullcontext, trainer=cfg.trainer,
+                                     rollout=cfg.rollout, model_cfg=cfg.model, router_replay=replay)
     return [s.old_logprobs for s in samples], metrics
 
 
