@@ -80,7 +80,9 @@ def run_variant(name: str, shape: str, steps, args, device: torch.device) -> dic
     def step(samples) -> None:
         samples = samples[: len(samples) // world * world]  # equal shares: one rank's is every world-th
         cfg.rollout.batch_size = cfg.trainer.mini_batch_size = len(samples)
-        metrics = policy_update(model, optimizer, scheduler, samples[get_rank()::world], cfg, 0, device, autocast)
+        metrics = policy_update(model, optimizer, scheduler, samples[get_rank()::world], 0, device, autocast,
+                                algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                                moe_cfg=cfg.moe)
         losses.append(metrics["loss/policy"])  # already summed over ranks: the mini-batch's loss
 
     for samples in steps[: args.warmup]:

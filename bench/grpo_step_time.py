@@ -73,7 +73,8 @@ def main() -> None:
     # Warm-up of both phases first, so the timed rollout's logprobs match the weights it trains.
     warm = [c for g in engine.generate(prompts[:2], SamplingParams(n=2, max_tokens=8)) for c in g]
     policy_update(model, optimizer, scheduler, [Sample(c.prompt_token_ids, c.token_ids, c.logprobs, 1.0, 0.0) for c in warm],
-                  cfg, 0, device, engine.autocast)
+                  0, device, engine.autocast,
+                  algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model, moe_cfg=cfg.moe)
     print(f"device={device} dtype={dtype} backend={args.backend} batch={args.batch} new_tokens={args.new_tokens}")
     print("| step | generate s | gen tok/s | wake+sleep s | train s | train tok/s | peak GiB | logprob diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -91,7 +92,9 @@ def main() -> None:
         n_tokens = sum(len(c.token_ids) for c in completions)
         samples = [Sample(c.prompt_token_ids, c.token_ids, c.logprobs, 1.0 if i % 2 else -1.0, 0.0) for i, c in enumerate(completions)]
         sync(); t0 = time.perf_counter()
-        metrics = policy_update(model, optimizer, scheduler, samples, cfg, 0, device, engine.autocast)
+        metrics = policy_update(model, optimizer, scheduler, samples, 0, device, engine.autocast,
+                                algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                                moe_cfg=cfg.moe)
         sync(); t_train = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         train_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)

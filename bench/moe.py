@@ -288,7 +288,9 @@ def train_mfu(model, completions, args, device) -> dict:
         if i == args.train_warmup:
             _sync(device)
             start = time.perf_counter()
-        metrics = policy_update(model, optimizer, scheduler, samples, cfg, 0, device, autocast)
+        metrics = policy_update(model, optimizer, scheduler, samples, 0, device, autocast,
+                                algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                                moe_cfg=cfg.moe)
     _sync(device)
     seconds = (time.perf_counter() - start) / args.train_steps
     counts = param_counts(model)

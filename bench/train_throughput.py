@@ -355,7 +355,9 @@ def run_variant(name: str, shape: str, steps: list[list[Sample]], args, device: 
             naive_update(model, optimizer, samples, args.naive_rows, device, autocast, cfg.trainer.max_grad_norm)
         else:
             cfg.rollout.batch_size = cfg.trainer.mini_batch_size = len(samples)  # one optimizer step per step
-            policy_update(model, optimizer, scheduler, samples, cfg, 0, device, autocast)
+            policy_update(model, optimizer, scheduler, samples, 0, device, autocast,
+                          algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                          moe_cfg=cfg.moe)
 
     compile_devices, kernel_devices = chunked_logprobs.COMPILE_DEVICE_TYPES, dict(chunked_logprobs._KERNELS_OK)
     if "eagerchunks" in suffixes:

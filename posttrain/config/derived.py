@@ -1,5 +1,6 @@
 """Values the recipes derive from a config, computed in one place (so the recipes, --dry-run and
-the engine's sizing agree): each is a pure function of the loaded config."""
+the engine's sizing agree): each is a pure function of the loaded config (or, where a component
+that takes config sections needs it, of those sections)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ def validation_max_new_tokens(cfg: Any) -> int:
     return cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens
 
 
-def optimizer_steps_per_step(cfg: Any) -> int:
+def optimizer_steps_per_step(algorithm: Any, rollout: Any, trainer: Any) -> int:
     """Optimizer steps in one training step of a policy-gradient recipe: every epoch over the
     batch (algorithm.ppo_epochs) takes rollout.batch_size / trainer.mini_batch_size of them. The
-    LR schedule counts these, and so do policy versions."""
-    return cfg.algorithm.ppo_epochs * (cfg.rollout.batch_size // cfg.trainer.mini_batch_size)
+    LR schedule counts these, and so do policy versions. Takes the sections, as policy_update does."""
+    return algorithm.ppo_epochs * (rollout.batch_size // trainer.mini_batch_size)
 
 
 def uses_engine_replicas(cfg: Any) -> bool:

@@ -149,7 +149,8 @@ def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_kn
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups
         sampler = RankShardedSampler(sampler, prompts_per_mini_batch=cfg.trainer.mini_batch_size // group_size)
     optimization = build_optimization(policy.model, cfg.trainer, cfg.checkpoint.keep_last, output_dir,
-                                      cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg), resume_ckpt)
+                                      cfg.trainer.max_steps * derived.optimizer_steps_per_step(
+                                          cfg.algorithm, cfg.rollout, cfg.trainer), resume_ckpt)
     if optimization.resumed_state is not None:
         sampler.load_state_dict(optimization.resumed_state["sampler"])
     return RLRun(device, compute_dtype, output_dir, resume_ckpt, policy, train_prompts, val_prompts, engine, sampler,

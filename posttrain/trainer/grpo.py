@@ -92,7 +92,7 @@ class GRPORecipe:
             logger.info(moe_checklist(run.policy.moe_shape, cfg, ParallelLayout.from_world_size(get_world_size()),
                                       type(self.model).__name__))
         self.group_size, self.target_groups = cfg.rollout.group_size, cfg.rollout.batch_size // cfg.rollout.group_size
-        self.optimizer_steps_per_step = derived.optimizer_steps_per_step(cfg)
+        self.optimizer_steps_per_step = derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout, cfg.trainer)
         self.sampling, self.val_max_tokens = derived.rollout_sampling(cfg), derived.validation_max_new_tokens(cfg)
         self.estimator = get_advantage_estimator(cfg.algorithm.advantage)
         # rollout.source=api: remote environments generate and score; each step pulls their groups.
@@ -208,8 +208,9 @@ class GRPORecipe:
             lr = self.optimization.optimizer.param_groups[0]["lr"]  # the lr this step uses (updates move the scheduler on)
             with self.progress.phase("training"):
                 update_metrics = policy_update(self.model, self.optimization.optimizer, self.optimization.scheduler,
-                                               samples, cfg, self.tokenizer.pad_token_id, self.run.device, self.autocast,
-                                               record_tokens=num_recorded)
+                                               samples, self.tokenizer.pad_token_id, self.run.device, self.autocast,
+                                               algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout,
+                                               model_cfg=cfg.model, moe_cfg=cfg.moe, record_tokens=num_recorded)
             t_trained = time.perf_counter()
             sync_metrics = self.publish_weights(step, ready, batch, rollouts, engine_version, wait_s)
             num_response_tokens = sum(len(c.token_ids) for c in all_rollouts.completions)

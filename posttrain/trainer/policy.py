@@ -17,7 +17,7 @@ from posttrain.algorithms import (
     off_policy_metrics,
 )
 from posttrain.config import derived
-from posttrain.config.schema import GRPOConfig
+from posttrain.config.schema import AlgorithmConfig, ModelConfig, MoEConfig, RolloutConfig, TrainerConfig
 from posttrain.distributed import all_gather_objects, all_reduce_sum, get_world_size
 from posttrain.trainer.memory import compiled
 from posttrain.trainer.optim import clip_and_step
@@ -40,10 +40,15 @@ def policy_update(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     samples: list[Sample],
-    cfg: GRPOConfig,
     pad_token_id: int,
     device: torch.device,
     autocast,
+    *,
+    algo: AlgorithmConfig,
+    trainer: TrainerConfig,
+    rollout: RolloutConfig,
+    model_cfg: ModelConfig,
+    moe_cfg: MoEConfig,
     record_tokens: int = 0,
 ) -> dict[str, float]:
     """``ppo_epochs`` x mini-batches x micro-batches. Each micro-batch loss is normalised by its
@@ -59,9 +64,13 @@ def policy_update(
     ``record_tokens``: the first that many samples of the first mini-batch get ``trainer_logprobs``
     and ``entropy`` per response token, from the forward pass of the first epoch. No optimizer step
     has run before it, so these are the logprobs of the weights the step started with, at no extra
-    forward pass (samples.jsonl shows them beside the engine's)."""
-    algo, trainer = cfg.algorithm, cfg.trainer
-    scheduler_steps = derived.optimizer_steps_per_step(cfg)
+    forward pass (samples.jsonl shows them beside the engine's).
+
+    The sections it reads: ``algo`` (the objective, ``ppo_epochs``), ``trainer`` (batch sizes, gradient
+    clipping, ``compile_loss``), ``rollout`` (``temperature``, ``batch_size``, ``max_new_tokens``),
+    ``model_cfg`` (``chunked_logprobs``, ``float32_logits``) and, for an MoE policy, ``moe_cfg``
+    (``router``, ``router_replay``)."""
+    scheduler_steps = derived.optimizer_steps_per_step(algo, rollout, trainer)
     if not samples:
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore", UserWarning)
@@ -69,10 +78,10 @@ def policy_update(
                 scheduler.step()
         return {"actor/skipped_updates": float(scheduler_steps)}
     # MoE policies: router losses join the policy loss, router metrics the update's (docs/moe.md).
-    moe = MoEUpdate.for_model(model, cfg.moe.router, device)
+    moe = MoEUpdate.for_model(model, moe_cfg.router, device)
     # Policy loss, KL, entropy, off-policy correction and the router losses' weights: the objective
     # of the algorithm section (and of moe.router for an MoE policy).
-    objective = Objective.from_config(algo, router=cfg.moe.router if moe is not None else None)
+    objective = Objective.from_config(algo, router=moe_cfg.router if moe is not None else None)
     # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
     # algorithm.off_policy_correction and the off_policy/* metrics.
     step_metrics = _off_policy_step_metrics(samples, objective.correction)
@@ -87,7 +96,7 @@ def policy_update(
     # scaled by N: the summed gradient is then exactly the one-process gradient of the mini-batch.
     world_size = get_world_size()
     # Router replay (R3): micro-batches whose samples carry the engine's routes use them (docs/moe.md).
-    replay = grouped_moe_for_routes(model, samples) if moe is not None and cfg.moe.router_replay else None
+    replay = grouped_moe_for_routes(model, samples) if moe is not None and moe_cfg.router_replay else None
     if trainer.compile_loss:
         objective = objective.with_policy_loss(compiled(objective.policy_loss))
     model.train()
@@ -113,9 +122,9 @@ def policy_update(
             with autocast(), _replaying(replay, batch.routes), \
                     (moe.recording() if moe is not None else contextlib.nullcontext()) as routes:
                 logprobs, entropy = response_logprobs(
-                    model, batch.tokens, temperature=cfg.rollout.temperature,
+                    model, batch.tokens, temperature=rollout.temperature,
                     with_entropy=True, entropy_grad=algo.entropy_coef > 0,
-                    chunk_size=cfg.model.chunked_logprobs, float32_logits=cfg.model.float32_logits,
+                    chunk_size=model_cfg.chunked_logprobs, float32_logits=model_cfg.float32_logits,
                 )
             if index == 0 and record:
                 recorded.append((micro_batch, logprobs.detach(), entropy.detach()))
@@ -124,7 +133,7 @@ def policy_update(
                 rollout_logprobs=batch.rollout_logprobs, ref_logprobs=batch.ref_logprobs,
             )
             loss = objective.aggregate(per_token, mask, num_tokens=num_tokens, num_sequences=num_sequences,
-                                       norm_length=float(cfg.rollout.max_new_tokens))
+                                       norm_length=float(rollout.max_new_tokens))
             # Under replay the experts used are the replayed ones: the load and the aux loss count those.
             router_loss = objective.router_loss(*moe.loss_terms(routes, batch.tokens, mask, num_tokens,
                                                                 selected=batch.routes)) if moe is not None else 0.0

@@ -80,7 +80,8 @@ class PPORecipe:
         self.pad_token_id, self.autocast = self.tokenizer.pad_token_id, run.engine.autocast
         # The critic, with its own optimizer: the trainer section's AdamW settings and schedule, critic.lr.
         self.critic = build_critic(cfg.model, cfg.critic, self.model, run.device, run.resume_ckpt)
-        self.optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg)
+        self.optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout,
+                                                                                        cfg.trainer)
         critic_trainer = dataclasses.replace(cfg.trainer, lr=cfg.critic.lr)
         self.critic_optimizer = build_optimizer(self.critic, critic_trainer)
         self.critic_scheduler = build_scheduler(self.critic_optimizer, critic_trainer, self.optimizer_steps)
@@ -155,8 +156,10 @@ class PPORecipe:
             lr, critic_lr = optimizer.param_groups[0]["lr"], self.critic_optimizer.param_groups[0]["lr"]
             with self.progress.phase("training"):
                 # No samples: policy_update leaves the policy alone and keeps its lr schedule on the step clock.
-                update_metrics = policy_update(self.model, optimizer, scheduler, [] if warming_up else samples, cfg,
-                                               pad, device, self.autocast, record_tokens=num_recorded)
+                update_metrics = policy_update(self.model, optimizer, scheduler, [] if warming_up else samples, pad,
+                                               device, self.autocast, algo=algo, trainer=cfg.trainer,
+                                               rollout=cfg.rollout, model_cfg=cfg.model, moe_cfg=cfg.moe,
+                                               record_tokens=num_recorded)
                 critic_metrics = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, samples,
                                                targets, cfg.critic, cfg.trainer, algo.ppo_epochs, pad, device,
                                                self.autocast)

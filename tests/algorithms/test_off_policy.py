@@ -226,8 +226,10 @@ def _update(samples, *overrides: str, monkeypatch):
     torch.manual_seed(0)
     model = make_tiny_llama(make_tokenizer())
     optimizer = build_optimizer(model, cfg.trainer)
-    metrics = policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 1), samples, cfg, 0,
-                            torch.device("cpu"), contextlib.nullcontext)
+    metrics = policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 1), samples,
+                            0, torch.device("cpu"), contextlib.nullcontext,
+                            algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                            moe_cfg=cfg.moe)
     return torch.cat([g.flatten() for g in grads]), metrics
 
 

@@ -16,9 +16,9 @@ def test_validation_max_new_tokens_falls_back_to_the_rollouts_limit():
 def test_optimizer_steps_per_step_counts_epochs_and_mini_batches():
     cfg = load_config(GRPOConfig, overrides=["rollout.batch_size=32", "rollout.group_size=4",
                                              "trainer.mini_batch_size=8", "algorithm.ppo_epochs=2"])
-    assert derived.optimizer_steps_per_step(cfg) == 8
+    assert derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout, cfg.trainer) == 8
     ppo = load_config(PPOConfig, overrides=["rollout.batch_size=16", "trainer.mini_batch_size=16"])
-    assert derived.optimizer_steps_per_step(ppo) == ppo.algorithm.ppo_epochs
+    assert derived.optimizer_steps_per_step(ppo.algorithm, ppo.rollout, ppo.trainer) == ppo.algorithm.ppo_epochs
 
 
 def test_rollout_sampling_follows_the_rollout_section():

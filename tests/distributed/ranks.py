@@ -113,7 +113,9 @@ def update(model, optimizer, scheduler, cfg: GRPOConfig, samples: list[Sample]) 
 
     # Each rank: its half of every mini-batch (as RankShardedSampler hands out prompts).
     local = rank_share(samples, block=cfg.trainer.mini_batch_size)
-    return policy_update(model, optimizer, scheduler, local, cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+    return policy_update(model, optimizer, scheduler, local, 0, torch.device("cpu"), contextlib.nullcontext,
+                         algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                         moe_cfg=cfg.moe)
 
 
 # ----------------------------------------------------------------- rank jobs

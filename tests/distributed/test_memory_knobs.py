@@ -22,7 +22,10 @@ def _train_step(cfg: GRPOConfig):
     model = prepare_for_training(make_tiny_llama(make_tokenizer()), cfg.trainer, torch.device("cpu"), torch.float32)
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-    metrics = policy_update(model, optimizer, scheduler, make_samples(1), cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+    metrics = policy_update(model, optimizer, scheduler, make_samples(1),
+                            0, torch.device("cpu"), contextlib.nullcontext,
+                            algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                            moe_cfg=cfg.moe)
     return model, optimizer, metrics
 
 

@@ -309,7 +309,10 @@ def _update(model, cfg, micro_batch_size: int, advantage: float = 1.0):
     cfg.trainer.lr = 1e-2
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-    return policy_update(model, optimizer, scheduler, _samples(advantage), cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+    return policy_update(model, optimizer, scheduler, _samples(advantage),
+                         0, torch.device("cpu"), contextlib.nullcontext,
+                         algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                         moe_cfg=cfg.moe)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -183,7 +183,10 @@ def test_policy_update_with_master_weights_matches_float32():
         model = prepare_for_training(_model(), cfg.trainer, torch.device("cpu"), torch.float32)
         optimizer = build_optimizer(model, cfg.trainer)
         scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-        return policy_update(model, optimizer, scheduler, make_samples(1), cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+        return policy_update(model, optimizer, scheduler, make_samples(1),
+                             0, torch.device("cpu"), contextlib.nullcontext,
+                             algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                             moe_cfg=cfg.moe)
 
     fp32, master = step(False), step(True)
     assert master["loss/policy"] == pytest.approx(fp32["loss/policy"], abs=2e-2)

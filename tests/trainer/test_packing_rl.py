@@ -89,7 +89,9 @@ def _update(model, micro_batch_tokens, mode, row_tokens=0):
     cfg.model.chunked_logprobs = 5
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-    return policy_update(model, optimizer, scheduler, _samples(), cfg, 0, CPU, contextlib.nullcontext)
+    return policy_update(model, optimizer, scheduler, _samples(), 0, CPU, contextlib.nullcontext,
+                         algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                         moe_cfg=cfg.moe)
 
 
 # row_tokens 0: rows as long as the longest sample (sdpa); 1000: one row per micro-batch; 20: rows of <= 20.

@@ -40,7 +40,9 @@ def _update(model, micro_batch_size, mode):
     cfg.algorithm.entropy_coef = 0.01
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-    metrics = policy_update(model, optimizer, scheduler, _samples(), cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+    metrics = policy_update(model, optimizer, scheduler, _samples(), 0, torch.device("cpu"), contextlib.nullcontext,
+                            algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                            moe_cfg=cfg.moe)
     return model, metrics
 
 
@@ -70,7 +72,9 @@ def _update_kept(model, micro_batch_size, mode, samples):
     cfg.algorithm.loss_agg_mode = mode
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 4)
-    metrics = policy_update(model, optimizer, scheduler, samples, cfg, 0, torch.device("cpu"), contextlib.nullcontext)
+    metrics = policy_update(model, optimizer, scheduler, samples, 0, torch.device("cpu"), contextlib.nullcontext,
+                            algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                            moe_cfg=cfg.moe)
     return model, metrics, scheduler
 
 
@@ -127,8 +131,10 @@ def test_truncated_is_correction_weights_the_policy_loss():
             if rollout_shift is not None:
                 s.rollout_logprobs = [lp - rollout_shift for lp in s.old_logprobs]
         optimizer = build_optimizer(model, cfg.trainer)
-        return policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 1), samples, cfg, 0,
-                             torch.device("cpu"), contextlib.nullcontext)
+        return policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 1), samples,
+                             0, torch.device("cpu"), contextlib.nullcontext,
+                             algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                             moe_cfg=cfg.moe)
 
     plain = run(None, 0.0)
     weighted = run(math.log(2.0), 1.5)
@@ -153,8 +159,9 @@ def test_next_micro_batch_is_collated_before_the_gradient_norm_sync(monkeypatch)
     cfg.algorithm.ppo_epochs = 2
     model = make_tiny_llama(make_tokenizer())
     optimizer = build_optimizer(model, cfg.trainer)
-    policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 4), _samples(), cfg, 0,
-                  torch.device("cpu"), contextlib.nullcontext)
+    policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 4), _samples(),
+                  0, torch.device("cpu"), contextlib.nullcontext,
+                  algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model, moe_cfg=cfg.moe)
     # 2 epochs x 2 mini-batches x 2 micro-batches, each collated one ahead of its use: before each
     # gradient-norm sync but the last, the next mini-batch's first micro-batch is ready.
     c = "collate 2"

@@ -177,7 +177,9 @@ def _update(model, cfg, samples, replay: bool = True) -> dict[str, float]:
         s.advantage = float(i % 3 - 1)
     optimizer = build_optimizer(model, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 1)
-    return policy_update(model, optimizer, scheduler, samples, cfg, 0, CPU, contextlib.nullcontext)
+    return policy_update(model, optimizer, scheduler, samples, 0, CPU, contextlib.nullcontext,
+                         algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                         moe_cfg=cfg.moe)
 
 
 def test_the_router_still_learns_under_replay_and_the_update_replays():
