@@ -26,7 +26,7 @@ from posttrain.data.prompts import append_instruction
 from posttrain.envs.reward_pool import RewardPool
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.data.chat import encode_prompts
-from posttrain.rollout.builder import build_engine
+from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.trainer.validation import validate
 
 
@@ -58,7 +58,8 @@ def evaluate(model_path: str, problems: list[PromptExample], device: str, max_ne
     prompts = encode_prompts(problems, tokenizer=tokenizer, use_chat_template=cfg.model.use_chat_template,
                              system_prompt=cfg.model.system_prompt, max_prompt_tokens=cfg.data.max_prompt_tokens,
                              what="held-out prompts")
-    engine = build_engine(cfg, model, tokenizer, compute_dtype)
+    engine = build_engine(cfg.rollout, model, tokenizer, compute_dtype, max_model_len=engine_max_model_len(cfg, model),
+                          float32_logits=cfg.model.float32_logits, expert_dtype=cfg.moe.expert_dtype)
     start = time.perf_counter()
     try:
         with RewardPool(cfg.env.cls, cfg.env.kwargs, cfg.env.num_workers, cfg.env.timeout_s) as rewards:

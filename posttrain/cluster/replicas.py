@@ -32,7 +32,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models import load_model_and_tokenizer, resolve_compute_dtype, resolve_device
 from posttrain.models.moe import prepare_moe_policy
 from posttrain.models.weights import iter_weight_buckets
-from posttrain.rollout.builder import build_engine
+from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.sampling import Completion, SamplingParams
 
 logger = logging.getLogger("posttrain.rollout")
@@ -63,7 +63,9 @@ class EngineReplica:
 
         self.replica_id = replica_id
         self.model = model
-        self.engine = build_engine(cfg, model, tokenizer, compute_dtype)
+        self.engine = build_engine(cfg.rollout, model, tokenizer, compute_dtype,
+                                   max_model_len=engine_max_model_len(cfg, model),
+                                   float32_logits=cfg.model.float32_logits, expert_dtype=cfg.moe.expert_dtype)
         self.engine.weight_version = version
         # Between decode steps only the posttrain engine can swap weights; transformers' generate is one call.
         self.partial_rollouts = bool(cfg.rollout.partial_rollouts) and isinstance(self.engine, Engine)

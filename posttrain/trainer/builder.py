@@ -36,7 +36,7 @@ from posttrain.distributed import RankShardedSampler, init_process_group, is_dis
 from posttrain.envs.registry import env_specs, resolve_env_classes
 from posttrain.models import load_model_and_tokenizer, make_reference_model, resolve_compute_dtype, resolve_device
 from posttrain.models.moe import check_moe_config, prepare_moe_policy
-from posttrain.rollout.builder import build_engine
+from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.trainer.common import start_run
 from posttrain.trainer.memory import prepare_for_training
 from posttrain.trainer.setup import (
@@ -143,7 +143,10 @@ def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_kn
     # An engine on the policy's own modules is built here, before the optimizer: on a GPU its KV
     # budget is taken from the memory left after the models, not after the optimizer's state.
     # Runs with engine replicas (async, or on Ray) start them in the recipe instead.
-    engine = None if derived.uses_engine_replicas(cfg) else build_engine(cfg, policy.model, policy.tokenizer, compute_dtype)
+    engine = None if derived.uses_engine_replicas(cfg) else build_engine(
+        cfg.rollout, policy.model, policy.tokenizer, compute_dtype,
+        max_model_len=engine_max_model_len(cfg, policy.model), float32_logits=cfg.model.float32_logits,
+        expert_dtype=cfg.moe.expert_dtype)
     group_size = cfg.rollout.group_size
     sampler = EpochSampler(len(train_prompts), cfg.rollout.batch_size // group_size, cfg.seed, cfg.data.shuffle)
     if is_distributed():  # each rank: its share of every mini-batch's prompt groups

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from posttrain.rollout.builder import build_engine
+from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.sampling import SamplingParams
 from posttrain.trainer.dry_run_plan import StepPlan
 
@@ -72,7 +72,8 @@ def time_generation(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dt
         sequences = min(sequences, CPU_MEASURED_SEQUENCES)
     num_prompts = max(1, sequences // r.group_size)
     prompts = [sample[i % len(sample)] for i in range(num_prompts)]
-    engine = build_engine(cfg, model, tokenizer, compute_dtype)
+    engine = build_engine(r, model, tokenizer, compute_dtype, max_model_len=engine_max_model_len(cfg, model),
+                          float32_logits=cfg.model.float32_logits, expert_dtype=cfg.moe.expert_dtype)
 
     def generate(max_tokens: int) -> float:
         params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,

@@ -20,7 +20,7 @@ from posttrain.config.schema import GRPOConfig
 from posttrain.models import load_model_and_tokenizer
 from posttrain.models.weights import weights_checksum
 from posttrain.rollout import SamplingParams
-from posttrain.rollout.builder import build_engine
+from posttrain.rollout.builder import build_engine, engine_max_model_len
 
 TEXTS = ["What is 2+3?", "Hi", "A longer prompt here", "Count: 1, 2,"]
 
@@ -70,7 +70,9 @@ def test_a_replica_process_samples_as_the_trainers_engine_and_takes_pushed_weigh
     model, tok = _trainer(cfg)
     params = SamplingParams(n=2, temperature=1.0, max_tokens=12)
     seed_everything(1234)
-    expected = build_engine(cfg, model, tok, torch.float32).generate(_prompts(tok), params)
+    expected = build_engine(cfg.rollout, model, tok, torch.float32, max_model_len=engine_max_model_len(cfg, model),
+                            float32_logits=cfg.model.float32_logits,
+                            expert_dtype=cfg.moe.expert_dtype).generate(_prompts(tok), params)
     pool = build_replica_pool(cfg, model, tok, torch.float32, start_version=3)
     try:
         assert isinstance(pool, ProcessReplicaPool)

@@ -18,7 +18,7 @@ from posttrain.errors import ConfigError
 from posttrain.models.logprobs import make_token_batch, response_logprobs
 from posttrain.models.weights import WeightLoadError, weights_checksum
 from posttrain.rollout import SamplingParams
-from posttrain.rollout.builder import build_engine
+from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.cluster import build_replica_pool
 from posttrain.cluster.replicas import EngineReplica, LocalReplicaPool, ReplicaError, split_contiguous
@@ -85,7 +85,9 @@ def test_one_replica_pool_reproduces_the_synchronous_path(backend):
     cfg = _cfg(backend)
     params = SamplingParams(n=3, temperature=1.0, max_tokens=16)
     seed_everything(1234)
-    expected = build_engine(cfg, model, tok, torch.float32).generate(_prompts(tok), params)
+    expected = build_engine(cfg.rollout, model, tok, torch.float32, max_model_len=engine_max_model_len(cfg, model),
+                            float32_logits=cfg.model.float32_logits,
+                            expert_dtype=cfg.moe.expert_dtype).generate(_prompts(tok), params)
     seed_everything(99)  # the pool seeds on its own
     pool = build_replica_pool(cfg, model, tok, torch.float32, start_version=7)
     try:
