@@ -22,7 +22,7 @@ import torch
 from posttrain.algorithms import overlong_penalty
 from posttrain.config.algorithm_schema import AlgorithmConfig
 from posttrain.config.rollout_schema import RolloutConfig
-from posttrain.config.schema import GRPOConfig
+from posttrain.config.schema import ModelConfig, TrainerConfig
 from posttrain.envs.client import RolloutAPIClient
 from posttrain.errors import PosttrainError
 from posttrain.data.chat import TokenizedPrompt
@@ -162,18 +162,20 @@ class APIRolloutSource:
             completions[i].logprobs = logprobs
 
 
-def make_api_source(cfg: GRPOConfig, model: Any, tokenizer: Any, device: Any, autocast: Any,
+def make_api_source(model: Any, tokenizer: Any, device: Any, autocast: Any, *, rollout: RolloutConfig,
+                    algo: AlgorithmConfig, trainer: TrainerConfig, model_cfg: ModelConfig,
                     start_version: int) -> APIRolloutSource:
-    """The source for ``train``: missing logprobs come from ``model`` (the current policy)."""
+    """The source for ``train``: missing logprobs come from ``model`` (the current policy), split
+    into micro-batches as ``trainer`` says and computed as ``rollout`` and ``model_cfg`` say."""
 
     def logprobs_fn(samples: list[Sample]) -> list[list[float]]:
         was_training = model.training
         model.eval()
         try:
-            return _sample_logprobs(model, samples, cfg.trainer, cfg.rollout, cfg.model, tokenizer.pad_token_id, device,
+            return _sample_logprobs(model, samples, trainer, rollout, model_cfg, tokenizer.pad_token_id, device,
                                     autocast)
         finally:
             model.train(was_training)
 
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    return APIRolloutSource(cfg.rollout, cfg.algorithm, tokenizer, vocab_size, logprobs_fn, start_version=start_version)
+    return APIRolloutSource(rollout, algo, tokenizer, vocab_size, logprobs_fn, start_version=start_version)

@@ -96,7 +96,8 @@ class GRPORecipe:
         self.sampling, self.val_max_tokens = derived.rollout_sampling(cfg), derived.validation_max_new_tokens(cfg)
         self.estimator = get_advantage_estimator(cfg.algorithm.advantage)
         # rollout.source=api: remote environments generate and score; each step pulls their groups.
-        self.api_source = (make_api_source(cfg, self.model, self.tokenizer, run.device, self.autocast,
+        self.api_source = (make_api_source(self.model, self.tokenizer, run.device, self.autocast, rollout=cfg.rollout,
+                                           algo=cfg.algorithm, trainer=cfg.trainer, model_cfg=cfg.model,
                                            start_version=self.start_step) if cfg.rollout.source == "api" else None)
         self.main = is_main_process()  # rank 0 logs metrics and shows progress; the others stay quiet
         self.rewards, outputs = open_rl_outputs(stack, cfg, run)

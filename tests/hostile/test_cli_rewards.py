@@ -101,7 +101,8 @@ def test_non_finite_scores_from_the_rollout_api_are_reward_errors():
     with live_server(create_rollout_api_app(GroupQueue(max_groups=8, max_staleness=1))) as url:
         cfg = load_config(GRPOConfig, None, ["rollout.source=api", f"rollout.api_url={url}", "rollout.group_size=2",
                                              "rollout.batch_size=4", "trainer.mini_batch_size=4"])
-        source = make_api_source(cfg, model, tok, "cpu", autocast_context(torch.device("cpu"), torch.float32),
+        source = make_api_source(model, tok, "cpu", autocast_context(torch.device("cpu"), torch.float32),
+                                 rollout=cfg.rollout, algo=cfg.algorithm, trainer=cfg.trainer, model_cfg=cfg.model,
                                  start_version=0)
     groups = [{"env": "env-a", "prompt_ids": [5, 6], "completion_ids": [[8, 9], [10]], "scores": [math.nan, 1.0],
                "logprobs": [[-0.5, -0.2], [-1.0]], "policy_version": 0},

@@ -52,7 +52,8 @@ def setup():
 
 
 def _source(cfg, model, tok, version=0):
-    return make_api_source(cfg, model, tok, "cpu", AUTOCAST, start_version=version)
+    return make_api_source(model, tok, "cpu", AUTOCAST, rollout=cfg.rollout, algo=cfg.algorithm, trainer=cfg.trainer,
+                           model_cfg=cfg.model, start_version=version)
 
 
 def test_groups_become_rollouts(setup):
