@@ -11,9 +11,6 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from posttrain.errors import PosttrainError
 
 Row = dict[str, Any]
@@ -141,6 +138,11 @@ def read_rows(source: str, *, split: str = "train", config_key: str = "data.trai
 
 
 def _read_parquet(source: str) -> Any:
+    # Imported here: pyarrow's allocator reserves address space once loaded, which runs that read
+    # no parquet should not pay (tests/hostile/test_data_memory.py caps the address space).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.read_table(source)
     except (pa.ArrowException, OSError) as e:
