@@ -71,13 +71,6 @@ def engine_max_model_len(cfg: Any, model: torch.nn.Module) -> int:
     return min(length, limit) if limit else length
 
 
-def build_posttrain_engine(cfg: Any, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype) -> RolloutEngine:
-    """posttrain's engine for a GRPO-style ``cfg``, whatever ``rollout.backend`` says."""
-    return _posttrain_engine(cfg.rollout.engine, model, tokenizer, compute_dtype,
-                             max_model_len=engine_max_model_len(cfg, model), float32_logits=cfg.model.float32_logits,
-                             expert_dtype=expert_dtype(cfg))
-
-
 def _posttrain_engine(e: EngineConfig, model: torch.nn.Module, tokenizer: Any, compute_dtype: torch.dtype, *,
                       max_model_len: int, float32_logits: bool, expert_dtype: str) -> RolloutEngine:
     return Engine(
@@ -88,9 +81,3 @@ def _posttrain_engine(e: EngineConfig, model: torch.nn.Module, tokenizer: Any, c
         cpu_dtype=getattr(torch, e.cpu_dtype), float32_logits=float32_logits,
         expert_dtype=expert_dtype,
     )
-
-
-def expert_dtype(cfg: Any) -> str:
-    """``moe.expert_dtype`` as posttrain's engine takes it ('auto' where the config has no moe section)."""
-    moe = getattr(cfg, "moe", None)
-    return moe.expert_dtype if moe is not None else "auto"

@@ -26,7 +26,7 @@ from posttrain.errors import ConfigError, PosttrainError
 from posttrain.models.moe.fp8_experts import FP8Experts
 from posttrain.models.moe.hf_blocks import use_grouped_experts
 from posttrain.rollout import SamplingParams
-from posttrain.rollout.builder import build_posttrain_engine
+from posttrain.rollout.builder import build_engine
 
 TEXTS = ["What is 2+3?", "Hi", "A longer prompt here, long enough to span several blocks", "Count: 1 2 3"]
 MEAN_TOLERANCE, MAX_TOLERANCE = 2e-3, 1e-2
@@ -123,8 +123,8 @@ def test_fp8_engine_refusals_and_config_wiring():
         engine(make_tiny_llama(tok), tok, "fp8")
     cfg = GRPOConfig()
     cfg.moe.expert_dtype = "fp8"  # (a run checks the GPU first; the engine itself runs anywhere)
-    cfg.rollout.engine.max_model_len = 64
-    built = build_posttrain_engine(cfg, tiny_moe("mixtral", tok), tok, torch.float32)
+    built = build_engine(cfg.rollout, tiny_moe("mixtral", tok), tok, torch.float32, max_model_len=64,
+                         float32_logits=cfg.model.float32_logits, expert_dtype=cfg.moe.expert_dtype)
     assert built.expert_dtype == "fp8" and built.fp8_experts is not None and not built.runner.use_cuda_graphs
 
 
