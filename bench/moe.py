@@ -58,7 +58,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_throughput import EOS, HBM_BYTES_PER_S, _Tok, run_hf
+from rollout_throughput import EOS, _Tok, decode_roofline_tokens_per_s, run_hf
 from rollout_throughput import SHAPES as DENSE_SHAPES
 from rollout_throughput import build_model as build_dense
 
@@ -122,24 +122,6 @@ def step_flops(model: torch.nn.Module, active: float, lengths: list[int]) -> flo
     cfg = model.config
     q_dim = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     return 6 * active * sum(lengths) + 6 * cfg.num_hidden_layers * q_dim * sum(n * n for n in lengths)
-
-
-def roofline_tokens_per_s(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                          device: torch.device) -> float | None:
-    """Decode tokens/s if each step read every weight and the batch's KV cache once from HBM (at a
-    batch of 64 x top-8 of 64 experts, nearly every expert runs each step). As in
-    bench/rollout_throughput.py, but with the config's head_dim (Qwen3's is not hidden / heads)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    bandwidth = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
-    if bandwidth is None:
-        return None
-    cfg = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
-    step_bytes = weight_bytes + batch * (prompt_len + new_tokens / 2) * kv_per_token
-    return batch / (step_bytes / bandwidth)
 
 
 def _sync(device: torch.device) -> None:
@@ -504,7 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "engine" not in state:
             return {"skipped": "skipped: no engine (the correctness section failed)"}
         row, _ = timed_generate(state["engine"], prompts, args.new_tokens, device)
-        roofline = roofline_tokens_per_s(rollout, len(prompts), args.prompt_len, args.new_tokens, device)
+        # at a batch of 64 x top-8 of 64 experts nearly every expert runs each step: all weights are read
+        roofline = decode_roofline_tokens_per_s(rollout, len(prompts), args.prompt_len + args.new_tokens / 2, device)
         return {**row, "cuda_graphs": bool(state["engine"].runner.graphs),
                 "roofline_share": row["tokens_per_s"] / roofline if roofline else None}
 

@@ -153,6 +153,14 @@ def run_hf(model, prompts, lengths, device, static: bool, batch_rows: int, max_b
 
 def roofline_tokens_per_s(model, lengths, device) -> float | None:
     """Decode tokens/s if each step only read the weights and the batch's KV cache once."""
+    # Static picture of workload a/b: all sequences decode together at the mean context length.
+    flat = [n for l in lengths for n in l]
+    return decode_roofline_tokens_per_s(model, len(flat), 128 + sum(flat) / len(flat) / 2, device)
+
+
+def decode_roofline_tokens_per_s(model, batch: int, mean_context: float, device) -> float | None:
+    """Decode tokens/s of ``batch`` sequences at ``mean_context`` tokens if each step read every
+    weight and the batch's KV cache once from HBM; None off a GPU of known bandwidth."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -161,12 +169,8 @@ def roofline_tokens_per_s(model, lengths, device) -> float | None:
         return None
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # Qwen3: its own
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
-    # Static picture of workload a/b: all sequences decode together at the mean context length.
-    flat = [n for l in lengths for n in l]
-    batch = len(flat)
-    mean_context = 128 + sum(flat) / len(flat) / 2
     step_bytes = weight_bytes + batch * mean_context * kv_per_token
     return batch / (step_bytes / bandwidth)
 
