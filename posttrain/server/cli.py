@@ -17,6 +17,7 @@ from posttrain.rollout.hf_engine import HFEngine
 
 logger = logging.getLogger("posttrain.server")
 DEFAULT_MAX_MODEL_LEN = 8192
+EXPERT_DTYPE_OPTION = "--expert-dtype "  # how check_expert_dtype's messages name serve's option
 
 
 def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, compute_dtype: Any) -> tuple[Any, int]:
@@ -33,7 +34,7 @@ def build_serving_engine(args: argparse.Namespace, model: Any, tokenizer: Any, c
         if choice == "hf":
             raise ConfigError(f"--expert-dtype {expert_dtype} needs posttrain's engine (--engine posttrain, for "
                               f"{', '.join(MOE_MODEL_TYPES)}); transformers computes the experts in the model's dtype.")
-        check_expert_dtype(expert_dtype, next(model.parameters()).device)
+        check_expert_dtype(expert_dtype, next(model.parameters()).device, option=EXPERT_DTYPE_OPTION)
     if choice == "hf":
         return HFEngine(model, tokenizer, compute_dtype=compute_dtype), args.max_prompt_tokens or positions or 4096
 
@@ -67,10 +68,15 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = ModelConfig(path=args.model, device=args.device, dtype=args.dtype)
         device = resolve_device(cfg.device)
+        # Before the model loads (minutes for a large one): fp8 experts need a GPU that has them.
+        check_expert_dtype(getattr(args, "expert_dtype", "auto"), device, option=EXPERT_DTYPE_OPTION)
         model, tokenizer = load_model_and_tokenizer(cfg, device)
         model.eval()
         compute_dtype = resolve_compute_dtype(cfg.dtype, device)
         engine, max_prompt_tokens = build_serving_engine(args, model, tokenizer, compute_dtype)
+    except ConfigError as exc:  # a wrong option or combination: exit 2, as for the trainers
+        print(f"posttrain: config error: {exc}", file=sys.stderr)
+        return 2
     except PosttrainError as exc:
         print(f"posttrain: error: {exc}", file=sys.stderr)
         return 1

@@ -135,7 +135,8 @@ def test_serve_expert_dtype_reaches_the_engine(monkeypatch):
     tok = make_tokenizer()
     model = tiny_moe("mixtral", tok)
     args = build_parser().parse_args(["serve", "--expert-dtype", "fp8", "--max-model-len", "64"])
-    with pytest.raises(ConfigError, match="moe.expert_dtype=fp8 needs an NVIDIA GPU of compute capability 8.9.*CPU"):
+    with pytest.raises(ConfigError, match="--expert-dtype fp8 needs an NVIDIA GPU of compute capability 8.9.*CPU. "
+                                          "Use --expert-dtype auto"):
         server_cli.build_serving_engine(args, model, tok, torch.float32)
     monkeypatch.setattr(server_cli, "check_expert_dtype", lambda *a, **k: None)  # as on an H100
     engine, _ = server_cli.build_serving_engine(args, model, tok, torch.float32)
@@ -161,3 +162,20 @@ def test_served_fp8_experts_follow_shared_weights_at_flush_cache():
             experts.gate_up_proj.mul_(-2.0)
         assert http.post("/flush_cache").status_code == 200
     assert _dequantized_error(eng.fp8_experts[0], experts.gate_up_proj.detach()) < 0.03
+
+
+def test_serve_refuses_fp8_experts_on_a_cpu_before_loading_the_model(monkeypatch, capsys):
+    # `posttrain serve --expert-dtype fp8` on a CPU: exit 2 with serve's own option named, and no
+    # model load first (minutes for a large model).
+    pytest.importorskip("fastapi")
+    from posttrain.cli import main
+    from posttrain.server import cli as server_cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(server_cli, "load_model_and_tokenizer", no_load)
+    assert main(["serve", "--expert-dtype", "fp8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "posttrain: config error: --expert-dtype fp8 needs an NVIDIA GPU" in err and "Use --expert-dtype auto" in err
+    assert "moe.expert_dtype" not in err

@@ -412,34 +412,43 @@ def moe_config_problems(cfg: Any) -> list[str]:
     return problems
 
 
-def check_moe_config(cfg: Any, device: torch.device) -> None:
-    """Raise one ConfigError listing every problem of the ``moe`` section (before anything loads)."""
+def check_moe_config(cfg: Any, device: torch.device | None) -> None:
+    """Raise one ConfigError listing every problem of the ``moe`` section (before anything loads).
+    ``device`` None: not ``moe.expert_dtype`` against the GPU (the launcher of
+    ``trainer.num_processes`` workers checks the rest once, before starting them; each worker checks
+    its own GPU)."""
     problems = moe_config_problems(cfg)
+    if len(problems) == 1:  # one line, as validate_config words a single problem
+        raise ConfigError(f"Invalid configuration: {problems[0]}")
     if problems:
-        raise ConfigError("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-    check_expert_dtype(cfg.moe.expert_dtype, device)
+        raise ConfigError(f"Invalid configuration ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
+    if device is not None:
+        check_expert_dtype(cfg.moe.expert_dtype, device)
 
 
 def check_expert_dtype(expert_dtype: str, device: torch.device,
-                       capability: tuple[int, int] | None = None, gpu_name: str | None = None) -> None:
+                       capability: tuple[int, int] | None = None, gpu_name: str | None = None, *,
+                       option: str = "moe.expert_dtype=") -> None:
     """Raise ConfigError unless ``moe.expert_dtype`` can run here. ``capability``/``gpu_name``
-    default to the device's (given explicitly in tests)."""
+    default to the device's (given explicitly in tests). ``option``: how the messages name the
+    setting before its value (``posttrain serve``: ``"--expert-dtype "``)."""
     if expert_dtype == "auto":
         return
     need = EXPERT_DTYPE_CAPABILITY[expert_dtype]
     if device.type != "cuda":
-        raise ConfigError(f"moe.expert_dtype={expert_dtype} needs {_capable_gpus(need)}; this run is on the "
-                          f"{device.type.upper()}. Use moe.expert_dtype=auto.")
+        raise ConfigError(f"{option}{expert_dtype} needs {_capable_gpus(need)}; this run is on the "
+                          f"{device.type.upper()}. Use {option}auto.")
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
         gpu_name = torch.cuda.get_device_name(device)
-    check_expert_dtype_capability(expert_dtype, capability, f"this GPU ({gpu_name})")
+    check_expert_dtype_capability(expert_dtype, capability, f"this GPU ({gpu_name})", option=option)
     if expert_dtype == "nvfp4":
-        raise ConfigError(f"moe.expert_dtype=nvfp4: {gpu_name} (capability {capability[0]}.{capability[1]}) supports "
-                          "it, but posttrain's nvfp4 experts are not implemented yet; use moe.expert_dtype=fp8.")
+        raise ConfigError(f"{option}nvfp4: {gpu_name} (capability {capability[0]}.{capability[1]}) supports "
+                          f"it, but posttrain's nvfp4 experts are not implemented yet; use {option}fp8.")
 
 
-def check_expert_dtype_capability(expert_dtype: str, capability: tuple[int, int], gpu_name: str = "this GPU") -> None:
+def check_expert_dtype_capability(expert_dtype: str, capability: tuple[int, int], gpu_name: str = "this GPU", *,
+                                  option: str = "moe.expert_dtype=") -> None:
     """Raise ConfigError when a GPU of compute ``capability`` cannot hold ``moe.expert_dtype``
     experts (fp8: 8.9, Ada/Hopper/Blackwell; nvfp4: 10.0, Blackwell), naming its capability and
     what to use instead. ``auto`` always passes. Pure: the capability is given."""
@@ -447,8 +456,8 @@ def check_expert_dtype_capability(expert_dtype: str, capability: tuple[int, int]
     if need is None or tuple(capability) >= need:
         return
     fallback = "fp8" if expert_dtype == "nvfp4" and tuple(capability) >= EXPERT_DTYPE_CAPABILITY["fp8"] else "auto"
-    raise ConfigError(f"moe.expert_dtype={expert_dtype} needs {_capable_gpus(need)}; {gpu_name} has compute "
-                      f"capability {capability[0]}.{capability[1]}. Use moe.expert_dtype={fallback}.")
+    raise ConfigError(f"{option}{expert_dtype} needs {_capable_gpus(need)}; {gpu_name} has compute "
+                      f"capability {capability[0]}.{capability[1]}. Use {option}{fallback}.")
 
 
 def _capable_gpus(need: tuple[int, int]) -> str:
@@ -468,7 +477,7 @@ def check_moe_model(model: torch.nn.Module, cfg: Any) -> MoEShape | None:
                                 ("moe.ep_mode", moe.ep_mode in ("ipc", "hybrid"))] if v]
         if asked:
             raise ConfigError(f"{', '.join(asked)} set, but the policy ({name}, model.path={cfg.model.path}) is not a "
-                              "mixture-of-experts model; remove them or load an MoE model.")
+                              f"mixture-of-experts model; remove {'them' if len(asked) > 1 else 'it'} or load an MoE model.")
         return None
     for key, mine, theirs in [("num_experts", moe.router.num_experts, shape.num_experts),
                               ("top_k", moe.router.top_k, shape.top_k)]:
