@@ -487,6 +487,11 @@ def _run(argv: list[str], debug: bool) -> int:
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet a torchrun worker: start them
         from posttrain.distributed.launch import relaunch  # torch's elastic launcher only now
 
+        if args.command == "grpo":  # moe.* mistakes once, here, not from every worker after the launch
+            from posttrain.models.moe import check_moe_config
+
+            check_moe_config(cfg, None)
+
         return relaunch(num_processes, argv + ["--debug"] * debug, cfg.trainer.dist_timeout_s)
     module_name, function_name = COMMANDS[args.command][2].split(":")
     train = getattr(importlib.import_module(module_name), function_name)  # heavy imports only now

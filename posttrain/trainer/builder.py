@@ -35,7 +35,7 @@ from posttrain.data.sampler import EpochSampler
 from posttrain.distributed import RankShardedSampler, init_process_group, is_distributed
 from posttrain.envs.registry import env_specs, resolve_env_classes
 from posttrain.models import load_model_and_tokenizer, make_reference_model, resolve_compute_dtype, resolve_device
-from posttrain.models.moe import check_moe_config, prepare_moe_policy
+from posttrain.models.moe import check_expert_dtype, check_moe_config, prepare_moe_policy
 from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.trainer.common import start_run
 from posttrain.trainer.memory import prepare_for_training
@@ -127,6 +127,8 @@ def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_kn
     device = init_process_group(resolve_device(cfg.model.device), cfg.trainer.dist_timeout_s)
     if training_knobs:
         check_moe_config(cfg, device)  # e.g. moe.expert_dtype=fp8 on a GPU without fp8
+    else:  # PPO: no MoE preparation, but its engine takes moe.expert_dtype
+        check_expert_dtype(cfg.moe.expert_dtype, device)
     output_dir, resume_ckpt = start_run(cfg, resume_from, command)
 
     # Data first: rows the environment cannot score (e.g. no reference answer) fail here, before

@@ -30,6 +30,7 @@ from posttrain.models.loading import (
     resolve_compute_dtype,
     resolve_device,
 )
+from posttrain.models.moe import check_expert_dtype, check_moe_config, gpus_per_node, resolve_ep_mode
 from posttrain.rollout.builder import engine_max_model_len
 from posttrain.trainer.builder import CPU_SLOW_GENERATED_TOKENS, build_policy
 from posttrain.trainer.dry_run_plan import ModelShape, StepPlan, dpo_plan, meta_model_shape, rl_plan, sft_plan
@@ -47,6 +48,11 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     compute_dtype = resolve_compute_dtype(cfg.model.dtype, device)
     param_dtype = getattr(torch, getattr(cfg.trainer, "param_dtype", "float32"))
     generates = rl and cfg.rollout.backend != "openai" and cfg.rollout.source != "api"  # in this process
+    # The run's own moe.* checks, before anything is printed: a dry run that passes, runs.
+    if command == "grpo":
+        check_moe_config(cfg, device)
+    elif command == "ppo":
+        check_expert_dtype(cfg.moe.expert_dtype, device)
     warnings: list[str] = []
     write(f"posttrain {command} --dry-run: estimates only; nothing is trained, started or written.")
     _section(write, "settings", _settings(command, cfg, device, compute_dtype, param_dtype))
@@ -315,6 +321,8 @@ def _settings(command: str, cfg: Any, device: torch.device, compute_dtype: torch
             f"validation    {v.max_prompts or 'all'} prompts, greedy, every {v.every} steps"
             + (", at start" if v.at_start else "") + (", at end" if v.at_end else ""),
         ]
+        if command == "grpo" and _moe_asked(cfg.moe):
+            lines.append(_moe_setting(cfg.moe, t.num_processes))
         if command == "ppo":
             c = cfg.critic
             lines.append(f"critic        {c.path or 'a copy of the policy'}, lr {c.lr:g}, warm-up {c.warmup_steps} steps")
@@ -330,6 +338,27 @@ def _settings(command: str, cfg: Any, device: torch.device, compute_dtype: torch
                   f"trainer       {t.batch_size} pairs per step, micro-batch {t.micro_batch_size} pairs, lr {t.lr:g}"]
     lines.append(f"output        {t.output_dir or f'runs/{command}-<timestamp>'} (--dry-run creates nothing)")
     return lines
+
+
+def _moe_asked(moe: Any) -> bool:
+    return bool(moe.random_init.family) or moe.ep_mode != "single" or moe.expert_dtype != "auto"
+
+
+def _moe_setting(moe: Any, processes: int) -> str:
+    """The settings line of an MoE run: the experts, the expert parallelism moe.ep_mode gives on
+    ``processes`` processes, and the rollouts' expert dtype."""
+    r, init = moe.router, moe.random_init
+    experts = (r.num_experts or 8) if init.family else None  # a loaded model's count is known once it loads
+    model = f"random-init {init.family}, {experts} experts, top-{r.top_k or 2}" if init.family else "model.path's experts"
+    if processes == 1 or moe.ep_mode == "single":
+        ep = "every process holds all experts"
+    elif experts is None:
+        ep = f"the expert-parallel size follows from the model's expert count on {processes} processes"
+    else:
+        mode, size = resolve_ep_mode(moe.ep_mode, processes, gpus_per_node(processes), experts)
+        ep = (f"{mode}, ep {size}: {experts // size} of {experts} experts per process" if size > 1 else
+              "no expert-parallel size above 1 fits: every process holds all experts")
+    return f"moe           {model}; ep_mode {moe.ep_mode}: {ep}; rollout experts in {moe.expert_dtype}"
 
 
 def _name(dtype: torch.dtype) -> str:

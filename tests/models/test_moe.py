@@ -268,7 +268,11 @@ def test_model_checks_against_the_moe_section():
     dense_cfg = GRPOConfig()
     assert check_moe_model(make_tiny_llama(make_tokenizer()), dense_cfg) is None
     dense_cfg.moe.router.top_k = 2
-    with pytest.raises(ConfigError, match="moe.router.top_k set, but the policy .* is not a mixture-of-experts model"):
+    with pytest.raises(ConfigError, match="moe.router.top_k set, but the policy .* is not a mixture-of-experts model; "
+                                          "remove it or"):
+        check_moe_model(make_tiny_llama(make_tokenizer()), dense_cfg)
+    dense_cfg.moe.ep_mode = "ipc"
+    with pytest.raises(ConfigError, match="moe.router.top_k, moe.ep_mode set, .*; remove them or"):
         check_moe_model(make_tiny_llama(make_tokenizer()), dense_cfg)
 
 

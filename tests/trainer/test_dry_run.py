@@ -184,3 +184,55 @@ def test_a_random_init_moe_policy_is_measured_not_the_model_path(model_dir, tmp_
     total = sum(p.numel() for p in built.parameters())
     assert f"policy        {total:,} ({total:,} trainable)" in out
     assert "x 2 layers, hidden 32, MLP 96" in out  # 2 experts of 48 per token
+
+
+MOE_ARGS = ["moe.random_init.family=mixtral", "moe.random_init.hidden_size=32", "moe.random_init.intermediate_size=48",
+            "moe.random_init.num_layers=2", "moe.random_init.num_attention_heads=4",
+            "moe.random_init.num_key_value_heads=2", "moe.router.num_experts=4", "moe.router.top_k=2", "model.dtype=float32"]
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["moe.ep_mode=ipc"], "moe.ep_mode=ipc splits the experts over the training processes, but this run has one"),
+    (["moe.ep_mode=ipc", "trainer.num_processes=2", "trainer.mini_batch_size=8", "trainer.fsdp_cpu_offload=true"],
+     "moe.ep_mode=ipc with trainer.fsdp_cpu_offload=true is not supported"),
+    (["moe.ep_mode=ipc", "trainer.num_processes=3", "rollout.batch_size=12", "trainer.mini_batch_size=12",
+      "trainer.micro_batch_size=4"], "4 experts do not split evenly over ep=3"),
+    (["moe.expert_dtype=fp8"], "moe.expert_dtype=fp8 needs an NVIDIA GPU"),
+])
+def test_a_dry_run_refuses_the_moe_settings_the_run_would(extra, named, model_dir, tmp_path, monkeypatch, capsys):
+    # The dry run checks moe.* as the run does, before it prints or builds anything.
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "run"
+    args = ["grpo", f"model.path={model_dir}", *RL_ARGS, *MOE_ARGS, *extra, f"trainer.output_dir={out_dir}", "--dry-run"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert named in captured.err and "Traceback" not in captured.err
+    assert captured.out == "" and not out_dir.exists()
+
+
+def test_a_dry_run_shows_the_expert_parallelism_moe_ep_mode_gives(model_dir, tmp_path, monkeypatch, capsys):
+    out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS, *MOE_ARGS, "moe.ep_mode=auto", "trainer.num_processes=2",
+                   "trainer.mini_batch_size=8"], tmp_path, monkeypatch, capsys)
+    assert ("moe           random-init mixtral, 4 experts, top-2; ep_mode auto: ipc, ep 2: 2 of 4 experts per process; "
+            "rollout experts in auto") in out
+    out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS, *MOE_ARGS], tmp_path, monkeypatch, capsys)
+    assert "ep_mode single: every process holds all experts" in out
+    out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS], tmp_path, monkeypatch, capsys)
+    assert "moe     " not in out  # a dense run with the defaults: no moe line
+
+
+def test_the_launcher_refuses_moe_settings_once_before_starting_workers(model_dir, tmp_path, monkeypatch, capsys):
+    # trainer.num_processes=2: the mistake is reported once, not by every worker after the launch.
+    import posttrain.distributed.launch as launch
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("workers started")
+
+    monkeypatch.setattr(launch, "relaunch", no_launch)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    out_dir = tmp_path / "run"
+    assert main(["grpo", f"model.path={model_dir}", *RL_ARGS, *MOE_ARGS, "moe.ep_mode=ipc", "trainer.num_processes=2",
+                 "trainer.mini_batch_size=8", "trainer.fsdp_cpu_offload=true", f"trainer.output_dir={out_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("moe.ep_mode=ipc with trainer.fsdp_cpu_offload=true is not supported") == 1
+    assert not out_dir.exists()
