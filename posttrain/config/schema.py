@@ -94,7 +94,8 @@ class ModelConfig:
         "logits take at most 1/16 of the GPU's memory and 1/4 of its free memory (8192 for a 152k "
         "vocabulary on an 80 GB H100, 2048 on a 24 GB card); 4096 on CPU. Larger chunks run the LM "
         "head faster: 8192 gave 3 points more MFU than 4096 at 0.5B on an H100 (docs/benchmarks.md). "
-        "Models with logit soft-capping or scaling use the plain path.",
+        "Models with logit soft-capping or scaling use the plain path. Used by grpo and ppo (the policy's "
+        "logprob passes); sft and dpo compute each micro-batch's logits at once and ignore it.",
     )
     float32_logits: bool = opt(
         True,
