@@ -304,7 +304,9 @@ def _speed_warnings(command: str, cfg: Any, plan: StepPlan, device: torch.device
 def _settings(command: str, cfg: Any, device: torch.device, compute_dtype: torch.dtype, param_dtype: torch.dtype) -> list[str]:
     m, t = cfg.model, cfg.trainer
     lines = [
-        f"model         {m.path}{' (' + m.gguf_file + ')' if m.gguf_file else ''} on {device}, compute "
+        f"model         {m.path}{' (' + m.gguf_file + ')' if m.gguf_file else ''}"
+        + (" (the tokenizer; moe.random_init builds the weights)" if command == "grpo" and cfg.moe.random_init.family else "")
+        + f" on {device}, compute "
         f"{_name(compute_dtype)}, parameters {_name(param_dtype)}"
         + (", activation checkpointing" if m.gradient_checkpointing else ""),
         "lora          " + (f"r={m.lora.r}, alpha={m.lora.alpha:g}, targets {list(m.lora.target_modules)}" if m.lora.r else "off"),
@@ -358,7 +360,7 @@ def _moe_setting(moe: Any, processes: int) -> str:
         mode, size = resolve_ep_mode(moe.ep_mode, processes, gpus_per_node(processes), experts)
         ep = (f"{mode}, ep {size}: {experts // size} of {experts} experts per process" if size > 1 else
               "no expert-parallel size above 1 fits: every process holds all experts")
-    return f"moe           {model}; ep_mode {moe.ep_mode}: {ep}; rollout experts in {moe.expert_dtype}"
+    return f"moe           {model}; ep_mode {moe.ep_mode}: {ep}; rollout expert dtype {moe.expert_dtype}"
 
 
 def _name(dtype: torch.dtype) -> str:

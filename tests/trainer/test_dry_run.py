@@ -214,7 +214,8 @@ def test_a_dry_run_shows_the_expert_parallelism_moe_ep_mode_gives(model_dir, tmp
     out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS, *MOE_ARGS, "moe.ep_mode=auto", "trainer.num_processes=2",
                    "trainer.mini_batch_size=8"], tmp_path, monkeypatch, capsys)
     assert ("moe           random-init mixtral, 4 experts, top-2; ep_mode auto: ipc, ep 2: 2 of 4 experts per process; "
-            "rollout experts in auto") in out
+            "rollout expert dtype auto") in out
+    assert "(the tokenizer; moe.random_init builds the weights) on cpu" in out
     out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS, *MOE_ARGS], tmp_path, monkeypatch, capsys)
     assert "ep_mode single: every process holds all experts" in out
     out = run_dry(["grpo", f"model.path={model_dir}", *RL_ARGS], tmp_path, monkeypatch, capsys)
