@@ -488,7 +488,7 @@ def _run(argv: list[str], debug: bool) -> int:
         from posttrain.distributed.launch import relaunch  # torch's elastic launcher only now
 
         if args.command == "grpo":  # moe.* mistakes once, here, not from every worker after the launch
-            from posttrain.models.moe import check_moe_config
+            from posttrain.models.moe import check_moe_config  # imports torch: only once a run starts
 
             check_moe_config(cfg, None)
 
