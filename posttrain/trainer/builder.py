@@ -32,10 +32,11 @@ from posttrain.cluster import build_reward_pool
 from posttrain.config import derived
 from posttrain.data.chat import TokenizedPrompt
 from posttrain.data.sampler import EpochSampler
-from posttrain.distributed import RankShardedSampler, init_process_group, is_distributed
+from posttrain.distributed import RankShardedSampler, get_world_size, init_process_group, is_distributed
+from posttrain.distributed.layout import ParallelLayout
 from posttrain.envs.registry import env_specs, resolve_env_classes
 from posttrain.models import load_model_and_tokenizer, make_reference_model, resolve_compute_dtype, resolve_device
-from posttrain.models.moe import check_expert_dtype, check_moe_config, prepare_moe_policy
+from posttrain.models.moe import check_moe_config, moe_checklist, prepare_moe_policy
 from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.trainer.common import start_run
 from posttrain.trainer.memory import prepare_for_training
@@ -67,29 +68,29 @@ class PolicyModels:
 
 
 def build_policy(cfg: Any, device: torch.device, compute_dtype: torch.dtype, resume_ckpt: Path | None, *,
-                 training_knobs: bool = True, with_reference: bool = True) -> PolicyModels:
+                 memory_knobs: bool = True, with_reference: bool = True) -> PolicyModels:
     """The policy (from ``resume_ckpt`` when resuming; a sharded checkpoint is loaded later, into the
     sharded model, by ``build_optimization``) and the reference, which is always the starting model.
 
-    ``training_knobs``: MoE preparation (``moe.*``: a random-init MoE policy, router dtype) and the
-    trainer's memory knobs (``trainer.param_dtype``, compiled layers, FSDP) on policy and reference.
-    PPO does not apply them yet: its critic copies the policy's weights as loaded.
-    ``with_reference=False``: no reference (``--dry-run`` times the policy alone)."""
+    The MoE preparation (``moe.*``: a random-init MoE policy, the router dtype) applies to every
+    RL recipe. ``memory_knobs``: the trainer's memory knobs (``trainer.param_dtype``, compiled
+    layers, FSDP, expert parallelism) on policy and reference; PPO does not apply them yet (its
+    critic copies the policy's weights as loaded). ``with_reference=False``: no reference
+    (``--dry-run`` times the policy alone)."""
     sharded_resume = resume_ckpt is not None and is_sharded_checkpoint(resume_ckpt)
-    moe_cfg = cfg.moe if training_knobs else None
 
     def load(source: str | None = None) -> tuple[torch.nn.Module, Any, Any]:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=source, moe=moe_cfg)
-        return model, tokenizer, prepare_moe_policy(model, cfg) if training_knobs else None
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device, source=source, moe=cfg.moe)
+        return model, tokenizer, prepare_moe_policy(model, cfg)
 
     model, tokenizer, moe_shape = load(str(resume_ckpt) if resume_ckpt and not sharded_resume else None)
     reference = None
     if with_reference and derived.needs_reference_copy(cfg):
         # The reference is always the starting model, also when resuming from a later checkpoint.
         reference = make_reference_model(model if resume_ckpt is None or sharded_resume else load()[0])
-        if training_knobs:
+        if memory_knobs:
             prepare_for_training(reference, cfg.trainer, device, compute_dtype, moe=cfg.moe)
-    if training_knobs:
+    if memory_knobs:
         model = prepare_for_training(model, cfg.trainer, device, compute_dtype, moe=cfg.moe)  # before the optimizer sees it
     return PolicyModels(model, tokenizer, reference, moe_shape)
 
@@ -118,17 +119,14 @@ class RLRun:
         return self.resume_ckpt is not None
 
 
-def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_knobs: bool = True) -> RLRun:
-    """Build a GRPO-style run's parts (``command``: 'grpo' or 'ppo'; ``training_knobs`` as in
+def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, memory_knobs: bool = True) -> RLRun:
+    """Build a GRPO-style run's parts (``command``: 'grpo' or 'ppo'; ``memory_knobs`` as in
     ``build_policy``). Under torchrun every rank builds its share: a shard of every model (FSDP2)
     and of every mini-batch's prompt groups."""
     # Cheap checks first, so a bad environment fails before anything is loaded or written.
     env_classes = resolve_env_classes(env_specs(cfg.env.cls, cfg.env.kwargs, cfg.env.tasks))  # task -> class
     device = init_process_group(resolve_device(cfg.model.device), cfg.trainer.dist_timeout_s)
-    if training_knobs:
-        check_moe_config(cfg, device)  # e.g. moe.expert_dtype=fp8 on a GPU without fp8
-    else:  # PPO: no MoE preparation, but its engine takes moe.expert_dtype
-        check_expert_dtype(cfg.moe.expert_dtype, device)
+    check_moe_config(cfg, device)  # e.g. moe.expert_dtype=fp8 on a GPU without fp8
     output_dir, resume_ckpt = start_run(cfg, resume_from, command)
 
     # Data first: rows the environment cannot score (e.g. no reference answer) fail here, before
@@ -140,7 +138,10 @@ def build_rl_run(cfg: Any, resume_from: str | None, command: str, *, training_kn
             "Training on CPU: each step generates %d completions of up to %d tokens and takes minutes. "
             "For a quick look use `--config cpu_quick`.", cfg.rollout.batch_size, cfg.rollout.max_new_tokens,
         )
-    policy = build_policy(cfg, device, compute_dtype, resume_ckpt, training_knobs=training_knobs)
+    policy = build_policy(cfg, device, compute_dtype, resume_ckpt, memory_knobs=memory_knobs)
+    if policy.moe_shape is not None:  # the layout and router checklist, before anything trains
+        logger.info(moe_checklist(policy.moe_shape, cfg, ParallelLayout.from_world_size(get_world_size()),
+                                  type(policy.model).__name__))
     train_prompts, val_prompts = encode_rl_prompts(cfg, policy.tokenizer, train_examples, val_examples)
     # An engine on the policy's own modules is built here, before the optimizer: on a GPU its KV
     # budget is taken from the memory left after the models, not after the optimizer's state.

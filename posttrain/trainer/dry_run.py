@@ -30,7 +30,7 @@ from posttrain.models.loading import (
     resolve_compute_dtype,
     resolve_device,
 )
-from posttrain.models.moe import check_expert_dtype, check_moe_config, gpus_per_node, resolve_ep_mode
+from posttrain.models.moe import check_moe_config, gpus_per_node, resolve_ep_mode
 from posttrain.rollout.builder import engine_max_model_len
 from posttrain.trainer.builder import CPU_SLOW_GENERATED_TOKENS, build_policy
 from posttrain.trainer.dry_run_plan import ModelShape, StepPlan, dpo_plan, meta_model_shape, rl_plan, sft_plan
@@ -49,16 +49,14 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
     param_dtype = getattr(torch, getattr(cfg.trainer, "param_dtype", "float32"))
     generates = rl and cfg.rollout.backend != "openai" and cfg.rollout.source != "api"  # in this process
     # The run's own moe.* checks, before anything is printed: a dry run that passes, runs.
-    if command == "grpo":
+    if rl:
         check_moe_config(cfg, device)
-    elif command == "ppo":
-        check_expert_dtype(cfg.moe.expert_dtype, device)
     warnings: list[str] = []
     write(f"posttrain {command} --dry-run: estimates only; nothing is trained, started or written.")
     _section(write, "settings", _settings(command, cfg, device, compute_dtype, param_dtype))
 
     # ---- parameters, from the models built on the meta device
-    policy = meta_model_shape(cfg.model, moe=getattr(cfg, "moe", None) if command == "grpo" else None)
+    policy = meta_model_shape(cfg.model, moe=cfg.moe if rl else None)
     critic = None
     if command == "ppo":  # the trainer's critic: the base model of critic.path or model.path, never LoRA
         critic = meta_model_shape(dataclasses.replace(cfg.model, path=cfg.critic.path or cfg.model.path, lora=LoRAConfig(),
@@ -125,7 +123,7 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
         _write_warnings(write, warnings)
         return 0
     if rl:  # the trainers' own builder: MoE preparation and memory knobs as the run will have them
-        policy_models = build_policy(cfg, device, compute_dtype, None, training_knobs=command == "grpo",
+        policy_models = build_policy(cfg, device, compute_dtype, None, memory_knobs=command == "grpo",
                                      with_reference=False)
         model, tokenizer = policy_models.model, policy_models.tokenizer
     else:

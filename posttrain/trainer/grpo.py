@@ -31,11 +31,9 @@ from posttrain.distributed import (
     is_main_process,
     mean_across_ranks,
 )
-from posttrain.distributed.layout import ParallelLayout
 from posttrain.logging.metrics import format_console_line
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import lora_enabled
-from posttrain.models.moe import moe_checklist
 from posttrain.sync import EngineClient, build_weight_sync
 from posttrain.trainer.api_source import make_api_source
 from posttrain.trainer.async_rollouts import (
@@ -88,9 +86,6 @@ class GRPORecipe:
         # their own copies of the policy; a synchronous run on them is their schedule with staleness 0.
         self.uses_replicas = derived.uses_engine_replicas(cfg)
         self.autocast = autocast_context(run.device, run.compute_dtype) if self.uses_replicas else run.engine.autocast
-        if run.policy.moe_shape is not None:  # the layout and router checklist, before anything trains
-            logger.info(moe_checklist(run.policy.moe_shape, cfg, ParallelLayout.from_world_size(get_world_size()),
-                                      type(self.model).__name__))
         self.group_size, self.target_groups = cfg.rollout.group_size, cfg.rollout.batch_size // cfg.rollout.group_size
         self.optimizer_steps_per_step = derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout, cfg.trainer)
         self.sampling, self.val_max_tokens = derived.rollout_sampling(cfg), derived.validation_max_new_tokens(cfg)

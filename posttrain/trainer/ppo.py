@@ -63,7 +63,7 @@ CRITIC_SCHEDULER_FILE = "scheduler.pt"
 
 def train(cfg: PPOConfig, resume_from: str | None = None) -> Path:
     """Run PPO; returns the run folder. ``resume_from``: a checkpoint or run folder."""
-    run = build_rl_run(cfg, resume_from, "ppo", training_knobs=False)
+    run = build_rl_run(cfg, resume_from, "ppo", memory_knobs=False)
     with contextlib.ExitStack() as stack:
         PPORecipe(cfg, run, stack).train()
     return run.output_dir

@@ -403,6 +403,24 @@ def test_moe_demo_preset_trains_on_cpu(tmp_path, caplog, family):
     assert AutoConfig.from_pretrained(saved).model_type == family
 
 
+def test_ppo_trains_the_random_init_moe_policy(tmp_path, caplog):
+    import logging
+
+    from posttrain.cli import main
+
+    args = _demo_args(tmp_path, "trainer.max_steps=2", "validation.every=0", "validation.at_end=false")
+    args[0] = "ppo"
+    with caplog.at_level(logging.INFO, logger="posttrain"):
+        assert main(args) == 0
+    assert "MoE policy:" in caplog.text and "4 MoE layers x 8 experts, top-2" in caplog.text
+    metrics = _metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(m["loss/moe_z"]) and math.isfinite(m["moe/load_max_vio"]) for m in metrics)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "checkpoints" / "step_000002").model_type == "mixtral"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_moe_demo_preset_as_shipped_runs_20_steps(tmp_path):

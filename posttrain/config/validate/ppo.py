@@ -15,11 +15,7 @@ def ppo_problems(cfg: PPOConfig) -> list[str]:
         problems = [p for p in problems if not p.startswith("algorithm.dynamic_sampling")]
         problems.append("algorithm.dynamic_sampling=true is not supported by `posttrain ppo` (the critic is the "
                         "baseline, so uniform groups still carry signal); set algorithm.dynamic_sampling=false.")
-    # build_policy applies no moe.* preparation to PPO's policy yet: refuse what would be ignored.
-    if cfg.moe.random_init.family:
-        problems.append(f"moe.random_init.family={cfg.moe.random_init.family}: `posttrain ppo` does not build random-init "
-                        "MoE policies (it would train model.path's model instead); use `posttrain grpo --config "
-                        "moe_demo`, or load an MoE model with model.path.")
+    # PPO's policy gets the MoE preparation but not the memory knobs (FSDP, expert parallelism).
     if cfg.moe.ep_mode in ("ipc", "hybrid"):
         problems.append(f"moe.ep_mode={cfg.moe.ep_mode}: `posttrain ppo` does not split experts over processes yet; "
                         "set moe.ep_mode=single, or train with `posttrain grpo`.")
