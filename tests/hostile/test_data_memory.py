@@ -56,13 +56,17 @@ CHILD = textwrap.dedent("""
 
 def run_bounded(path: str, budget_mib: int, overrides: list[str]) -> subprocess.CompletedProcess:
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "true",
+    # One malloc arena, and blocks over 128 KiB always mmapped (returned to the system when freed):
+    # glibc otherwise reserves a 64 MiB arena for a second thread whenever threads first contend,
+    # which on a loaded machine may fall before or after the baseline (free headroom, or the whole
+    # budget gone), and its dynamic mmap threshold keeps large freed buffers in the heap.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "true",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", CHILD, path, str(budget_mib), json.dumps(overrides)],
                           check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_rows_of_15_mib_stay_within_a_budget_of_about_four_rows(tmp_path):
+def test_rows_of_15_mib_stay_within_a_budget_of_about_six_rows(tmp_path):
     path = tmp_path / "large.jsonl"
     text = "What is 12 + 30? " * ((15 << 20) // 17)
     with open(path, "w") as f:
@@ -71,7 +75,8 @@ def test_rows_of_15_mib_stay_within_a_budget_of_about_four_rows(tmp_path):
         f.writelines(json.dumps({"prompt": f"What is {i} + 1?", "expected_answer": str(i + 1)}) + "\n" for i in range(40))
     validation = tmp_path / "validation.jsonl"
     validation.write_text('{"prompt": "What is 2 + 2?", "expected_answer": "4"}\n')
-    done = run_bounded(str(path), 64, [f"data.validation_path={validation}"])
+    # 96 MiB: a 15 MiB row is read into a growing buffer and then decoded (80 MiB was enough here).
+    done = run_bounded(str(path), 96, [f"data.validation_path={validation}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == {"train": 40, "val": 1}  # the 8 long rows dropped
 
