@@ -138,8 +138,7 @@ def read_rows(source: str, *, split: str = "train", config_key: str = "data.trai
 
 
 def _read_parquet(source: str) -> Any:
-    # Imported here: pyarrow's allocator reserves address space once loaded, which runs that read
-    # no parquet should not pay (tests/hostile/test_data_memory.py caps the address space).
+    # Imported here: pyarrow is large (its import and its memory pools), and only parquet reads need it.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
