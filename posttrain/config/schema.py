@@ -107,7 +107,8 @@ class ModelConfig:
         "0.018-0.020 (docs/benchmarks.md). The matmul is unchanged, but a chunk's logits take twice the memory "
         "(see chunked_logprobs): on an H100 at 0.5B this cost 2 points of MFU (40.2% -> 38.2%) and "
         "4 GiB at chunk 8192. No effect in float32. The engine's bf16 CPU rollouts "
-        "(rollout.engine.cpu_dtype) keep bf16 logits: a CPU has no 16-bit matmul with float32 output.",
+        "(rollout.engine.cpu_dtype) keep bf16 logits: a CPU has no 16-bit matmul with float32 output. "
+        "GRPO and PPO only: sft and dpo take the model's own logits and ignore it.",
     )
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters (peft); off while r is 0. See docs/lora.md.")
 
