@@ -124,16 +124,13 @@ class Engine:
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
         if named_tensors:
-            if self._fp32_params:  # mid-generate under cpu_dtype=bfloat16: update the fp32 masters, then recast
-                for p, data in self._fp32_params:
-                    p.data = data
-                load_named_tensors(self.model, named_tensors)
-                self.quantize_experts()
-                for p, data in self._fp32_params:
-                    p.data = data.to(torch.bfloat16)
-            else:
-                load_named_tensors(self.model, named_tensors)
-                self.quantize_experts()
+            masters = self._fp32_params  # mid-generate under cpu_dtype=bfloat16: update the fp32 masters, then recast
+            for p, data in masters:
+                p.data = data
+            load_named_tensors(self.model, named_tensors)
+            self.quantize_experts()
+            for p, data in masters:
+                p.data = data.to(torch.bfloat16)
         else:  # the trainer's modules, stepped in place (sync.mode=shared)
             self.quantize_experts()
         self.flush_cache()
