@@ -35,6 +35,13 @@ class EngineConfig:
         "Longest prompt + completion in tokens. 0: data.max_prompt_tokens + rollout.max_new_tokens (per turn for "
         "multi-turn episodes, plus 512 observation tokens per turn), within the model's max_position_embeddings.",
     )
+    weight_copies: bool = opt(
+        True,
+        "GPU, float32 parameters (trainer.param_dtype=float32) generating in model.dtype: decode from 16-bit "
+        "copies of the matmul weights, cast again after every weight update, instead of casting the float32 "
+        "weights at every decode step (decoding reads a quarter of the bytes; same numbers). Costs 2 bytes per "
+        "parameter of GPU memory for the whole run. false: no copies.",
+    )
     cuda_graphs: bool = opt(True, "Capture decode steps in CUDA graphs (GPU); false: eager steps, for debugging.")
     compile: bool = opt(
         True,

@@ -20,10 +20,10 @@ from posttrain.engine.block_manager import BlockManager
 from posttrain.engine.model_runner import ModelRunner
 from posttrain.engine.scheduler import Scheduler
 from posttrain.engine.sequence import Sequence, SequenceSampling, SequenceStatus
+from posttrain.engine.weight_copies import WeightCopies, cpu_weight_copies, gpu_weight_copies
 from posttrain.errors import PosttrainError
 from posttrain.models.loading import autocast_context
 from posttrain.models.lora import hot_swap_adapter
-from posttrain.models.moe import float32_router_parameters
 from posttrain.models.weights import load_named_tensors
 from posttrain.sampling import Completion, SamplingParams, eos_token_ids, stop_string_end, tail_has_stop
 
@@ -49,6 +49,7 @@ class Engine:
         cpu_dtype: torch.dtype = torch.float32,
         float32_logits: bool = True,
         expert_dtype: str = "auto",
+        weight_copies: bool = True,
     ) -> None:
         if expert_dtype not in ("auto", "fp8"):
             raise PosttrainError(f"expert_dtype={expert_dtype!r}: the engine runs MoE experts in the model's dtype "
@@ -78,16 +79,20 @@ class Engine:
                 raise PosttrainError(f"expert_dtype=fp8 quantizes MoE experts, but {type(model).__name__} has none; "
                                      "use expert_dtype=auto.")
             self.quantize_experts()
-        # CPU rollouts in bf16: generate() swaps the fp32 parameters for bf16 copies and back.
+        # float32 weights generate from 16-bit copies (engine/weight_copies.py): on a GPU under
+        # autocast (weight_copies=True), cast once per weight change instead of at every decode
+        # step; on a CPU with cpu_dtype=bfloat16, cast per generate() call.
         self.cpu_bf16 = self.runner.device.type == "cpu" and cpu_dtype == torch.bfloat16
+        self.use_weight_copies = weight_copies
+        self.weight_copies: WeightCopies | None = None
         if self.cpu_bf16:
             self.runner.kv_dtype = torch.bfloat16
+        self._make_weight_copies()
         self.scheduler: Scheduler | None = None
         self._next_request = 0
         # The policy version of the current weights (set by whoever loads them); every sampled
         # token records it, so a completion that spans a weight update says which tokens came from which.
         self.weight_version = 0
-        self._fp32_params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # cpu_bf16: the masters during generate()
         self.num_kv_recomputes = 0  # sequences re-prefilled after a mid-generation weight update
         self.wake()
 
@@ -106,7 +111,8 @@ class Engine:
     def wake(self) -> None:
         if self.is_awake:
             return
-        num_blocks = self.runner.allocate_kv_cache()
+        with self._copies_swapped():  # CUDA graphs are captured here: on the copies' addresses
+            num_blocks = self.runner.allocate_kv_cache()
         self.scheduler = Scheduler(
             BlockManager(num_blocks, self.block_size, self.enable_prefix_caching),
             self.max_num_seqs, self.max_num_batched_tokens,
@@ -123,16 +129,16 @@ class Engine:
         self.runner.free_kv_cache()
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        if named_tensors:
-            masters = self._fp32_params  # mid-generate under cpu_dtype=bfloat16: update the fp32 masters, then recast
-            for p, data in masters:
-                p.data = data
-            load_named_tensors(self.model, named_tensors)
+        """New weights: ``named_tensors`` loaded into the model, or None when the trainer stepped
+        the shared modules in place (sync.mode=shared). Either way the 16-bit copies, fp8 experts
+        and cached prefixes are made again from them."""
+        copies = self.weight_copies
+        with copies.masters_exposed() if copies is not None else contextlib.nullcontext():
+            if named_tensors:  # mid-generate, into the float32 weights; recast on the way out
+                load_named_tensors(self.model, named_tensors)
             self.quantize_experts()
-            for p, data in masters:
-                p.data = data.to(torch.bfloat16)
-        else:  # the trainer's modules, stepped in place (sync.mode=shared)
-            self.quantize_experts()
+        if copies is not None and not copies.active:
+            copies.refresh()
         self.flush_cache()
 
     def quantize_experts(self) -> None:
@@ -145,31 +151,30 @@ class Engine:
                  before_step: Callable[[], None] | None = None) -> list[list[Completion]]:
         """``params.n`` completions per prompt; the samples of a prompt share its KV blocks.
         ``before_step`` runs before every step (e.g. to load new weights between two decode steps)."""
-        with self._cpu_bf16_weights():
+        if self.weight_copies is not None and not self.weight_copies.active:
+            self.weight_copies.refresh()  # in case the weights changed without update_weights(): one cast per call
+        with self._copies_swapped():
             groups = [self.add_request(p, params) for p in prompts]
             self.run_until_done(before_step)
         return [[self.completion(s) for s in group] for group in groups]
 
-    @contextlib.contextmanager
-    def _cpu_bf16_weights(self):
-        """rollout.engine.cpu_dtype=bfloat16: for the duration of one generate() call the model's
-        fp32 parameters are replaced by bf16 copies (matmuls run 2-3x faster on CPUs with AVX-512
-        BF16 or AMX), then the fp32 tensors are put back untouched. Tied weights are one Parameter,
-        cast once. Float32 routers (moe.router.dtype=float32) keep their float32 weights."""
-        if not self.cpu_bf16:
-            yield
-            return
-        routers = float32_router_parameters(self.model)
-        saved = [(p, p.data) for p in self.model.parameters() if p.dtype == torch.float32 and p not in routers]
-        for p, data in saved:
-            p.data = data.to(torch.bfloat16)
-        self._fp32_params = saved
-        try:
-            yield
-        finally:
-            self._fp32_params = []
-            for p, data in saved:
-                p.data = data
+    def _make_weight_copies(self) -> None:
+        """(Re)build the 16-bit copies for the model's current parameters. CPU, cpu_dtype=bfloat16:
+        bf16 matmuls run 2-3x faster on CPUs with AVX-512 BF16 or AMX. GPU under autocast: the
+        decode steps read 2 bytes per weight instead of casting 4 (see engine/weight_copies.py)."""
+        self.weight_copies = None  # the old copies' memory goes before the new is taken
+        if self.cpu_bf16:
+            self.weight_copies = cpu_weight_copies(self.model, torch.bfloat16)
+        elif self.use_weight_copies and self.runner.use_autocast:
+            self.weight_copies = gpu_weight_copies(self.model, self.runner.decoder.lm_head, self.compute_dtype)
+            if self.weight_copies is not None:
+                logger.info("engine: %.2f GiB of %s copies of the float32 weights for decoding",
+                            self.weight_copies.nbytes / 2**30, str(self.compute_dtype).removeprefix("torch."))
+        shadows = self.weight_copies.shadow_copies if self.weight_copies is not None else []
+        self.runner.decoder.head_weight = shadows[0] if shadows else None
+
+    def _copies_swapped(self) -> contextlib.AbstractContextManager:
+        return self.weight_copies.swapped() if self.weight_copies is not None else contextlib.nullcontext()
 
     # ---- requests and steps
     def add_request(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
@@ -252,14 +257,16 @@ class Engine:
         self.model, modules_changed = hot_swap_adapter(self.model, adapter_dir)
         if modules_changed:
             self.parameters_moved()
-        else:
-            self.flush_cache()
+        else:  # copied into the adapters' tensors
+            self.update_weights()
 
     def parameters_moved(self) -> None:
         """Called after the model's parameters were pointed at other tensors (not copied into)."""
+        self._make_weight_copies()
         self.quantize_experts()
         self.flush_cache()
-        self.runner.parameters_moved()
+        with self._copies_swapped():  # graphs are captured again on the copies
+            self.runner.parameters_moved()
 
     def recompute_kv_cache(self) -> int:
         """After new weights were loaded mid-generation (``rollout.partial_recompute_kv``): the

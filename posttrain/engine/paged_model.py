@@ -67,6 +67,8 @@ class PagedDecoder:
         self.config = config
         self.backbone = base.model
         self.lm_head = base.lm_head
+        # A 16-bit copy of a head tied to the float32 embedding table (engine/weight_copies.py).
+        self.head_weight: torch.Tensor | None = None
         # Float32 logits from a 16-bit head matmul, as the trainer computes them (model.float32_logits).
         self.float32_logits = float32_logits and isinstance(self.lm_head, torch.nn.Linear)
         self.layers = list(self.backbone.layers)
@@ -182,9 +184,11 @@ class PagedDecoder:
         return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self.float32_logits or hidden.device.type not in FLOAT32_LOGITS_DEVICE_TYPES:
-            return self.lm_head(hidden)
         weight, bias = self.lm_head.weight, self.lm_head.bias
+        if self.head_weight is not None and isinstance(self.lm_head, torch.nn.Linear):
+            weight = self.head_weight
+        if not self.float32_logits or hidden.device.type not in FLOAT32_LOGITS_DEVICE_TYPES:
+            return self.lm_head(hidden) if weight is self.lm_head.weight else torch.nn.functional.linear(hidden, weight, bias)
         autocast = torch.is_autocast_enabled(hidden.device.type)
         dtype = torch.get_autocast_dtype(hidden.device.type) if autocast else weight.dtype
         if dtype == torch.float32:

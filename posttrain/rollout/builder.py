@@ -79,5 +79,5 @@ def _posttrain_engine(e: EngineConfig, model: torch.nn.Module, tokenizer: Any, c
         kv_cache_memory_fraction=e.kv_cache_memory_fraction, cpu_kv_cache_gb=e.cpu_kv_cache_gb,
         cuda_graphs=e.cuda_graphs, enable_prefix_caching=e.enable_prefix_caching, compile=e.compile,
         cpu_dtype=getattr(torch, e.cpu_dtype), float32_logits=float32_logits,
-        expert_dtype=expert_dtype,
+        expert_dtype=expert_dtype, weight_copies=e.weight_copies,
     )
