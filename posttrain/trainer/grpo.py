@@ -61,7 +61,7 @@ from posttrain.trainer.rollouts import (
     shaping_metrics,
     timing_metrics,
 )
-from posttrain.trainer.samples import Sample
+from posttrain.trainer.samples import Sample, grouped_moe_for_routes
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -189,7 +189,7 @@ class GRPORecipe:
 
         # ---- reference and old logprobs, advantages of the completions trained on
         samples = training_samples(batch, algo.mask_truncated)
-        mismatch_metrics = self.score(samples, batch)
+        mismatch_metrics, old_from_update = self.score(samples, batch)
         t_scored = time.perf_counter()
         if not samples:
             logger.warning("step %d: no group with differing rewards after %d sampling rounds; update skipped", step, len(rounds))
@@ -206,7 +206,8 @@ class GRPORecipe:
                 update_metrics = policy_update(self.model, self.optimization.optimizer, self.optimization.scheduler,
                                                samples, self.tokenizer.pad_token_id, self.run.device, self.autocast,
                                                algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout,
-                                               model_cfg=cfg.model, moe_cfg=cfg.moe, record_tokens=num_recorded)
+                                               model_cfg=cfg.model, moe_cfg=cfg.moe, record_tokens=num_recorded,
+                                               old_from_update=old_from_update)
             t_trained = time.perf_counter()
             sync_metrics = self.publish_weights(step, ready, batch, rollouts, engine_version, wait_s)
             num_response_tokens = sum(len(c.token_ids) for c in all_rollouts.completions)
@@ -264,22 +265,28 @@ class GRPORecipe:
                                                 "message_logs": rollouts.message_logs, "answers": rollouts.answers})
         return metrics
 
-    def score(self, samples: list[Sample], batch: Rollouts) -> dict[str, float]:
+    def score(self, samples: list[Sample], batch: Rollouts) -> tuple[dict[str, float], bool]:
         """Fill the samples' reference logprobs (KL), the trainer's old logprobs where the engine's
-        are not the proximal policy, and advantages; returns the engine/trainer mismatch metrics."""
+        are not the proximal policy, and advantages. Returns the engine/trainer mismatch metrics,
+        and whether the update's own forward pass gives the trainer's old logprobs instead (one
+        optimizer step per step: the pass before it would compute the same numbers)."""
         cfg, pad, device = self.cfg, self.tokenizer.pad_token_id, self.run.device
         if cfg.algorithm.kl_coef > 0:
             fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg.trainer,
                                     cfg.rollout, cfg.model, pad, device, self.autocast)
-        mismatch_metrics = {}
+        mismatch_metrics, old_from_update = {}, False
         # Replicas: the trainer's logprobs are the proximal policy of the ratio; the engine's the behaviour one.
         if self.uses_replicas or resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
-            mismatch_metrics = recompute_old_logprobs(self.model, samples, pad, device, self.autocast,
-                                                      trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
-                                                      router_replay=cfg.moe.router_replay)
+            # MoE samples with engine routes keep the separate pass: it also measures route agreement.
+            old_from_update = (self.optimizer_steps_per_step == 1 and bool(samples)
+                               and grouped_moe_for_routes(self.model, samples) is None)
+            if not old_from_update:
+                mismatch_metrics = recompute_old_logprobs(self.model, samples, pad, device, self.autocast,
+                                                          trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                                                          router_replay=cfg.moe.router_replay)
         assign_advantages(self.estimator, samples, batch.shaped_rewards, cfg.algorithm, self.group_size)
-        return mismatch_metrics
+        return mismatch_metrics, old_from_update
 
     def publish_weights(self, step: int, ready: ReadyBatch | None, batch: Rollouts, rollouts: Rollouts,
                         engine_version: int, wait_s: float | None) -> dict[str, float]:

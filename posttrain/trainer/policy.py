@@ -25,7 +25,15 @@ from posttrain.models import response_logprobs
 from posttrain.models.moe import MoEUpdate
 from posttrain.models.moe.hf_blocks import GroupedMoE
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
-from posttrain.trainer.samples import Sample, chunks, collate, grouped_moe_for_routes, pad_rows, token_masks
+from posttrain.trainer.samples import (
+    Sample,
+    chunks,
+    collate,
+    grouped_moe_for_routes,
+    logprob_mismatch_metrics,
+    pad_rows,
+    token_masks,
+)
 
 logger = logging.getLogger("posttrain.trainer")
 
@@ -50,6 +58,7 @@ def policy_update(
     model_cfg: ModelConfig,
     moe_cfg: MoEConfig,
     record_tokens: int = 0,
+    old_from_update: bool = False,
 ) -> dict[str, float]:
     """``ppo_epochs`` x mini-batches x micro-batches. Each micro-batch loss is normalised by its
     mini-batch's global token/sequence count, so accumulated gradients equal the mini-batch's.
@@ -65,6 +74,14 @@ def policy_update(
     and ``entropy`` per response token, from the forward pass of the first epoch. No optimizer step
     has run before it, so these are the logprobs of the weights the step started with, at no extra
     forward pass (samples.jsonl shows them beside the engine's).
+
+    ``old_from_update``: the trainer's old logprobs (the ratio's denominator) are this update's own
+    forward pass, detached, instead of a separate no-grad pass before it. Exact when the step makes
+    one optimizer step (one epoch, one mini-batch: ``derived.optimizer_steps_per_step == 1``), since
+    no weight has changed when each micro-batch runs its forward; verl does the same on-policy. The
+    samples' ``old_logprobs`` are then the engine's: they become ``rollout_logprobs`` (the behaviour
+    policy of ``algorithm.off_policy_correction``), the trainer's replace them after the update,
+    and the engine/trainer mismatch metrics come back with the update's.
 
     The sections it reads: ``algo`` (the objective, ``ppo_epochs``), ``trainer`` (batch sizes, gradient
     clipping, ``compile_loss``), ``rollout`` (``temperature``, ``batch_size``, ``max_new_tokens``),
@@ -84,7 +101,6 @@ def policy_update(
     objective = Objective.from_config(algo, router=moe_cfg.router if moe is not None else None)
     # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
     # algorithm.off_policy_correction and the off_policy/* metrics.
-    step_metrics = _off_policy_step_metrics(samples, objective.correction)
     # Metrics are summed on the device and read once at the end: a read per micro-batch would make
     # the CPU wait for each backward pass before it can queue the next micro-batch's work.
     sums: dict[str, torch.Tensor] = {}
@@ -108,7 +124,11 @@ def policy_update(
                         packed_row_tokens(model, trainer.packed_row_tokens, micro_batch), routes=replay is not None)
                 for _, micro_batches in mini_batches for micro_batch in micro_batches)
     next_batch = next(collated)
+    if old_from_update and len(mini_batches) != 1:
+        raise ValueError(f"old_from_update needs one optimizer step per step, not {len(mini_batches)}")
     record = {id(s) for s in mini_batches[0][0][:record_tokens]} if record_tokens else set()
+    if old_from_update:
+        record = {id(s) for s in samples}
     recorded = []  # (micro-batch, logprobs, entropy) of the first mini-batch, read with the metrics
     for index, (mini_batch, micro_batches) in enumerate(mini_batches):
         trained = [s for s in mini_batch if s.trainable]
@@ -128,9 +148,12 @@ def policy_update(
                 )
             if index == 0 and record:
                 recorded.append((micro_batch, logprobs.detach(), entropy.detach()))
+            old, behaviour = batch.old_logprobs, batch.rollout_logprobs
+            if old_from_update:  # no weight has changed yet: this pass is the old policy's
+                old, behaviour = logprobs.detach(), batch.old_logprobs
             per_token, pg_metrics, token_terms = objective.token_loss(
-                logprobs, batch.old_logprobs, batch.advantages, mask, entropy,
-                rollout_logprobs=batch.rollout_logprobs, ref_logprobs=batch.ref_logprobs,
+                logprobs, old, batch.advantages, mask, entropy,
+                rollout_logprobs=behaviour, ref_logprobs=batch.ref_logprobs,
             )
             loss = objective.aggregate(per_token, mask, num_tokens=num_tokens, num_sequences=num_sequences,
                                        norm_length=float(rollout.max_new_tokens))
@@ -167,6 +190,12 @@ def policy_update(
             if id(s) in record:
                 n = len(s.response_ids)
                 s.trainer_logprobs, s.entropy = logprobs[i, :n].tolist(), entropy[i, :n].tolist()
+    mismatch = {}
+    if old_from_update:
+        for s in samples:
+            s.rollout_logprobs, s.old_logprobs = s.old_logprobs, s.trainer_logprobs
+        mismatch = logprob_mismatch_metrics(samples)
+    step_metrics = _off_policy_step_metrics(samples, objective.correction)
     finite_norms = [norm for norm in grad_norms if math.isfinite(norm)]
     skipped = len(grad_norms) - len(finite_norms)
     for _ in range(skipped):
@@ -182,6 +211,7 @@ def policy_update(
     if moe is not None:
         out.update(moe.metrics(all_reduce_sum))
     out.update(step_metrics)
+    out.update(mismatch)
     return out
 
 

@@ -26,7 +26,14 @@ from posttrain.sampling import SamplingParams
 from posttrain.rollout.episodes import Episode, episode_metrics, run_episodes
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.trainer.packing import packed_row_tokens, packs_samples, split_micro_batches
-from posttrain.trainer.samples import Sample, collate, grouped_moe_for_routes, pad_rows, token_masks
+from posttrain.trainer.samples import (
+    Sample,
+    collate,
+    grouped_moe_for_routes,
+    logprob_mismatch_metrics,
+    pad_rows,
+    token_masks,
+)
 from posttrain.trainer.validation import per_task_means
 
 logger = logging.getLogger("posttrain.trainer")
@@ -243,7 +250,6 @@ def recompute_old_logprobs(model, samples: list[Sample], pad_token_id: int, devi
     predicting positions. The sections as in ``_sample_logprobs``."""
     was_training = model.training
     model.eval()
-    total, count, worst = 0.0, 0, 0.0
     moe = grouped_moe_for_routes(model, samples)
     agreement = RouteAgreement(moe.num_layers) if moe is not None else None
     try:
@@ -251,13 +257,9 @@ def recompute_old_logprobs(model, samples: list[Sample], pad_token_id: int, devi
                                                          device, autocast, moe=moe, replay=router_replay,
                                                          agreement=agreement)):
             s.rollout_logprobs, s.old_logprobs = s.old_logprobs, logprobs
-            mask = s.response_mask if s.response_mask is not None else [1] * len(logprobs)
-            diffs = [abs(a - b) for a, b, m in zip(s.rollout_logprobs, logprobs, mask) if m]
-            total, count = total + sum(diffs), count + len(diffs)
-            worst = max([worst, *diffs])
     finally:
         model.train(was_training)
-    metrics = {"rollout/logprob_mismatch_mean": total / max(count, 1), "rollout/logprob_mismatch_max": worst}
+    metrics = logprob_mismatch_metrics(samples)
     if agreement is not None:
         metrics.update(agreement.metrics())
     return metrics

@@ -156,3 +156,17 @@ def _per_token(advantage: float | list[float], length: int) -> list[float]:
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def logprob_mismatch_metrics(samples: list[Sample]) -> dict[str, float]:
+    """The engine/trainer logprob difference over trained tokens (``rollout_logprobs`` against
+    ``old_logprobs``): ``rollout/logprob_mismatch_mean`` and ``_max``. A growing mismatch is a
+    known cause of RL collapse."""
+    total, count, worst = 0.0, 0, 0.0
+    for s in samples:
+        mask = s.response_mask if s.response_mask is not None else [1] * len(s.old_logprobs)
+        diffs = [abs(a - b) for a, b, m in zip(s.rollout_logprobs, s.old_logprobs, mask) if m]
+        total, count = total + sum(diffs), count + len(diffs)
+        worst = max([worst, *diffs])
+    return {"rollout/logprob_mismatch_mean": total / max(count, 1), "rollout/logprob_mismatch_max": worst}
+

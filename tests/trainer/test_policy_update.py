@@ -166,3 +166,60 @@ def test_next_micro_batch_is_collated_before_the_gradient_norm_sync(monkeypatch)
     # gradient-norm sync but the last, the next mini-batch's first micro-batch is ready.
     c = "collate 2"
     assert events == [c, c, c, "clip", c, c, "clip", c, c, "clip", c, "clip"]
+
+
+@pytest.mark.parametrize("correction,packed", [("none", False), ("tis_token", False), ("none", True)])
+def test_old_logprobs_from_the_update_equal_a_separate_pass_before_it(correction, packed):
+    """One optimizer step per step: the update's own forward pass (detached) gives the trainer's
+    old logprobs that recompute_old_logprobs computes in a pass of its own, so skipping that pass
+    changes neither the update nor the metrics."""
+    from posttrain.trainer.rollouts import recompute_old_logprobs
+
+    base = make_tiny_llama(make_tokenizer())
+    cfg = GRPOConfig()
+    cfg.rollout.batch_size = cfg.trainer.mini_batch_size = 8
+    cfg.rollout.max_new_tokens = 16
+    cfg.trainer.micro_batch_size = 3
+    cfg.trainer.micro_batch_tokens = 24 if packed else 0
+    cfg.trainer.lr, cfg.trainer.adam_eps = 1e-2, 1.0
+    cfg.algorithm.kl_coef, cfg.algorithm.off_policy_correction = 0.1, correction
+    cfg.model.chunked_logprobs = 0
+    kw = dict(algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model, moe_cfg=cfg.moe)
+    results = []
+    for from_update in (False, True):
+        model, samples = copy.deepcopy(base), _samples()
+        for s in samples:  # an engine whose logprobs differ from the trainer's
+            s.old_logprobs = [x * 0.01 - 1.0 for x in s.old_logprobs]
+        engine_logprobs = [list(s.old_logprobs) for s in samples]
+        optimizer = build_optimizer(model, cfg.trainer)
+        scheduler = build_scheduler(optimizer, cfg.trainer, 1)
+        mismatch = {}
+        if not from_update:
+            mismatch = recompute_old_logprobs(model, samples, 0, torch.device("cpu"), contextlib.nullcontext,
+                                              trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,
+                                              router_replay=False)
+        metrics = policy_update(model, optimizer, scheduler, samples, 0, torch.device("cpu"), contextlib.nullcontext,
+                                old_from_update=from_update, **kw)
+        assert [s.rollout_logprobs for s in samples] == engine_logprobs
+        results.append((model, {**metrics, **mismatch}, samples))
+    (recomputed, m_recomputed, s_recomputed), (from_update, m_from_update, s_from_update) = results
+    for (name, a), b in zip(recomputed.named_parameters(), from_update.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(s_recomputed, s_from_update):
+        assert a.old_logprobs == pytest.approx(b.old_logprobs, rel=1e-5, abs=1e-6)
+    assert set(m_recomputed) == set(m_from_update)
+    for key in ("loss/policy", "grad_norm", "kl", "rollout/logprob_mismatch_mean", "rollout/logprob_mismatch_max",
+                "off_policy/mismatch_kl"):
+        assert m_from_update[key] == pytest.approx(m_recomputed[key], rel=1e-5, abs=1e-7), key
+    assert m_from_update["rollout/logprob_mismatch_mean"] > 0.1
+
+
+def test_old_logprobs_from_the_update_need_one_optimizer_step():
+    model = make_tiny_llama(make_tokenizer())
+    cfg = GRPOConfig()
+    cfg.rollout.batch_size, cfg.trainer.mini_batch_size = 8, 4
+    optimizer = build_optimizer(model, cfg.trainer)
+    with pytest.raises(ValueError, match="one optimizer step"):
+        policy_update(model, optimizer, build_scheduler(optimizer, cfg.trainer, 2), _samples(), 0, torch.device("cpu"),
+                      contextlib.nullcontext, algo=cfg.algorithm, trainer=cfg.trainer, rollout=cfg.rollout,
+                      model_cfg=cfg.model, moe_cfg=cfg.moe, old_from_update=True)
