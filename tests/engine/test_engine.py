@@ -246,3 +246,27 @@ def test_float32_logits_from_a_16bit_head(family, monkeypatch):
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, head(hidden))
     monkeypatch.setattr(paged_model, "FLOAT32_LOGITS_DEVICE_TYPES", {"cuda"})
     assert torch.equal(PagedDecoder(model).logits(hidden), head(hidden))  # CPU rollouts: the head's own
+
+
+def test_generate_switches_train_mode_once_per_call_not_per_step(monkeypatch):
+    """A trainer's modules are in train mode; the engine samples in eval mode (no dropout) and
+    gives them back in train mode. The switch walks every module, so it happens once per call."""
+    tok = make_tokenizer()
+    model = _tiny("llama", tok)
+    engine = Engine(model, tok, max_model_len=64, block_size=4)
+    model.train()
+    calls = []
+    original = torch.nn.Module.train
+
+    def counting_train(self, mode=True):
+        if self is model:
+            calls.append(mode)
+        return original(self, mode)
+
+    monkeypatch.setattr(torch.nn.Module, "train", counting_train)
+    dropout_modes = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda module, args: dropout_modes.append(module.training))
+    prompt = tok(TEXTS[0], add_special_tokens=False).input_ids
+    [[completion]] = engine.generate([prompt], SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True))
+    assert len(completion.token_ids) == 12 and len(dropout_modes) >= 12  # a step per token
+    assert calls == [False, True] and not any(dropout_modes) and model.training
