@@ -79,6 +79,8 @@ def dry_run(command: str, cfg: Any, write: Callable[[str], None] = print) -> int
         parts["float32 masters"] = policy.trainable * 4
     if reference_copy:
         parts["reference"] = policy.total * p_bytes
+    if rl and engine_weight_copies(cfg, device, param_dtype, compute_dtype):
+        parts["engine copies"] = policy.total * a_bytes  # kept for the whole run (docs/engine.md)
     if critic is not None:
         parts["critic"] = 4 * critic.total * p_bytes  # weights, gradients, two moments
     checkpointing = cfg.model.gradient_checkpointing
@@ -226,6 +228,14 @@ def _parameter_lines(command: str, cfg: Any, policy: ModelShape, critic: ModelSh
     if critic is not None:
         lines.append(f"critic        {critic.total:,} (all trainable)")
     return lines
+
+
+def engine_weight_copies(cfg: Any, device: torch.device, param_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """Whether posttrain's engine will keep 16-bit copies of the policy's float32 weights
+    (rollout.engine.weight_copies: on a GPU, float32 parameters generating in 16 bits)."""
+    r = cfg.rollout
+    return (r.backend == "engine" and r.engine.weight_copies and device.type == "cuda"
+            and param_dtype == torch.float32 and compute_dtype != torch.float32)
 
 
 def _kv_cache_lines(cfg: Any, policy: ModelShape, plan: StepPlan, device: torch.device, compute_dtype: torch.dtype,

@@ -237,3 +237,17 @@ def test_the_launcher_refuses_moe_settings_once_before_starting_workers(model_di
     err = capsys.readouterr().err
     assert err.count("moe.ep_mode=ipc with trainer.fsdp_cpu_offload=true is not supported") == 1
     assert not out_dir.exists()
+
+
+def test_engine_weight_copies_count_on_a_gpu_with_float32_parameters_only():
+    from posttrain.config.loader import load_config
+    from posttrain.config.schema import GRPOConfig
+    from posttrain.trainer.dry_run import engine_weight_copies
+
+    cfg = load_config(GRPOConfig, None, [])
+    cuda, cpu, f32, bf16 = torch.device("cuda"), torch.device("cpu"), torch.float32, torch.bfloat16
+    assert engine_weight_copies(cfg, cuda, f32, bf16)
+    assert not engine_weight_copies(cfg, cpu, f32, bf16)  # CPU rollouts: per-call copies, freed after
+    assert not engine_weight_copies(cfg, cuda, bf16, bf16)  # bf16 parameters: nothing to copy
+    assert not engine_weight_copies(load_config(GRPOConfig, None, ["rollout.engine.weight_copies=false"]), cuda, f32, bf16)
+    assert not engine_weight_copies(load_config(GRPOConfig, None, ["rollout.backend=hf"]), cuda, f32, bf16)
