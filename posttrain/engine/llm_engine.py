@@ -365,4 +365,7 @@ class Engine:
             "engine/kv_recomputes": float(self.num_kv_recomputes),
             "engine/prefix_cache_hit_tokens": float(bm.num_prefix_hits),
             "engine/kv_blocks": float(bm.num_blocks),
+            # Since the engine was built: more than one means the KV cache came back at another
+            # address after a sleep (or the weights moved) and the decode graphs were captured again.
+            "engine/cuda_graph_captures": float(self.runner.num_graph_captures),
         }

@@ -70,6 +70,7 @@ class ModelRunner:
         self._kv_logged = False
         self.num_blocks = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_graph_captures = 0  # rounds of capture: one at start, one per move of the KV cache or weights
         self._graph_cache_ptrs = None
         with torch.no_grad():
             self.decoder.build_rope_tables(max_model_len)
@@ -280,6 +281,7 @@ class ModelRunner:
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize(self.device)
         self._graph_cache_ptrs = self._cache_ptrs()
+        self.num_graph_captures += 1
         logger.info("captured %d decode CUDA graphs in %.2f s", len(self.graphs), time.perf_counter() - start)
 
     def _or_eager(self, forward):

@@ -53,6 +53,7 @@ from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     Rollouts,
     assign_advantages,
+    engine_metrics,
     fill_reference_logprobs,
     generate_and_score,
     needs_another_round,
@@ -85,6 +86,7 @@ class GRPORecipe:
         # Engine replicas (async runs, or cluster.backend=process|ray) generate in the background on
         # their own copies of the policy; a synchronous run on them is their schedule with staleness 0.
         self.uses_replicas = derived.uses_engine_replicas(cfg)
+        self.engine_metrics: dict[str, float] = {}  # the engine's counters for the last generation
         self.autocast = autocast_context(run.device, run.compute_dtype) if self.uses_replicas else run.engine.autocast
         self.group_size, self.target_groups = cfg.rollout.group_size, cfg.rollout.batch_size // cfg.rollout.group_size
         self.optimizer_steps_per_step = derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout, cfg.trainer)
@@ -214,7 +216,7 @@ class GRPORecipe:
             step_metrics = mean_across_ranks({  # per-rank ones (times, fractions): their mean
                 **rollout_metrics(all_rollouts, env_metrics, self.group_size),
                 **shaping_metrics(algo, rollouts, batch, samples, len(rounds)),
-                **update_metrics, **mismatch_metrics,
+                **update_metrics, **mismatch_metrics, **(self.engine_metrics if ready is None else {}),
                 **(self.api_source.step_metrics() if self.api_source is not None else {}),
                 **sync_metrics, "lr": lr,
                 **timing_metrics(rollouts, num_response_tokens, step_start, t_scored, t_trained, wait_s),
@@ -248,6 +250,7 @@ class GRPORecipe:
             rounds = [self.next_round()]
             while needs_another_round(rounds, self.cfg.algorithm, self.cfg.rollout):
                 rounds.append(self.next_round())
+        self.engine_metrics = engine_metrics(self.engine)  # before sleep() frees the scheduler
         self.engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
         return None, rounds
 

@@ -44,6 +44,7 @@ from posttrain.trainer.optim import build_optimizer, build_scheduler, clip_and_s
 from posttrain.trainer.policy import policy_update
 from posttrain.trainer.rollouts import (
     Rollouts,
+    engine_metrics,
     fill_reference_logprobs,
     generate_and_score,
     recompute_old_logprobs,
@@ -78,6 +79,7 @@ class PPORecipe:
         self.model, self.tokenizer, self.reference = run.policy.model, run.policy.tokenizer, run.policy.reference
         self.engine, self.optimization, self.sampler, self.start_step = run.engine, run.optimization, run.sampler, run.start_step
         self.pad_token_id, self.autocast = self.tokenizer.pad_token_id, run.engine.autocast
+        self.engine_metrics: dict[str, float] = {}  # the engine's counters for the last generation
         # The critic, with its own optimizer: the trainer section's AdamW settings and schedule, critic.lr.
         self.critic = build_critic(cfg.model, cfg.critic, self.model, run.device, run.resume_ckpt)
         self.optimizer_steps = cfg.trainer.max_steps * derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout,
@@ -171,6 +173,7 @@ class PPORecipe:
                 **shaping_metrics(algo, rollouts, rollouts, samples, 1),
                 **update_metrics,
                 **mismatch_metrics,
+                **self.engine_metrics,
                 **targets.metrics,
                 **critic_metrics,
                 "critic/warmup": float(warming_up),
@@ -195,6 +198,7 @@ class PPORecipe:
         with self.progress.phase("generating"):  # a CPU step takes minutes: say which part runs
             rollouts = generate_and_score(self.engine, self.rewards, self.sampler, self.run.train_prompts,
                                           self.sampling, self.cfg.rollout, self.cfg.algorithm, self.cfg.model.system_prompt)
+        self.engine_metrics = engine_metrics(self.engine)  # before sleep() frees the scheduler
         self.engine.sleep()  # the KV cache's memory goes to the trainer until the next generation
         _, env_metrics = self.rewards.post_process({"rewards": rollouts.rewards, "metadata": rollouts.metadata,
                                                     "message_logs": rollouts.message_logs, "answers": rollouts.answers})

@@ -167,6 +167,13 @@ def timing_metrics(
     return metrics
 
 
+def engine_metrics(engine: Any) -> dict[str, float]:
+    """posttrain's engine's counters for the generation since it last woke (``engine/*``:
+    preemptions, prefix-cache hit tokens, KV blocks, CUDA graph captures); none for other backends."""
+    stats = getattr(engine, "stats", None)
+    return stats() if callable(stats) else {}
+
+
 def needs_another_round(rounds: list[Rollouts], algo: AlgorithmConfig, rollout: RolloutConfig) -> bool:
     """Dynamic sampling (DAPO): another round of prompts while fewer than a batch's worth of groups
     have differing rewards, up to algorithm.max_sampling_rounds."""

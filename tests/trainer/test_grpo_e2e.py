@@ -52,8 +52,10 @@ def test_two_steps_checkpoint_and_resume_match_uninterrupted_run(tmp_path):
     metrics = read_metrics(interrupted)
     assert sorted(metrics) == [1, 2]
     for key in ("reward/mean", "loss/policy", "kl", "entropy", "grad_norm", "lr", "perf/tokens_per_s",
-                "time/generate", "time/score", "time/train", "response/length_mean", "actor/clip_fraction"):
+                "time/generate", "time/score", "time/train", "response/length_mean", "actor/clip_fraction",
+                "engine/preemptions", "engine/kv_blocks", "engine/cuda_graph_captures"):
         assert key in metrics[2], key
+    assert metrics[2]["engine/prefix_cache_hit_tokens"] > 0  # each group's 4 samples shared its prompt's blocks
     ckpt = interrupted / "checkpoints" / "step_000002"
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
     assert loaded(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
