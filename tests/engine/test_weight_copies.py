@@ -28,6 +28,16 @@ def _tied_qwen2(tok) -> torch.nn.Module:
 
 
 def _build(family, tok):
+    if family == "llama-lora":  # adapters on a float32 base: both kinds of weights are copied
+        from posttrain.config.schema import LoRAConfig
+        from posttrain.models.lora import apply_lora
+
+        model = apply_lora(_tiny("llama", tok), LoRAConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"]))
+        with torch.no_grad():  # non-zero B matrices, so the adapters change the output
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        return model
     return _tied_qwen2(tok) if family == "qwen2-tied" else _tiny(family, tok)
 
 
@@ -96,7 +106,7 @@ def _autocast_engine(model, tok, weight_copies: bool) -> Engine:
     return engine
 
 
-@pytest.mark.parametrize("family", ["qwen2-tied", "llama"])
+@pytest.mark.parametrize("family", ["qwen2-tied", "llama", "llama-lora"])
 def test_engine_on_copies_samples_what_autocast_samples_across_weight_updates(family):
     tok = make_tokenizer()
     model = _build(family, tok)
