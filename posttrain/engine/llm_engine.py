@@ -162,7 +162,7 @@ class Engine:
         """(Re)build the 16-bit copies for the model's current parameters. CPU, cpu_dtype=bfloat16:
         bf16 matmuls run 2-3x faster on CPUs with AVX-512 BF16 or AMX. GPU under autocast: the
         decode steps read 2 bytes per weight instead of casting 4 (see engine/weight_copies.py)."""
-        self.weight_copies = None  # the old copies' memory goes before the new is taken
+        self.weight_copies = self.runner.decoder.head_weight = None  # the old copies' memory goes first
         if self.cpu_bf16:
             self.weight_copies = cpu_weight_copies(self.model, torch.bfloat16)
         elif self.use_weight_copies and self.runner.use_autocast:

@@ -99,8 +99,6 @@ def policy_update(
     # Policy loss, KL, entropy, off-policy correction and the router losses' weights: the objective
     # of the algorithm section (and of moe.router for an MoE policy).
     objective = Objective.from_config(algo, router=moe_cfg.router if moe is not None else None)
-    # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
-    # algorithm.off_policy_correction and the off_policy/* metrics.
     # Metrics are summed on the device and read once at the end: a read per micro-batch would make
     # the CPU wait for each backward pass before it can queue the next micro-batch's work.
     sums: dict[str, torch.Tensor] = {}
@@ -195,6 +193,8 @@ def policy_update(
         for s in samples:
             s.rollout_logprobs, s.old_logprobs = s.old_logprobs, s.trainer_logprobs
         mismatch = logprob_mismatch_metrics(samples)
+    # Samples whose old logprobs the trainer recomputed keep the engine's: their ratio drives
+    # algorithm.off_policy_correction and the off_policy/* metrics.
     step_metrics = _off_policy_step_metrics(samples, objective.correction)
     finite_norms = [norm for norm in grad_norms if math.isfinite(norm)]
     skipped = len(grad_norms) - len(finite_norms)
