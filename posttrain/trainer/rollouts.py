@@ -282,7 +282,8 @@ def _sample_logprobs(model, samples: list[Sample], trainer: TrainerConfig, rollo
     given when samples carry engine routes; ``replay`` then replays them, and ``agreement``
     accumulates the router's own choices against them."""
     packed = packs_samples(model, trainer.micro_batch_tokens, autocast)
-    out: dict[int, list[float]] = {}  # by id: token-budget micro-batches do not keep the sample order
+    # Read once at the end: a read per micro-batch would leave the GPU idle while the host collates the next.
+    computed: list[tuple[list[Sample], torch.Tensor]] = []
     for micro_batch in split_micro_batches(samples, trainer.micro_batch_size, trainer.micro_batch_tokens, packed):
         batch = collate(micro_batch, pad_token_id, device, packed,
                         packed_row_tokens(model, trainer.packed_row_tokens, micro_batch), routes=moe is not None)
@@ -295,6 +296,9 @@ def _sample_logprobs(model, samples: list[Sample], trainer: TrainerConfig, rollo
             )
         if chosen is not None:
             agreement.add(chosen, batch.routes, *router_token_index(batch.tokens, batch.loss_mask))
-        logprobs = logprobs.float().cpu()
+        computed.append((micro_batch, logprobs.float()))
+    out: dict[int, list[float]] = {}  # by id: token-budget micro-batches do not keep the sample order
+    for micro_batch, logprobs in computed:
+        logprobs = logprobs.cpu()
         out.update((id(s), logprobs[i, : len(s.response_ids)].tolist()) for i, s in enumerate(micro_batch))
     return [out[id(s)] for s in samples]
