@@ -25,7 +25,7 @@ class RolloutConfig:
         True,
         "backend=engine/openai: recompute the old logprobs of the PPO ratio with the trainer's forward pass "
         "(the engine's differ by kernel rounding, about 1e-2 in bf16); the engine/trainer difference is logged "
-        "as rollout/logprob_mismatch_mean and _max. GRPO with one optimizer step per step (ppo_epochs=1, "
+        "as rollout/logprob_mismatch_mean and _max. GRPO and PPO with one optimizer step per step (ppo_epochs=1, "
         "trainer.mini_batch_size >= rollout.batch_size; not MoE samples with engine routes) takes them from the "
         "update's own forward pass, where no weight has changed yet, instead of a pass of their own. "
         "false: use the engine's logprobs as they are.",

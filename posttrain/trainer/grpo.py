@@ -57,12 +57,13 @@ from posttrain.trainer.rollouts import (
     fill_reference_logprobs,
     generate_and_score,
     needs_another_round,
+    old_logprobs_from_update,
     recompute_old_logprobs,
     rollout_metrics,
     shaping_metrics,
     timing_metrics,
 )
-from posttrain.trainer.samples import Sample, grouped_moe_for_routes
+from posttrain.trainer.samples import Sample
 from posttrain.trainer.validation import validate
 
 logger = logging.getLogger("posttrain.trainer")
@@ -281,9 +282,7 @@ class GRPORecipe:
         # Replicas: the trainer's logprobs are the proximal policy of the ratio; the engine's the behaviour one.
         if self.uses_replicas or resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
-            # MoE samples with engine routes keep the separate pass: it also measures route agreement.
-            old_from_update = (self.optimizer_steps_per_step == 1 and bool(samples)
-                               and grouped_moe_for_routes(self.model, samples) is None)
+            old_from_update = old_logprobs_from_update(self.model, samples, self.optimizer_steps_per_step)
             if not old_from_update:
                 mismatch_metrics = recompute_old_logprobs(self.model, samples, pad, device, self.autocast,
                                                           trainer=cfg.trainer, rollout=cfg.rollout, model_cfg=cfg.model,

@@ -47,6 +47,7 @@ from posttrain.trainer.rollouts import (
     engine_metrics,
     fill_reference_logprobs,
     generate_and_score,
+    old_logprobs_from_update,
     recompute_old_logprobs,
     rollout_metrics,
     shaping_metrics,
@@ -141,7 +142,8 @@ class PPORecipe:
         ]
 
         # ---- reference logprobs, values, GAE
-        mismatch_metrics = self.score(samples)
+        warming_up = step <= cfg.critic.warmup_steps  # the critic alone learns: the policy is not updated
+        mismatch_metrics, old_from_update = self.score(samples, warming_up)
         old_values = critic_values(self.critic, samples, cfg.critic.micro_batch_size or cfg.trainer.micro_batch_size,
                                    pad, device, self.autocast)
         targets = assign_gae_advantages(samples, rollouts.shaped_rewards, old_values, algo, cfg.critic)
@@ -150,7 +152,6 @@ class PPORecipe:
         # ---- policy update (not during critic warm-up) and critic update, and the metrics line.
         # Ctrl-C waits for all of it, so a checkpoint holds whole steps with their metrics lines.
         with self.guard.deferred():
-            warming_up = step <= cfg.critic.warmup_steps
             num_recorded = self.sample_log.num_to_record(step, cfg.trainer.max_steps, len(samples),
                                                          cfg.trainer.mini_batch_size, self.group_size)
             optimizer, scheduler = self.optimization.optimizer, self.optimization.scheduler
@@ -161,7 +162,7 @@ class PPORecipe:
                 update_metrics = policy_update(self.model, optimizer, scheduler, [] if warming_up else samples, pad,
                                                device, self.autocast, algo=algo, trainer=cfg.trainer,
                                                rollout=cfg.rollout, model_cfg=cfg.model, moe_cfg=cfg.moe,
-                                               record_tokens=num_recorded)
+                                               record_tokens=num_recorded, old_from_update=old_from_update)
                 critic_metrics = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, samples,
                                                targets, cfg.critic, cfg.trainer, algo.ppo_epochs, pad, device,
                                                self.autocast)
@@ -204,18 +205,24 @@ class PPORecipe:
                                                     "message_logs": rollouts.message_logs, "answers": rollouts.answers})
         return rollouts, env_metrics
 
-    def score(self, samples: list[Sample]) -> dict[str, float]:
+    def score(self, samples: list[Sample], warming_up: bool) -> tuple[dict[str, float], bool]:
         """Fill the samples' reference logprobs (KL) and the trainer's old logprobs where the
-        engine's are not the proximal policy; returns the engine/trainer mismatch metrics."""
+        engine's are not the proximal policy. Returns the engine/trainer mismatch metrics, and
+        whether the policy update's own forward pass gives the old logprobs instead (one optimizer
+        step per step; not in the critic's warm-up, which makes no policy update)."""
         cfg, pad, device = self.cfg, self.pad_token_id, self.run.device
         if cfg.algorithm.kl_coef > 0:
             fill_reference_logprobs(self.reference if self.reference is not None else self.model, samples, cfg.trainer,
                                     cfg.rollout, cfg.model, pad, device, self.autocast)
         if resolved_off_policy_correction(cfg.algorithm).name != "none" or (
                 cfg.rollout.recompute_logprobs and not getattr(self.engine, "logprobs_match_trainer", False)):
+            steps = derived.optimizer_steps_per_step(cfg.algorithm, cfg.rollout, cfg.trainer)
+            if not warming_up and old_logprobs_from_update(self.model, samples, steps):
+                return {}, True
             return recompute_old_logprobs(self.model, samples, pad, device, self.autocast, trainer=cfg.trainer,
-                                          rollout=cfg.rollout, model_cfg=cfg.model, router_replay=cfg.moe.router_replay)
-        return {}
+                                          rollout=cfg.rollout, model_cfg=cfg.model,
+                                          router_replay=cfg.moe.router_replay), False
+        return {}, False
 
     def validate(self, step: int) -> None:
         val_prompts, progress = self.run.val_prompts, self.progress

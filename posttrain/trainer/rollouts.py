@@ -243,6 +243,14 @@ def fill_reference_logprobs(reference, samples: list[Sample], trainer: TrainerCo
             s.ref_logprobs = logprobs
 
 
+def old_logprobs_from_update(model, samples: list[Sample], optimizer_steps_per_step: int) -> bool:
+    """Whether ``policy_update(old_from_update=True)`` gives the trainer's old logprobs instead of
+    :func:`recompute_old_logprobs`: with one optimizer step per step no weight changes before any
+    micro-batch's forward pass, so the update's own pass (detached) computes the same numbers. MoE
+    samples with engine routes keep the separate pass, which also measures route agreement."""
+    return optimizer_steps_per_step == 1 and bool(samples) and grouped_moe_for_routes(model, samples) is None
+
+
 def recompute_old_logprobs(model, samples: list[Sample], pad_token_id: int, device, autocast, *,
                            trainer: TrainerConfig, rollout: RolloutConfig, model_cfg: ModelConfig,
                            router_replay: bool) -> dict[str, float]:

@@ -96,6 +96,24 @@ def test_critic_warmup_leaves_policy_unchanged(model_dir, tmp_path):
     assert any(not torch.equal(critic_end[k], critic_start[k]) for k in critic_end)
 
 
+def test_one_optimizer_step_per_step_takes_old_logprobs_from_the_update(model_dir, tmp_path, monkeypatch):
+    """Step 1 warms the critic up (no policy update): the old logprobs get their own pass. Step 2
+    makes one optimizer step: the update's forward pass gives them, and the mismatch is still logged."""
+    from posttrain.trainer import ppo
+
+    passes = []
+    original = ppo.recompute_old_logprobs
+    monkeypatch.setattr(ppo, "recompute_old_logprobs", lambda *a, **k: passes.append(1) or original(*a, **k))
+    out = tmp_path / "one_step"
+    assert main(ppo_args(model_dir, out, 2, "trainer.mini_batch_size=8", "critic.warmup_steps=1",
+                         "checkpoint.every=0")) == 0
+    metrics = read_metrics(out)
+    assert len(passes) == 1  # step 1 only
+    for step in (1, 2):
+        assert metrics[step]["rollout/logprob_mismatch_mean"] >= 0  # logged either way
+    assert "loss/policy" in metrics[2] and metrics[2]["actor/clip_fraction"] == 0.0  # ratio exactly 1
+
+
 def test_group_size_1_allowed_for_ppo_not_grpo(capsys):
     assert main(["ppo", "--print-config"]) == 0
     assert "group_size: 1" in capsys.readouterr().out
