@@ -184,7 +184,9 @@ class EnvConfig:
     kwargs: dict = opt(
         {},
         "Constructor arguments of the environment (checked against its signature before training "
-        "starts). For 'math': format_reward (default 0.1), answer_extraction ('boxed' or 'lenient'). "
+        "starts). For 'math': format_reward (default 0.1), answer_extraction ('boxed' or 'lenient'), "
+        "literal_answers (default true: a number as reference needs a number as the answer, not an expression "
+        "equal to it). "
         "For 'code': timeout_s, cpu_s, memory_mb, max_output_bytes (see docs/environments.md).",
     )
     tasks: dict = opt(

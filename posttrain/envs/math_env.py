@@ -4,6 +4,10 @@ The answer is taken from the response in this order: the last ``\\boxed{...}``, 
 ``#### X`` line (GSM8K style), and in "lenient" mode also an "Answer: X" / "answer is X"
 phrase, else the last number in the text. Equivalence is mathematical (0.5 == 1/2 ==
 \\frac{1}{2}, 1,000 == 1000, 72.0 == 72, $18 == 18), decided by math-verify.
+
+When the reference answer is a number, the answer must be one too (``literal_answers``, on by
+default): math-verify evaluates expressions, so ``\\boxed{47 \\times 83}`` equals 3901, and a
+policy learns to copy the problem into the box instead of computing it (reward hacking).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ _ANSWER_PHRASE = re.compile(r"answer\s*(?:is\s*:?|:)\s*((?:\$|-\s?)?(?:\d|\\d?fr
 _NUMBER = re.compile(r"(?<![\w.])(?:-\s?)?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _NUMBER_WITH_WORDS = re.compile(r"(-?\d+(?:\.\d+)?(?:/\d+)?)\s+[A-Za-z]{2,}[A-Za-z .]*")
 _THOUSANDS_SEP = re.compile(r"(?<=\d)(?:,|\\,)(?=\d{3}(?!\d))")
+# A number written out: 3901, -7, 3.5, .5, 1/2, 50%, \frac{1}{2} (what an answer to "What is 47 * 83?" must be).
+_LITERAL_NUMBER = re.compile(r"-?\s?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?\s*(?:\\?%)?|-?\\[dt]?frac\{\d+\}\{\d+\}")
+_ASSIGNMENT = re.compile(r"[A-Za-z]\w*\s*=\s*(.+)")  # 'x = 42': the value is the answer
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -94,13 +101,24 @@ def extract_answer(response: str, mode: str = "lenient") -> str | None:
     return None
 
 
-def answers_match(gold: Any, predicted: str) -> bool:
-    """Whether the predicted answer is mathematically equal to the gold answer."""
+def is_literal_number(text: str) -> bool:
+    """Whether ``text`` is a number written out (not an expression to evaluate)."""
+    return _LITERAL_NUMBER.fullmatch(text.strip()) is not None
+
+
+def answers_match(gold: Any, predicted: str, literal: bool = True) -> bool:
+    """Whether the predicted answer is mathematically equal to the gold answer. ``literal``: a
+    number as gold needs a number as the answer, not an expression equal to it."""
     from math_verify import parse, verify  # deferred: sympy takes ~1 s to import
 
     gold_text = clean_answer(str(gold))
     if not gold_text or not predicted:
         return False
+    if literal and is_literal_number(gold_text):
+        assignment = _ASSIGNMENT.fullmatch(predicted.strip())
+        predicted = assignment.group(1).strip() if assignment else predicted
+        if not is_literal_number(predicted):
+            return False
     # Bare numbers and LaTeX are wrapped in \boxed{} so math-verify's LaTeX extractor reads them.
     # Timeouts are disabled (None): math-verify's use signal.alarm, which fails off the main
     # thread; the reward pool kills a worker whose sample takes too long instead.
@@ -132,11 +150,14 @@ class MathEnvironment(Environment):
 
     Reward: 1.0 for a correct answer (else 0.0), plus ``format_reward`` when the response puts
     its answer in ``\\boxed{}`` (the format the prompts ask for); at most 1 + format_reward.
+    ``literal_answers``: a number as reference needs a number as the answer; an expression equal
+    to it (the problem copied into the box) scores 0 and counts in ``expression_answer_rate``.
     """
 
     required_metadata = ("expected_answer",)
 
-    def __init__(self, format_reward: float = 0.1, answer_extraction: str = "lenient") -> None:
+    def __init__(self, format_reward: float = 0.1, answer_extraction: str = "lenient",
+                 literal_answers: bool = True) -> None:
         if answer_extraction not in EXTRACTION_MODES:
             raise ConfigError(
                 f"env.kwargs.answer_extraction={answer_extraction!r} is not one of 'boxed', 'lenient'. "
@@ -148,6 +169,9 @@ class MathEnvironment(Environment):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"env.kwargs.format_reward={format_reward!r} must be a number, e.g. 0.1.") from e
         self.answer_extraction = "lenient" if answer_extraction == "lenient" else "boxed"
+        if not isinstance(literal_answers, bool):
+            raise ConfigError(f"env.kwargs.literal_answers={literal_answers!r} must be true or false.")
+        self.literal_answers = literal_answers
         import math_verify  # noqa: F401  (pay sympy's ~1 s import now, not inside a timed sample)
 
     def step(self, message_log_batch: list[MessageLog], metadata: list[dict[str, Any]]) -> EnvironmentReturn:
@@ -166,10 +190,13 @@ class MathEnvironment(Environment):
             gold = meta["expected_answer"]
             response = _response_text(log)
             predicted = extract_answer(response, self.answer_extraction)
-            correct = predicted is not None and answers_match(gold, predicted)
+            correct = predicted is not None and answers_match(gold, predicted, self.literal_answers)
+            # An expression equal to the reference, refused: the reward hack literal_answers stops.
+            expression = (not correct and self.literal_answers and predicted is not None
+                          and not is_literal_number(predicted) and answers_match(gold, predicted, literal=False))
             formatted = last_boxed(response) is not None
             rewards.append((1.0 if correct else 0.0) + (self.format_reward if formatted else 0.0))
-            out_meta.append({**meta, "correct": correct, "formatted": formatted})
+            out_meta.append({**meta, "correct": correct, "formatted": formatted, "expression": expression})
             observations.append(
                 {"role": "environment", "content": "correct" if correct else f"incorrect: expected {gold}"}
             )
@@ -185,4 +212,5 @@ class MathEnvironment(Environment):
         return batch, {
             "accuracy": sum(bool(m.get("correct")) for m in metadata) / n,
             "format_rate": sum(bool(m.get("formatted")) for m in metadata) / n,
+            "expression_answer_rate": sum(bool(m.get("expression")) for m in metadata) / n,
         }

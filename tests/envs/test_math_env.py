@@ -22,7 +22,7 @@ CORRECT = [
     ("\\boxed{0.5}", "1/2"),
     ("\\boxed{1/2}", "\\frac{1}{2}"),
     ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
-    ("first \\boxed{3} then \\boxed{{2}^{3}}", "8"),
+    ("first \\boxed{3} then \\boxed{{2}^{3}}", "2^3"),  # an expression as reference: expressions count
     ("\\boxed{1,000}", "1000"),
     ("\\boxed{1000}", "1,000"),
     ("\\boxed{72.0}", 72),
@@ -58,7 +58,7 @@ def test_unboxed_answers_lenient(response, gold, answer):
     reward, meta, extracted = score(MathEnvironment(), response, gold)
     assert extracted == answer
     assert reward == pytest.approx(1.0)  # correct, but no \boxed{} format bonus
-    assert meta == {"expected_answer": gold, "id": 7, "correct": True, "formatted": False}
+    assert meta == {"expected_answer": gold, "id": 7, "correct": True, "formatted": False, "expression": False}
 
 
 def test_strict_mode_reads_only_boxed_and_hash():
@@ -101,7 +101,28 @@ def test_batch_outputs_and_format_reward():
     assert meta[0] == {"expected_answer": "2"}  # input metadata is not modified
 
     _, metrics = env.global_post_process_and_metrics({"rewards": ret.rewards, "metadata": ret.metadata})
-    assert metrics == {"accuracy": 0.5, "format_rate": 0.5}
+    assert metrics == {"accuracy": 0.5, "format_rate": 0.5, "expression_answer_rate": 0.0}
+
+
+@pytest.mark.parametrize("response", ["\\boxed{47 \\times 83}", "\\boxed{47*83}", "The answer is \\boxed{83 \\cdot 47}",
+                                      "\\boxed{3900 + 1}", "#### 47*83", "\\boxed{{2}^{3} \\cdot 487 + 5}"])
+def test_an_expression_equal_to_a_numeric_answer_is_refused(response):
+    """math-verify evaluates expressions, so copying the problem "What is 47 * 83?" into the box
+    would be scored correct: a reward hack a policy finds. A number as reference needs a number."""
+    env = MathEnvironment()
+    reward, meta, _ = score(env, response, "3901")
+    assert meta["correct"] is False and meta["expression"] is True
+    assert reward == pytest.approx(0.1 if "boxed" in response else 0.0)  # the format bonus only
+    _, metrics = env.global_post_process_and_metrics({"metadata": [meta, score(env, "\\boxed{3901}", "3901")[1]]})
+    assert metrics["expression_answer_rate"] == 0.5 and metrics["accuracy"] == 0.5
+    # Opting out scores it as math-verify does.
+    assert score(MathEnvironment(literal_answers=False), response, "3901")[1]["correct"] is True
+
+
+@pytest.mark.parametrize("response,gold", [("\\boxed{x = 3901}", "3901"), ("\\boxed{3,901.0}", "3901"),
+                                           ("\\boxed{50\\%}", "50%"), ("\\boxed{-\\frac{1}{2}}", "-0.5")])
+def test_numbers_written_in_other_ways_still_count(response, gold):
+    assert score(MathEnvironment(), response, gold)[1]["correct"] is True
 
 
 def test_missing_expected_answer_names_the_column():
@@ -114,6 +135,8 @@ def test_bad_constructor_arguments():
         MathEnvironment(answer_extraction="fuzzy")
     with pytest.raises(ConfigError, match="format_reward"):
         MathEnvironment(format_reward="lots")
+    with pytest.raises(ConfigError, match="literal_answers"):
+        MathEnvironment(literal_answers="yes")
 
 
 def test_last_boxed_nested_and_extract():

@@ -116,7 +116,7 @@ def test_math_environment_in_workers():
         _, metrics = pool.post_process({"rewards": scored.rewards, "metadata": scored.metadata})
     assert scored.rewards.tolist() == pytest.approx([1.1, 0.0, 1.1, 0.0, 1.0])
     assert scored.answers == ["4", "5", "\\frac{1}{2}", None, "1000"]
-    assert metrics == {"accuracy": 0.6, "format_rate": 0.4}
+    assert metrics == {"accuracy": 0.6, "format_rate": 0.4, "expression_answer_rate": 0.0}
 
 
 def test_constructor_failure_raises_quickly():
