@@ -35,6 +35,10 @@ _THOUSANDS_SEP = re.compile(r"(?<=\d)(?:,|\\,)(?=\d{3}(?!\d))")
 # A number written out: 3901, -7, 3.5, .5, 1/2, 50%, \frac{1}{2} (what an answer to "What is 47 * 83?" must be).
 _LITERAL_NUMBER = re.compile(r"-?\s?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?\s*(?:\\?%)?|-?\\[dt]?frac\{\d+\}\{\d+\}")
 _ASSIGNMENT = re.compile(r"[A-Za-z]\w*\s*=\s*(.+)")  # 'x = 42': the value is the answer
+# Around a number, not part of its value: '18 \text{ dollars}', '18\,\text{cm}', '\text{18}', '90^{\circ}'.
+_TEXT_MACRO = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_SPACING = re.compile(r"\\[,;:! ]|~")
+_DEGREES = re.compile(r"\^\s*\{?\\circ\}?|°")
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -106,6 +110,17 @@ def is_literal_number(text: str) -> bool:
     return _LITERAL_NUMBER.fullmatch(text.strip()) is not None
 
 
+def _number_part(answer: str) -> str:
+    """``answer`` without what surrounds a number: 'x =', units in words or ``\\text{}``, LaTeX
+    spacing and degree signs ('x = 18 \\text{ cm}' -> '18')."""
+    assignment = _ASSIGNMENT.fullmatch(answer.strip())
+    s = assignment.group(1) if assignment else answer
+    s = _TEXT_MACRO.sub(lambda m: f" {m.group(1)} ", s)
+    s = " ".join(_DEGREES.sub("", _SPACING.sub(" ", s)).split())
+    words = _NUMBER_WITH_WORDS.fullmatch(s)
+    return words.group(1) if words else s
+
+
 def answers_match(gold: Any, predicted: str, literal: bool = True) -> bool:
     """Whether the predicted answer is mathematically equal to the gold answer. ``literal``: a
     number as gold needs a number as the answer, not an expression equal to it."""
@@ -115,8 +130,7 @@ def answers_match(gold: Any, predicted: str, literal: bool = True) -> bool:
     if not gold_text or not predicted:
         return False
     if literal and is_literal_number(gold_text):
-        assignment = _ASSIGNMENT.fullmatch(predicted.strip())
-        predicted = assignment.group(1).strip() if assignment else predicted
+        predicted = _number_part(predicted)
         if not is_literal_number(predicted):
             return False
     # Bare numbers and LaTeX are wrapped in \boxed{} so math-verify's LaTeX extractor reads them.

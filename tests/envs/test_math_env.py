@@ -120,7 +120,9 @@ def test_an_expression_equal_to_a_numeric_answer_is_refused(response):
 
 
 @pytest.mark.parametrize("response,gold", [("\\boxed{x = 3901}", "3901"), ("\\boxed{3,901.0}", "3901"),
-                                           ("\\boxed{50\\%}", "50%"), ("\\boxed{-\\frac{1}{2}}", "-0.5")])
+                                           ("\\boxed{50\\%}", "50%"), ("\\boxed{-\\frac{1}{2}}", "-0.5"),
+                                           ("\\boxed{18 \\text{ dollars}}", "18"), ("\\boxed{18\\,\\text{cm}}", "18"),
+                                           ("\\boxed{\\text{18}}", "18"), ("\\boxed{90^{\\circ}}", "90")])
 def test_numbers_written_in_other_ways_still_count(response, gold):
     assert score(MathEnvironment(), response, gold)[1]["correct"] is True
 
