@@ -9,7 +9,9 @@ whether GRPO on the default task taught something that carries over, not only th
     python bench/heldout_eval.py --model embedded --model runs/grpo-X/checkpoints/step_000050 --json out.json
 
 Prompts get the default task's instruction and chat template; scoring is the default `math`
-environment (math-verify), accuracy = reward without the format bonus.
+environment (math-verify), accuracy = reward without the format bonus. An answer that is the
+expression instead of its value (``\\boxed{47 \\times 83}``) scores 0 (``env.kwargs.literal_answers``);
+the ``expr`` column counts them.
 """
 
 from __future__ import annotations
@@ -84,10 +86,11 @@ def main() -> None:
     problems = heldout_problems(args.num, args.seed)
     results = {path: evaluate(path, problems, args.device, args.max_new_tokens) for path in args.model or ["embedded"]}
     print(f"\n{args.num} held-out problems a op b, a,b in 10..99 (seed {args.seed}), greedy")
-    print(f"{'model':<60} {'accuracy':>9} {'format':>7} {'length':>7} {'s':>6}")
-    for path, m in results.items():
+    print(f"{'model':<60} {'accuracy':>9} {'format':>7} {'expr':>6} {'length':>7} {'s':>6}")
+    for path, m in results.items():  # expr: answers that were the expression, not its value (scored 0)
         print(f"{path[-60:]:<60} {m.get('val/accuracy', float('nan')):>9.3f} {m.get('val/format_rate', float('nan')):>7.3f} "
-              f"{m['val/response_length_mean']:>7.1f} {m['seconds']:>6.1f}")
+              f"{m.get('val/expression_answer_rate', float('nan')):>6.3f} {m['val/response_length_mean']:>7.1f} "
+              f"{m['seconds']:>6.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
