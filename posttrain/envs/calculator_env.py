@@ -5,7 +5,8 @@ AST-walking arithmetic evaluator (never ``eval``) and answers ``<result>VALUE</r
 ``<result>error: ...</result>``), without ending the episode; ``</calc>`` is the next turn's stop
 string, so generation stops right after a call. A response without a tool call is the final
 answer: it is checked against ``metadata["expected_answer"]`` as the math environment does
-(``extract_answer`` / ``answers_match``) and the episode ends with reward 1.0 (correct) or 0.0.
+(``extract_answer`` / ``answers_match``, so a numeric answer must be a number, not the expression:
+the tool is there to compute it) and the episode ends with reward 1.0 (correct) or 0.0.
 Tool calls earn nothing by themselves.
 """
 
