@@ -4,7 +4,10 @@ The code is the last ```python (or ```py / bare ```) fenced block of the last as
 else the whole message. ``metadata["tests"]`` is a list whose items are either
 
 - a string: Python statements (usually ``assert f(2) == 4``) run after the code, in the same
-  program; the test passes if the program exits with status 0; or
+  program; the test passes if the program reaches the end of them and exits with status 0 (a
+  line with a random marker is printed after the test and must arrive: code that exits early
+  with status 0, ``sys.exit(0)`` before the asserts, is a known reward hack and counts as
+  ``early_exits``); or
 - a dict ``{"input": stdin, "output": expected_stdout}``: the code runs alone with that stdin; the
   test passes if it exits with status 0 and its stdout equals the expected output (compared
   with trailing whitespace stripped on every line and trailing blank lines dropped).
@@ -16,6 +19,7 @@ pool's per-sample limit (``env.timeout_s``) must cover all of a sample's tests.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 
 
@@ -53,8 +57,9 @@ class CodeEnvironment(Environment):
     """Single-turn Python solutions checked against ``metadata["tests"]`` in a sandbox.
 
     Reward: passed tests / number of tests (0.0 to 1.0). Per-sample metadata gains
-    ``tests_passed``, ``tests_total``, ``timeouts`` and ``crashes`` (runs killed by a limit or
-    a signal); ``global_post_process_and_metrics`` logs pass and timeout/crash rates.
+    ``tests_passed``, ``tests_total``, ``timeouts``, ``crashes`` (runs killed by a limit or
+    a signal) and ``early_exits`` (assert tests whose program exited 0 before their end);
+    ``global_post_process_and_metrics`` logs the pass, timeout, crash and early-exit rates.
     """
 
     required_metadata = ("tests",)
@@ -91,11 +96,16 @@ class CodeEnvironment(Environment):
 
     def score(self, code: str, tests: list[Any]) -> dict[str, Any]:
         """Run every test; returns tests_passed, tests_total, timeouts, crashes."""
-        passed = timeouts = crashes = 0
+        passed = timeouts = crashes = early_exits = 0
         for test in tests:
             if isinstance(test, str):
-                result = self._run(code + "\n\n" + test + "\n")
-                ok = result.returncode == 0 and result.killed_reason is None
+                # Printed after the test: a program that exits 0 before its asserts never prints it.
+                marker = f"posttrain-tests-done-{secrets.token_hex(8)}"
+                result = self._run(f"{code}\n\n{test}\n\nprint({marker!r}, flush=True)\n")
+                exited = result.returncode == 0 and result.killed_reason is None
+                reached_end = result.stdout.rstrip().endswith(marker)
+                ok = exited and reached_end
+                early_exits += exited and not reached_end
             elif isinstance(test, dict) and "output" in test:
                 result = self._run(code, str(test.get("input", "")))
                 ok = (
@@ -111,7 +121,8 @@ class CodeEnvironment(Environment):
             passed += ok
             timeouts += result.timed_out
             crashes += (not result.timed_out) and result.killed_reason is not None
-        return {"tests_passed": passed, "tests_total": len(tests), "timeouts": timeouts, "crashes": crashes}
+        return {"tests_passed": passed, "tests_total": len(tests), "timeouts": timeouts, "crashes": crashes,
+                "early_exits": early_exits}
 
     def step(self, message_log_batch: list[MessageLog], metadata: list[dict[str, Any]]) -> EnvironmentReturn:
         """Score B conversations; rewards (B,) float in [0, 1], terminateds (B,) all True."""
@@ -138,7 +149,8 @@ class CodeEnvironment(Environment):
         return EnvironmentReturn.final(rewards, observations=observations, metadata=out_meta, answers=answers)
 
     def global_post_process_and_metrics(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-        """all_passed_rate, timeout_rate (samples with a timed-out test), crash_rate."""
+        """all_passed_rate, timeout_rate (samples with a timed-out test), crash_rate, and
+        early_exit_rate (samples whose program exited 0 before reaching the end of a test)."""
         metadata = [m for m in batch.get("metadata") or [] if isinstance(m, dict) and "tests_total" in m]
         if not metadata:
             return batch, {}
@@ -147,4 +159,5 @@ class CodeEnvironment(Environment):
             "all_passed_rate": sum(m["tests_passed"] == m["tests_total"] for m in metadata) / n,
             "timeout_rate": sum(m["timeouts"] > 0 for m in metadata) / n,
             "crash_rate": sum(m["crashes"] > 0 for m in metadata) / n,
+            "early_exit_rate": sum(m.get("early_exits", 0) > 0 for m in metadata) / n,
         }

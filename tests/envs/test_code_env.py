@@ -54,6 +54,21 @@ def test_timeouts_and_crashes_are_counted_in_metrics():
     assert metrics["timeout_rate"] == 0.5 and metrics["crash_rate"] == 0.5 and metrics["all_passed_rate"] == 0.0
 
 
+@pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit",
+                                       "import sys\nsys.stdout.close()"])
+def test_a_program_that_exits_before_the_asserts_passes_nothing(exit_call):
+    """Exiting with status 0 before the test's asserts run is a known reward hack of assert-based
+    code rewards; the test must reach its end (a marker printed after it) to pass."""
+    e = env()
+    hack = f"```python\ndef add(a, b):\n    return None\n{exit_call}\n```"
+    printing = "```python\ndef add(a, b):\n    print('adding', a, b)\n    return a + b\nprint('ready')\n```"
+    ret = e.step([conv(hack), conv(printing)], [{"tests": ASSERTS}, {"tests": ASSERTS}])
+    assert ret.rewards.tolist() == pytest.approx([0.0, 1.0])  # output of its own does not hurt a solution
+    assert ret.metadata[0]["early_exits"] == (0 if "close" in exit_call else 3)
+    _, metrics = e.global_post_process_and_metrics({"metadata": ret.metadata})
+    assert metrics["early_exit_rate"] == (0.0 if "close" in exit_call else 0.5)
+
+
 def test_required_metadata_and_bad_inputs():
     assert CodeEnvironment.required_metadata == ("tests",)
     with pytest.raises(PosttrainError, match="tests"):
