@@ -32,6 +32,9 @@ from posttrain.rollout.builder import build_engine, engine_max_model_len
 from posttrain.trainer.validation import validate
 
 
+OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
+
+
 def heldout_problems(num: int, seed: int) -> list[PromptExample]:
     """``num`` distinct problems ``a op b`` (a, b in 10..99; op in + - *; a >= b for -)."""
     rng = random.Random(seed)
@@ -46,7 +49,10 @@ def heldout_problems(num: int, seed: int) -> list[PromptExample]:
             continue
         seen.add(question)
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        example = PromptExample([{"role": "user", "content": question}], {"expected_answer": str(answer), "op": op})
+        # "level": validation then reports the accuracy per operation (+ and - are the task's kind of
+        # problem with a bigger second operand; two-digit products are far harder for a small model)
+        example = PromptExample([{"role": "user", "content": question}],
+                                {"expected_answer": str(answer), "op": op, "level": OP_NAMES[op]})
         out.append(append_instruction(example, DEFAULT_MATH_INSTRUCTION))
     return out
 
@@ -86,11 +92,13 @@ def main() -> None:
     problems = heldout_problems(args.num, args.seed)
     results = {path: evaluate(path, problems, args.device, args.max_new_tokens) for path in args.model or ["embedded"]}
     print(f"\n{args.num} held-out problems a op b, a,b in 10..99 (seed {args.seed}), greedy")
-    print(f"{'model':<60} {'accuracy':>9} {'format':>7} {'expr':>6} {'length':>7} {'s':>6}")
+    ops = [f"val/accuracy_level_{name}" for name in OP_NAMES.values()]
+    print(f"{'model':<48} {'accuracy':>9} {'add':>6} {'sub':>6} {'mul':>6} {'format':>7} {'expr':>6} {'length':>7} {'s':>6}")
     for path, m in results.items():  # expr: answers that were the expression, not its value (scored 0)
-        print(f"{path[-60:]:<60} {m.get('val/accuracy', float('nan')):>9.3f} {m.get('val/format_rate', float('nan')):>7.3f} "
-              f"{m.get('val/expression_answer_rate', float('nan')):>6.3f} {m['val/response_length_mean']:>7.1f} "
-              f"{m['seconds']:>6.1f}")
+        print(f"{path[-48:]:<48} {m.get('val/accuracy', float('nan')):>9.3f} "
+              + " ".join(f"{m.get(k, float('nan')):>6.3f}" for k in ops)
+              + f" {m.get('val/format_rate', float('nan')):>7.3f} {m.get('val/expression_answer_rate', float('nan')):>6.3f} "
+              f"{m['val/response_length_mean']:>7.1f} {m['seconds']:>6.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
