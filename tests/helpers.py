@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import string
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -59,3 +62,11 @@ def save_tiny_model(path, seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def load_script(path: Path | str, name: str) -> ModuleType:
+    """A script that is not in a package (bench/*.py, scripts/*.py), imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ they hold it), and TORCH_SPEC / TORCH_INDEX_URL as given."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,19 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "torch_spec.py"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("torch_spec", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-torch_spec = _load()
+torch_spec = load_script(SCRIPT, "torch_spec")
 
 
 def choose(env=None, gpu=False, system="Linux", finds=False):

@@ -1,18 +1,17 @@
 """bench/grpo_step.py runs posttrain end to end on CPU and skips TRL with its reason when trl does not import."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from helpers import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "grpo_step.py"
 
 
 def test_tiny_cpu_run_reports_posttrain_and_skips_trl(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError, installed or not
-    spec = importlib.util.spec_from_file_location("grpo_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(BENCH, "grpo_step")
     out = tmp_path / "out.json"
     bench.main(["--device", "cpu", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--batch", "8",
                 "--group-size", "4", "--max-new-tokens", "8", "--out", str(tmp_path / "work"), "--json", str(out),

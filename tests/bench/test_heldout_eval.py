@@ -1,19 +1,16 @@
 """bench/heldout_eval.py's problems: unseen in training, each answer right, one level per operation,
 and scored by the math environment, which refuses the problem copied into the box."""
 
-import importlib.util
 from pathlib import Path
 
+from helpers import load_script
 from posttrain.envs.math_env import MathEnvironment
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "heldout_eval.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("heldout_eval", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "heldout_eval")
 
 
 def test_problems_are_distinct_correct_and_grouped_by_operation():

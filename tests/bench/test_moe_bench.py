@@ -1,21 +1,19 @@
 """bench/moe.py runs every section on CPU with a tiny Qwen3-MoE shape, and router replay lowers the
 engine/trainer logprob mismatch."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from helpers import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "moe.py"
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("moe_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script(BENCH, "moe_bench")
 
 
 def _numbers(node):

@@ -1,15 +1,14 @@
 """The training-throughput benchmark runs end to end on CPU (the lead runs the GPU version)."""
 
-import importlib.util
 from pathlib import Path
+
+from helpers import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
 
 
 def test_tiny_cpu_run_prints_a_row_per_variant_and_reports_errors(capsys):
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(BENCH, "train_throughput")
     bench.main(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
                 "--variants", "naive,posttrain,posttrain+rows128,posttrain+nosuch"])
     table = capsys.readouterr().out.split("| shape | variant |")[1].splitlines()[2:]
