@@ -26,6 +26,9 @@ from posttrain.models.moe import float32_router_parameters
 
 
 class WeightCopies:
+    """``dtype`` copies of ``swapped`` (pointed to inside :meth:`swapped`) and of ``shadows``
+    (never pointed to: read directly, as the paged decoder reads a tied head's copy)."""
+
     def __init__(self, swapped: list[torch.nn.Parameter], dtype: torch.dtype, *, persistent: bool,
                  shadows: list[torch.nn.Parameter] = ()) -> None:
         self.params = swapped
