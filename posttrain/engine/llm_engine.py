@@ -138,7 +138,7 @@ class Engine:
                 load_named_tensors(self.model, named_tensors)
             self.quantize_experts()
         if copies is not None and not copies.active:
-            copies.refresh()
+            copies.stale = True  # cast once, by the next generate() or step(): not here and again there
         self.flush_cache()
 
     def quantize_experts(self) -> None:
@@ -152,7 +152,8 @@ class Engine:
         """``params.n`` completions per prompt; the samples of a prompt share its KV blocks.
         ``before_step`` runs before every step (e.g. to load new weights between two decode steps)."""
         if self.weight_copies is not None and not self.weight_copies.active:
-            self.weight_copies.refresh()  # in case the weights changed without update_weights(): one cast per call
+            # Always, also when the weights changed without update_weights(): one cast per call.
+            self.weight_copies.refresh()
         with self._copies_swapped(), self._eval_mode():
             groups = [self.add_request(p, params) for p in prompts]
             self.run_until_done(before_step)
@@ -212,6 +213,8 @@ class Engine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
+        if self.weight_copies is not None and self.weight_copies.stale:  # step()-driven callers (the server)
+            self.weight_copies.refresh()
         with self._eval_mode(), self._experts():  # inside generate() the modules are in eval mode already
             out = self.runner.run(seqs, is_prefill)
         return self._postprocess(seqs, out)

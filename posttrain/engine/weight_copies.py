@@ -36,6 +36,7 @@ class WeightCopies:
         self.dtype = dtype
         self.persistent = persistent
         self.active = False
+        self.stale = False  # the weights changed since the last cast (refresh() clears it)
         self._masters: list[torch.Tensor] = []
         self._copies: list[torch.Tensor] = []
         self.shadow_copies: list[torch.Tensor] = []
@@ -51,6 +52,7 @@ class WeightCopies:
     @torch.no_grad()
     def refresh(self) -> None:
         """Cast the float32 weights into the copies (after the weights changed)."""
+        self.stale = False
         if not self.persistent:
             if self.active:
                 self._copies = [m.to(self.dtype) for m in self._masters]

@@ -127,3 +127,30 @@ def test_engine_on_copies_samples_what_autocast_samples_across_weight_updates(fa
     assert after == run(without)
     assert after != run(_autocast_engine(_build(family, tok), tok, True))  # the update mattered
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_step_driven_engine_casts_new_weights_once_after_update_weights():
+    """The server drives the engine with add_request()/step(), not generate(): after
+    update_weights() the next step casts the copies (once), so decoding sees the new weights."""
+    tok = make_tokenizer()
+    model = _tiny("llama", tok)
+    with_copies, without = _autocast_engine(model, tok, True), _autocast_engine(model, tok, False)
+
+    def run(engine):
+        [seq] = engine.add_request(tok(TEXTS[1], add_special_tokens=False).input_ids,
+                                   SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        while engine.has_unfinished:
+            engine.step()
+        return seq.token_ids, seq.logprobs
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    casts = []
+    original = with_copies.weight_copies.refresh
+    with_copies.weight_copies.refresh = lambda: casts.append(1) or original()
+    with_copies.update_weights()
+    without.update_weights()
+    assert casts == []  # deferred to the next step
+    assert run(with_copies) == run(without)
+    assert casts == [1]  # once, not at every step
