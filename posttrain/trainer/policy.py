@@ -124,9 +124,8 @@ def policy_update(
     next_batch = next(collated)
     if old_from_update and len(mini_batches) != 1:
         raise ValueError(f"old_from_update needs one optimizer step per step, not {len(mini_batches)}")
-    record = {id(s) for s in mini_batches[0][0][:record_tokens]} if record_tokens else set()
-    if old_from_update:
-        record = {id(s) for s in samples}
+    # old_from_update: every sample's logprobs become its old logprobs after the update.
+    record = {id(s) for s in (samples if old_from_update else mini_batches[0][0][:record_tokens])}
     recorded = []  # (micro-batch, logprobs, entropy) of the first mini-batch, read with the metrics
     for index, (mini_batch, micro_batches) in enumerate(mini_batches):
         trained = [s for s in mini_batch if s.trainable]
